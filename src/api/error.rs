@@ -1,0 +1,155 @@
+//! The one error type of the HTTP API and its JSON shape:
+//! `{"error": {"code", "message", "details"}}`.
+//!
+//! `code` is a stable machine-readable string (part of the API contract); `message` is for
+//! people; `details` carries field errors. 5xx bodies reveal nothing and are logged here,
+//! once.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::auth::AuthError;
+
+/// One problem with one field of the input, `path` in `a.b[2].c` form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{}", summarize(.0))]
+    Validation(Vec<FieldError>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the request body must be JSON: send `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    Unauthenticated(AuthError),
+    #[error("{0}")]
+    Forbidden(AuthError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("the Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    #[error("the server is overloaded; retry later")]
+    Overloaded,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn summarize(errors: &[FieldError]) -> String {
+    match errors {
+        [one] => format!("{}: {}", one.path, one.message),
+        _ => format!("{} fields are invalid", errors.len()),
+    }
+}
+
+impl ApiError {
+    /// The stable code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::Validation(_) => "validation_failed",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::RouteNotFound { .. } => "route_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::Overloaded => "overloaded",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn details(&self) -> Value {
+        match self {
+            ApiError::Validation(errors) => json!(errors),
+            ApiError::PayloadTooLarge { limit } => json!({ "limit": limit }),
+            _ => Value::Null,
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => ApiError::Unauthenticated(e),
+            AuthError::MissingRole(_) | AuthError::NamespaceNotAllowed(_) => ApiError::Forbidden(e),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_transient() {
+            tracing::error!(error = ?e, "database unavailable");
+            ApiError::Unavailable("the database is unavailable; retry later".into())
+        } else {
+            ApiError::Internal(e.into())
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(source) = &self {
+            tracing::error!(error = ?source, "internal error");
+        }
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string(), "details": self.details() } });
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unauthenticated(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::Overloaded => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,136 @@
+//! Request extraction that answers every bad input with the API's error shape.
+//!
+//! The body is checked in this order: media type (415), size (413), JSON syntax (400
+//! `malformed_json`, with line and column), then shape (400 `validation_failed`, with the
+//! field path).
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+
+use super::error::{ApiError, FieldError};
+use super::AppState;
+use crate::auth::Principal;
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                ApiError::from(crate::auth::AuthError::Invalid("the Authorization header is not ASCII".into()))
+            })?),
+        };
+        Ok(state.keys.authenticate(header)?)
+    }
+}
+
+/// Whether `Content-Type` names JSON (`application/json` or `application/*+json`).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads a JSON request body of at most `limit` bytes.
+pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(_) => Err(ApiError::BadRequest("the request body could not be read".into())),
+    }
+}
+
+/// Parses `bytes` as `T`; errors name the line and column, or the field path.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(json_error)?;
+    deserializer.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(value)
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            let path = if path == "." { "(body)".to_owned() } else { path };
+            ApiError::Validation(vec![FieldError::new(path, strip_position(&inner.to_string()))])
+        }
+        _ => ApiError::MalformedJson(inner.to_string()),
+    }
+}
+
+/// serde_json appends " at line L column C" to data errors; the field path says more.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Query-string extractor whose rejections use the API's error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::Validation(vec![FieldError::new("(query)", rejection.body_text())])),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Thing {
+        items: Vec<Inner>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        count: u32,
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named_by_its_path() {
+        let err = parse_json::<Thing>(br#"{"items":[{"count":1},{"count":"x"}]}"#).unwrap_err();
+        match err {
+            ApiError::Validation(errors) => assert_eq!(errors[0].path, "items[1].count"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn broken_json_is_malformed_with_its_position() {
+        let err = parse_json::<Thing>(b"{\"items\": [\n}").unwrap_err();
+        assert!(matches!(&err, ApiError::MalformedJson(m) if m.contains("line 2")), "{err:?}");
+    }
+
+    #[test]
+    fn trailing_garbage_is_malformed() {
+        assert!(matches!(parse_json::<Thing>(br#"{"items":[]} x"#), Err(ApiError::MalformedJson(_))));
+    }
+}

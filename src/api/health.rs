@@ -1,0 +1,23 @@
+//! `GET /healthz` (the process answers) and `GET /readyz` (it can do its work).
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when not shutting down and the database answers with every migration applied.
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable("the server is shutting down".into()));
+    }
+    state.store.check_ready().await.map_err(|e| {
+        tracing::warn!(error = %e, "not ready");
+        ApiError::Unavailable(format!("not ready: {e}"))
+    })?;
+    Ok(Json(json!({ "status": "ready", "database": state.store.backend() })))
+}

@@ -1,0 +1,93 @@
+//! The HTTP API: routes, shared state, and the fallbacks that keep every answer in the
+//! documented error shape.
+//!
+//! Routes are registered through [`Routes`], which records each `(method, path)` as it adds
+//! it; `tests/openapi.rs` compares that table with `openapi.yaml`, so the spec and the
+//! router cannot drift apart.
+
+pub mod error;
+pub mod events;
+pub mod extract;
+mod health;
+
+use std::sync::Arc;
+
+use axum::handler::Handler;
+use axum::http::{Method, Uri};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TokenKeys;
+use crate::ingest::Ingestor;
+use crate::store::Store;
+pub use error::{ApiError, FieldError};
+
+/// Limits the handlers enforce.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub max_batch_items: usize,
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub ingestor: Ingestor,
+    pub keys: TokenKeys,
+    pub config: Arc<ApiConfig>,
+    /// Cancelled when the server begins to shut down; `/readyz` then answers 503.
+    pub shutdown: CancellationToken,
+}
+
+/// A router that remembers which `(method, path)` pairs it serves.
+pub struct Routes {
+    router: Router<AppState>,
+    table: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self { router: Router::new(), table: Vec::new() }
+    }
+
+    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("routes use standard methods");
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push((method, path));
+        self
+    }
+}
+
+fn routes() -> Routes {
+    Routes::new()
+        .add(Method::GET, "/healthz", health::healthz)
+        .add(Method::GET, "/readyz", health::readyz)
+        .add(Method::POST, "/v1/events", events::create)
+        .add(Method::GET, "/v1/events", events::list)
+        .add(Method::POST, "/v1/events/batch", events::create_batch)
+        .add(Method::GET, "/v1/events/{id}", events::get)
+}
+
+/// Every `(method, path)` the router serves, paths in OpenAPI template form.
+pub fn route_table() -> Vec<(Method, &'static str)> {
+    routes().table
+}
+
+/// The application router over `state`.
+pub fn router(state: AppState) -> Router {
+    routes().router.fallback(route_not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_owned() }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,249 @@
+//! Bearer-token authentication and role/namespace authorization.
+//!
+//! Tokens are HS256 JWTs with the documented claims `sub`, `roles`, `namespaces` and `exp`,
+//! so any standard JWT library can mint one. Every route names the role it needs and the
+//! namespace it touches; [`Principal::authorize`] checks both. `admin` holds every role.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+/// The roles a token can carry. Unknown role names in a token are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Operator,
+    Ingest,
+    Approver,
+    Auditor,
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Ingest => "ingest",
+            Role::Approver => "approver",
+            Role::Auditor => "auditor",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Role> {
+        [Role::Admin, Role::Operator, Role::Ingest, Role::Approver, Role::Auditor, Role::Viewer]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
+}
+
+/// The JWT claims Hookwarden reads and writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Namespaces the token may touch; `"*"` means all of them.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub subject: String,
+    roles: Vec<Role>,
+    namespaces: Vec<String>,
+}
+
+/// Why a request may not go on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("invalid bearer token: {0}")]
+    Invalid(String),
+    #[error("the token has expired")]
+    Expired,
+    #[error("this action needs role `{}`", .0.as_str())]
+    MissingRole(Role),
+    #[error("the token is not allowed in namespace `{0}`")]
+    NamespaceNotAllowed(String),
+}
+
+impl Principal {
+    /// Checks that the caller has `role` in `namespace`. `admin` holds every role and
+    /// `operator` also holds `viewer` (whoever may change resources may read them).
+    pub fn authorize(&self, role: Role, namespace: &str) -> Result<(), AuthError> {
+        let holds = |r: Role| r == role || r == Role::Admin || (role == Role::Viewer && r == Role::Operator);
+        if !self.roles.iter().any(|r| holds(*r)) {
+            return Err(AuthError::MissingRole(role));
+        }
+        if !self.may_access(namespace) {
+            return Err(AuthError::NamespaceNotAllowed(namespace.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Whether the token's namespaces include `namespace`.
+    pub fn may_access(&self, namespace: &str) -> bool {
+        self.namespaces.iter().any(|n| n == "*" || n == namespace)
+    }
+}
+
+/// Verifies and mints tokens with one HS256 key.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl TokenKeys {
+    pub fn new(secret: &Secret) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+            decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
+            validation,
+        }
+    }
+
+    /// Reads `Authorization: Bearer …` and verifies the token.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let header = authorization.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| AuthError::Invalid("the Authorization header must use the Bearer scheme".into()))?
+            .trim();
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::Invalid("signature does not match".into()),
+                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm must be HS256".into()),
+                ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("missing claim `{c}`")),
+                ErrorKind::Json(_) => AuthError::Invalid("claims do not have the documented shape".into()),
+                _ => AuthError::Invalid("malformed token".into()),
+            }
+        })?;
+        let claims = data.claims;
+        Ok(Principal {
+            subject: claims.sub,
+            roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
+            namespaces: claims.namespaces,
+        })
+    }
+
+    /// Mints a token valid for `ttl`.
+    pub fn mint(&self, subject: &str, roles: &[Role], namespaces: &[String], ttl: Duration) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: subject.to_owned(),
+            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+            namespaces: namespaces.to_vec(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing of serializable claims cannot fail")
+    }
+}
+
+/// Name of the generated key file inside the data directory.
+pub const KEY_FILE: &str = "jwt-secret";
+
+/// Reads the generated HS256 key from `data_dir`, creating it (mode 0600) on first use.
+pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<(Secret, PathBuf)> {
+    use rand::RngCore;
+    use std::io::Write;
+
+    let path = data_dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return Ok((Secret::new(text.trim()), path)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(&path) {
+        Ok(mut file) => {
+            file.write_all(secret.as_bytes())?;
+            file.sync_all()?;
+            Ok((Secret::new(secret), path))
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((Secret::new(std::fs::read_to_string(&path)?.trim()), path))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::new(&Secret::new("k".repeat(32)))
+    }
+
+    #[test]
+    fn a_minted_token_authenticates_with_its_roles_and_namespaces() {
+        let keys = keys();
+        let token = keys.mint("alice", &[Role::Ingest], &["payments".into()], Duration::from_secs(60));
+        let p = keys.authenticate(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!(p.subject, "alice");
+        assert!(p.authorize(Role::Ingest, "payments").is_ok());
+        assert_eq!(p.authorize(Role::Ingest, "other"), Err(AuthError::NamespaceNotAllowed("other".into())));
+        assert_eq!(p.authorize(Role::Operator, "payments"), Err(AuthError::MissingRole(Role::Operator)));
+    }
+
+    #[test]
+    fn admin_holds_every_role_and_star_every_namespace() {
+        let keys = keys();
+        let token = keys.mint("root", &[Role::Admin], &["*".into()], Duration::from_secs(60));
+        let p = keys.authenticate(Some(&format!("Bearer {token}"))).unwrap();
+        assert!(p.authorize(Role::Approver, "anything").is_ok());
+    }
+
+    #[test]
+    fn tokens_signed_with_another_key_or_expired_are_refused() {
+        let other = TokenKeys::new(&Secret::new("o".repeat(32)));
+        let token = other.mint("mallory", &[Role::Admin], &["*".into()], Duration::from_secs(60));
+        assert!(matches!(keys().authenticate(Some(&format!("Bearer {token}"))), Err(AuthError::Invalid(_))));
+
+        let keys = keys();
+        let claims = Claims { sub: "old".into(), roles: vec![], namespaces: vec![], exp: 1_000, iat: None };
+        let expired = jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding).unwrap();
+        assert_eq!(keys.authenticate(Some(&format!("Bearer {expired}"))).unwrap_err(), AuthError::Expired);
+        assert_eq!(keys.authenticate(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn the_generated_key_is_created_once_and_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, path) = load_or_create_key(dir.path()).unwrap();
+        let (second, _) = load_or_create_key(dir.path()).unwrap();
+        assert_eq!(first, second);
+        assert!(path.exists());
+    }
+}

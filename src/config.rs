@@ -1,0 +1,276 @@
+//! Service configuration: defaults → optional YAML file → `HOOKWARDEN_*` environment → CLI
+//! flags, then [`Config::validate`], which fails fast on values that cannot work.
+//!
+//! Every default lives in [`Config::default`] and is documented in the README's
+//! "Configuration" table; nothing else in the crate invents one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A secret value whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. **Warning**: never log or return what this gives.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
+}
+
+/// How log lines are written to standard error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Everything `hookwarden serve` needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the HTTP API binds to.
+    pub listen: SocketAddr,
+    /// `postgres://…` or `sqlite://…`; `None` means the embedded SQLite file in `data_dir`.
+    pub database_url: Option<Secret>,
+    /// Where the embedded database and the generated signing key live.
+    pub data_dir: PathBuf,
+    /// HS256 key for bearer tokens; generated into `data_dir` on the embedded default.
+    pub jwt_secret: Option<Secret>,
+    pub log_format: LogFormat,
+    pub ingest: IngestConfig,
+}
+
+/// Limits and batching of `POST /v1/events`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct IngestConfig {
+    /// Largest accepted request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /v1/events/batch`.
+    pub max_batch_items: usize,
+    /// Requests waiting for a commit before ingest answers 503 with `Retry-After`.
+    pub queue_capacity: usize,
+    /// Most events written by one group commit.
+    pub max_commit_events: usize,
+    /// Concurrent group-commit writers (0 = 1 on SQLite, 2 on PostgreSQL).
+    pub writers: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 256 * 1024,
+            max_batch_items: 1000,
+            queue_capacity: 10_000,
+            max_commit_events: 1000,
+            writers: 0,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: None,
+            data_dir: PathBuf::from(".hookwarden"),
+            jwt_secret: None,
+            log_format: LogFormat::Human,
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+/// The optional config file (`--config FILE`); every field may be left out.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub database_url: Option<Secret>,
+    pub data_dir: Option<PathBuf>,
+    pub jwt_secret: Option<Secret>,
+    pub log_format: Option<LogFormat>,
+    pub ingest: Option<IngestConfig>,
+}
+
+/// Values taken from the environment or the command line; set ones win over the file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub database_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub jwt_secret: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Layers the optional file and the overrides on the defaults, then validates.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = file {
+            config.apply_file(read_file_config(path)?);
+        }
+        config.apply_overrides(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, file: FileConfig) {
+        let FileConfig { listen, database_url, data_dir, jwt_secret, log_format, ingest } = file;
+        if let Some(v) = listen {
+            self.listen = v;
+        }
+        if database_url.is_some() {
+            self.database_url = database_url;
+        }
+        if let Some(v) = data_dir {
+            self.data_dir = v;
+        }
+        if jwt_secret.is_some() {
+            self.jwt_secret = jwt_secret;
+        }
+        if let Some(v) = log_format {
+            self.log_format = v;
+        }
+        if let Some(v) = ingest {
+            self.ingest = v;
+        }
+    }
+
+    fn apply_overrides(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.database_url.filter(|v| !v.is_empty()) {
+            self.database_url = Some(Secret::new(v));
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.jwt_secret.filter(|v| !v.is_empty()) {
+            self.jwt_secret = Some(Secret::new(v));
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        if let Some(v) = o.max_body_bytes {
+            self.ingest.max_body_bytes = v;
+        }
+    }
+
+    /// Refuses settings that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let i = &self.ingest;
+        if i.max_body_bytes < 1024 {
+            return invalid("ingest.maxBodyBytes must be at least 1024");
+        }
+        if i.max_batch_items == 0 {
+            return invalid("ingest.maxBatchItems must be at least 1");
+        }
+        if i.queue_capacity == 0 {
+            return invalid("ingest.queueCapacity must be at least 1");
+        }
+        if i.max_commit_events < i.max_batch_items {
+            return invalid(
+                "ingest.maxCommitEvents must be at least ingest.maxBatchItems, or a full batch could never commit",
+            );
+        }
+        if i.writers > 64 {
+            return invalid("ingest.writers must be at most 64");
+        }
+        if let Some(url) = &self.database_url {
+            let url = url.expose();
+            let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+            if !postgres && !url.starts_with("sqlite:") {
+                return invalid("DATABASE_URL must start with postgres://, postgresql:// or sqlite:");
+            }
+            if postgres && self.jwt_secret.is_none() {
+                return invalid(
+                    "HOOKWARDEN_JWT_SECRET must be set when running on PostgreSQL, so that every process accepts the same tokens",
+                );
+            }
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.expose().len() < 32 {
+                return invalid("HOOKWARDEN_JWT_SECRET must be at least 32 bytes long");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    yaml_serde::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let config = Config { jwt_secret: Some(Secret::new("x".repeat(40))), ..Config::default() };
+        assert!(!format!("{config:?}").contains("xxxx"));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file_and_the_file_over_defaults() {
+        let mut config = Config::default();
+        let file: FileConfig = yaml_serde::from_str("listen: 127.0.0.1:9000\ningest: {maxBodyBytes: 4096}\n").unwrap();
+        config.apply_file(file);
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.ingest.max_body_bytes, 4096);
+        config.apply_overrides(Overrides { listen: Some("127.0.0.1:9100".parse().unwrap()), ..Default::default() });
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.ingest.max_body_bytes, 4096);
+    }
+
+    #[test]
+    fn unknown_file_fields_are_rejected_with_their_name() {
+        let err = yaml_serde::from_str::<FileConfig>("lisen: x\n").unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn postgres_without_a_shared_jwt_secret_is_refused() {
+        let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Hookwarden: a declarative webhook control plane.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; tests drive the same
+//! library in-process or the binary as a real process.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod bench;
+pub mod config;
+pub mod ids;
+pub mod ingest;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,155 @@
+//! The `hookwarden` command line.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hookwarden::auth::Role;
+use hookwarden::config::{Config, LogFormat, Overrides};
+use hookwarden::server::{token_keys, Server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "hookwarden", version, about = "Declarative webhook control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (embedded SQLite unless DATABASE_URL is set).
+    Serve(ServeArgs),
+    /// Mint a bearer token with the configured key; prints only the token.
+    Token(TokenArgs),
+    /// Measure the service: see docs/PERFORMANCE.md.
+    #[command(subcommand)]
+    Bench(hookwarden::bench::BenchCommand),
+}
+
+/// Settings shared by every command that reads the service's configuration.
+#[derive(Args)]
+struct ConfigArgs {
+    /// YAML config file; environment and flags override it.
+    #[arg(long, env = "HOOKWARDEN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the embedded database and the generated token key.
+    #[arg(long, env = "HOOKWARDEN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// postgres://… or sqlite:…; unset means the embedded SQLite file.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Address to listen on.
+    #[arg(long, env = "HOOKWARDEN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "HOOKWARDEN_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "HOOKWARDEN_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// The token's subject (who it is for).
+    #[arg(long)]
+    sub: String,
+    /// Roles; repeat for several.
+    #[arg(long = "role", value_enum, required = true)]
+    roles: Vec<Role>,
+    /// Namespaces the token may touch; repeat for several; default all ("*").
+    #[arg(long = "namespace", short = 'n')]
+    namespaces: Vec<String>,
+    /// How long the token is valid, e.g. 30m, 12h, 30d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+fn load_config(common: ConfigArgs, extra: Overrides) -> anyhow::Result<Config> {
+    let overrides = Overrides { data_dir: common.data_dir, database_url: common.database_url, ..extra };
+    Ok(Config::load(common.config.as_deref(), overrides)?)
+}
+
+fn jwt_secret_from_env() -> Option<String> {
+    std::env::var("HOOKWARDEN_JWT_SECRET").ok()
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(
+        args.common,
+        Overrides {
+            listen: args.listen,
+            log_format: args.log_format,
+            max_body_bytes: args.max_body_bytes,
+            jwt_secret: jwt_secret_from_env(),
+            ..Overrides::default()
+        },
+    )?;
+    hookwarden::telemetry::init(config.log_format);
+    let server = Server::start(&config).await?;
+    if config.jwt_secret.is_none() {
+        tracing::info!(
+            "mint an admin token with: hookwarden token --sub you --role admin --data-dir {}",
+            config.data_dir.display()
+        );
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    server.run(shutdown).await
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let config = load_config(args.common, Overrides { jwt_secret: jwt_secret_from_env(), ..Overrides::default() })?;
+    let keys = token_keys(&config)?;
+    let namespaces = if args.namespaces.is_empty() { vec!["*".to_owned()] } else { args.namespaces };
+    println!("{}", keys.mint(&args.sub, &args.roles, &namespaces, args.ttl));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Token(args) => token(args),
+        Command::Bench(command) => runtime.block_on(hookwarden::bench::run(command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

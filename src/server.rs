@@ -1,0 +1,116 @@
+//! Start-up and shutdown of `hookwarden serve`.
+//!
+//! [`Server::start`] does everything that can fail before traffic is accepted (open and
+//! migrate the database, load or create the token key, bind the port), so a test can learn
+//! the bound address before the first request and a misconfiguration fails at once.
+//! [`Server::run`] serves until the cancellation token fires, then drains: in-flight
+//! requests finish, the ingest queue is committed, connections close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiConfig, AppState};
+use crate::auth::{load_or_create_key, TokenKeys};
+use crate::config::Config;
+use crate::ingest::Ingestor;
+use crate::store::Store;
+
+/// File name of the embedded database inside the data directory.
+pub const DATABASE_FILE: &str = "hookwarden.db";
+
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    tracker: TaskTracker,
+}
+
+/// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = match &config.database_url {
+        Some(url) => Store::connect(url.expose()).await.context("cannot connect to DATABASE_URL")?,
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+            let path = config.data_dir.join(DATABASE_FILE);
+            let store = Store::open_sqlite_file(&path)
+                .await
+                .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+            let shown = std::fs::canonicalize(&path).unwrap_or(path);
+            tracing::info!(path = %shown.display(), "using the embedded SQLite database");
+            store
+        }
+    };
+    Ok(store)
+}
+
+/// The HS256 key: configured, or generated once into the data directory.
+pub fn token_keys(config: &Config) -> anyhow::Result<TokenKeys> {
+    if let Some(secret) = &config.jwt_secret {
+        return Ok(TokenKeys::new(secret));
+    }
+    let (secret, path) = load_or_create_key(&config.data_dir)
+        .with_context(|| format!("cannot read or create the token key in {}", config.data_dir.display()))?;
+    tracing::debug!(path = %path.display(), "token key");
+    Ok(TokenKeys::new(&secret))
+}
+
+impl Server {
+    /// Opens and migrates the database, prepares the keys and binds the listener.
+    pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        let store = open_store(config).await?;
+        store.migrate().await.context("database migration failed")?;
+        let keys = token_keys(config)?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let tracker = TaskTracker::new();
+        let ingestor = Ingestor::start(store.clone(), &config.ingest, &tracker);
+        let state = AppState {
+            store,
+            ingestor,
+            keys,
+            config: Arc::new(ApiConfig {
+                max_body_bytes: config.ingest.max_body_bytes,
+                max_batch_items: config.ingest.max_batch_items,
+            }),
+            shutdown: CancellationToken::new(),
+        };
+        Ok(Server { listener, state, tracker })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and closes the database.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server { listener, state, tracker } = self;
+        let store = state.store.clone();
+        let draining = state.shutdown.clone();
+        let app = api::router(state);
+        tracing::info!(addr = %listener.local_addr()?, database = ?store.backend(), "hookwarden is listening");
+        let signal = shutdown.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                signal.cancelled().await;
+                draining.cancel();
+                tracing::info!("shutting down: finishing in-flight requests");
+            })
+            .await
+            .context("HTTP server failed")?;
+        // The router (and with it every ingest handle) is gone: the writers drain and stop.
+        tracker.close();
+        tracker.wait().await;
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

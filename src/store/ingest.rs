@@ -1,0 +1,214 @@
+//! The group-commit ingest transaction, shared by both backends.
+//!
+//! Many HTTP requests are written in one transaction. Within it, the first request to use
+//! an idempotency key owns it and later ones replay its result; the first occurrence of a
+//! `(namespace, source, external_id)` is inserted and later ones are duplicates of it. The
+//! backends supply four set-sized statements ([`IngestTx`]); the decisions are made here,
+//! once, so SQLite and PostgreSQL cannot drift apart.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{NewEvent, StoreError};
+use crate::ids::EventId;
+
+/// An `Idempotency-Key` as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// Whose key it is (the token subject): keys of different callers never collide.
+    pub scope: String,
+    pub key: String,
+    /// Hash of the request the key was first used with.
+    pub fingerprint: String,
+}
+
+/// One ingest request: one event, or a batch that lands or fails as a whole.
+#[derive(Clone, Debug)]
+pub struct IngestRequest {
+    pub idempotency: Option<IdempotencyKey>,
+    pub events: Vec<NewEvent>,
+}
+
+/// What happened to one event of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventOutcome {
+    /// The stored event's id: the new one, or the original's for a duplicate.
+    pub id: EventId,
+    pub duplicate: bool,
+}
+
+/// What happened to one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Written now (items may still be duplicates of earlier events).
+    Accepted(Vec<EventOutcome>),
+    /// The idempotency key was used before with the same request: its original result.
+    Replayed(Vec<EventId>),
+    /// The idempotency key was used before with a different request; nothing written.
+    KeyReused,
+}
+
+/// `(namespace, source, external_id)`: the CloudEvents identity of an event.
+pub(crate) type Identity = (String, String, String);
+
+pub(crate) fn identity(event: &NewEvent) -> Identity {
+    (event.namespace.clone(), event.source.clone(), event.external_id.clone())
+}
+
+/// A key that existed before this transaction.
+pub(crate) struct ExistingKey {
+    pub fingerprint: String,
+    pub event_ids: Vec<EventId>,
+}
+
+/// The statements each backend runs inside its ingest transaction.
+pub(crate) trait IngestTx {
+    /// Inserts the keys that do not exist yet; returns the ones that already did.
+    async fn claim_keys(
+        &mut self,
+        keys: &[&IdempotencyKey],
+    ) -> Result<HashMap<(String, String), ExistingKey>, StoreError>;
+    /// Inserts the events whose identity is new; returns the ids of those inserted.
+    async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError>;
+    /// The stored ids of events with these identities.
+    async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError>;
+    /// Binds each claimed key to the result of its request.
+    async fn record_keys(&mut self, results: &[(&IdempotencyKey, Vec<EventId>)]) -> Result<(), StoreError>;
+}
+
+enum Plan {
+    /// Write this request's events.
+    Fresh,
+    /// Same key and body as an earlier request of this batch: its result.
+    SameAs(usize),
+    Replay(Vec<EventId>),
+    KeyReused,
+}
+
+/// Runs the whole ingest decision inside `tx`; the caller commits.
+pub(crate) async fn accept_in<T: IngestTx>(
+    tx: &mut T,
+    requests: &[IngestRequest],
+) -> Result<Vec<RequestOutcome>, StoreError> {
+    // 1. Idempotency keys: claim new ones (sorted, so concurrent writers lock in one order).
+    let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut to_claim: Vec<&IdempotencyKey> = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        if let Some(k) = &request.idempotency {
+            if first_with_key.insert((&k.scope, &k.key), i).is_none() {
+                to_claim.push(k);
+            }
+        }
+    }
+    to_claim.sort_by(|a, b| (&a.scope, &a.key).cmp(&(&b.scope, &b.key)));
+    let mut existing = if to_claim.is_empty() { HashMap::new() } else { tx.claim_keys(&to_claim).await? };
+
+    let plans: Vec<Plan> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let Some(k) = &request.idempotency else { return Plan::Fresh };
+            if let Some(found) = existing.get(&(k.scope.clone(), k.key.clone())) {
+                return if found.fingerprint == k.fingerprint {
+                    Plan::Replay(found.event_ids.clone())
+                } else {
+                    Plan::KeyReused
+                };
+            }
+            let first = first_with_key[&(k.scope.as_str(), k.key.as_str())];
+            if first == i {
+                Plan::Fresh
+            } else if requests[first].idempotency.as_ref().map(|f| &f.fingerprint) == Some(&k.fingerprint) {
+                Plan::SameAs(first)
+            } else {
+                Plan::KeyReused
+            }
+        })
+        .collect();
+    existing.clear();
+
+    // 2. Events of fresh requests: the first occurrence of each identity is inserted.
+    let mut first_of: HashMap<Identity, &NewEvent> = HashMap::new();
+    for (request, plan) in requests.iter().zip(&plans) {
+        if matches!(plan, Plan::Fresh) {
+            for event in &request.events {
+                first_of.entry(identity(event)).or_insert(event);
+            }
+        }
+    }
+    let mut candidates: Vec<(&Identity, &NewEvent)> = first_of.iter().map(|(k, v)| (k, *v)).collect();
+    candidates.sort_by(|a, b| a.0.cmp(b.0));
+    let to_insert: Vec<&NewEvent> = candidates.iter().map(|(_, e)| *e).collect();
+    let inserted = if to_insert.is_empty() { HashSet::new() } else { tx.insert_events(&to_insert).await? };
+
+    // 3. Identities that were already stored: look up the original ids.
+    let missing: Vec<Identity> =
+        candidates.iter().filter(|(_, e)| !inserted.contains(&e.id)).map(|(k, _)| (*k).clone()).collect();
+    let stored = if missing.is_empty() { HashMap::new() } else { tx.find_event_ids(&missing).await? };
+
+    // 4. Outcomes, in request order; then bind fresh keys to their results.
+    let mut outcomes: Vec<RequestOutcome> = Vec::with_capacity(requests.len());
+    for (request, plan) in requests.iter().zip(&plans) {
+        let outcome = match plan {
+            Plan::Replay(ids) => RequestOutcome::Replayed(ids.clone()),
+            Plan::KeyReused => RequestOutcome::KeyReused,
+            Plan::SameAs(first) => RequestOutcome::Replayed(event_ids(&outcomes[*first])),
+            Plan::Fresh => {
+                let mut items = Vec::with_capacity(request.events.len());
+                for event in &request.events {
+                    let key = identity(event);
+                    let first = first_of[&key];
+                    let item = if inserted.contains(&first.id) {
+                        EventOutcome { id: first.id.clone(), duplicate: first.id != event.id }
+                    } else {
+                        let id = stored.get(&key).cloned().ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "event ({}, {}) was neither inserted nor found",
+                                event.source, event.external_id
+                            ))
+                        })?;
+                        EventOutcome { id, duplicate: true }
+                    };
+                    items.push(item);
+                }
+                RequestOutcome::Accepted(items)
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    let results: Vec<(&IdempotencyKey, Vec<EventId>)> = requests
+        .iter()
+        .zip(&plans)
+        .zip(&outcomes)
+        .filter_map(|((request, plan), outcome)| match (plan, &request.idempotency) {
+            (Plan::Fresh, Some(k)) => Some((k, event_ids(outcome))),
+            _ => None,
+        })
+        .collect();
+    if !results.is_empty() {
+        tx.record_keys(&results).await?;
+    }
+    Ok(outcomes)
+}
+
+fn event_ids(outcome: &RequestOutcome) -> Vec<EventId> {
+    match outcome {
+        RequestOutcome::Accepted(items) => items.iter().map(|i| i.id.clone()).collect(),
+        RequestOutcome::Replayed(ids) => ids.clone(),
+        RequestOutcome::KeyReused => Vec::new(),
+    }
+}
+
+/// Encodes the event ids bound to a key for the `event_ids` column.
+pub(crate) fn encode_ids(ids: &[EventId]) -> String {
+    serde_json::to_string(ids).expect("a list of strings always serializes")
+}
+
+pub(crate) fn decode_ids(raw: Option<&str>) -> Result<Vec<EventId>, StoreError> {
+    match raw {
+        None => Ok(Vec::new()),
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("idempotency key event ids: {e}")))
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Persistence: one [`Store`] over two backends, embedded SQLite and PostgreSQL.
+//!
+//! Every method is one use-case-sized unit of work in one transaction; callers never see a
+//! connection or a transaction. Both backends keep the same invariants, which the storage
+//! conformance suite (`tests/store_conformance.rs`) checks against each:
+//! - an event is stored verbatim and exactly once per `(namespace, source, external_id)`;
+//! - an idempotency key maps to the result of the first request that used it, forever
+//!   (until it is cleaned up), and is never bound to a different request body.
+
+mod ingest;
+mod postgres;
+mod sqlite;
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::ids::EventId;
+
+pub use ingest::{EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// Infrastructure failures of the store. Bad input never reaches here.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the database schema is not up to date (at version {found:?}, this build needs {needed})")]
+    NotMigrated { found: Option<i64>, needed: i64 },
+    #[error("stored data is not readable: {0}")]
+    Corrupt(String),
+}
+
+/// Which database a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// An event ready to be written: validated, with its Hookwarden id assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: EventId,
+    pub namespace: String,
+    pub source: String,
+    /// The client's CloudEvents `id` (Hookwarden's id when the client sent none).
+    pub external_id: String,
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time: Option<DateTime<Utc>>,
+    /// The exact JSON text of the event's `data`, as it arrived.
+    pub data: String,
+    pub content_type: String,
+    /// Subject of the token that ingested the event.
+    pub ingested_by: String,
+    pub trace_id: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Where an event is in its life. Delivery states live on deliveries, not here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Durably stored; fan-out happens in the same transaction.
+    Accepted,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Accepted => "accepted",
+        }
+    }
+
+    fn parse(raw: &str) -> Result<Self, StoreError> {
+        match raw {
+            "accepted" => Ok(EventStatus::Accepted),
+            other => Err(StoreError::Corrupt(format!("unknown event status `{other}`"))),
+        }
+    }
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event: NewEvent,
+    pub status: EventStatus,
+}
+
+/// Which events `list_events` returns, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery {
+    pub namespace: String,
+    pub source: Option<String>,
+    pub event_type: Option<String>,
+    /// Only events received before this one (the page cursor).
+    pub before: Option<EventId>,
+    pub limit: u32,
+}
+
+/// The store: an enum over the two backends, cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Connects to `postgres://…` or `sqlite:…` URL. Does not migrate.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(PgStore::connect(url).await?))
+        } else {
+            Ok(Store::Sqlite(SqliteStore::connect_url(url).await?))
+        }
+    }
+
+    /// Opens (creating when missing) the embedded SQLite database file at `path`.
+    pub async fn open_sqlite_file(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store::Sqlite(SqliteStore::open_file(path).await?))
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the migrations this build carries that the database has not seen.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Succeeds when the database answers and carries every migration of this build.
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.check_ready().await)
+    }
+
+    /// Writes the events of many ingest requests in one transaction (a group commit) and
+    /// says, per request, what happened. Duplicates and replays write nothing.
+    pub async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
+        dispatch!(self, s => s.accept_events(requests).await)
+    }
+
+    pub async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
+        dispatch!(self, s => s.get_event(id).await)
+    }
+
+    /// Events of one namespace, newest first, optionally by source and type.
+    pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        dispatch!(self, s => s.list_events(query).await)
+    }
+
+    /// Closes every connection; pending work is finished first.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+}
+
+/// The row shape shared by both backends' `events` table.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: String,
+    namespace: String,
+    source: String,
+    external_id: String,
+    #[sqlx(rename = "type")]
+    event_type: String,
+    subject: Option<String>,
+    time: Option<DateTime<Utc>>,
+    data: String,
+    content_type: String,
+    ingested_by: String,
+    trace_id: String,
+    received_at: DateTime<Utc>,
+    status: String,
+}
+
+const EVENT_COLUMNS: &str =
+    "id, namespace, source, external_id, type, subject, time, data, content_type, ingested_by, trace_id, received_at, status";
+
+impl TryFrom<EventRow> for StoredEvent {
+    type Error = StoreError;
+
+    fn try_from(row: EventRow) -> Result<Self, StoreError> {
+        Ok(StoredEvent {
+            event: NewEvent {
+                id: EventId::parse(&row.id).map_err(|e| StoreError::Corrupt(format!("event id `{}`: {e}", row.id)))?,
+                namespace: row.namespace,
+                source: row.source,
+                external_id: row.external_id,
+                event_type: row.event_type,
+                subject: row.subject,
+                time: row.time,
+                data: row.data,
+                content_type: row.content_type,
+                ingested_by: row.ingested_by,
+                trace_id: row.trace_id,
+                received_at: row.received_at,
+            },
+            status: EventStatus::parse(&row.status)?,
+        })
+    }
+}
+
+/// Builds the `list_events` query, identical on both backends but for placeholders.
+fn push_event_query<'q, DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<'q, DB>, query: &'q EventQuery)
+where
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    builder.push("SELECT ").push(EVENT_COLUMNS).push(" FROM events WHERE namespace = ");
+    builder.push_bind(query.namespace.as_str());
+    if let Some(source) = &query.source {
+        builder.push(" AND source = ").push_bind(source.as_str());
+    }
+    if let Some(event_type) = &query.event_type {
+        builder.push(" AND type = ").push_bind(event_type.as_str());
+    }
+    if let Some(before) = &query.before {
+        builder.push(" AND id < ").push_bind(before.as_str());
+    }
+    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+}
+
+/// Compares the newest applied migration with the newest this build carries.
+fn check_migrated(found: Option<i64>, migrator: &sqlx::migrate::Migrator) -> Result<(), StoreError> {
+    let needed = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    match found {
+        Some(v) if v >= needed => Ok(()),
+        _ => Err(StoreError::NotMigrated { found, needed }),
+    }
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (connection trouble, a busy database).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || e.as_database_error().is_some()
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The embedded backend: one SQLite file in WAL mode, durable commits (`synchronous=FULL`).
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of exactly one
+//! connection (no `SQLITE_BUSY` between our own writers) and reads through a separate
+//! read-only pool that WAL lets run beside the writer.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, Transaction};
+
+use super::ingest::{accept_in, decode_ids, encode_ids, ExistingKey, Identity, IngestTx};
+use super::{
+    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome,
+    StoreError, StoredEvent, EVENT_COLUMNS,
+};
+use crate::ids::EventId;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open_file(path: &Path) -> Result<Self, StoreError> {
+        Self::open(SqliteConnectOptions::new().filename(path)).await
+    }
+
+    pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
+        Self::open(SqliteConnectOptions::from_str(url)?).await
+    }
+
+    async fn open(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { write, read })
+    }
+
+    pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.write).await?;
+        Ok(())
+    }
+
+    pub(super) async fn check_ready(&self) -> Result<(), StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.read)
+            .await
+            .or_else(|e| if is_missing_table(&e) { Ok(None) } else { Err(e) })?;
+        check_migrated(found, &MIGRATOR)
+    }
+
+    pub(super) async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
+        let mut tx = SqliteIngest(self.write.begin().await?);
+        let outcomes = accept_in(&mut tx, requests).await?;
+        tx.0.commit().await?;
+        Ok(outcomes)
+    }
+
+    pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?");
+        let row: Option<EventRow> = sqlx::query_as(&sql).bind(id.as_str()).fetch_optional(&self.read).await?;
+        row.map(StoredEvent::try_from).transpose()
+    }
+
+    pub(super) async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut builder = sqlx::QueryBuilder::<Sqlite>::new("");
+        push_event_query(&mut builder, query);
+        let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.read).await?;
+        rows.into_iter().map(StoredEvent::try_from).collect()
+    }
+
+    pub(super) async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
+}
+
+struct SqliteIngest(Transaction<'static, Sqlite>);
+
+impl IngestTx for SqliteIngest {
+    async fn claim_keys(
+        &mut self,
+        keys: &[&IdempotencyKey],
+    ) -> Result<HashMap<(String, String), ExistingKey>, StoreError> {
+        let now = Utc::now();
+        let mut existing = HashMap::new();
+        for k in keys {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&k.scope)
+            .bind(&k.key)
+            .bind(&k.fingerprint)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                let (fingerprint, ids): (String, Option<String>) =
+                    sqlx::query_as("SELECT fingerprint, event_ids FROM idempotency_keys WHERE scope = ? AND key = ?")
+                        .bind(&k.scope)
+                        .bind(&k.key)
+                        .fetch_one(&mut *self.0)
+                        .await?;
+                existing.insert(
+                    (k.scope.clone(), k.key.clone()),
+                    ExistingKey { fingerprint, event_ids: decode_ids(ids.as_deref())? },
+                );
+            }
+        }
+        Ok(existing)
+    }
+
+    async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError> {
+        let mut inserted = HashSet::with_capacity(events.len());
+        for e in events {
+            let affected = sqlx::query(
+                "INSERT INTO events (id, namespace, source, external_id, type, subject, time, data, content_type, \
+                 ingested_by, trace_id, received_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted') \
+                 ON CONFLICT (namespace, source, external_id) DO NOTHING",
+            )
+            .bind(e.id.as_str())
+            .bind(&e.namespace)
+            .bind(&e.source)
+            .bind(&e.external_id)
+            .bind(&e.event_type)
+            .bind(&e.subject)
+            .bind(e.time)
+            .bind(&e.data)
+            .bind(&e.content_type)
+            .bind(&e.ingested_by)
+            .bind(&e.trace_id)
+            .bind(e.received_at)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+            if affected == 1 {
+                inserted.insert(e.id.clone());
+            }
+        }
+        Ok(inserted)
+    }
+
+    async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
+        let mut found = HashMap::with_capacity(identities.len());
+        for identity in identities {
+            let id: Option<String> =
+                sqlx::query_scalar("SELECT id FROM events WHERE namespace = ? AND source = ? AND external_id = ?")
+                    .bind(&identity.0)
+                    .bind(&identity.1)
+                    .bind(&identity.2)
+                    .fetch_optional(&mut *self.0)
+                    .await?;
+            if let Some(id) = id {
+                let id = EventId::parse(&id).map_err(|e| StoreError::Corrupt(format!("event id `{id}`: {e}")))?;
+                found.insert(identity.clone(), id);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn record_keys(&mut self, results: &[(&IdempotencyKey, Vec<EventId>)]) -> Result<(), StoreError> {
+        for (k, ids) in results {
+            sqlx::query("UPDATE idempotency_keys SET event_ids = ? WHERE scope = ? AND key = ?")
+                .bind(encode_ids(ids))
+                .bind(&k.scope)
+                .bind(&k.key)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+}
