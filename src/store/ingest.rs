@@ -94,7 +94,8 @@ pub(crate) async fn accept_in<T: IngestTx>(
     let mut to_claim: Vec<&IdempotencyKey> = Vec::new();
     for (i, request) in requests.iter().enumerate() {
         if let Some(k) = &request.idempotency {
-            if first_with_key.insert((&k.scope, &k.key), i).is_none() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = first_with_key.entry((&k.scope, &k.key)) {
+                slot.insert(i);
                 to_claim.push(k);
             }
         }

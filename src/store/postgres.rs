@@ -45,12 +45,13 @@ impl PgStore {
     }
 
     pub(super) async fn check_ready(&self) -> Result<(), StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN to_regclass('_sqlx_migrations') IS NULL THEN NULL \
-             ELSE (SELECT MAX(version) FROM _sqlx_migrations WHERE success) END",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&self.pool).await?;
+        let found: Option<i64> = if exists {
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await?
+        } else {
+            None
+        };
         check_migrated(found, &MIGRATOR)
     }
 

@@ -1,0 +1,220 @@
+//! Test support: real databases (a SQLite file, a fresh PostgreSQL database per test),
+//! an in-process server bound to `127.0.0.1:0`, and token minting.
+//!
+//! PostgreSQL tests need `HOOKWARDEN_TEST_POSTGRES_URL` (an admin URL; each test creates
+//! and drops its own database). Without it they skip with a message on standard error;
+//! with `HOOKWARDEN_TEST_REQUIRE_POSTGRES=1` (set by `.ci/run`) a missing URL fails.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Once;
+use std::time::Duration;
+
+use hookwarden::auth::{Role, TokenKeys};
+use hookwarden::config::{Config, Secret};
+use hookwarden::server::Server;
+use hookwarden::store::Store;
+use sqlx::Connection as _;
+use tokio_util::sync::CancellationToken;
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// The marker `.ci/run` looks for to fail a run whose PostgreSQL tests were skipped.
+pub const SKIP_MARKER: &str = "HOOKWARDEN-POSTGRES-TESTS-SKIPPED";
+
+/// The admin URL for PostgreSQL tests, or `None` (after saying so) when there is none.
+pub fn postgres_admin_url() -> Option<String> {
+    match std::env::var("HOOKWARDEN_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            if std::env::var("HOOKWARDEN_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                panic!("HOOKWARDEN_TEST_REQUIRE_POSTGRES=1 but HOOKWARDEN_TEST_POSTGRES_URL is not set");
+            }
+            static SAID: Once = Once::new();
+            SAID.call_once(|| {
+                // Written past the test harness's capture, so it shows in a normal run.
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "{SKIP_MARKER}: PostgreSQL tests skipped; set HOOKWARDEN_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run them"
+                );
+            });
+            None
+        }
+    }
+}
+
+/// A database for one test, removed when dropped.
+pub enum TestDb {
+    Sqlite { dir: tempfile::TempDir },
+    Postgres { admin_url: String, name: String, url: String },
+}
+
+fn with_database(admin_url: &str, name: &str) -> String {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin_url, String::new()),
+    };
+    let authority_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let root = match base[authority_end..].find('/') {
+        Some(i) => &base[..authority_end + i],
+        None => base,
+    };
+    format!("{root}/{name}{query}")
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        TestDb::Sqlite { dir: tempfile::tempdir().expect("temporary directory") }
+    }
+
+    /// A fresh, empty PostgreSQL database, or `None` when PostgreSQL tests are skipped.
+    pub async fn postgres() -> Option<TestDb> {
+        let admin_url = postgres_admin_url()?;
+        let name = format!("hw_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect to HOOKWARDEN_TEST_POSTGRES_URL");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        Some(TestDb::Postgres { admin_url, name, url })
+    }
+
+    /// The `DATABASE_URL` a server process would use.
+    pub fn url(&self) -> String {
+        match self {
+            TestDb::Sqlite { dir } => format!("sqlite://{}", self.sqlite_path_in(dir).display()),
+            TestDb::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    fn sqlite_path_in(&self, dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("hookwarden.db")
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, TestDb::Postgres { .. })
+    }
+
+    /// A migrated store on this database.
+    pub async fn store(&self) -> Store {
+        let store = Store::connect(&self.url()).await.expect("connect test store");
+        store.migrate().await.expect("migrate test store");
+        store
+    }
+
+    /// A server configuration on this database, listening on a free loopback port.
+    pub fn config(&self) -> Config {
+        let data_dir = match self {
+            TestDb::Sqlite { dir } => dir.path().to_owned(),
+            TestDb::Postgres { .. } => std::env::temp_dir(),
+        };
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: Some(Secret::new(self.url())),
+            data_dir,
+            jwt_secret: Some(Secret::new(JWT_SECRET)),
+            ..Config::default()
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { admin_url, name, .. } = self {
+            let (admin_url, name) = (admin_url.clone(), name.clone());
+            // Drop runs inside or outside a runtime; a thread of its own works in both.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                runtime.block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await.ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+pub fn keys() -> TokenKeys {
+    TokenKeys::new(&Secret::new(JWT_SECRET))
+}
+
+pub fn token(subject: &str, roles: &[Role], namespaces: &[&str]) -> String {
+    let namespaces: Vec<String> = namespaces.iter().map(|n| n.to_string()).collect();
+    keys().mint(subject, roles, &namespaces, Duration::from_secs(3600))
+}
+
+/// A server running in this test process.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Store,
+    pub admin: String,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app(db: &TestDb) -> TestApp {
+    spawn_app_with(db.config()).await
+}
+
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    let server = Server::start(&config).await.expect("server starts");
+    let base = format!("http://{}", server.local_addr());
+    let store = server.store().clone();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        store,
+        admin: token("admin", &[Role::Admin], &["*"]),
+        shutdown,
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST path` with a JSON body and a bearer token.
+    pub async fn post_json(&self, path: &str, token: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).bearer_auth(token).send().await.expect("request sent")
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Reads a JSON response, asserting its status.
+pub async fn json_with_status(response: reqwest::Response, status: u16) -> serde_json::Value {
+    let actual = response.status().as_u16();
+    let text = response.text().await.expect("response body");
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+}
