@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, FieldError};
-use super::extract::{parse_json, read_json_body, ApiQuery};
+use super::extract::{parse_object_at, read_json_body, ApiQuery};
 use super::AppState;
 use crate::auth::{Principal, Role};
 use crate::ids::EventId;
@@ -277,6 +277,19 @@ async fn ingest(
     results(outcome)
 }
 
+/// The batch body as borrowed raw items: one syntax pass, items parsed one by one after.
+fn parse_json_borrowed(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let items = serde::Deserialize::deserialize(&mut deserializer).map_err(|e: serde_json::Error| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::Validation(vec![FieldError::new("(body)", "must be a JSON array of events")])
+        }
+        _ => ApiError::MalformedJson(e.to_string()),
+    })?;
+    deserializer.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(items)
+}
+
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -284,7 +297,7 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let event: EventIn = parse_json(&bytes)?;
+    let event: EventIn = parse_object_at(&bytes, "")?;
     let (mut results, created) =
         ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
     let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
@@ -298,18 +311,25 @@ pub async fn create_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let events: Vec<EventIn> = parse_json(&bytes)?;
+    let items: Vec<&RawValue> = parse_json_borrowed(&bytes)?;
     let max = state.config.max_batch_items;
-    if events.is_empty() {
+    if items.is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new("(body)", "the batch must hold at least one event")]));
     }
-    if events.len() > max {
+    if items.len() > max {
         return Err(ApiError::Validation(vec![FieldError::new(
             "(body)",
-            format!("the batch holds {} events; at most {max} are allowed", events.len()),
+            format!("the batch holds {} events; at most {max} are allowed", items.len()),
         )]));
     }
-    let events = events.into_iter().enumerate().map(|(i, e)| (format!("[{i}]"), e)).collect();
+    let events = items
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let prefix = format!("[{i}]");
+            parse_object_at::<EventIn>(raw.get().as_bytes(), &prefix).map(|e| (prefix, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let (results, created) = ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
     Ok((status(created), Json(BatchAccepted { results })).into_response())
 }

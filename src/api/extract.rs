@@ -59,18 +59,40 @@ pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Re
 
 /// Parses `bytes` as `T`; errors name the line and column, or the field path.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    parse_json_at(bytes, "")
+}
+
+/// Like [`parse_json`] for a value found at `prefix` (e.g. `[3]`) inside the body.
+pub fn parse_json_at<T: DeserializeOwned>(bytes: &[u8], prefix: &str) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(json_error)?;
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| json_error(e, prefix))?;
     deserializer.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     Ok(value)
 }
 
-fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+/// Parses a JSON object as `T`. serde would also fill a struct from an array, by
+/// position; an API that names its fields must not.
+pub fn parse_object_at<T: DeserializeOwned>(bytes: &[u8], prefix: &str) -> Result<T, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let path = if prefix.is_empty() { "(body)" } else { prefix };
+        // Syntax errors first, so that broken JSON is reported as such.
+        parse_json_at::<serde::de::IgnoredAny>(bytes, prefix)?;
+        return Err(ApiError::Validation(vec![FieldError::new(path, "must be a JSON object")]));
+    }
+    parse_json_at(bytes, prefix)
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner();
     match inner.classify() {
         serde_json::error::Category::Data => {
-            let path = if path == "." { "(body)".to_owned() } else { path };
+            let path = match (prefix, path.as_str()) {
+                ("", ".") => "(body)".to_owned(),
+                (prefix, ".") => prefix.to_owned(),
+                ("", path) => path.to_owned(),
+                (prefix, path) => format!("{prefix}.{path}"),
+            };
             ApiError::Validation(vec![FieldError::new(path, strip_position(&inner.to_string()))])
         }
         _ => ApiError::MalformedJson(inner.to_string()),
