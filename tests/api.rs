@@ -101,15 +101,50 @@ async fn bad_input_gets_its_status_and_a_precise_message() {
 
     let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
         ("missing source", json!({"type": "a", "data": {}}).to_string(), "validation_failed", Some("(body)")),
-        ("ill-typed source", json!({"source": 5, "type": "a", "data": {}}).to_string(), "validation_failed", Some("source")),
-        ("ill-typed data holder", json!({"source": "s", "type": ["a"], "data": {}}).to_string(), "validation_failed", Some("type")),
-        ("unknown field", json!({"source": "s", "type": "a", "tyep": "b", "data": {}}).to_string(), "validation_failed", Some("tyep")),
+        (
+            "ill-typed source",
+            json!({"source": 5, "type": "a", "data": {}}).to_string(),
+            "validation_failed",
+            Some("source"),
+        ),
+        (
+            "ill-typed data holder",
+            json!({"source": "s", "type": ["a"], "data": {}}).to_string(),
+            "validation_failed",
+            Some("type"),
+        ),
+        (
+            "unknown field",
+            json!({"source": "s", "type": "a", "tyep": "b", "data": {}}).to_string(),
+            "validation_failed",
+            Some("tyep"),
+        ),
         ("missing data", json!({"source": "s", "type": "a"}).to_string(), "validation_failed", Some("(body)")),
         ("empty type", json!({"source": "s", "type": "", "data": {}}).to_string(), "validation_failed", Some("type")),
-        ("bad time", json!({"source": "s", "type": "a", "time": "yesterday", "data": {}}).to_string(), "validation_failed", Some("time")),
-        ("bad namespace", json!({"source": "s", "type": "a", "namespace": "Not_A_Label", "data": {}}).to_string(), "validation_failed", Some("namespace")),
-        ("NUL in subject", json!({"source": "s", "type": "a", "subject": "a\u{0}b", "data": {}}).to_string(), "validation_failed", Some("subject")),
-        ("bad specversion", json!({"source": "s", "type": "a", "specversion": "0.3", "data": {}}).to_string(), "validation_failed", Some("specversion")),
+        (
+            "bad time",
+            json!({"source": "s", "type": "a", "time": "yesterday", "data": {}}).to_string(),
+            "validation_failed",
+            Some("time"),
+        ),
+        (
+            "bad namespace",
+            json!({"source": "s", "type": "a", "namespace": "Not_A_Label", "data": {}}).to_string(),
+            "validation_failed",
+            Some("namespace"),
+        ),
+        (
+            "NUL in subject",
+            json!({"source": "s", "type": "a", "subject": "a\u{0}b", "data": {}}).to_string(),
+            "validation_failed",
+            Some("subject"),
+        ),
+        (
+            "bad specversion",
+            json!({"source": "s", "type": "a", "specversion": "0.3", "data": {}}).to_string(),
+            "validation_failed",
+            Some("specversion"),
+        ),
         ("not an object", "[1, 2]".to_owned(), "validation_failed", Some("(body)")),
         ("malformed JSON", "{\"source\": \"s\",".to_owned(), "malformed_json", None),
         ("trailing garbage", format!("{} x", order("g")), "malformed_json", None),
@@ -218,8 +253,10 @@ async fn tokens_are_checked_for_validity_role_and_namespace() {
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_eq!(error_of(response, 401).await.0, "unauthenticated");
     assert_eq!(error_of(app.post_json("/v1/events", "not-a-jwt", body.clone()).await, 401).await.0, "unauthenticated");
-    let foreign = hookwarden::auth::TokenKeys::new(&hookwarden::config::Secret::new("another-key-another-key-another-key"))
-        .mint("x", &[Role::Admin], &["*".into()], Duration::from_secs(60));
+    let foreign = hookwarden::auth::TokenKeys::new(&hookwarden::config::Secret::new(
+        "another-key-another-key-another-key",
+    ))
+    .mint("x", &[Role::Admin], &["*".into()], Duration::from_secs(60));
     assert_eq!(error_of(app.post_json("/v1/events", &foreign, body.clone()).await, 401).await.0, "unauthenticated");
     let expired = hand_made_token(json!({"sub": "late", "roles": ["admin"], "namespaces": ["*"], "exp": 1_000_000}));
     let (_, _) = error_of(app.post_json("/v1/events", &expired, body.clone()).await, 401).await;
@@ -259,7 +296,8 @@ async fn a_token_minted_by_a_standard_jwt_implementation_is_accepted() {
     let db = TestDb::sqlite();
     let app = spawn_app(&db).await;
     let exp = chrono::Utc::now().timestamp() + 600;
-    let token = hand_made_token(json!({"sub": "ci-bot", "roles": ["ingest", "viewer"], "namespaces": ["default"], "exp": exp}));
+    let token =
+        hand_made_token(json!({"sub": "ci-bot", "roles": ["ingest", "viewer"], "namespaces": ["default"], "exp": exp}));
     let id = json_with_status(app.post_json("/v1/events", &token, order("jwt-1").to_string()).await, 202).await["id"]
         .as_str()
         .unwrap()
@@ -383,7 +421,18 @@ async fn random_bodies_never_cause_a_server_error() {
             }
             4 => {
                 let mut event = order(&format!("fuzz-{i}"));
-                let fields = ["id", "source", "type", "subject", "time", "namespace", "data", "specversion", "datacontenttype", "extra"];
+                let fields = [
+                    "id",
+                    "source",
+                    "type",
+                    "subject",
+                    "time",
+                    "namespace",
+                    "data",
+                    "specversion",
+                    "datacontenttype",
+                    "extra",
+                ];
                 let field = fields[rng.gen_range(0..fields.len())];
                 if rng.gen_bool(0.3) {
                     event.as_object_mut().unwrap().remove(field);
@@ -392,10 +441,13 @@ async fn random_bodies_never_cause_a_server_error() {
                 }
                 event.to_string().into_bytes()
             }
-            _ => Value::Array((0..rng.gen_range(0..4)).map(|_| random_json(&mut rng, 1)).collect()).to_string().into_bytes(),
+            _ => Value::Array((0..rng.gen_range(0..4)).map(|_| random_json(&mut rng, 1)).collect())
+                .to_string()
+                .into_bytes(),
         };
         let path = if rng.gen_bool(0.7) { "/v1/events" } else { "/v1/events/batch" };
-        let content_type = ["application/json", "application/json", "text/plain", "application/x+json"][rng.gen_range(0..4)];
+        let content_type =
+            ["application/json", "application/json", "text/plain", "application/x+json"][rng.gen_range(0..4)];
         let response = app
             .client
             .post(app.url(path))

@@ -280,12 +280,13 @@ async fn ingest(
 /// The batch body as borrowed raw items: one syntax pass, items parsed one by one after.
 fn parse_json_borrowed(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let items = serde::Deserialize::deserialize(&mut deserializer).map_err(|e: serde_json::Error| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::Validation(vec![FieldError::new("(body)", "must be a JSON array of events")])
-        }
-        _ => ApiError::MalformedJson(e.to_string()),
-    })?;
+    let items =
+        serde::Deserialize::deserialize(&mut deserializer).map_err(|e: serde_json::Error| match e.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::Validation(vec![FieldError::new("(body)", "must be a JSON array of events")])
+            }
+            _ => ApiError::MalformedJson(e.to_string()),
+        })?;
     deserializer.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     Ok(items)
 }
