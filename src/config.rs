@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -74,6 +75,9 @@ pub struct IngestConfig {
     pub max_commit_events: usize,
     /// Concurrent group-commit writers (0 = 1 on SQLite, 2 on PostgreSQL).
     pub writers: usize,
+    /// How long an `Idempotency-Key` is remembered (e.g. `24h`).
+    #[serde(with = "duration_text")]
+    pub idempotency_key_ttl: Duration,
 }
 
 impl Default for IngestConfig {
@@ -84,6 +88,7 @@ impl Default for IngestConfig {
             queue_capacity: 10_000,
             max_commit_events: 1000,
             writers: 0,
+            idempotency_key_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -211,6 +216,9 @@ impl Config {
                 "ingest.maxCommitEvents must be at least ingest.maxBatchItems, or a full batch could never commit",
             );
         }
+        if i.idempotency_key_ttl < Duration::from_secs(60) {
+            return invalid("ingest.idempotencyKeyTtl must be at least 1m");
+        }
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
         }
@@ -235,9 +243,38 @@ impl Config {
     }
 }
 
+/// Durations written as text: `30s`, `5m`, `24h`, `1h 30m`.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration like 30s, 5m or 24h ({e})")))
+    }
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+    }
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    yaml_serde::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    parse_file_config(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+}
+
+/// Parses the config file's text; errors name the field path and the line.
+fn parse_file_config(text: &str) -> Result<FileConfig, String> {
+    serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(text)).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("{path}: {}", e.into_inner())
+        }
+    })
 }
 
 #[cfg(test)]
@@ -263,8 +300,17 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_read_from_text_and_bad_ones_named() {
+        let file = parse_file_config("ingest: {idempotencyKeyTtl: 2h}\n").unwrap();
+        assert_eq!(file.ingest.unwrap().idempotency_key_ttl, Duration::from_secs(7200));
+        let err = parse_file_config("listen: 127.0.0.1:1\ningest:\n  idempotencyKeyTtl: soon\n").unwrap_err();
+        assert!(err.starts_with("ingest.idempotencyKeyTtl: "), "{err}");
+        assert!(err.contains("soon") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
     fn unknown_file_fields_are_rejected_with_their_name() {
-        let err = yaml_serde::from_str::<FileConfig>("lisen: x\n").unwrap_err().to_string();
+        let err = parse_file_config("lisen: x\n").unwrap_err();
         assert!(err.contains("lisen"), "{err}");
     }
 

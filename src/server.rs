@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -27,6 +28,7 @@ pub struct Server {
     listener: TcpListener,
     state: AppState,
     tracker: TaskTracker,
+    idempotency_key_ttl: Duration,
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -79,7 +81,7 @@ impl Server {
             }),
             shutdown: CancellationToken::new(),
         };
-        Ok(Server { listener, state, tracker })
+        Ok(Server { listener, state, tracker, idempotency_key_ttl: config.ingest.idempotency_key_ttl })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -92,9 +94,10 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker } = self;
+        let Server { listener, state, tracker, idempotency_key_ttl } = self;
         let store = state.store.clone();
         let draining = state.shutdown.clone();
+        tracker.spawn(forget_old_idempotency_keys(store.clone(), idempotency_key_ttl, shutdown.clone()));
         let app = api::router(state);
         tracing::info!(addr = %listener.local_addr()?, database = ?store.backend(), "hookwarden is listening");
         let signal = shutdown.clone();
@@ -112,5 +115,23 @@ impl Server {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Deletes idempotency keys older than `ttl`, a few times per `ttl`, until shutdown.
+/// Harmless to run in every process: deleting what another process deleted does nothing.
+async fn forget_old_idempotency_keys(store: Store, ttl: Duration, shutdown: CancellationToken) {
+    let period = (ttl / 4).min(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let cutoff = chrono::Utc::now() - ttl;
+        match store.delete_idempotency_keys_before(cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "forgot expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "could not delete expired idempotency keys"),
+        }
     }
 }

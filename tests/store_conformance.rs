@@ -138,6 +138,19 @@ async fn one_key_twice_in_one_group_commit_writes_once(store: &Store) {
     assert!(store.get_event(&third.id).await.unwrap().is_none());
 }
 
+async fn expired_idempotency_keys_are_forgotten(store: &Store) {
+    let first = event("default", "shop", "o-9");
+    store.accept_events(&[keyed("old-key", "fp-1", vec![first])]).await.unwrap();
+    let before = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(store.delete_idempotency_keys_before(before).await.unwrap(), 0, "younger keys stay");
+    let after = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.delete_idempotency_keys_before(after).await.unwrap(), 1);
+    // The key is free again: a new request with it is written, not refused.
+    let outcomes =
+        store.accept_events(&[keyed("old-key", "fp-2", vec![event("default", "shop", "o-10")])]).await.unwrap();
+    assert!(!accepted(&outcomes[0])[0].duplicate);
+}
+
 async fn keys_of_different_callers_do_not_collide(store: &Store) {
     let mut mine = keyed("shared-key", "fp", vec![event("default", "shop", "o-7")]);
     let mut theirs = keyed("shared-key", "fp", vec![event("default", "shop", "o-8")]);
@@ -269,6 +282,7 @@ conformance!(
     an_idempotency_key_replays_the_original_result,
     one_key_twice_in_one_group_commit_writes_once,
     keys_of_different_callers_do_not_collide,
+    expired_idempotency_keys_are_forgotten,
     events_list_newest_first_by_source_and_type_with_paging,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
     readiness_requires_the_migrations,

@@ -167,6 +167,11 @@ impl Store {
         dispatch!(self, s => s.list_events(query).await)
     }
 
+    /// Forgets idempotency keys first used before `cutoff`; returns how many.
+    pub async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.delete_idempotency_keys_before(cutoff).await)
+    }
+
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)

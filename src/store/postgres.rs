@@ -75,6 +75,15 @@ impl PgStore {
         rows.into_iter().map(StoredEvent::try_from).collect()
     }
 
+    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted)
+    }
+
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, Transaction};
 
@@ -89,6 +89,15 @@ impl SqliteStore {
         push_event_query(&mut builder, query);
         let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.read).await?;
         rows.into_iter().map(StoredEvent::try_from).collect()
+    }
+
+    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            .bind(cutoff)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
+        Ok(deleted)
     }
 
     pub(super) async fn close(&self) {
