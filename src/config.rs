@@ -76,7 +76,7 @@ pub struct IngestConfig {
     /// Concurrent group-commit writers (0 = 1 on SQLite, 2 on PostgreSQL).
     pub writers: usize,
     /// How long an `Idempotency-Key` is remembered (e.g. `24h`).
-    #[serde(with = "duration_text")]
+    #[serde(with = "crate::duration::text")]
     pub idempotency_key_ttl: Duration,
 }
 
@@ -240,23 +240,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-/// Durations written as text: `30s`, `5m`, `24h`, `1h 30m`.
-pub mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration like 30s, 5m or 24h ({e})")))
-    }
-
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(*duration).to_string())
     }
 }
 

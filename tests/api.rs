@@ -493,3 +493,51 @@ fn random_json(rng: &mut impl Rng, depth: u32) -> Value {
         }
     }
 }
+
+/// With the database's write lock held elsewhere, commits stall; a full ingest queue must
+/// then answer 503 with `Retry-After` at once instead of queueing without bound.
+#[tokio::test]
+async fn a_full_ingest_queue_answers_503_with_retry_after() {
+    use sqlx::Connection as _;
+    let db = TestDb::sqlite();
+    let mut config = db.config();
+    config.ingest.queue_capacity = 1;
+    let app = spawn_app_with(config).await;
+    let mut blocker = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut blocker).await.unwrap();
+
+    let (done, mut results) = tokio::sync::mpsc::unbounded_channel();
+    for n in 0..6 {
+        let (client, url, token, done) = (app.client.clone(), app.url("/v1/events"), app.admin.clone(), done.clone());
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(order(&format!("queued-{n}")).to_string())
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            done.send((status, retry_after, body)).unwrap();
+        });
+    }
+    drop(done);
+    // While the lock is held nothing can commit, so the first answers are refusals.
+    let (status, retry_after, body) = results.recv().await.unwrap();
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")), "{body}");
+    assert_eq!(body["error"]["code"], "overloaded");
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let mut accepted = 0;
+    while let Some((status, _, body)) = results.recv().await {
+        match status {
+            202 => accepted += 1,
+            503 => assert_eq!(body["error"]["code"], "overloaded"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(accepted >= 1, "requests that were queued are committed once the lock is released");
+}

@@ -1,0 +1,240 @@
+//! CEL expressions: compiled once (at apply time), bounded in what they can cost.
+//!
+//! The `cel` crate has no cost limit of its own, so what can be written is bounded here,
+//! before anything runs: source length, nesting depth (checked on the text *before* the
+//! parser sees it, so a pathological input cannot exhaust the parser's stack), number of
+//! AST nodes and comprehension nesting. Every variable an expression names must be one
+//! the engine provides where the expression runs.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use cel::common::ast::{EntryExpr, Expr};
+use cel::{IdedExpr, Program};
+
+/// Limits on what an expression may be.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_source_bytes: usize,
+    pub max_nesting: usize,
+    pub max_nodes: usize,
+    pub max_comprehension_nesting: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_source_bytes: 4096, max_nesting: 32, max_nodes: 500, max_comprehension_nesting: 2 }
+    }
+}
+
+/// A compiled expression. Cheap to clone.
+#[derive(Clone)]
+pub struct CompiledExpr {
+    source: Arc<str>,
+    program: Arc<Program>,
+}
+
+impl std::fmt::Debug for CompiledExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CompiledExpr").field(&self.source).finish()
+    }
+}
+
+impl CompiledExpr {
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+}
+
+/// Compiles `source`, allowing only the variables in `variables`.
+pub fn compile(source: &str, variables: &[&str], limits: Limits) -> Result<CompiledExpr, String> {
+    if source.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if source.len() > limits.max_source_bytes {
+        return Err(format!(
+            "is {} bytes long; expressions are limited to {} bytes",
+            source.len(),
+            limits.max_source_bytes
+        ));
+    }
+    let nesting = text_nesting(source);
+    if nesting > limits.max_nesting {
+        return Err(format!("nests {nesting} levels deep; expressions are limited to {}", limits.max_nesting));
+    }
+    // The parser is third-party code: a panic in it is a refusal, not a crash.
+    let program = std::panic::catch_unwind(AssertUnwindSafe(|| Program::compile(source)))
+        .map_err(|_| "could not be parsed".to_owned())?
+        .map_err(|e| format!("is not valid CEL: {}", e.to_string().trim()))?;
+
+    let mut shape = Shape::default();
+    shape.walk(program.expression(), 0, 0);
+    if shape.nodes > limits.max_nodes {
+        return Err(format!("has {} terms; expressions are limited to {}", shape.nodes, limits.max_nodes));
+    }
+    if shape.depth > limits.max_nesting {
+        return Err(format!("nests {} levels deep; expressions are limited to {}", shape.depth, limits.max_nesting));
+    }
+    if shape.comprehensions > limits.max_comprehension_nesting {
+        return Err(format!(
+            "nests {} comprehensions (all, exists, map, filter); at most {} are allowed",
+            shape.comprehensions, limits.max_comprehension_nesting
+        ));
+    }
+    let references = program.references();
+    let mut unknown: Vec<&str> = references
+        .variables()
+        .into_iter()
+        .filter(|v| !variables.contains(v) && !shape.bound.iter().any(|b| b == v))
+        .collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "uses unknown variable{} {}; available here: {}",
+            if unknown.len() == 1 { "" } else { "s" },
+            unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", "),
+            variables.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(CompiledExpr { source: source.into(), program: Arc::new(program) })
+}
+
+/// Deepest nesting of brackets outside string literals.
+fn text_nesting(source: &str) -> usize {
+    let (mut depth, mut max, mut unary_run) = (0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        if quote.is_none() && !c.is_whitespace() && c != '!' && c != '-' {
+            unary_run = 0;
+        }
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            // Unary operators nest without brackets: `!!!!x`, `----x`.
+            '!' | '-' => {
+                unary_run += 1;
+                max = max.max(depth + unary_run);
+            }
+            _ => {}
+        }
+    }
+    max
+}
+
+#[derive(Default)]
+struct Shape {
+    nodes: usize,
+    depth: usize,
+    comprehensions: usize,
+    /// Variables bound by comprehensions (`x` in `list.all(x, …)`).
+    bound: Vec<String>,
+}
+
+impl Shape {
+    fn walk(&mut self, e: &IdedExpr, depth: usize, comprehensions: usize) {
+        self.nodes += 1;
+        self.depth = self.depth.max(depth);
+        self.comprehensions = self.comprehensions.max(comprehensions);
+        let next = depth + 1;
+        match &e.expr {
+            Expr::Call(call) => {
+                if let Some(target) = &call.target {
+                    self.walk(target, next, comprehensions);
+                }
+                for arg in &call.args {
+                    self.walk(arg, next, comprehensions);
+                }
+            }
+            Expr::Comprehension(c) => {
+                self.bound.push(c.iter_var.clone());
+                self.bound.push(c.accu_var.clone());
+                for part in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+                    self.walk(part, next, comprehensions + 1);
+                }
+            }
+            Expr::List(list) => {
+                for element in &list.elements {
+                    self.walk(element, next, comprehensions);
+                }
+            }
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    if let EntryExpr::MapEntry(m) = &entry.expr {
+                        self.walk(&m.key, next, comprehensions);
+                        self.walk(&m.value, next, comprehensions);
+                    }
+                }
+            }
+            Expr::Struct(s) => {
+                for entry in &s.entries {
+                    if let EntryExpr::StructField(f) = &entry.expr {
+                        self.walk(&f.value, next, comprehensions);
+                    }
+                }
+            }
+            Expr::Select(select) => self.walk(&select.operand, next, comprehensions),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVENT: &[&str] = &["event"];
+
+    #[test]
+    fn a_valid_expression_compiles() {
+        compile("event.data.total >= 1000 && event.type.startsWith('order.')", EVENT, Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn comprehension_variables_are_not_unknown() {
+        compile("event.data.items.exists(i, i.price > 10)", EVENT, Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_variables_are_named() {
+        let err = compile("event.data.total >= ", EVENT, Limits::default()).unwrap_err();
+        assert!(err.starts_with("is not valid CEL"), "{err}");
+        let err = compile("evnt.data.total > 1", EVENT, Limits::default()).unwrap_err();
+        assert!(err.contains("`evnt`") && err.contains("`event`"), "{err}");
+    }
+
+    #[test]
+    fn expensive_expressions_are_refused_before_parsing() {
+        let deep = format!("{}1{}", "(".repeat(5000), ")".repeat(5000));
+        assert!(compile(&deep, EVENT, Limits { max_source_bytes: 100_000, ..Limits::default() })
+            .unwrap_err()
+            .contains("levels deep"));
+        let long = vec!["event.data.a == 1"; 400].join(" || ");
+        assert!(compile(&long, EVENT, Limits::default()).unwrap_err().contains("bytes"));
+        let wide = vec!["1"; 600].join(" + ");
+        assert!(compile(&wide, EVENT, Limits::default()).unwrap_err().contains("terms"));
+        let nested = "event.data.a.all(x, x.all(y, y.all(z, z > 0)))";
+        assert!(compile(nested, EVENT, Limits::default()).unwrap_err().contains("comprehensions"));
+        let negations = format!("{}true", "!".repeat(100));
+        assert!(compile(&negations, EVENT, Limits::default()).is_err());
+    }
+}

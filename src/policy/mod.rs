@@ -1,0 +1,4 @@
+//! The policy engine: CEL expressions compiled once, checked for cost and for the
+//! variables they may use.
+
+pub mod expr;

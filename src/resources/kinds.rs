@@ -1,0 +1,261 @@
+//! The resource kinds as Rust types: the contract of the YAML files.
+//!
+//! Field names are part of the contract (see the architecture brief): fields may be added,
+//! never renamed. Every struct refuses unknown fields, so a typo is an error that names
+//! the field, not a silently ignored setting. JSON Schema is generated from these types.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::DurationText;
+
+/// Where a webhook goes and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    /// `https://…` (or `http://…`) URL the deliveries are POSTed to.
+    pub url: String,
+    /// Signing secrets: the first signs; during rotation all of them sign.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretSource>,
+    /// Event type globs (`order.*`, `*`); empty means every type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
+    /// Filters (same namespace) that an event must all pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter_refs: Vec<String>,
+    /// The RetryBudget (same namespace) governing retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget_ref: Option<String>,
+    /// An AI agent: deliveries pass the AgentRules that select it (default deny).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
+    /// FIFO delivery per value of a CEL key over `event`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Time allowed for one attempt (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationText>,
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Paused endpoints keep their deliveries queued.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// A signing secret, given inline or read from the server's environment or a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretSource {
+    /// `whsec_` followed by base64 of 24 to 64 random bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<ValueFrom>,
+}
+
+/// Exactly one of `env` or `file`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ValueFrom {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Ordering {
+    /// CEL over `event`, e.g. `event.data.order_id`.
+    pub key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Most requests per second to this endpoint.
+    pub per_second: u32,
+}
+
+/// How hard to retry, and when to give up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// Attempts in all, the first included (1 to 100).
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// Retries allowed per endpoint per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries_per_hour: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// A delivery still undelivered this long after its event is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_after: Option<DurationText>,
+}
+
+/// `min(base * 2^attempt + jitter, max)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Backoff {
+    pub base: DurationText,
+    pub max: DurationText,
+    #[serde(default)]
+    pub jitter: Jitter,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Jitter {
+    #[default]
+    Full,
+    Equal,
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Consecutive failed attempts that open the breaker.
+    pub consecutive_failures: u32,
+    /// How long it stays open before one half-open probe.
+    pub open_for: DurationText,
+}
+
+/// Which events an endpoint receives, decided at ingest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FilterSpec {
+    /// Event type globs; empty means every type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
+    /// CEL over `event` that must be true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression: Option<String>,
+}
+
+/// What an AI-agent endpoint may be sent, decided at dispatch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentRuleSpec {
+    /// Agent endpoints selected by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
+    /// Agent endpoints selected by name (same namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_refs: Vec<String>,
+    /// CEL that must be true for the rule to apply (default: always).
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_expression: Option<String>,
+    pub decision: Decision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<Spend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// A fixed reason recorded with the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// CEL that renders the reason (a string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_expression: Option<String>,
+    /// Higher first when explaining; precedence is deny > hold > allow regardless.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    #[serde(default)]
+    pub enforcement: Enforcement,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+    Hold,
+}
+
+/// A spend limit over a rolling window, per agent endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Spend {
+    /// CEL giving the amount in integer minor units, e.g. `int(event.data.amount_cents)`.
+    pub amount: String,
+    /// ISO 4217 code, e.g. `USD`.
+    pub currency: String,
+    /// Most minor units per window.
+    pub limit: i64,
+    pub window: DurationText,
+    #[serde(default)]
+    pub over_limit: OverLimit,
+    /// Optional CEL giving a finer key (e.g. a customer id): one limit per value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    #[default]
+    Hold,
+    Deny,
+}
+
+/// Who must approve a hold, how many, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Approval {
+    #[serde(default = "default_approver_role")]
+    pub role: String,
+    /// Distinct approvers needed (1 to 10).
+    #[serde(default = "default_quorum")]
+    pub quorum: u32,
+    #[serde(default = "default_expiry")]
+    pub expires_after: DurationText,
+    #[serde(default)]
+    pub on_expiry: ExpiryOutcome,
+}
+
+fn default_approver_role() -> String {
+    "approver".to_owned()
+}
+
+fn default_quorum() -> u32 {
+    1
+}
+
+fn default_expiry() -> DurationText {
+    DurationText(std::time::Duration::from_secs(24 * 3600))
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiryOutcome {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    #[default]
+    Enforce,
+    /// Shadow mode: record what the rule would decide, enforce nothing.
+    Audit,
+}

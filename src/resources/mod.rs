@@ -1,0 +1,375 @@
+//! Declarative resources: the kinds, their YAML documents, validation and diffs.
+//!
+//! Pure logic only: parsing, validation and diffing take text and return values; the store
+//! writes, the API and CLI carry. A resource document is Kubernetes-shaped:
+//! `apiVersion: hookwarden/v1`, `kind`, `metadata` (`name`, `namespace`, `labels`), `spec`,
+//! and a `status` that only the controller writes (ignored on apply).
+
+pub mod diff;
+pub mod kinds;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use kinds::{AgentRuleSpec, EndpointSpec, FilterSpec, RetryBudgetSpec};
+
+pub const API_VERSION: &str = "hookwarden/v1";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The kinds of resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Endpoint,
+    RetryBudget,
+    Filter,
+    AgentRule,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::RetryBudget, Kind::Filter, Kind::Endpoint, Kind::AgentRule];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Endpoint => "Endpoint",
+            Kind::RetryBudget => "RetryBudget",
+            Kind::Filter => "Filter",
+            Kind::AgentRule => "AgentRule",
+        }
+    }
+
+    /// Accepts `Endpoint`, `endpoint`, `endpoints` (as kubectl does).
+    pub fn parse(name: &str) -> Option<Kind> {
+        let lower = name.to_ascii_lowercase();
+        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        Kind::ALL.into_iter().find(|k| k.as_str().to_ascii_lowercase() == singular)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of a resource: unique per kind, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// `metadata` of a document. Server-written fields are accepted (so that `get -o yaml`
+/// output can be applied again) and ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    /// A DNS label: 1-63 of a-z, 0-9 and '-', starting and ending alphanumeric.
+    pub name: String,
+    /// The tenant boundary; `default` when omitted.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Read-only: bumped by the server when `spec` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// Read-only: the apply set that owns the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applyset: Option<String>,
+    /// Read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+/// One YAML document of kind `S`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Document<S> {
+    /// Always `hookwarden/v1`.
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: S,
+    /// Written by the controller; ignored on apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+/// The spec of a resource, by kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    Endpoint(EndpointSpec),
+    RetryBudget(RetryBudgetSpec),
+    Filter(FilterSpec),
+    AgentRule(AgentRuleSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Endpoint(_) => Kind::Endpoint,
+            Spec::RetryBudget(_) => Kind::RetryBudget,
+            Spec::Filter(_) => Kind::Filter,
+            Spec::AgentRule(_) => Kind::AgentRule,
+        }
+    }
+
+    /// The spec as JSON, in the one canonical form the store compares.
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            Spec::Endpoint(s) => serde_json::to_value(s),
+            Spec::RetryBudget(s) => serde_json::to_value(s),
+            Spec::Filter(s) => serde_json::to_value(s),
+            Spec::AgentRule(s) => serde_json::to_value(s),
+        };
+        value.expect("specs are plain data and always serialize")
+    }
+
+    /// Reads a stored spec back.
+    pub fn from_json(kind: Kind, value: serde_json::Value) -> Result<Spec, serde_json::Error> {
+        Ok(match kind {
+            Kind::Endpoint => Spec::Endpoint(serde_json::from_value(value)?),
+            Kind::RetryBudget => Spec::RetryBudget(serde_json::from_value(value)?),
+            Kind::Filter => Spec::Filter(serde_json::from_value(value)?),
+            Kind::AgentRule => Spec::AgentRule(serde_json::from_value(value)?),
+        })
+    }
+}
+
+/// A parsed resource, before or after it is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    pub fn key(&self) -> ResourceKey {
+        ResourceKey { kind: self.kind(), namespace: self.metadata.namespace.clone(), name: self.metadata.name.clone() }
+    }
+}
+
+/// Where a document came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    pub file: String,
+    /// Index of the document in its file, from 0.
+    pub document: usize,
+}
+
+/// A resource and where it was read.
+#[derive(Clone, Debug)]
+pub struct Located {
+    pub origin: Origin,
+    pub resource: Resource,
+}
+
+/// A problem with one field of one document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResourceError {
+    pub file: String,
+    pub document: usize,
+    /// Field path such as `spec.backoff.max`; empty for the document as a whole.
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl ResourceError {
+    pub fn at(origin: &Origin, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            file: origin.file.clone(),
+            document: origin.document,
+            path: path.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ResourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {}", self.file, self.document)?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        write!(f, "): ")?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Parses every document of a multi-document YAML text. Empty documents are skipped.
+pub fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<ResourceError>) {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        let origin = Origin { file: file.to_owned(), document: index };
+        let value = match yaml_serde::Value::deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(yaml_error(&origin, String::new(), &e));
+                // A syntax error ends the stream: later documents cannot be read.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        match parse_document(&origin, text, index, &value) {
+            Ok(resource) => resources.push(Located { origin, resource }),
+            Err(e) => errors.push(e),
+        }
+    }
+    (resources, errors)
+}
+
+fn yaml_error(origin: &Origin, path: String, e: &yaml_serde::Error) -> ResourceError {
+    let mut message = e.to_string();
+    // The line is reported separately; keep the message itself short.
+    if let Some(i) = message.find(" at line ") {
+        message.truncate(i);
+    }
+    ResourceError {
+        file: origin.file.clone(),
+        document: origin.document,
+        path,
+        line: e.location().map(|l| l.line()),
+        message,
+    }
+}
+
+fn parse_document(
+    origin: &Origin,
+    text: &str,
+    index: usize,
+    value: &yaml_serde::Value,
+) -> Result<Resource, ResourceError> {
+    let Some(map) = value.as_mapping() else {
+        return Err(ResourceError::at(
+            origin,
+            "",
+            "a resource document must be a mapping with apiVersion, kind, metadata and spec",
+        ));
+    };
+    match map.get("apiVersion").and_then(|v| v.as_str()) {
+        Some(API_VERSION) => {}
+        Some(other) => {
+            return Err(ResourceError::at(origin, "apiVersion", format!("must be `{API_VERSION}`, not `{other}`")))
+        }
+        None => return Err(ResourceError::at(origin, "apiVersion", format!("missing; must be `{API_VERSION}`"))),
+    }
+    let kind_name = map
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| ResourceError::at(origin, "kind", "missing; one of Endpoint, RetryBudget, Filter, AgentRule"))?;
+    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind_name).ok_or_else(|| {
+        ResourceError::at(
+            origin,
+            "kind",
+            format!("unknown kind `{kind_name}`; one of Endpoint, RetryBudget, Filter, AgentRule"),
+        )
+    })?;
+    // Parse the document's text again into the typed shape, for field paths with lines.
+    let typed = |origin: &Origin| -> Result<Resource, ResourceError> {
+        Ok(match kind {
+            Kind::Endpoint => {
+                typed_document::<EndpointSpec>(origin, text, index).map(|(m, s)| (m, Spec::Endpoint(s)))?
+            }
+            Kind::RetryBudget => {
+                typed_document::<RetryBudgetSpec>(origin, text, index).map(|(m, s)| (m, Spec::RetryBudget(s)))?
+            }
+            Kind::Filter => typed_document::<FilterSpec>(origin, text, index).map(|(m, s)| (m, Spec::Filter(s)))?,
+            Kind::AgentRule => {
+                typed_document::<AgentRuleSpec>(origin, text, index).map(|(m, s)| (m, Spec::AgentRule(s)))?
+            }
+        })
+        .map(|(metadata, spec)| Resource { metadata, spec })
+    };
+    typed(origin)
+}
+
+fn typed_document<S: DeserializeOwned>(
+    origin: &Origin,
+    text: &str,
+    index: usize,
+) -> Result<(Metadata, S), ResourceError> {
+    let document = yaml_serde::Deserializer::from_str(text)
+        .nth(index)
+        .ok_or_else(|| ResourceError::at(origin, "", "document disappeared while reading"))?;
+    let parsed: Document<S> = serde_path_to_error::deserialize(document).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        yaml_error(origin, path, e.inner())
+    })?;
+    Ok((parsed.metadata, parsed.spec))
+}
+
+/// Parses several named texts; errors of all of them are returned together.
+pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> (Vec<Located>, Vec<ResourceError>) {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for (name, text) in files {
+        let (r, e) = parse_file(name, text);
+        resources.extend(r);
+        errors.extend(e);
+    }
+    (resources, errors)
+}
+
+/// The JSON Schema of every kind: a `oneOf` keyed by `kind`, definitions shared at the root.
+pub fn json_schema() -> serde_json::Value {
+    let mut definitions = serde_json::Map::new();
+    let mut kind_schema = |kind: Kind, mut schema: serde_json::Value| {
+        schema["properties"]["kind"] = serde_json::json!({ "const": kind.as_str() });
+        schema["properties"]["apiVersion"] = serde_json::json!({ "const": API_VERSION });
+        schema["title"] = serde_json::json!(kind.as_str());
+        if let Some(object) = schema.as_object_mut() {
+            object.remove("$schema");
+            if let Some(serde_json::Value::Object(defs)) = object.remove("$defs") {
+                definitions.extend(defs);
+            }
+        }
+        schema
+    };
+    let kinds = vec![
+        kind_schema(Kind::Endpoint, schemars::schema_for!(Document<EndpointSpec>).to_value()),
+        kind_schema(Kind::RetryBudget, schemars::schema_for!(Document<RetryBudgetSpec>).to_value()),
+        kind_schema(Kind::Filter, schemars::schema_for!(Document<FilterSpec>).to_value()),
+        kind_schema(Kind::AgentRule, schemars::schema_for!(Document<AgentRuleSpec>).to_value()),
+    ];
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Hookwarden resource (hookwarden/v1)",
+        "oneOf": kinds,
+        "$defs": definitions,
+    })
+}

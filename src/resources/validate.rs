@@ -1,0 +1,535 @@
+//! Validation of parsed resources, before anything is written.
+//!
+//! Every problem is reported, each naming its file, document and field path. What needs
+//! no database (ranges, names, CEL, references within the applied set) runs the same in
+//! `hookwarden validate` and on the server; the server adds the resources already stored
+//! to the set references may resolve to, and checks that secret sources can be read.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, FilterSpec, RetryBudgetSpec, SecretSource};
+use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
+use crate::policy::expr::{self, Limits};
+
+/// Variables of CEL evaluated over an event alone (filters, ordering keys).
+pub const EVENT_VARIABLES: &[&str] = &["event"];
+/// Variables of CEL evaluated by the policy gate (agent rules).
+pub const POLICY_VARIABLES: &[&str] = &["event", "endpoint", "agent", "spend", "now"];
+
+/// Checks that depend on where validation runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checks {
+    /// Accept endpoint URLs on loopback, private and link-local addresses.
+    pub allow_private_urls: bool,
+    /// Read `valueFrom` secret sources (only the server can: they are its environment).
+    pub read_secret_sources: bool,
+}
+
+/// Validates `resources`; references may resolve to them or to `stored`.
+pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: Checks) -> Vec<ResourceError> {
+    let mut errors = Vec::new();
+    let mut seen: HashMap<ResourceKey, &Origin> = HashMap::new();
+    for located in resources {
+        let key = located.resource.key();
+        if let Some(first) = seen.get(&key) {
+            errors.push(ResourceError::at(
+                &located.origin,
+                "metadata.name",
+                format!(
+                    "duplicate {} `{}` in namespace `{}`: also defined in {} (document {})",
+                    key.kind, key.name, key.namespace, first.file, first.document
+                ),
+            ));
+        } else {
+            seen.insert(key, &located.origin);
+        }
+    }
+    let known = |kind: Kind, namespace: &str, name: &str| {
+        let key = ResourceKey { kind, namespace: namespace.to_owned(), name: name.to_owned() };
+        seen.contains_key(&key) || stored.contains(&key)
+    };
+    for located in resources {
+        let mut v = Validator { origin: &located.origin, errors: &mut errors, checks };
+        let metadata = &located.resource.metadata;
+        v.metadata(metadata);
+        let namespace = metadata.namespace.as_str();
+        let reference = |v: &mut Validator<'_>, path: &str, kind: Kind, name: &str| {
+            if !known(kind, namespace, name) {
+                v.error(
+                    path,
+                    format!("{kind} `{name}` not found in namespace `{namespace}` (neither in this apply nor stored)"),
+                );
+            }
+        };
+        match &located.resource.spec {
+            Spec::Endpoint(spec) => {
+                v.endpoint(spec);
+                for (i, name) in spec.filter_refs.iter().enumerate() {
+                    reference(&mut v, &format!("spec.filterRefs[{i}]"), Kind::Filter, name);
+                }
+                if let Some(name) = &spec.retry_budget_ref {
+                    reference(&mut v, "spec.retryBudgetRef", Kind::RetryBudget, name);
+                }
+            }
+            Spec::RetryBudget(spec) => v.retry_budget(spec),
+            Spec::Filter(spec) => v.filter(spec),
+            Spec::AgentRule(spec) => {
+                v.agent_rule(spec);
+                for (i, name) in spec.endpoint_refs.iter().enumerate() {
+                    reference(&mut v, &format!("spec.endpointRefs[{i}]"), Kind::Endpoint, name);
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// Namespaces and names are DNS labels.
+pub fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+const DNS_LABEL_RULE: &str =
+    "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
+
+struct Validator<'a> {
+    origin: &'a Origin,
+    errors: &'a mut Vec<ResourceError>,
+    checks: Checks,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ResourceError::at(self.origin, path, message));
+    }
+
+    fn cel(&mut self, path: &str, source: &str, variables: &[&str]) {
+        if let Err(message) = expr::compile(source, variables, Limits::default()) {
+            self.error(path, message);
+        }
+    }
+
+    fn metadata(&mut self, m: &super::Metadata) {
+        if !is_dns_label(&m.name) {
+            self.error("metadata.name", DNS_LABEL_RULE);
+        }
+        if !is_dns_label(&m.namespace) {
+            self.error("metadata.namespace", DNS_LABEL_RULE);
+        }
+        for (key, value) in &m.labels {
+            let valid_key = !key.is_empty()
+                && key.len() <= 253
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !valid_key {
+                self.error(
+                    &format!("metadata.labels.{key}"),
+                    "label keys are 1-253 characters of a-z, A-Z, 0-9, '-', '_', '.', '/'",
+                );
+            }
+            if value.len() > 63 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                self.error(
+                    &format!("metadata.labels.{key}"),
+                    "label values are at most 63 characters of a-z, A-Z, 0-9, '-', '_', '.'",
+                );
+            }
+        }
+    }
+
+    fn event_type_globs(&mut self, path: &str, globs: &[String]) {
+        for (i, glob) in globs.iter().enumerate() {
+            let valid = !glob.is_empty()
+                && glob.len() <= 256
+                && glob.chars().all(|c| c.is_ascii_alphanumeric() || "._-*:/".contains(c));
+            if !valid {
+                self.error(
+                    &format!("{path}[{i}]"),
+                    "event type globs are 1-256 characters of letters, digits, '.', '_', '-', ':', '/' and '*'",
+                );
+            }
+        }
+    }
+
+    fn endpoint(&mut self, spec: &EndpointSpec) {
+        self.url(&spec.url);
+        if spec.secrets.is_empty() {
+            self.error("spec.secrets", "at least one signing secret is required");
+        }
+        for (i, secret) in spec.secrets.iter().enumerate() {
+            self.secret(&format!("spec.secrets[{i}]"), secret);
+        }
+        self.event_type_globs("spec.eventTypes", &spec.event_types);
+        if let Some(ordering) = &spec.ordering {
+            self.cel("spec.ordering.key", &ordering.key, EVENT_VARIABLES);
+        }
+        if let Some(rate) = &spec.rate_limit {
+            if !(1..=100_000).contains(&rate.per_second) {
+                self.error("spec.rateLimit.perSecond", "must be between 1 and 100000");
+            }
+        }
+        if let Some(timeout) = spec.timeout {
+            let d = timeout.as_duration();
+            if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(300) {
+                self.error("spec.timeout", "must be between 100ms and 5m");
+            }
+        }
+        for (name, value) in &spec.headers {
+            let path = format!("spec.headers.{name}");
+            match axum::http::HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => self.error(&path, "is not a valid HTTP header name"),
+                Ok(header) => {
+                    let reserved =
+                        ["content-type", "content-length", "host", "traceparent", "transfer-encoding", "connection"];
+                    if reserved.contains(&header.as_str()) || header.as_str().starts_with("webhook-") {
+                        self.error(&path, "is set by Hookwarden itself and cannot be overridden");
+                    }
+                }
+            }
+            if axum::http::HeaderValue::from_str(value).is_err() {
+                self.error(&path, "is not a valid HTTP header value");
+            }
+        }
+    }
+
+    fn url(&mut self, raw: &str) {
+        let url = match reqwest::Url::parse(raw) {
+            Ok(url) => url,
+            Err(e) => return self.error("spec.url", format!("is not a valid URL ({e})")),
+        };
+        if url.scheme() != "https" && url.scheme() != "http" {
+            return self.error("spec.url", "must be an http:// or https:// URL");
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.error("spec.url", "must not carry credentials; use spec.headers");
+        }
+        let Some(host) = url.host() else { return self.error("spec.url", "must name a host") };
+        if !self.checks.allow_private_urls && is_private_host(&host) {
+            self.error(
+                "spec.url",
+                "points to a loopback, private or link-local address; set HOOKWARDEN_ALLOW_PRIVATE_URLS=true to allow it",
+            );
+        }
+    }
+
+    fn secret(&mut self, path: &str, secret: &SecretSource) {
+        match (&secret.value, &secret.value_from) {
+            (Some(value), None) => {
+                if let Err(message) = check_whsec(value) {
+                    self.error(&format!("{path}.value"), message);
+                }
+            }
+            (None, Some(from)) => match (&from.env, &from.file) {
+                (Some(var), None) => {
+                    if self.checks.read_secret_sources {
+                        match std::env::var(var) {
+                            Ok(value) => {
+                                if let Err(message) = check_whsec(&value) {
+                                    self.error(
+                                        &format!("{path}.valueFrom.env"),
+                                        format!("environment variable `{var}`: {message}"),
+                                    );
+                                }
+                            }
+                            Err(_) => self.error(
+                                &format!("{path}.valueFrom.env"),
+                                format!("environment variable `{var}` is not set on the server"),
+                            ),
+                        }
+                    }
+                }
+                (None, Some(file)) => {
+                    if self.checks.read_secret_sources {
+                        match std::fs::read_to_string(file) {
+                            Ok(value) => {
+                                if let Err(message) = check_whsec(value.trim()) {
+                                    self.error(&format!("{path}.valueFrom.file"), format!("file `{file}`: {message}"));
+                                }
+                            }
+                            Err(e) => self.error(
+                                &format!("{path}.valueFrom.file"),
+                                format!("cannot read `{file}` on the server: {e}"),
+                            ),
+                        }
+                    }
+                }
+                _ => self.error(&format!("{path}.valueFrom"), "must have exactly one of `env` or `file`"),
+            },
+            _ => self.error(path, "must have exactly one of `value` or `valueFrom`"),
+        }
+    }
+
+    fn retry_budget(&mut self, spec: &RetryBudgetSpec) {
+        if !(1..=100).contains(&spec.max_attempts) {
+            self.error("spec.maxAttempts", "must be between 1 and 100");
+        }
+        if spec.backoff.base.as_duration().is_zero() {
+            self.error("spec.backoff.base", "must be greater than 0s");
+        }
+        if spec.backoff.max < spec.backoff.base {
+            self.error("spec.backoff.max", "must be >= spec.backoff.base");
+        }
+        if spec.retries_per_hour == Some(0) {
+            self.error("spec.retriesPerHour", "must be at least 1 (leave it out for no limit)");
+        }
+        if let Some(breaker) = &spec.circuit_breaker {
+            if breaker.consecutive_failures == 0 {
+                self.error("spec.circuitBreaker.consecutiveFailures", "must be at least 1");
+            }
+            if breaker.open_for.as_duration().is_zero() {
+                self.error("spec.circuitBreaker.openFor", "must be greater than 0s");
+            }
+        }
+        if spec.dead_letter_after.is_some_and(|d| d.as_duration().is_zero()) {
+            self.error("spec.deadLetterAfter", "must be greater than 0s");
+        }
+    }
+
+    fn filter(&mut self, spec: &FilterSpec) {
+        if spec.event_types.is_empty() && spec.expression.is_none() {
+            self.error("spec", "a Filter needs `eventTypes`, `expression`, or both");
+        }
+        self.event_type_globs("spec.eventTypes", &spec.event_types);
+        if let Some(expression) = &spec.expression {
+            self.cel("spec.expression", expression, EVENT_VARIABLES);
+        }
+    }
+
+    fn agent_rule(&mut self, spec: &AgentRuleSpec) {
+        if spec.selector.is_none() && spec.endpoint_refs.is_empty() {
+            self.error("spec", "an AgentRule needs `selector` or `endpointRefs` to say which agents it governs");
+        }
+        if let Some(source) = &spec.match_expression {
+            self.cel("spec.match", source, POLICY_VARIABLES);
+        }
+        if let Some(source) = &spec.reason_expression {
+            self.cel("spec.reasonExpression", source, POLICY_VARIABLES);
+        }
+        if spec.reason.is_some() && spec.reason_expression.is_some() {
+            self.error("spec.reasonExpression", "give `reason` or `reasonExpression`, not both");
+        }
+        if let Some(spend) = &spec.spend {
+            self.cel("spec.spend.amount", &spend.amount, POLICY_VARIABLES);
+            if let Some(per) = &spend.per {
+                self.cel("spec.spend.per", per, POLICY_VARIABLES);
+            }
+            if spend.currency.len() != 3 || !spend.currency.chars().all(|c| c.is_ascii_uppercase()) {
+                self.error("spec.spend.currency", "must be an ISO 4217 code such as USD");
+            }
+            if spend.limit <= 0 {
+                self.error("spec.spend.limit", "must be a positive amount in minor units");
+            }
+            if spend.window.as_duration().is_zero() {
+                self.error("spec.spend.window", "must be greater than 0s");
+            }
+        }
+        if let Some(approval) = &spec.approval {
+            if !(1..=10).contains(&approval.quorum) {
+                self.error("spec.approval.quorum", "must be between 1 and 10");
+            }
+            if approval.expires_after.as_duration().is_zero() {
+                self.error("spec.approval.expiresAfter", "must be greater than 0s");
+            }
+            if !["admin", "operator", "approver"].contains(&approval.role.as_str()) {
+                self.error("spec.approval.role", "must be `approver`, `operator` or `admin`");
+            }
+        }
+        if spec.decision != Decision::Hold && spec.spend.is_none() && spec.approval.is_some() {
+            self.error("spec.approval", "only applies to `decision: hold` or a spend clause that holds");
+        }
+    }
+}
+
+/// A Standard Webhooks secret: `whsec_` and base64 of 24 to 64 bytes.
+pub fn check_whsec(value: &str) -> Result<Vec<u8>, String> {
+    let encoded = value.strip_prefix("whsec_").ok_or("must start with `whsec_` (Standard Webhooks secret format)")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "must be `whsec_` followed by standard base64".to_owned())?;
+    if !(24..=64).contains(&bytes.len()) {
+        return Err(format!("decodes to {} bytes; secrets are 24 to 64 random bytes", bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Whether a URL host is loopback, private, link-local or otherwise not public.
+pub fn is_private_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost"
+                || name.ends_with(".localhost")
+                || name.ends_with(".internal")
+                || name.ends_with(".local")
+        }
+        url::Host::Ipv4(ip) => is_private_ip(IpAddr::V4(*ip)),
+        url::Host::Ipv6(ip) => is_private_ip(IpAddr::V6(*ip)),
+    }
+}
+
+/// Addresses a webhook must not reach unless explicitly allowed (SSRF).
+pub fn is_private_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
+                || a == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private_ip(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::parse_file;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn errors_of(yaml: &str, checks: Checks) -> Vec<ResourceError> {
+        let (resources, mut errors) = parse_file("test.yaml", yaml);
+        errors.extend(validate(&resources, &HashSet::new(), checks));
+        errors
+    }
+
+    fn paths(errors: &[ResourceError]) -> Vec<(usize, String)> {
+        errors.iter().map(|e| (e.document, e.path.clone())).collect()
+    }
+
+    #[test]
+    fn a_complete_valid_set_has_no_errors() {
+        let yaml = format!(
+            r#"
+apiVersion: hookwarden/v1
+kind: RetryBudget
+metadata: {{name: standard, namespace: payments}}
+spec:
+  maxAttempts: 8
+  backoff: {{base: 5s, max: 1h, jitter: full}}
+  retriesPerHour: 500
+  circuitBreaker: {{consecutiveFailures: 10, openFor: 5m}}
+  deadLetterAfter: 72h
+---
+apiVersion: hookwarden/v1
+kind: Filter
+metadata: {{name: large-orders, namespace: payments}}
+spec:
+  eventTypes: ["order.*"]
+  expression: "event.data.total >= 1000"
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: refund-agent, namespace: payments, labels: {{role: agent}}}}
+spec:
+  url: https://agents.example.com/refunds
+  agent: true
+  secrets: [{{value: {SECRET}}}]
+  eventTypes: ["refund.requested"]
+  filterRefs: [large-orders]
+  retryBudgetRef: standard
+  ordering: {{key: "event.data.order_id"}}
+  timeout: 10s
+---
+apiVersion: hookwarden/v1
+kind: AgentRule
+metadata: {{name: refunds, namespace: payments}}
+spec:
+  selector: {{matchLabels: {{role: agent}}}}
+  match: "event.type == 'refund.requested'"
+  decision: allow
+  spend: {{amount: "int(event.data.amount_cents)", currency: USD, limit: 50000, window: 24h, overLimit: hold}}
+  approval: {{role: approver, quorum: 2, expiresAfter: 4h, onExpiry: deny}}
+  reasonExpression: "'refund of ' + string(event.data.amount_cents) + ' cents'"
+"#
+        );
+        assert_eq!(errors_of(&yaml, Checks::default()), vec![]);
+    }
+
+    #[test]
+    fn each_kind_of_mistake_is_named_by_document_and_path() {
+        let yaml = format!(
+            r#"
+apiVersion: hookwarden/v1
+kind: RetryBudget
+metadata: {{name: standard}}
+spec: {{maxAttempts: 3, backoff: {{base: 1m, max: 5s}}}}
+---
+apiVersion: hookwarden/v1
+kind: RetryBudget
+metadata: {{name: standard}}
+spec: {{maxAttempts: 3, backoff: {{base: 1s, max: 5s}}}}
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: hooks}}
+spec: {{url: "http://127.0.0.1/x", secrets: [{{value: {SECRET}}}], retryBudgetRef: missing, filterRefs: [nope]}}
+---
+apiVersion: hookwarden/v1
+kind: Filter
+metadata: {{name: broken}}
+spec: {{expression: "event.data.total >= "}}
+"#
+        );
+        let errors = errors_of(&yaml, Checks::default());
+        let found = paths(&errors);
+        for expected in [
+            (0, "spec.backoff.max"),
+            (1, "metadata.name"),
+            (2, "spec.url"),
+            (2, "spec.retryBudgetRef"),
+            (2, "spec.filterRefs[0]"),
+            (3, "spec.expression"),
+        ] {
+            assert!(found.contains(&(expected.0, expected.1.to_owned())), "missing {expected:?} in {errors:#?}");
+        }
+        let backoff = errors.iter().find(|e| e.path == "spec.backoff.max").unwrap();
+        assert_eq!(backoff.message, "must be >= spec.backoff.base");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_name_the_field_and_line() {
+        let yaml = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: a}\nspec:\n  maxAttempts: 3\n  backof: {base: 1s, max: 2s}\n---\napiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: b}\nspec:\n  maxAttempts: 3\n  backoff: {base: soon, max: 2s}\n";
+        let errors = errors_of(yaml, Checks::default());
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!((errors[0].document, errors[0].path.as_str()), (0, "spec.backof"));
+        assert!(errors[0].message.contains("unknown field `backof`"), "{}", errors[0].message);
+        assert_eq!(errors[0].line, Some(6));
+        assert_eq!((errors[1].document, errors[1].path.as_str()), (1, "spec.backoff.base"));
+        assert!(errors[1].message.contains("`soon` is not a duration"), "{}", errors[1].message);
+        assert_eq!(errors[1].line, Some(13));
+    }
+
+    #[test]
+    fn private_urls_are_refused_unless_allowed() {
+        for host in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "localhost", "192.168.0.1", "[fd00::1]"] {
+            let url = reqwest::Url::parse(&format!("http://{host}/")).unwrap();
+            assert!(is_private_host(&url.host().unwrap()), "{host}");
+        }
+        let url = reqwest::Url::parse("https://example.com/").unwrap();
+        assert!(!is_private_host(&url.host().unwrap()));
+    }
+
+    #[test]
+    fn secrets_must_have_the_standard_webhooks_form() {
+        assert!(check_whsec(SECRET).is_ok());
+        assert!(check_whsec("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(check_whsec("whsec_c2hvcnQ=").unwrap_err().contains("bytes"));
+    }
+}
