@@ -59,6 +59,41 @@ pub struct Config {
     pub jwt_secret: Option<Secret>,
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
+    /// Accept endpoint URLs on loopback, private and link-local addresses.
+    pub allow_private_urls: bool,
+    pub controller: ControllerConfig,
+}
+
+/// The resource controller: the watched directory, status reconciliation, leadership.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ControllerConfig {
+    /// A directory of resource files kept applied (with prune) by the leader.
+    pub resources_dir: Option<PathBuf>,
+    /// The apply set the directory's resources belong to.
+    pub applyset: String,
+    /// How often the leader re-reads the directory and reconciles status, whatever the
+    /// file watcher said (watch events can be missed).
+    #[serde(with = "crate::duration::text")]
+    pub resync: Duration,
+    /// How long file changes must settle before the directory is applied.
+    #[serde(with = "crate::duration::text")]
+    pub debounce: Duration,
+    /// How often a follower tries to take over leadership.
+    #[serde(with = "crate::duration::text")]
+    pub leader_retry: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            resources_dir: None,
+            applyset: "resources-dir".to_owned(),
+            resync: Duration::from_secs(30),
+            debounce: Duration::from_millis(300),
+            leader_retry: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Limits and batching of `POST /v1/events`.
@@ -102,6 +137,8 @@ impl Default for Config {
             jwt_secret: None,
             log_format: LogFormat::Human,
             ingest: IngestConfig::default(),
+            allow_private_urls: false,
+            controller: ControllerConfig::default(),
         }
     }
 }
@@ -116,6 +153,8 @@ pub struct FileConfig {
     pub jwt_secret: Option<Secret>,
     pub log_format: Option<LogFormat>,
     pub ingest: Option<IngestConfig>,
+    pub allow_private_urls: Option<bool>,
+    pub controller: Option<ControllerConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -127,6 +166,9 @@ pub struct Overrides {
     pub jwt_secret: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_body_bytes: Option<usize>,
+    pub allow_private_urls: Option<bool>,
+    pub resources_dir: Option<PathBuf>,
+    pub applyset: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +198,22 @@ impl Config {
     }
 
     fn apply_file(&mut self, file: FileConfig) {
-        let FileConfig { listen, database_url, data_dir, jwt_secret, log_format, ingest } = file;
+        let FileConfig {
+            listen,
+            database_url,
+            data_dir,
+            jwt_secret,
+            log_format,
+            ingest,
+            allow_private_urls,
+            controller,
+        } = file;
+        if let Some(v) = allow_private_urls {
+            self.allow_private_urls = v;
+        }
+        if let Some(v) = controller {
+            self.controller = v;
+        }
         if let Some(v) = listen {
             self.listen = v;
         }
@@ -196,6 +253,15 @@ impl Config {
         if let Some(v) = o.max_body_bytes {
             self.ingest.max_body_bytes = v;
         }
+        if let Some(v) = o.allow_private_urls {
+            self.allow_private_urls = v;
+        }
+        if let Some(v) = o.resources_dir {
+            self.controller.resources_dir = Some(v);
+        }
+        if let Some(v) = o.applyset {
+            self.controller.applyset = v;
+        }
     }
 
     /// Refuses settings that cannot work, naming the setting.
@@ -221,6 +287,18 @@ impl Config {
         }
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
+        }
+        let c = &self.controller;
+        if c.applyset.is_empty() || c.applyset.len() > 253 {
+            return invalid("controller.applyset must be 1 to 253 characters");
+        }
+        if c.resync < Duration::from_millis(100) || c.debounce.is_zero() || c.leader_retry < Duration::from_millis(50) {
+            return invalid("controller.resync must be at least 100ms, controller.debounce above 0 and controller.leaderRetry at least 50ms");
+        }
+        if let Some(dir) = &c.resources_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid(format!("the resources directory {} does not exist", dir.display())));
+            }
         }
         if let Some(url) = &self.database_url {
             let url = url.expose();

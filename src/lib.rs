@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod config;
+pub mod controller;
 pub mod duration;
 pub mod ids;
 pub mod ingest;

@@ -1,6 +1,8 @@
 //! The `hookwarden` command line.
 #![forbid(unsafe_code)]
 
+mod cli;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +27,18 @@ enum Command {
     Serve(ServeArgs),
     /// Mint a bearer token with the configured key; prints only the token.
     Token(TokenArgs),
+    /// Apply resource files: created, configured, unchanged or pruned per resource.
+    Apply(cli::ApplyArgs),
+    /// Show what an apply would change. Exit 0: nothing; 1: differences; 2: error.
+    Diff(cli::DiffArgs),
+    /// Check resource files offline (no server): schema, CEL, references within the files.
+    Validate(cli::FilesArgs),
+    /// Show resources.
+    Get(cli::GetArgs),
+    /// Delete a resource.
+    Delete(cli::DeleteArgs),
+    /// Print the JSON Schema of resource files.
+    Schema,
     /// Measure the service: see docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(hookwarden::bench::BenchCommand),
@@ -57,6 +71,15 @@ struct ServeArgs {
     /// Largest accepted request body in bytes.
     #[arg(long, env = "HOOKWARDEN_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// A directory of resource files to keep applied (watched; the leader applies it).
+    #[arg(long, env = "HOOKWARDEN_RESOURCES")]
+    resources: Option<PathBuf>,
+    /// The apply set of the resources directory.
+    #[arg(long, env = "HOOKWARDEN_APPLYSET")]
+    applyset: Option<String>,
+    /// Accept endpoint URLs on loopback and private addresses.
+    #[arg(long, env = "HOOKWARDEN_ALLOW_PRIVATE_URLS")]
+    allow_private_urls: Option<bool>,
 }
 
 #[derive(Args)]
@@ -93,6 +116,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listen: args.listen,
             log_format: args.log_format,
             max_body_bytes: args.max_body_bytes,
+            resources_dir: args.resources,
+            applyset: args.applyset,
+            allow_private_urls: args.allow_private_urls,
             jwt_secret: jwt_secret_from_env(),
             ..Overrides::default()
         },
@@ -140,16 +166,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Token(args) => token(args),
-        Command::Bench(command) => runtime.block_on(hookwarden::bench::run(command)),
+        Command::Serve(args) => done(runtime.block_on(serve(args))),
+        Command::Token(args) => done(token(args)),
+        Command::Apply(args) => runtime.block_on(cli::apply(args)),
+        Command::Diff(args) => runtime.block_on(cli::diff(args)),
+        Command::Validate(args) => cli::validate_files(args),
+        Command::Get(args) => runtime.block_on(cli::get(args)),
+        Command::Delete(args) => runtime.block_on(cli::delete(args)),
+        Command::Schema => cli::schema(),
+        Command::Bench(command) => done(runtime.block_on(hookwarden::bench::run(command))),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

@@ -18,7 +18,9 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, ApiConfig, AppState};
 use crate::auth::{load_or_create_key, TokenKeys};
 use crate::config::Config;
+use crate::controller::Controller;
 use crate::ingest::Ingestor;
+use crate::resources::validate::Checks;
 use crate::store::Store;
 
 /// File name of the embedded database inside the data directory.
@@ -29,6 +31,7 @@ pub struct Server {
     state: AppState,
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
+    controller: Controller,
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -71,6 +74,8 @@ impl Server {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
         let ingestor = Ingestor::start(store.clone(), &config.ingest, &tracker);
+        let checks = Checks { allow_private_urls: config.allow_private_urls, read_secret_sources: true };
+        let (controller, controller_status) = Controller::new(store.clone(), config.controller.clone(), checks);
         let state = AppState {
             store,
             ingestor,
@@ -80,8 +85,10 @@ impl Server {
                 max_batch_items: config.ingest.max_batch_items,
             }),
             shutdown: CancellationToken::new(),
+            checks,
+            controller: controller_status,
         };
-        Ok(Server { listener, state, tracker, idempotency_key_ttl: config.ingest.idempotency_key_ttl })
+        Ok(Server { listener, state, tracker, idempotency_key_ttl: config.ingest.idempotency_key_ttl, controller })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -94,7 +101,8 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker, idempotency_key_ttl } = self;
+        let Server { listener, state, tracker, idempotency_key_ttl, controller } = self;
+        tracker.spawn(controller.run(shutdown.clone()));
         let store = state.store.clone();
         let draining = state.shutdown.clone();
         tracker.spawn(forget_old_idempotency_keys(store.clone(), idempotency_key_ttl, shutdown.clone()));

@@ -3,61 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{token, TestDb, JWT_SECRET};
+use common::{token, Process, TestDb};
 use hookwarden::auth::Role;
 use serde_json::{json, Value};
-
-/// A real `hookwarden serve` process.
-struct Process {
-    child: Child,
-    base: String,
-}
-
-impl Process {
-    /// Starts the binary and waits for its "listening" log line to learn the port.
-    fn start(db: &TestDb) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hookwarden"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .env("HOOKWARDEN_JWT_SECRET", JWT_SECRET)
-            .env("RUST_LOG", "info")
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        match db {
-            // The embedded default: no DATABASE_URL, only a data directory.
-            TestDb::Sqlite { dir } => command.arg("--data-dir").arg(dir.path()),
-            TestDb::Postgres { url, .. } => command.arg("--database-url").arg(url),
-        };
-        let mut child = command.spawn().expect("start hookwarden serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines.next().expect("server exited before listening").expect("read log");
-            let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
-            if entry["message"] == "hookwarden is listening" {
-                break entry["addr"].as_str().expect("addr field").to_owned();
-            }
-        };
-        // Keep draining the logs so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Process { child, base: format!("http://{addr}") }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
-    }
-}
 
 async fn every_acknowledged_event_survives_a_sigkill(db: TestDb) {
     const EVENTS: usize = 300;
     let ingest = token("producer", &[Role::Ingest, Role::Viewer], &["*"]);
-    let server = Process::start(&db);
+    let server = Process::start(&db, &[]);
     let client = reqwest::Client::new();
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -84,7 +40,7 @@ async fn every_acknowledged_event_survives_a_sigkill(db: TestDb) {
     server.kill();
     assert_eq!(ids.len(), EVENTS);
 
-    let server = Process::start(&db);
+    let server = Process::start(&db, &[]);
     for id in &ids {
         let response = client.get(format!("{}/v1/events/{id}", server.base)).bearer_auth(&ingest).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "event {id} was acknowledged but is gone");
@@ -116,7 +72,7 @@ async fn every_acknowledged_event_survives_a_sigkill_on_postgres() {
 #[tokio::test]
 async fn sigterm_stops_the_server_cleanly() {
     let db = TestDb::sqlite();
-    let server = Process::start(&db);
+    let server = Process::start(&db, &[]);
     let pid = server.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().expect("send SIGTERM");
     assert!(status.success());

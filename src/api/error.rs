@@ -47,6 +47,8 @@ pub enum ApiError {
     RouteNotFound { method: String, path: String },
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("{} invalid: {}", if .0.len() == 1 { "a resource document is" } else { "resource documents are" }, .0.first().map(ToString::to_string).unwrap_or_default())]
+    InvalidResources(Vec<crate::resources::ResourceError>),
     #[error("the Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("the server is overloaded; retry later")]
@@ -78,6 +80,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::RouteNotFound { .. } => "route_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::InvalidResources(_) => "invalid_resources",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
@@ -94,7 +97,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyKeyReused | ApiError::InvalidResources(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,6 +106,7 @@ impl ApiError {
     fn details(&self) -> Value {
         match self {
             ApiError::Validation(errors) => json!(errors),
+            ApiError::InvalidResources(errors) => json!(errors),
             ApiError::PayloadTooLarge { limit } => json!({ "limit": limit }),
             _ => Value::Null,
         }
@@ -135,7 +139,12 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(source) = &self {
             tracing::error!(error = ?source, "internal error");
         }
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string(), "details": self.details() } });
+        let mut body =
+            json!({ "error": { "code": self.code(), "message": self.to_string(), "details": self.details() } });
+        // The apply contract also lists the errors at the top level.
+        if let ApiError::InvalidResources(errors) = &self {
+            body["errors"] = json!(errors);
+        }
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {

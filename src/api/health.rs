@@ -19,5 +19,6 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         tracing::warn!(error = %e, "not ready");
         ApiError::Unavailable(format!("not ready: {e}"))
     })?;
-    Ok(Json(json!({ "status": "ready", "database": state.store.backend() })))
+    let controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(Json(json!({ "status": "ready", "database": state.store.backend(), "controller": controller })))
 }

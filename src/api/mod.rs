@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+pub mod resources;
 
 use std::sync::Arc;
 
@@ -39,6 +40,9 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Cancelled when the server begins to shut down; `/readyz` then answers 503.
     pub shutdown: CancellationToken,
+    /// Where validation runs (private URLs allowed? secret sources readable?).
+    pub checks: crate::resources::validate::Checks,
+    pub controller: crate::controller::SharedStatus,
 }
 
 /// A router that remembers which `(method, path)` pairs it serves.
@@ -72,6 +76,10 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/events", events::list)
         .add(Method::POST, "/v1/events/batch", events::create_batch)
         .add(Method::GET, "/v1/events/{id}", events::get)
+        .add(Method::POST, "/v1/apply", resources::apply_resources)
+        .add(Method::GET, "/v1/resources/{kind}", resources::list_resources)
+        .add(Method::GET, "/v1/resources/{kind}/{namespace}/{name}", resources::get_resource)
+        .add(Method::DELETE, "/v1/resources/{kind}/{namespace}/{name}", resources::delete_resource)
 }
 
 /// Every `(method, path)` the router serves, paths in OpenAPI template form.

@@ -258,6 +258,12 @@ fn yaml_error(origin: &Origin, path: String, e: &yaml_serde::Error) -> ResourceE
     if let Some(i) = message.find(" at line ") {
         message.truncate(i);
     }
+    // The YAML library prefixes its own (shorter) path; ours is more precise.
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.contains(' ') && path.starts_with(prefix) {
+            message = rest.to_owned();
+        }
+    }
     ResourceError {
         file: origin.file.clone(),
         document: origin.document,

@@ -9,6 +9,7 @@
 
 mod ingest;
 mod postgres;
+pub mod resources;
 mod sqlite;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use crate::ids::EventId;
 
 pub use ingest::{EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use postgres::PgStore;
+pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
 
 /// Infrastructure failures of the store. Bad input never reaches here.
@@ -172,9 +174,82 @@ impl Store {
         dispatch!(self, s => s.delete_idempotency_keys_before(cutoff).await)
     }
 
+    /// Tries to become the leader; `None` while another process leads. On the embedded
+    /// database there is only one process, which always leads.
+    pub async fn try_lead(&self) -> Result<Option<LeaderLease>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(Some(LeaderLease::Embedded)),
+            Store::Postgres(s) => Ok(s.try_lead().await?.map(LeaderLease::Postgres)),
+        }
+    }
+
+    /// Applies resources atomically; see [`ApplyRequest`].
+    pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
+        dispatch!(self, s => s.apply_resources(request).await)
+    }
+
+    pub async fn get_resource(
+        &self,
+        key: &crate::resources::ResourceKey,
+    ) -> Result<Option<StoredResource>, StoreError> {
+        dispatch!(self, s => s.get_resource(key).await)
+    }
+
+    /// Resources ordered by kind, namespace and name; `None` filters match everything.
+    pub async fn list_resources(
+        &self,
+        kind: Option<crate::resources::Kind>,
+        namespace: Option<&str>,
+    ) -> Result<Vec<StoredResource>, StoreError> {
+        dispatch!(self, s => s.list_resources(kind, namespace).await)
+    }
+
+    /// Deletes a resource; returns what was deleted.
+    pub async fn delete_resource(
+        &self,
+        key: &crate::resources::ResourceKey,
+    ) -> Result<Option<StoredResource>, StoreError> {
+        dispatch!(self, s => s.delete_resource(key).await)
+    }
+
+    /// Writes a resource's status if its generation is still `generation`.
+    pub async fn update_resource_status(
+        &self,
+        key: &crate::resources::ResourceKey,
+        generation: i64,
+        status: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.update_resource_status(key, generation, status).await)
+    }
+
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
+    }
+}
+
+/// Leadership, held while this value lives.
+pub enum LeaderLease {
+    Embedded,
+    /// The connection holding the PostgreSQL advisory lock.
+    Postgres(sqlx::PgConnection),
+}
+
+impl LeaderLease {
+    /// Whether leadership is still held (the lock's connection still answers).
+    pub async fn is_held(&mut self) -> bool {
+        match self {
+            LeaderLease::Embedded => true,
+            LeaderLease::Postgres(connection) => sqlx::query("SELECT 1").execute(connection).await.is_ok(),
+        }
+    }
+
+    /// Gives leadership up at once.
+    pub async fn release(self) {
+        if let LeaderLease::Postgres(connection) = self {
+            use sqlx::Connection as _;
+            let _ = connection.close().await;
+        }
     }
 }
 

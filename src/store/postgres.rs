@@ -24,7 +24,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    options: PgConnectOptions,
 }
+
+/// The advisory lock whose holder leads (runs the controller and periodic jobs).
+const LEADER_LOCK: i64 = 0x486f_6f6b_7761_7264;
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -33,9 +37,34 @@ impl PgStore {
             .max_connections(16)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
+    }
+
+    /// Takes the leader lock on a connection of its own, kept outside the pool: the lock
+    /// is held exactly as long as that connection lives, so a dead leader's lock goes
+    /// with its connection.
+    pub(super) async fn try_lead(&self) -> Result<Option<sqlx::PgConnection>, StoreError> {
+        use sqlx::ConnectOptions as _;
+        let mut connection = self.options.connect().await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut connection).await?;
+        if locked {
+            Ok(Some(connection))
+        } else {
+            use sqlx::Connection as _;
+            connection.close().await.ok();
+            Ok(None)
+        }
+    }
+
+    fn write_pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn read_pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub(super) async fn migrate(&self) -> Result<(), StoreError> {
@@ -88,6 +117,8 @@ impl PgStore {
         self.pool.close().await;
     }
 }
+
+super::resources::resource_methods!(PgStore, super::resources::numbered);
 
 struct PgIngest(Transaction<'static, Postgres>);
 

@@ -58,6 +58,14 @@ impl SqliteStore {
         Ok(Self { write, read })
     }
 
+    fn write_pool(&self) -> &SqlitePool {
+        &self.write
+    }
+
+    fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
     pub(super) async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.write).await?;
         Ok(())
@@ -109,6 +117,8 @@ impl SqliteStore {
 fn is_missing_table(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
 }
+
+super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 

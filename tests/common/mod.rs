@@ -6,9 +6,10 @@
 //! with `HOOKWARDEN_TEST_REQUIRE_POSTGRES=1` (set by `.ci/run`) a missing URL fails.
 #![allow(dead_code)]
 
-use std::io::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -217,4 +218,49 @@ pub async fn json_with_status(response: reqwest::Response, status: u16) -> serde
     let text = response.text().await.expect("response body");
     assert_eq!(actual, status, "unexpected status; body: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+}
+
+/// A real `hookwarden serve` process.
+pub struct Process {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Process {
+    /// Starts the binary with `extra` arguments and waits for its "listening" log line
+    /// to learn the port.
+    pub fn start(db: &TestDb, extra: &[&str]) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hookwarden"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra)
+            .env("HOOKWARDEN_JWT_SECRET", JWT_SECRET)
+            .env("RUST_LOG", "info")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match db {
+            // The embedded default: no DATABASE_URL, only a data directory.
+            TestDb::Sqlite { dir } => command.arg("--data-dir").arg(dir.path()),
+            TestDb::Postgres { url, .. } => command.arg("--database-url").arg(url),
+        };
+        let mut child = command.spawn().expect("start hookwarden serve");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited before listening").expect("read log");
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if entry["message"] == "hookwarden is listening" {
+                break entry["addr"].as_str().expect("addr field").to_owned();
+            }
+        };
+        // Keep draining the logs so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, base: format!("http://{addr}") }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
 }

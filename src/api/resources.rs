@@ -1,0 +1,263 @@
+//! `POST /v1/apply`, `GET /v1/resources/{kind}[/{namespace}/{name}]`,
+//! `DELETE /v1/resources/{kind}/{namespace}/{name}`.
+//!
+//! Applying needs `operator` on every namespace the apply touches (pruned resources
+//! included); reading needs `viewer`. Secret values never leave the server: every spec
+//! shown is redacted, every diff too.
+
+use std::collections::BTreeSet;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, FieldError};
+use super::extract::{parse_json, ApiQuery};
+use super::AppState;
+use crate::auth::{Principal, Role};
+use crate::controller::apply::{apply, ApplyError, ApplyOptions};
+use crate::resources::diff::{diff, redact};
+use crate::resources::{parse_files, Kind, ResourceKey, API_VERSION};
+use crate::store::{ApplyAction, ApplyOutcome, StoredResource};
+
+/// Largest apply body: resource sets are bigger than events.
+const MAX_APPLY_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplyParams {
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    prune: bool,
+    applyset: Option<String>,
+}
+
+/// The JSON form of an apply body, which keeps file names for error messages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyFiles {
+    files: Vec<ApplyFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyFile {
+    name: String,
+    content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyResult {
+    kind: Kind,
+    namespace: String,
+    name: String,
+    action: ApplyAction,
+    generation: i64,
+    /// What changed, one line per field (`~ spec.timeout: "10s" → "5s"`), secrets redacted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    diff: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResponse {
+    dry_run: bool,
+    results: Vec<ApplyResult>,
+}
+
+fn media_type(headers: &HeaderMap) -> String {
+    let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// Reads the apply body: multi-document YAML, or JSON `{"files": [{"name", "content"}]}`.
+async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, ApiError> {
+    let media = media_type(headers);
+    let yaml = matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml");
+    let json = media == "application/json";
+    if !yaml && !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let mut json_headers = headers.clone();
+    json_headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    let bytes = super::extract::read_json_body(&json_headers, body, MAX_APPLY_BYTES).await?;
+    if json {
+        let files: ApplyFiles = parse_json(&bytes)?;
+        return Ok(files.files.into_iter().map(|f| (f.name, f.content)).collect());
+    }
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::Validation(vec![FieldError::new("(body)", "YAML must be UTF-8 text")]))?;
+    Ok(vec![("(body)".to_owned(), text)])
+}
+
+pub async fn apply_resources(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(params): ApiQuery<ApplyParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    let files = read_files(&headers, body).await?;
+    let (resources, errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    if !errors.is_empty() {
+        return Err(ApiError::InvalidResources(errors));
+    }
+    let mut namespaces: BTreeSet<String> = resources.iter().map(|l| l.resource.metadata.namespace.clone()).collect();
+    if params.prune {
+        if let Some(set) = &params.applyset {
+            let members = state.store.list_resources(None, None).await?;
+            namespaces
+                .extend(members.into_iter().filter(|m| m.applyset.as_ref() == Some(set)).map(|m| m.key.namespace));
+        }
+    }
+    for namespace in &namespaces {
+        principal.authorize(Role::Operator, namespace)?;
+    }
+    let options =
+        ApplyOptions { applyset: params.applyset, prune: params.prune, dry_run: params.dry_run, checks: state.checks };
+    let desired: Vec<(ResourceKey, Value)> =
+        resources.iter().map(|l| (l.resource.key(), l.resource.spec.to_json())).collect();
+    let outcomes = apply(&state.store, resources, &options).await.map_err(|e| match e {
+        ApplyError::Invalid(errors) => ApiError::InvalidResources(errors),
+        ApplyError::Usage(message) => ApiError::Validation(vec![FieldError::new("applyset", message)]),
+        ApplyError::Store(e) => e.into(),
+    })?;
+    if !params.dry_run {
+        for o in outcomes.iter().filter(|o| o.action != ApplyAction::Unchanged) {
+            tracing::info!(resource = %o.key, action = ?o.action, generation = o.generation, actor = %principal.subject, "resource applied");
+        }
+    }
+    let results =
+        outcomes.iter().map(|o| result(o, desired.iter().find(|(k, _)| *k == o.key).map(|(_, s)| s))).collect();
+    Ok(Json(ApplyResponse { dry_run: params.dry_run, results }))
+}
+
+fn result(outcome: &ApplyOutcome, desired_spec: Option<&Value>) -> ApplyResult {
+    let mut lines = Vec::new();
+    let before = outcome
+        .previous
+        .as_ref()
+        .map(|p| json!({"metadata": {"labels": p.labels, "annotations": p.annotations}, "spec": p.spec}));
+    match (outcome.action, before, desired_spec) {
+        (ApplyAction::Pruned, Some(before), _) => diff(&before, &json!({}), "", &mut lines),
+        (ApplyAction::Created, _, Some(spec)) => diff(&json!({}), &json!({"spec": spec}), "", &mut lines),
+        (ApplyAction::Configured, Some(before), Some(spec)) => {
+            // Compare like with like: labels and annotations come from the outcome's rows.
+            let after = json!({"metadata": before["metadata"], "spec": spec});
+            diff(&before, &after, "", &mut lines);
+        }
+        _ => {}
+    }
+    ApplyResult {
+        kind: outcome.key.kind,
+        namespace: outcome.key.namespace.clone(),
+        name: outcome.key.name.clone(),
+        action: outcome.action,
+        generation: outcome.generation,
+        diff: lines,
+    }
+}
+
+/// A stored resource as a document, secrets redacted.
+pub fn document(resource: &StoredResource) -> Value {
+    let mut spec = resource.spec.clone();
+    redact(resource.key.kind, &mut spec);
+    let mut metadata = json!({
+        "name": resource.key.name,
+        "namespace": resource.key.namespace,
+        "generation": resource.generation,
+        "createdAt": resource.created_at,
+        "updatedAt": resource.updated_at,
+    });
+    if !resource.labels.is_empty() {
+        metadata["labels"] = json!(resource.labels);
+    }
+    if !resource.annotations.is_empty() {
+        metadata["annotations"] = json!(resource.annotations);
+    }
+    if let Some(set) = &resource.applyset {
+        metadata["applyset"] = json!(set);
+    }
+    let mut doc =
+        json!({ "apiVersion": API_VERSION, "kind": resource.key.kind.as_str(), "metadata": metadata, "spec": spec });
+    if let Some(status) = &resource.status {
+        doc["status"] = status.clone();
+    }
+    doc
+}
+
+fn parse_kind(raw: &str) -> Result<Kind, ApiError> {
+    Kind::parse(raw).ok_or_else(|| {
+        ApiError::NotFound(format!("unknown kind `{raw}`; one of Endpoint, RetryBudget, Filter, AgentRule"))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListResourcesParams {
+    namespace: Option<String>,
+}
+
+pub async fn list_resources(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(kind): Path<String>,
+    ApiQuery(params): ApiQuery<ListResourcesParams>,
+) -> Result<Json<Value>, ApiError> {
+    let kind = parse_kind(&kind)?;
+    if let Some(namespace) = &params.namespace {
+        principal.authorize(Role::Viewer, namespace)?;
+    }
+    let stored = state.store.list_resources(Some(kind), params.namespace.as_deref()).await?;
+    let items: Vec<Value> =
+        stored.iter().filter(|r| principal.authorize(Role::Viewer, &r.key.namespace).is_ok()).map(document).collect();
+    Ok(Json(json!({ "items": items, "next_cursor": null })))
+}
+
+async fn find(
+    state: &AppState,
+    principal: &Principal,
+    kind: &str,
+    namespace: String,
+    name: String,
+    role: Role,
+) -> Result<(ResourceKey, StoredResource), ApiError> {
+    let kind = parse_kind(kind)?;
+    let key = ResourceKey { kind, namespace, name };
+    let not_found =
+        || ApiError::NotFound(format!("{} `{}` not found in namespace `{}`", key.kind, key.name, key.namespace));
+    // Namespaces the token may not see answer like missing resources.
+    if !principal.may_access(&key.namespace) {
+        return Err(not_found());
+    }
+    principal.authorize(role, &key.namespace)?;
+    let stored = state.store.get_resource(&key).await?.ok_or_else(not_found)?;
+    Ok((key, stored))
+}
+
+pub async fn get_resource(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, stored) = find(&state, &principal, &kind, namespace, name, Role::Viewer).await?;
+    Ok(Json(document(&stored)))
+}
+
+pub async fn delete_resource(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (key, _) = find(&state, &principal, &kind, namespace, name, Role::Operator).await?;
+    let deleted =
+        state.store.delete_resource(&key).await?.ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
+    tracing::info!(resource = %key, actor = %principal.subject, "resource deleted");
+    Ok(Json(
+        json!({ "kind": key.kind, "namespace": key.namespace, "name": key.name, "action": "deleted", "generation": deleted.generation }),
+    ))
+}

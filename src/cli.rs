@@ -1,0 +1,321 @@
+//! Client commands of the CLI: they talk to a running server over its HTTP API
+//! (`--server`, `--token`), except `validate` and `schema`, which need no server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use hookwarden::controller::apply::read_resource_files;
+use hookwarden::resources::validate::{validate, Checks};
+use hookwarden::resources::{parse_files, Kind};
+
+/// Where the server is and who we are.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Base URL of the Hookwarden API.
+    #[arg(long, env = "HOOKWARDEN_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Bearer token (see `hookwarden token`).
+    #[arg(long, env = "HOOKWARDEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct FilesArgs {
+    /// Resource files or directories (every *.yaml / *.yml inside, recursively).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub files: FilesArgs,
+    /// Run every check and show what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Delete resources of the apply set that are no longer in the files.
+    #[arg(long, requires = "applyset")]
+    pub prune: bool,
+    /// The apply set these files make up (e.g. `payments`).
+    #[arg(long)]
+    pub applyset: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub files: FilesArgs,
+    /// Also show what `--prune` would delete from this apply set.
+    #[arg(long)]
+    pub prune: bool,
+    #[arg(long)]
+    pub applyset: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Yaml,
+    Json,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// Endpoint, RetryBudget, Filter or AgentRule (plural and lower case accepted).
+    pub kind: String,
+    pub name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// List across every namespace the token may see.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub kind: String,
+    pub name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Exit status for a failure of the command itself (not "differences found").
+const ERROR: u8 = 2;
+
+fn read_files(args: &FilesArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    for path in &args.paths {
+        let mut found = read_resource_files(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if path.is_dir() {
+            for (name, _) in &mut found {
+                *name = path.join(&*name).display().to_string();
+            }
+        }
+        files.extend(found);
+    }
+    if files.is_empty() {
+        bail!("no *.yaml or *.yml files found");
+    }
+    Ok(files)
+}
+
+struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl Client {
+    fn new(args: &ClientArgs) -> anyhow::Result<Client> {
+        let token =
+            args.token.clone().context("no token: pass --token or set HOOKWARDEN_TOKEN (see `hookwarden token`)")?;
+        Ok(Client { http: reqwest::Client::new(), server: args.server.trim_end_matches('/').to_owned(), token })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        let status = response.status().as_u16();
+        let text = response.text().await.context("reading the server's answer")?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
+    }
+
+    async fn apply(&self, files: &[(String, String)], query: &[(&str, String)]) -> anyhow::Result<(u16, Value)> {
+        let body = json!({ "files": files.iter().map(|(name, content)| json!({"name": name, "content": content})).collect::<Vec<_>>() });
+        self.send(self.http.post(format!("{}/v1/apply", self.server)).query(query).json(&body)).await
+    }
+}
+
+/// Prints the server's error answer; 422 apply errors one per line.
+fn print_error(status: u16, body: &Value) {
+    if let Some(errors) = body.get("errors").and_then(Value::as_array) {
+        for e in errors {
+            let line = e.get("line").and_then(Value::as_u64).map(|l| format!(", line {l}")).unwrap_or_default();
+            let path = e["path"].as_str().filter(|p| !p.is_empty()).map(|p| format!("{p}: ")).unwrap_or_default();
+            eprintln!(
+                "{} (document {}{line}): {path}{}",
+                e["file"].as_str().unwrap_or("?"),
+                e["document"],
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+        return;
+    }
+    let message = body["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+    eprintln!("error ({status}): {message}");
+}
+
+fn query(prune: bool, applyset: &Option<String>, dry_run: bool) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if dry_run {
+        q.push(("dryRun", "true".to_owned()));
+    }
+    if prune {
+        q.push(("prune", "true".to_owned()));
+    }
+    if let Some(set) = applyset {
+        q.push(("applyset", set.clone()));
+    }
+    q
+}
+
+fn resource_name(r: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        r["kind"].as_str().unwrap_or("?").to_ascii_lowercase(),
+        r["namespace"].as_str().unwrap_or("?"),
+        r["name"].as_str().unwrap_or("?")
+    )
+}
+
+pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&args.files)?;
+    let client = Client::new(&args.client)?;
+    let (status, body) = client.apply(&files, &query(args.prune, &args.applyset, args.dry_run)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    for r in body["results"].as_array().into_iter().flatten() {
+        println!("{} {}{suffix}", resource_name(r), r["action"].as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0: no differences; 1: differences; 2: error.
+pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
+    let files = match read_files(&args.files) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(ERROR));
+        }
+    };
+    let client = Client::new(&args.client)?;
+    let (status, body) = client.apply(&files, &query(args.prune, &args.applyset, true)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(ERROR));
+    }
+    let mut differences = false;
+    for r in body["results"].as_array().into_iter().flatten() {
+        let action = r["action"].as_str().unwrap_or("?");
+        if action == "unchanged" {
+            continue;
+        }
+        differences = true;
+        println!("{} ({action})", resource_name(r));
+        for line in r["diff"].as_array().into_iter().flatten() {
+            println!("  {}", line.as_str().unwrap_or(""));
+        }
+    }
+    Ok(if differences { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Offline: every check that needs no server.
+pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&args)?;
+    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
+    let checks = Checks { allow_private_urls, read_secret_sources: false };
+    errors.extend(validate(&resources, &Default::default(), checks));
+    if errors.is_empty() {
+        println!("{} resources in {} files are valid", resources.len(), files.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    eprintln!("{} errors", errors.len());
+    Ok(ExitCode::from(1))
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let kind = Kind::parse(&args.kind)
+        .with_context(|| format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule", args.kind))?;
+    let client = Client::new(&args.client)?;
+    let url = match &args.name {
+        Some(name) => format!("{}/v1/resources/{kind}/{}/{name}", client.server, args.namespace),
+        None => format!("{}/v1/resources/{kind}", client.server),
+    };
+    let mut request = client.http.get(url);
+    if args.name.is_none() && !args.all_namespaces {
+        request = request.query(&[("namespace", &args.namespace)]);
+    }
+    let (status, body) = client.send(request).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    let items: Vec<Value> = match body.get("items").and_then(Value::as_array) {
+        Some(items) => items.clone(),
+        None => vec![body],
+    };
+    match args.output {
+        Some(OutputFormat::Json) => {
+            let out = if args.name.is_some() { items[0].clone() } else { json!({ "items": items }) };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Some(OutputFormat::Yaml) => {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", yaml_serde::to_string(item)?);
+            }
+        }
+        None => {
+            println!("{:<16} {:<32} {:>10}  READY", "NAMESPACE", "NAME", "GENERATION");
+            for item in &items {
+                let ready = item["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                    .and_then(|c| c["status"].as_str())
+                    .unwrap_or("Unknown");
+                println!(
+                    "{:<16} {:<32} {:>10}  {ready}",
+                    item["metadata"]["namespace"].as_str().unwrap_or(""),
+                    item["metadata"]["name"].as_str().unwrap_or(""),
+                    item["metadata"]["generation"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let kind = Kind::parse(&args.kind).with_context(|| format!("unknown kind `{}`", args.kind))?;
+    let client = Client::new(&args.client)?;
+    let url = format!("{}/v1/resources/{kind}/{}/{}", client.server, args.namespace, args.name);
+    let (status, body) = client.send(client.http.delete(url)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    println!("{} deleted", resource_name(&body));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn schema() -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,313 @@
+//! The resource controller: keeps a watched directory applied, and every resource's
+//! `status` true to what is stored.
+//!
+//! Exactly one process leads (on PostgreSQL, whoever holds the advisory lock; on SQLite,
+//! the only process). The leader reconciles on file events (debounced) and on a periodic
+//! resync, since watch events can be missed. Reconciling is idempotent: it acts on current
+//! state only. An invalid directory is rejected as a whole; the last good state stays in
+//! force and the error shows in the logs, in `/readyz` and in the resources' status.
+
+pub mod apply;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use self::apply::{apply, read_resource_files, ApplyError, ApplyOptions};
+use crate::config::ControllerConfig;
+use crate::resources::validate::{self, Checks};
+use crate::resources::{parse_files, Located, Metadata, Origin, Resource, ResourceKey, Spec};
+use crate::store::{ApplyAction, Store, StoredResource};
+
+/// What `/readyz` shows of the controller.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerStatus {
+    pub leader: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<DateTime<Utc>>,
+    /// Why the directory's last change was rejected; `None` once it applies cleanly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Shared between the controller task and the API.
+pub type SharedStatus = Arc<Mutex<ControllerStatus>>;
+
+pub struct Controller {
+    store: Store,
+    config: ControllerConfig,
+    checks: Checks,
+    status: SharedStatus,
+}
+
+impl Controller {
+    pub fn new(store: Store, config: ControllerConfig, checks: Checks) -> (Controller, SharedStatus) {
+        let status = Arc::new(Mutex::new(ControllerStatus {
+            resources_dir: config.resources_dir.as_ref().map(|d| d.display().to_string()),
+            ..ControllerStatus::default()
+        }));
+        (Controller { store, config, checks, status: status.clone() }, status)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ControllerStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut status);
+    }
+
+    /// Campaigns for leadership and leads while it can, until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let lease = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                lease = self.store.try_lead() => lease,
+            };
+            match lease {
+                Ok(Some(lease)) => {
+                    tracing::info!("became leader: running the resource controller");
+                    self.update(|s| s.leader = true);
+                    self.lead(lease, &shutdown).await;
+                    self.update(|s| s.leader = false);
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!("lost leadership");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "could not campaign for leadership"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.leader_retry) => {}
+            }
+        }
+    }
+
+    async fn lead(&self, mut lease: crate::store::LeaderLease, shutdown: &CancellationToken) {
+        let (changes, mut changed) = mpsc::channel::<()>(1);
+        // Keep the watcher alive for as long as we lead.
+        let _watcher = self.config.resources_dir.as_ref().and_then(|dir| match watch(dir, changes) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the resources directory; relying on resync");
+                None
+            }
+        });
+        self.reconcile().await;
+        let mut resync = tokio::time::interval(self.config.resync);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(()) = changed.recv() => {
+                    // Let a burst of writes (an editor's save, a git checkout) settle.
+                    while let Ok(Some(())) = tokio::time::timeout(self.config.debounce, changed.recv()).await {}
+                    self.reconcile().await;
+                }
+                _ = resync.tick() => {
+                    if !lease.is_held().await {
+                        return;
+                    }
+                    self.reconcile().await;
+                }
+            }
+        }
+        lease.release().await;
+    }
+
+    /// One pass: apply the directory (if any), then bring every status up to date.
+    pub async fn reconcile(&self) {
+        let sync_error = match &self.config.resources_dir {
+            Some(dir) => self.sync_directory(dir).await,
+            None => None,
+        };
+        if let Err(e) = self.reconcile_status(sync_error.as_deref()).await {
+            tracing::warn!(error = %e, "could not reconcile resource status");
+        }
+    }
+
+    /// Applies the directory with prune; returns the error that rejected it, if any.
+    async fn sync_directory(&self, dir: &std::path::Path) -> Option<String> {
+        let result = async {
+            let files = read_resource_files(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            let (resources, errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+            if !errors.is_empty() {
+                return Err(describe(&ApplyError::Invalid(errors)));
+            }
+            let options = ApplyOptions {
+                applyset: Some(self.config.applyset.clone()),
+                prune: true,
+                dry_run: false,
+                checks: self.checks,
+            };
+            apply(&self.store, resources, &options).await.map_err(|e| describe(&e))
+        }
+        .await;
+        match result {
+            Ok(outcomes) => {
+                for o in outcomes.iter().filter(|o| o.action != ApplyAction::Unchanged) {
+                    tracing::info!(resource = %o.key, action = ?o.action, generation = o.generation, "resource applied from directory");
+                }
+                self.update(|s| {
+                    s.last_sync = Some(Utc::now());
+                    s.last_error = None;
+                });
+                None
+            }
+            Err(message) => {
+                let changed = self.status.lock().map(|s| s.last_error.as_deref() != Some(&message)).unwrap_or(true);
+                if changed {
+                    tracing::error!(dir = %dir.display(), error = %message, "resources directory rejected; the last good state stays in force");
+                }
+                self.update(|s| s.last_error = Some(message.clone()));
+                Some(message)
+            }
+        }
+    }
+
+    /// Writes `status` (observedGeneration, conditions) on every resource where it changed.
+    async fn reconcile_status(&self, sync_error: Option<&str>) -> Result<(), crate::store::StoreError> {
+        let stored = self.store.list_resources(None, None).await?;
+        let keys: HashSet<ResourceKey> = stored.iter().map(|s| s.key.clone()).collect();
+        for resource in &stored {
+            let mut conditions = vec![ready_condition(resource, &keys, self.checks)];
+            if self.config.resources_dir.is_some()
+                && resource.applyset.as_deref() == Some(self.config.applyset.as_str())
+            {
+                conditions.push(match sync_error {
+                    None => condition("Synced", true, "Applied", "in step with the resources directory"),
+                    Some(message) => condition("Synced", false, "InvalidChange", message),
+                });
+            }
+            let status = json!({ "observedGeneration": resource.generation, "conditions": conditions });
+            if !same_status(resource.status.as_ref(), &status) {
+                let status = stamp(resource.status.as_ref(), status);
+                self.store.update_resource_status(&resource.key, resource.generation, &status).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe(e: &ApplyError) -> String {
+    match e {
+        ApplyError::Invalid(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        ApplyError::Usage(m) => m.clone(),
+        ApplyError::Store(e) => format!("database error: {e}"),
+    }
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: &str) -> Value {
+    json!({ "type": kind, "status": if ok { "True" } else { "False" }, "reason": reason, "message": message })
+}
+
+/// Ready when the stored spec still validates against what is stored now (references
+/// may have been deleted since it was applied).
+fn ready_condition(resource: &StoredResource, keys: &HashSet<ResourceKey>, checks: Checks) -> Value {
+    let spec = match Spec::from_json(resource.key.kind, resource.spec.clone()) {
+        Ok(spec) => spec,
+        Err(e) => return condition("Ready", false, "Unreadable", &format!("stored spec cannot be read: {e}")),
+    };
+    let located = Located {
+        origin: Origin { file: "(stored)".into(), document: 0 },
+        resource: Resource {
+            metadata: Metadata {
+                name: resource.key.name.clone(),
+                namespace: resource.key.namespace.clone(),
+                labels: resource.labels.clone(),
+                annotations: resource.annotations.clone(),
+                generation: None,
+                applyset: None,
+                created_at: None,
+                updated_at: None,
+            },
+            spec,
+        },
+    };
+    let errors = validate::validate(std::slice::from_ref(&located), keys, checks);
+    if errors.is_empty() {
+        condition("Ready", true, "Valid", "applied and valid")
+    } else {
+        let reason =
+            if errors.iter().any(|e| e.message.contains("not found")) { "ReferenceNotFound" } else { "Invalid" };
+        let message = errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect::<Vec<_>>().join("; ");
+        condition("Ready", false, reason, &message)
+    }
+}
+
+/// Compares statuses ignoring `lastTransitionTime`.
+fn same_status(old: Option<&Value>, new: &Value) -> bool {
+    let Some(old) = old else { return false };
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(conditions) = v.get_mut("conditions").and_then(Value::as_array_mut) {
+            for c in conditions {
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("lastTransitionTime");
+                }
+            }
+        }
+        v
+    };
+    strip(old) == *new
+}
+
+/// Adds `lastTransitionTime` to each condition: kept from `old` when the condition's
+/// status did not change, now otherwise.
+fn stamp(old: Option<&Value>, mut new: Value) -> Value {
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let previous = |kind: &Value| -> Option<Value> {
+        old?.get("conditions")?.as_array()?.iter().find(|c| c.get("type") == Some(kind)).cloned()
+    };
+    if let Some(conditions) = new.get_mut("conditions").and_then(Value::as_array_mut) {
+        for c in conditions {
+            let kept = previous(&c["type"])
+                .filter(|p| p.get("status") == c.get("status"))
+                .and_then(|p| p.get("lastTransitionTime").cloned());
+            c["lastTransitionTime"] = kept.unwrap_or_else(|| Value::String(now.clone()));
+        }
+    }
+    new
+}
+
+/// Signals `changes` whenever something under `dir` changes.
+fn watch(dir: &std::path::Path, changes: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already holds a pending signal; one is enough.
+            let _ = changes.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_times_are_kept_while_a_condition_holds() {
+        let old = json!({"observedGeneration": 1, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Valid", "message": "ok", "lastTransitionTime": "2020-01-01T00:00:00Z"}]});
+        let same = json!({"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True", "reason": "Valid", "message": "ok"}]});
+        assert!(same_status(Some(&old), &same));
+        let flipped = json!({"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Invalid", "message": "x"}]});
+        assert!(!same_status(Some(&old), &flipped));
+        let stamped = stamp(
+            Some(&old),
+            json!({"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "True", "reason": "Valid", "message": "ok"}]}),
+        );
+        assert_eq!(stamped["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        let stamped = stamp(Some(&old), flipped);
+        assert_ne!(stamped["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,362 @@
+//! Stored resources: atomic apply (with dry run and prune), reads, deletes, status.
+//!
+//! The SQL is written once with `?` placeholders and expanded for each backend by
+//! [`resource_methods!`]; PostgreSQL's `$n` placeholders are produced by [`numbered`].
+//!
+//! Invariants: one apply is one transaction (all of it lands or none); `generation` is
+//! bumped only when `spec` changes; prune deletes only rows of the named apply set that
+//! the apply did not name.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::StoreError;
+use crate::resources::{Kind, ResourceKey};
+
+/// A resource as the apply wants it.
+#[derive(Clone, Debug)]
+pub struct DesiredResource {
+    pub key: ResourceKey,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub spec: Value,
+}
+
+/// A resource as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredResource {
+    pub key: ResourceKey,
+    pub uid: String,
+    pub generation: i64,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub spec: Value,
+    pub applyset: Option<String>,
+    pub status: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+    Pruned,
+}
+
+/// What one apply did (or, in a dry run, would do) to one resource.
+#[derive(Clone, Debug)]
+pub struct ApplyOutcome {
+    pub key: ResourceKey,
+    pub action: ApplyAction,
+    /// The generation after the apply (before it, for a pruned resource).
+    pub generation: i64,
+    /// The stored resource before the apply, if there was one.
+    pub previous: Option<StoredResource>,
+}
+
+/// One atomic apply.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyRequest {
+    pub resources: Vec<DesiredResource>,
+    /// The apply set the resources join.
+    pub applyset: Option<String>,
+    /// Delete members of `applyset` that `resources` does not name.
+    pub prune: bool,
+    /// Decide everything, write nothing.
+    pub dry_run: bool,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ResourceRow {
+    kind: String,
+    namespace: String,
+    name: String,
+    uid: String,
+    generation: i64,
+    labels: String,
+    annotations: String,
+    spec: String,
+    applyset: Option<String>,
+    status: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("resource {what}: {e}"))
+}
+
+impl TryFrom<ResourceRow> for StoredResource {
+    type Error = StoreError;
+
+    fn try_from(row: ResourceRow) -> Result<Self, StoreError> {
+        let kind = Kind::parse(&row.kind).ok_or_else(|| corrupt("kind", &row.kind))?;
+        Ok(StoredResource {
+            key: ResourceKey { kind, namespace: row.namespace, name: row.name },
+            uid: row.uid,
+            generation: row.generation,
+            labels: serde_json::from_str(&row.labels).map_err(|e| corrupt("labels", e))?,
+            annotations: serde_json::from_str(&row.annotations).map_err(|e| corrupt("annotations", e))?,
+            spec: serde_json::from_str(&row.spec).map_err(|e| corrupt("spec", e))?,
+            applyset: row.applyset,
+            status: row.status.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("status", e))?,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+/// `?` placeholders as PostgreSQL's `$1, $2, …`.
+pub(super) fn numbered(sql: &'static str) -> Cow<'static, str> {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+pub(super) fn unchanged(sql: &'static str) -> Cow<'static, str> {
+    Cow::Borrowed(sql)
+}
+
+pub(super) fn json_text<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data always serializes")
+}
+
+/// What the apply decides for one desired resource, given what is stored.
+pub(super) fn decide(
+    desired: &DesiredResource,
+    stored: Option<&StoredResource>,
+    applyset: Option<&str>,
+) -> (ApplyAction, i64) {
+    match stored {
+        None => (ApplyAction::Created, 1),
+        Some(s) if s.spec != desired.spec => (ApplyAction::Configured, s.generation + 1),
+        Some(s) if s.labels != desired.labels || s.annotations != desired.annotations || adopts(s, applyset) => {
+            (ApplyAction::Configured, s.generation)
+        }
+        Some(s) => (ApplyAction::Unchanged, s.generation),
+    }
+}
+
+/// Whether applying with `applyset` makes it the owner: only of a resource no set owns.
+/// (A resource owned by another set is refused before the store is asked.)
+fn adopts(stored: &StoredResource, applyset: Option<&str>) -> bool {
+    stored.applyset.is_none() && applyset.is_some()
+}
+
+/// Expands the resource methods for one backend.
+macro_rules! resource_methods {
+    ($store:ty, $sql:path) => {
+        impl $store {
+            pub(super) async fn apply_resources(
+                &self,
+                request: &$crate::store::resources::ApplyRequest,
+            ) -> Result<Vec<$crate::store::resources::ApplyOutcome>, $crate::store::StoreError> {
+                use $crate::store::resources::{decide, json_text, ApplyAction, ApplyOutcome, ResourceRow, StoredResource};
+                let now = chrono::Utc::now();
+                let applyset = request.applyset.as_deref();
+                let mut tx = self.write_pool().begin().await?;
+                let mut outcomes = Vec::with_capacity(request.resources.len());
+                for desired in &request.resources {
+                    let key = &desired.key;
+                    let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
+                        "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
+                        "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
+                    )))
+                    .bind(key.kind.as_str())
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let previous = row.map(StoredResource::try_from).transpose()?;
+                    let (action, generation) = decide(desired, previous.as_ref(), applyset);
+                    match action {
+                        ApplyAction::Created => {
+                            sqlx::query(&$sql(
+                                "INSERT INTO resources (kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at) \
+                                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                            ))
+                            .bind(key.kind.as_str())
+                            .bind(&key.namespace)
+                            .bind(&key.name)
+                            .bind(ulid::Ulid::new().to_string().to_lowercase())
+                            .bind(generation)
+                            .bind(json_text(&desired.labels))
+                            .bind(json_text(&desired.annotations))
+                            .bind(json_text(&desired.spec))
+                            .bind(applyset)
+                            .bind(now)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        ApplyAction::Configured => {
+                            sqlx::query(&$sql(
+                                "UPDATE resources SET generation = ?, labels = ?, annotations = ?, spec = ?, applyset = COALESCE(applyset, ?), \
+                                 updated_at = ? WHERE kind = ? AND namespace = ? AND name = ?",
+                            ))
+                            .bind(generation)
+                            .bind(json_text(&desired.labels))
+                            .bind(json_text(&desired.annotations))
+                            .bind(json_text(&desired.spec))
+                            .bind(applyset)
+                            .bind(now)
+                            .bind(key.kind.as_str())
+                            .bind(&key.namespace)
+                            .bind(&key.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        ApplyAction::Unchanged | ApplyAction::Pruned => {}
+                    }
+                    outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous });
+                }
+                if let (true, Some(set)) = (request.prune, applyset) {
+                    let rows: Vec<ResourceRow> = sqlx::query_as(&$sql(concat!(
+                        "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
+                        "FROM resources WHERE applyset = ? ORDER BY kind, namespace, name"
+                    )))
+                    .bind(set)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for row in rows {
+                        let stored = StoredResource::try_from(row)?;
+                        if request.resources.iter().any(|d| d.key == stored.key) {
+                            continue;
+                        }
+                        sqlx::query(&$sql("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ? AND applyset = ?"))
+                            .bind(stored.key.kind.as_str())
+                            .bind(&stored.key.namespace)
+                            .bind(&stored.key.name)
+                            .bind(set)
+                            .execute(&mut *tx)
+                            .await?;
+                        outcomes.push(ApplyOutcome {
+                            key: stored.key.clone(),
+                            action: ApplyAction::Pruned,
+                            generation: stored.generation,
+                            previous: Some(stored),
+                        });
+                    }
+                }
+                if request.dry_run {
+                    tx.rollback().await?;
+                } else {
+                    tx.commit().await?;
+                }
+                Ok(outcomes)
+            }
+
+            pub(super) async fn get_resource(
+                &self,
+                key: &$crate::resources::ResourceKey,
+            ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
+                use $crate::store::resources::{ResourceRow, StoredResource};
+                let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
+                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
+                    "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
+                )))
+                .bind(key.kind.as_str())
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .fetch_optional(self.read_pool())
+                .await?;
+                row.map(StoredResource::try_from).transpose()
+            }
+
+            pub(super) async fn list_resources(
+                &self,
+                kind: Option<$crate::resources::Kind>,
+                namespace: Option<&str>,
+            ) -> Result<Vec<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
+                use $crate::store::resources::{ResourceRow, StoredResource};
+                // NULL parameters match everything.
+                let rows: Vec<ResourceRow> = sqlx::query_as(&$sql(concat!(
+                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
+                    "FROM resources WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR namespace = ?) ORDER BY kind, namespace, name"
+                )))
+                .bind(kind.map(|k| k.as_str()))
+                .bind(kind.map(|k| k.as_str()))
+                .bind(namespace)
+                .bind(namespace)
+                .fetch_all(self.read_pool())
+                .await?;
+                rows.into_iter().map(StoredResource::try_from).collect()
+            }
+
+            pub(super) async fn delete_resource(
+                &self,
+                key: &$crate::resources::ResourceKey,
+            ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
+                use $crate::store::resources::{ResourceRow, StoredResource};
+                let mut tx = self.write_pool().begin().await?;
+                let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
+                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
+                    "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
+                )))
+                .bind(key.kind.as_str())
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                sqlx::query(&$sql("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?"))
+                    .bind(key.kind.as_str())
+                    .bind(&key.namespace)
+                    .bind(&key.name)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(StoredResource::try_from(row)?))
+            }
+
+            /// Writes `status` when the resource is still at `generation`; false otherwise.
+            pub(super) async fn update_resource_status(
+                &self,
+                key: &$crate::resources::ResourceKey,
+                generation: i64,
+                status: &serde_json::Value,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let updated = sqlx::query(&$sql(
+                    "UPDATE resources SET status = ? WHERE kind = ? AND namespace = ? AND name = ? AND generation = ?",
+                ))
+                .bind($crate::store::resources::json_text(status))
+                .bind(key.kind.as_str())
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .bind(generation)
+                .execute(self.write_pool())
+                .await?
+                .rows_affected();
+                Ok(updated == 1)
+            }
+        }
+    };
+}
+
+pub(super) use resource_methods;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(numbered("a = ? AND b = ?"), "a = $1 AND b = $2");
+    }
+}

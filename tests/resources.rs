@@ -1,0 +1,492 @@
+//! Declarative resources over the HTTP API and the CLI: apply, diff, validate, prune,
+//! the watched directory, leadership and namespace isolation.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{spawn_app, spawn_app_with, token, Process, TestApp, TestDb};
+use hookwarden::auth::Role;
+use serde_json::Value;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn budget(name: &str, namespace: &str, max: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  maxAttempts: 5\n  backoff: {{base: 1s, max: {max}}}\n"
+    )
+}
+
+fn endpoint(name: &str, namespace: &str, budget: &str, timeout: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{team: a}}}}\nspec:\n  url: https://{name}.example.com/hooks\n  secrets: [{{value: {SECRET}}}]\n  eventTypes: [\"order.*\"]\n  retryBudgetRef: {budget}\n  timeout: {timeout}\n"
+    )
+}
+
+fn filter(name: &str, namespace: &str, expression: &str) -> String {
+    format!("apiVersion: hookwarden/v1\nkind: Filter\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  expression: \"{expression}\"\n")
+}
+
+fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+async fn apply(app: &TestApp, token: &str, yaml: &str, query: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/apply{query}")))
+        .bearer_auth(token)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn actions(body: &Value) -> Vec<(String, String)> {
+    body["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results in {body}"))
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), r["action"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn resource(app: &TestApp, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+    let response = app.get(&format!("/v1/resources/{kind}/{namespace}/{name}"), &app.admin).await;
+    match response.status().as_u16() {
+        200 => Some(response.json().await.unwrap()),
+        404 => None,
+        other => panic!("unexpected {other}"),
+    }
+}
+
+async fn applying_the_same_files_twice_changes_nothing(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let yaml = docs(&[budget("standard", "payments", "1m"), endpoint("warehouse", "payments", "standard", "10s")]);
+    let (status, body) = apply(&app, &app.admin, &yaml, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(actions(&body).iter().all(|(_, a)| a == "created"));
+    let before = resource(&app, "Endpoint", "payments", "warehouse").await.unwrap();
+
+    let (_, body) = apply(&app, &app.admin, &yaml, "").await;
+    assert!(actions(&body).iter().all(|(_, a)| a == "unchanged"), "{body}");
+    let after = resource(&app, "Endpoint", "payments", "warehouse").await.unwrap();
+    assert_eq!(after["metadata"]["generation"], 1);
+    assert_eq!(after["metadata"]["updatedAt"], before["metadata"]["updatedAt"], "an unchanged apply writes nothing");
+
+    // A spec change bumps the generation; a label change alone does not.
+    let changed = docs(&[budget("standard", "payments", "1m"), endpoint("warehouse", "payments", "standard", "5s")]);
+    let (_, body) = apply(&app, &app.admin, &changed, "").await;
+    assert_eq!(actions(&body), [("standard".into(), "unchanged".into()), ("warehouse".into(), "configured".into())]);
+    assert_eq!(body["results"][1]["generation"], 2);
+    assert!(body["results"][1]["diff"].to_string().contains(r#"~ spec.timeout: \"10s\" → \"5s\""#), "{body}");
+    let relabelled = changed.replace("team: a", "team: b");
+    let (_, body) = apply(&app, &app.admin, &relabelled, "").await;
+    assert_eq!(body["results"][1]["action"], "configured");
+    assert_eq!(body["results"][1]["generation"], 2);
+}
+
+async fn an_invalid_apply_writes_nothing_and_names_every_error(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let good = budget("standard", "default", "1m");
+    let unknown_field = good.replace("maxAttempts", "maxAttempt");
+    let bad_duration = budget("other", "default", "soon");
+    let dangling = endpoint("hooks", "default", "missing-budget", "10s");
+    let bad_cel = filter("broken", "default", "event.data.total >= ");
+    let duplicate = budget("standard", "default", "2m");
+    let yaml = docs(&[good.clone(), unknown_field, bad_duration, dangling, bad_cel, duplicate]);
+    let (status, body) = apply(&app, &app.admin, &yaml, "").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_resources");
+    let errors: Vec<(u64, String, String)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["file"], "(body)");
+            (
+                e["document"].as_u64().unwrap(),
+                e["path"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let has =
+        |doc: u64, path: &str, text: &str| errors.iter().any(|(d, p, m)| *d == doc && p == path && m.contains(text));
+    assert!(has(1, "spec.maxAttempt", "unknown field"), "{errors:#?}");
+    assert!(has(2, "spec.backoff.max", "`soon` is not a duration"), "{errors:#?}");
+    // Parse errors stop the apply before references are checked; check those separately.
+    let yaml = docs(&[good.clone(), dangling_and_more(), duplicate_of_good()]);
+    let (status, body) = apply(&app, &app.admin, &yaml, "").await;
+    assert_eq!(status, 422, "{body}");
+    let errors = body["errors"].to_string();
+    for expected in [
+        "spec.retryBudgetRef",
+        "RetryBudget `missing-budget` not found",
+        "spec.expression",
+        "is not valid CEL",
+        "duplicate RetryBudget `standard`",
+    ] {
+        assert!(errors.contains(expected), "missing {expected} in {errors}");
+    }
+    let listed = app.get("/v1/resources/RetryBudget", &app.admin).await.json::<Value>().await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "nothing was written");
+}
+
+fn dangling_and_more() -> String {
+    docs(&[endpoint("hooks", "default", "missing-budget", "10s"), filter("broken", "default", "event.data.total >= ")])
+}
+
+fn duplicate_of_good() -> String {
+    budget("standard", "default", "2m")
+}
+
+async fn a_dry_run_writes_nothing(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let (status, body) = apply(&app, &app.admin, &budget("standard", "default", "1m"), "?dryRun=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dryRun"], true);
+    assert_eq!(actions(&body), [("standard".into(), "created".into())]);
+    assert!(resource(&app, "RetryBudget", "default", "standard").await.is_none());
+}
+
+async fn prune_removes_only_members_of_the_named_set_that_left(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let (a, b, other) = (budget("a", "default", "1m"), budget("b", "default", "1m"), budget("other", "default", "1m"));
+    let loose = budget("loose", "default", "1m");
+    assert_eq!(apply(&app, &app.admin, &docs(&[a.clone(), b]), "?applyset=team-a").await.0, 200);
+    assert_eq!(apply(&app, &app.admin, &other, "?applyset=team-b").await.0, 200);
+    assert_eq!(apply(&app, &app.admin, &loose, "").await.0, 200);
+
+    // A resource of another set cannot be taken over.
+    let (status, body) = apply(&app, &app.admin, &budget("other", "default", "1m"), "?applyset=team-a").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["errors"].to_string().contains("belongs to apply set `team-b`"));
+
+    let (status, body) = apply(&app, &app.admin, &a, "?applyset=team-a&prune=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(actions(&body), [("a".into(), "unchanged".into()), ("b".into(), "pruned".into())]);
+    assert!(resource(&app, "RetryBudget", "default", "b").await.is_none());
+    assert!(resource(&app, "RetryBudget", "default", "other").await.is_some(), "another set is never pruned");
+    assert!(resource(&app, "RetryBudget", "default", "loose").await.is_some(), "unowned resources are never pruned");
+    let (status, body) = apply(&app, &app.admin, &a, "?prune=true").await;
+    assert_eq!(status, 400, "prune needs an apply set: {body}");
+}
+
+macro_rules! on_both_databases {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
+        }
+    };
+}
+
+on_both_databases!(
+    applying_the_same_files_twice_changes_nothing,
+    an_invalid_apply_writes_nothing_and_names_every_error,
+    a_dry_run_writes_nothing,
+    prune_removes_only_members_of_the_named_set_that_left,
+);
+
+#[tokio::test]
+async fn secrets_are_never_returned() {
+    let db = TestDb::sqlite();
+    let app = spawn_app(&db).await;
+    let yaml = docs(&[budget("standard", "default", "1m"), endpoint("hooks", "default", "standard", "10s")]);
+    let (_, body) = apply(&app, &app.admin, &yaml, "?dryRun=true").await;
+    assert!(!body.to_string().contains("whsec_"), "{body}");
+    apply(&app, &app.admin, &yaml, "").await;
+    for path in ["/v1/resources/Endpoint/default/hooks", "/v1/resources/endpoints"] {
+        let text = app.get(path, &app.admin).await.text().await.unwrap();
+        assert!(!text.contains("whsec_") && text.contains("(redacted)"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn namespaces_isolate_reads_and_writes() {
+    let db = TestDb::sqlite();
+    let app = spawn_app(&db).await;
+    apply(&app, &app.admin, &docs(&[budget("x", "a", "1m"), budget("y", "b", "1m")]), "").await;
+    let operator_a = token("ops-a", &[Role::Operator], &["a"]);
+    let viewer_a = token("view-a", &[Role::Viewer], &["a"]);
+
+    assert_eq!(apply(&app, &operator_a, &budget("x2", "a", "1m"), "").await.0, 200);
+    assert_eq!(apply(&app, &operator_a, &budget("y2", "b", "1m"), "").await.0, 403);
+    assert_eq!(apply(&app, &viewer_a, &budget("x3", "a", "1m"), "").await.0, 403);
+    assert_eq!(app.get("/v1/resources/RetryBudget/a/x", &viewer_a).await.status(), 200);
+    assert_eq!(app.get("/v1/resources/RetryBudget/b/y", &viewer_a).await.status(), 404);
+    assert_eq!(app.get("/v1/resources/RetryBudget?namespace=b", &viewer_a).await.status(), 403);
+    let listed: Value = app.get("/v1/resources/RetryBudget", &viewer_a).await.json().await.unwrap();
+    let names: Vec<&str> =
+        listed["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["x", "x2"], "only namespace a is visible");
+    let delete = |token: &str, path: &str| app.client.delete(app.url(path)).bearer_auth(token.to_owned()).send();
+    assert_eq!(delete(&viewer_a, "/v1/resources/RetryBudget/a/x").await.unwrap().status(), 403);
+    assert_eq!(delete(&operator_a, "/v1/resources/RetryBudget/b/y").await.unwrap().status(), 404);
+    assert_eq!(delete(&operator_a, "/v1/resources/RetryBudget/a/x").await.unwrap().status(), 200);
+    assert!(resource(&app, "RetryBudget", "b", "y").await.is_some());
+}
+
+fn cli(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+        .args(args)
+        .env("HOOKWARDEN_SERVER", &app.base)
+        .env("HOOKWARDEN_TOKEN", &app.admin)
+        .output()
+        .expect("run the CLI");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_applies_diffs_and_validates_with_documented_exit_codes() {
+    let db = TestDb::sqlite();
+    let app = spawn_app(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("set.yaml");
+    std::fs::write(
+        &file,
+        docs(&[budget("standard", "default", "1m"), endpoint("hooks", "default", "standard", "10s")]),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+
+    let (code, out, err) = tokio::task::block_in_place(|| cli(&app, &["diff", "-f", path]));
+    assert_eq!(code, 1, "differences before the first apply: {out}{err}");
+    assert!(out.contains("endpoint/default/hooks (created)"), "{out}");
+
+    let (code, out, err) = tokio::task::block_in_place(|| cli(&app, &["apply", "-f", path, "--dry-run"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(resource(&app, "Endpoint", "default", "hooks").await.is_none(), "--dry-run wrote something");
+
+    let (code, out, err) = tokio::task::block_in_place(|| cli(&app, &["apply", "-f", dir.path().to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("endpoint/default/hooks created"), "{out}");
+
+    let (code, out, _) = tokio::task::block_in_place(|| cli(&app, &["diff", "-f", path]));
+    assert_eq!(code, 0, "no differences after apply: {out}");
+
+    std::fs::write(
+        &file,
+        docs(&[budget("standard", "default", "1m"), endpoint("hooks", "default", "standard", "20s")]),
+    )
+    .unwrap();
+    let (code, out, _) = tokio::task::block_in_place(|| cli(&app, &["diff", "-f", path]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(r#"~ spec.timeout: "10s" → "20s""#), "{out}");
+
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, budget("standard", "default", "1m").replace("maxAttempts", "maxAttempt")).unwrap();
+    let (code, _, err) = tokio::task::block_in_place(|| cli(&app, &["diff", "-f", broken.to_str().unwrap()]));
+    assert_eq!(code, 2, "an invalid file is an error, not a difference: {err}");
+    assert!(err.contains("broken.yaml (document 0, line 5): spec.maxAttempt: unknown field"), "{err}");
+    let (code, _, err) = tokio::task::block_in_place(|| cli(&app, &["apply", "-f", broken.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+}
+
+#[test]
+fn validate_catches_the_same_mistakes_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = docs(&[budget("standard", "default", "1m"), endpoint("hooks", "default", "standard", "10s")]);
+    std::fs::write(dir.path().join("good.yaml"), &good).unwrap();
+    let run = |path: &std::path::Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+            .args(["validate", "-f", path.to_str().unwrap()])
+            .env_remove("HOOKWARDEN_SERVER")
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, out) = run(dir.path());
+    assert_eq!(code, 0, "{out}");
+
+    let cases = [
+        (
+            "unknown-field.yaml",
+            budget("a", "default", "1m").replace("maxAttempts", "maxAttempt"),
+            "spec.maxAttempt: unknown field",
+        ),
+        ("bad-duration.yaml", budget("a", "default", "soon"), "spec.backoff.max: `soon` is not a duration"),
+        (
+            "dangling.yaml",
+            endpoint("hooks", "default", "missing", "10s"),
+            "spec.retryBudgetRef: RetryBudget `missing` not found",
+        ),
+        ("cel.yaml", filter("f", "default", "event.data.total >= "), "spec.expression: is not valid CEL"),
+        (
+            "duplicate.yaml",
+            docs(&[budget("a", "default", "1m"), budget("a", "default", "2m")]),
+            "duplicate RetryBudget `a`",
+        ),
+        (
+            "range.yaml",
+            budget("a", "default", "1m").replace("base: 1s", "base: 2m"),
+            "spec.backoff.max: must be >= spec.backoff.base",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        let case = tempfile::tempdir().unwrap();
+        let path = case.path().join(name);
+        std::fs::write(&path, yaml).unwrap();
+        let (code, out) = run(&path);
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(out.contains(expected) && out.contains(name), "{name}: expected `{expected}` in {out}");
+    }
+}
+
+/// Polls `check` until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_watched_directory_is_followed_and_a_bad_edit_keeps_the_last_good_state() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("budget.yaml"), budget("standard", "default", "1m")).unwrap();
+    let mut config = db.config();
+    config.controller.resources_dir = Some(dir.path().to_owned());
+    // A long resync: following the files must come from the watcher.
+    config.controller.resync = Duration::from_secs(3600);
+    config.controller.debounce = Duration::from_millis(100);
+    let app = spawn_app_with(config).await;
+    let within = Duration::from_secs(10);
+
+    eventually(within, "initial apply", || async {
+        resource(&app, "RetryBudget", "default", "standard").await.is_some()
+    })
+    .await;
+
+    std::fs::write(dir.path().join("endpoint.yaml"), endpoint("hooks", "default", "standard", "10s")).unwrap();
+    eventually(within, "added file applied", || async {
+        resource(&app, "Endpoint", "default", "hooks").await.is_some()
+    })
+    .await;
+
+    std::fs::write(dir.path().join("endpoint.yaml"), endpoint("hooks", "default", "standard", "30s")).unwrap();
+    eventually(within, "edited file applied", || async {
+        resource(&app, "Endpoint", "default", "hooks").await.is_some_and(|r| r["spec"]["timeout"] == "30s")
+    })
+    .await;
+
+    // An invalid edit: rejected whole, the last good state stays, the error is visible.
+    std::fs::write(dir.path().join("endpoint.yaml"), endpoint("hooks", "default", "standard", "forever")).unwrap();
+    eventually(within, "error in /readyz", || async {
+        let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        ready["controller"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("endpoint.yaml") && e.contains("spec.timeout"))
+    })
+    .await;
+    eventually(within, "error in status", || async {
+        resource(&app, "Endpoint", "default", "hooks").await.is_some_and(|r| {
+            let synced = r["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Synced").cloned();
+            synced.is_some_and(|c| c["status"] == "False" && c["reason"] == "InvalidChange")
+        })
+    })
+    .await;
+    assert_eq!(resource(&app, "Endpoint", "default", "hooks").await.unwrap()["spec"]["timeout"], "30s");
+
+    // Deleting the file prunes the resource (once the directory is valid again).
+    std::fs::remove_file(dir.path().join("endpoint.yaml")).unwrap();
+    eventually(within, "deleted file pruned", || async {
+        resource(&app, "Endpoint", "default", "hooks").await.is_none()
+    })
+    .await;
+    let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert!(ready["controller"]["lastError"].is_null(), "{ready}");
+    assert_eq!(ready["controller"]["leader"], true);
+}
+
+#[tokio::test]
+async fn status_reports_a_reference_deleted_after_apply() {
+    let db = TestDb::sqlite();
+    let mut config = db.config();
+    config.controller.resync = Duration::from_millis(200);
+    let app = spawn_app_with(config).await;
+    apply(
+        &app,
+        &app.admin,
+        &docs(&[budget("standard", "default", "1m"), endpoint("hooks", "default", "standard", "10s")]),
+        "",
+    )
+    .await;
+    let ready = |reason: &'static str| {
+        let app = &app;
+        async move {
+            resource(app, "Endpoint", "default", "hooks").await.is_some_and(|r| {
+                r["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["reason"] == reason))
+                    && r["status"]["observedGeneration"] == 1
+            })
+        }
+    };
+    eventually(Duration::from_secs(10), "Ready", || ready("Valid")).await;
+    let deleted = app
+        .client
+        .delete(app.url("/v1/resources/RetryBudget/default/standard"))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    eventually(Duration::from_secs(10), "ReferenceNotFound", || ready("ReferenceNotFound")).await;
+}
+
+#[tokio::test]
+async fn exactly_one_of_two_processes_leads_and_leadership_moves_when_it_dies() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let resources = dir.path().join("resources");
+    std::fs::create_dir(&resources).unwrap();
+    std::fs::write(resources.join("budget.yaml"), budget("standard", "default", "1m")).unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(&config, "controller: {leaderRetry: 200ms, resync: 300ms}\n").unwrap();
+    let args = ["--config", config.to_str().unwrap(), "--resources", resources.to_str().unwrap()];
+    let first = Process::start(&db, &args);
+    let second = Process::start(&db, &args);
+    let client = reqwest::Client::new();
+    let leader = |base: String| {
+        let client = client.clone();
+        async move {
+            let ready: Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
+            ready["controller"]["leader"].as_bool().unwrap()
+        }
+    };
+    eventually(Duration::from_secs(10), "a leader", || async {
+        leader(first.base.clone()).await || leader(second.base.clone()).await
+    })
+    .await;
+    // Over several resyncs, never two leaders and always one.
+    for _ in 0..10 {
+        let (a, b) = (leader(first.base.clone()).await, leader(second.base.clone()).await);
+        assert!(a ^ b, "exactly one leader: first={a} second={b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (dead, survivor) = if leader(first.base.clone()).await { (first, second) } else { (second, first) };
+    dead.kill();
+    eventually(Duration::from_secs(10), "the survivor leads", || leader(survivor.base.clone())).await;
+    survivor.kill();
+}
