@@ -334,9 +334,34 @@ fn typed_document<S: DeserializeOwned>(
     let parsed: Document<S> = serde_path_to_error::deserialize(document).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        yaml_error(origin, path, e.inner())
+        let mut error = yaml_error(origin, path, e.inner());
+        error.line = error.line.map(|line| refine_line(text, line, &error.path));
+        error
     })?;
     Ok((parsed.metadata, parsed.spec))
+}
+
+/// The YAML library reports some errors (those raised while reading a value, such as a
+/// bad duration) at the start of the enclosing mapping. Moves such a line forward to the
+/// line that holds the failing key, if one does before the document ends.
+fn refine_line(text: &str, reported: usize, path: &str) -> usize {
+    let Some(key) = path.rsplit('.').next().map(|k| k.split('[').next().unwrap_or(k)).filter(|k| !k.is_empty()) else {
+        return reported;
+    };
+    let needle = format!("{key}:");
+    for (i, line) in text.lines().enumerate().skip(reported.saturating_sub(1)) {
+        if line.starts_with("---") && i + 1 > reported {
+            break;
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        let found = code.match_indices(&needle).any(|(at, _)| {
+            at == 0 || !code[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        if found {
+            return i + 1;
+        }
+    }
+    reported
 }
 
 /// Parses several named texts; errors of all of them are returned together.

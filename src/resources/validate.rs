@@ -517,6 +517,15 @@ spec: {{expression: "event.data.total >= "}}
     }
 
     #[test]
+    fn a_bad_value_in_a_block_mapping_is_reported_on_its_own_line() {
+        let yaml = format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: a}}\nspec:\n  url: https://a.example.com\n  secrets: [{{value: {SECRET}}}]\n  # the timeout: below is wrong\n  timeout: ten seconds\n"
+        );
+        let errors = errors_of(&yaml, Checks::default());
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("spec.timeout", Some(8)), "{errors:#?}");
+    }
+
+    #[test]
     fn private_urls_are_refused_unless_allowed() {
         for host in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "localhost", "192.168.0.1", "[fd00::1]"] {
             let url = reqwest::Url::parse(&format!("http://{host}/")).unwrap();
