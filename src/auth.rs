@@ -84,14 +84,21 @@ impl Principal {
     /// Checks that the caller has `role` in `namespace`. `admin` holds every role and
     /// `operator` also holds `viewer` (whoever may change resources may read them).
     pub fn authorize(&self, role: Role, namespace: &str) -> Result<(), AuthError> {
-        let holds = |r: Role| r == role || r == Role::Admin || (role == Role::Viewer && r == Role::Operator);
-        if !self.roles.iter().any(|r| holds(*r)) {
-            return Err(AuthError::MissingRole(role));
-        }
+        self.require_role(role)?;
         if !self.may_access(namespace) {
             return Err(AuthError::NamespaceNotAllowed(namespace.to_owned()));
         }
         Ok(())
+    }
+
+    /// Checks that the caller has `role` somewhere (for listings filtered per namespace).
+    pub fn require_role(&self, role: Role) -> Result<(), AuthError> {
+        let holds = |r: Role| r == role || r == Role::Admin || (role == Role::Viewer && r == Role::Operator);
+        if self.roles.iter().any(|r| holds(*r)) {
+            Ok(())
+        } else {
+            Err(AuthError::MissingRole(role))
+        }
     }
 
     /// Whether the token's namespaces include `namespace`.

@@ -88,6 +88,7 @@ async fn applying_the_same_files_twice_changes_nothing(db: TestDb) {
     let (_, body) = apply(&app, &app.admin, &relabelled, "").await;
     assert_eq!(body["results"][1]["action"], "configured");
     assert_eq!(body["results"][1]["generation"], 2);
+    assert!(body["results"][1]["diff"].to_string().contains(r#"~ metadata.labels.team: \"a\" → \"b\""#), "{body}");
 }
 
 async fn an_invalid_apply_writes_nothing_and_names_every_error(db: TestDb) {
@@ -223,6 +224,8 @@ async fn namespaces_isolate_reads_and_writes() {
     assert_eq!(app.get("/v1/resources/RetryBudget/a/x", &viewer_a).await.status(), 200);
     assert_eq!(app.get("/v1/resources/RetryBudget/b/y", &viewer_a).await.status(), 404);
     assert_eq!(app.get("/v1/resources/RetryBudget?namespace=b", &viewer_a).await.status(), 403);
+    let ingest_only = token("producer", &[Role::Ingest], &["*"]);
+    assert_eq!(app.get("/v1/resources/RetryBudget", &ingest_only).await.status(), 403);
     let listed: Value = app.get("/v1/resources/RetryBudget", &viewer_a).await.json().await.unwrap();
     let names: Vec<&str> =
         listed["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();

@@ -229,6 +229,66 @@ async fn concurrent_group_commits_lose_nothing_and_store_each_identity_once(stor
     }
 }
 
+fn desired(name: &str, spec: serde_json::Value) -> hookwarden::store::DesiredResource {
+    hookwarden::store::DesiredResource {
+        key: hookwarden::resources::ResourceKey {
+            kind: hookwarden::resources::Kind::Filter,
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        labels: Default::default(),
+        annotations: Default::default(),
+        spec,
+    }
+}
+
+async fn resources_apply_atomically_and_keep_status_per_generation(store: &Store) {
+    use hookwarden::store::{ApplyAction, ApplyRequest};
+    let spec = serde_json::json!({"expression": "true"});
+    let request = ApplyRequest {
+        resources: vec![desired("a", spec.clone()), desired("b", spec.clone())],
+        applyset: Some("set".into()),
+        ..Default::default()
+    };
+    let outcomes = store.apply_resources(&request).await.unwrap();
+    assert!(outcomes.iter().all(|o| o.action == ApplyAction::Created && o.generation == 1));
+    let key = outcomes[0].key.clone();
+
+    // Status is written for the generation it describes, and not for an older one.
+    let status = serde_json::json!({"observedGeneration": 1});
+    assert!(store.update_resource_status(&key, 1, &status).await.unwrap());
+    let changed =
+        ApplyRequest { resources: vec![desired("a", serde_json::json!({"expression": "false"}))], ..request.clone() };
+    assert_eq!(store.apply_resources(&changed).await.unwrap()[0].generation, 2);
+    assert!(!store.update_resource_status(&key, 1, &status).await.unwrap(), "stale status refused");
+    assert_eq!(store.get_resource(&key).await.unwrap().unwrap().status, Some(status));
+
+    // A dry-run prune reports, and keeps, what a real one deletes.
+    let prune = ApplyRequest { prune: true, dry_run: true, ..changed.clone() };
+    let outcomes = store.apply_resources(&prune).await.unwrap();
+    assert_eq!(outcomes.iter().filter(|o| o.action == ApplyAction::Pruned).count(), 1);
+    assert_eq!(store.list_resources(None, None).await.unwrap().len(), 2);
+    store.apply_resources(&ApplyRequest { dry_run: false, ..prune }).await.unwrap();
+    assert_eq!(store.list_resources(None, None).await.unwrap().len(), 1);
+    assert!(store.delete_resource(&key).await.unwrap().is_some());
+    assert!(store.delete_resource(&key).await.unwrap().is_none());
+}
+
+async fn leadership_is_exclusive(store: &Store) {
+    let first = store.try_lead().await.unwrap();
+    assert!(first.is_some());
+    let second = store.try_lead().await.unwrap();
+    match store.backend() {
+        // One process only: it always leads.
+        hookwarden::store::Backend::Sqlite => assert!(second.is_some()),
+        hookwarden::store::Backend::Postgres => {
+            assert!(second.is_none(), "a second leader while the first holds the lock");
+            first.unwrap().release().await;
+            assert!(store.try_lead().await.unwrap().is_some(), "released leadership can be taken");
+        }
+    }
+}
+
 async fn readiness_requires_the_migrations(store: &Store) {
     store.check_ready().await.expect("a migrated store is ready");
 }
@@ -286,4 +346,6 @@ conformance!(
     events_list_newest_first_by_source_and_type_with_paging,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
     readiness_requires_the_migrations,
+    resources_apply_atomically_and_keep_status_per_generation,
+    leadership_is_exclusive,
 );

@@ -35,8 +35,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("the request body must be JSON: send `Content-Type: application/json`")]
-    UnsupportedMediaType,
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(&'static str),
     #[error("{0}")]
     Unauthenticated(AuthError),
     #[error("{0}")]
@@ -74,7 +74,7 @@ impl ApiError {
             ApiError::Validation(_) => "validation_failed",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
@@ -92,7 +92,7 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) | ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,

@@ -42,7 +42,9 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// Reads a JSON request body of at most `limit` bytes.
 pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     if !is_json(headers) {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType(
+            "the request body must be JSON: send `Content-Type: application/json`",
+        ));
     }
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {

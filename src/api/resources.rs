@@ -80,7 +80,9 @@ async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, Stri
     let yaml = matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml");
     let json = media == "application/json";
     if !yaml && !json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType(
+            "send YAML (`Content-Type: application/yaml`) or JSON files (`Content-Type: application/json`)",
+        ));
     }
     let mut json_headers = headers.clone();
     json_headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -119,8 +121,14 @@ pub async fn apply_resources(
     }
     let options =
         ApplyOptions { applyset: params.applyset, prune: params.prune, dry_run: params.dry_run, checks: state.checks };
-    let desired: Vec<(ResourceKey, Value)> =
-        resources.iter().map(|l| (l.resource.key(), l.resource.spec.to_json())).collect();
+    let desired: Vec<(ResourceKey, Value)> = resources
+        .iter()
+        .map(|l| {
+            let m = &l.resource.metadata;
+            let shown = json!({"metadata": {"labels": m.labels, "annotations": m.annotations}, "spec": l.resource.spec.to_json()});
+            (l.resource.key(), shown)
+        })
+        .collect();
     let outcomes = apply(&state.store, resources, &options).await.map_err(|e| match e {
         ApplyError::Invalid(errors) => ApiError::InvalidResources(errors),
         ApplyError::Usage(message) => ApiError::Validation(vec![FieldError::new("applyset", message)]),
@@ -136,20 +144,17 @@ pub async fn apply_resources(
     Ok(Json(ApplyResponse { dry_run: params.dry_run, results }))
 }
 
-fn result(outcome: &ApplyOutcome, desired_spec: Option<&Value>) -> ApplyResult {
+/// `desired` is `{"metadata": {"labels", "annotations"}, "spec"}` as applied.
+fn result(outcome: &ApplyOutcome, desired: Option<&Value>) -> ApplyResult {
     let mut lines = Vec::new();
     let before = outcome
         .previous
         .as_ref()
         .map(|p| json!({"metadata": {"labels": p.labels, "annotations": p.annotations}, "spec": p.spec}));
-    match (outcome.action, before, desired_spec) {
+    match (outcome.action, before, desired) {
         (ApplyAction::Pruned, Some(before), _) => diff(&before, &json!({}), "", &mut lines),
-        (ApplyAction::Created, _, Some(spec)) => diff(&json!({}), &json!({"spec": spec}), "", &mut lines),
-        (ApplyAction::Configured, Some(before), Some(spec)) => {
-            // Compare like with like: labels and annotations come from the outcome's rows.
-            let after = json!({"metadata": before["metadata"], "spec": spec});
-            diff(&before, &after, "", &mut lines);
-        }
+        (ApplyAction::Created, _, Some(after)) => diff(&json!({}), after, "", &mut lines),
+        (ApplyAction::Configured, Some(before), Some(after)) => diff(&before, after, "", &mut lines),
         _ => {}
     }
     ApplyResult {
@@ -209,8 +214,9 @@ pub async fn list_resources(
     ApiQuery(params): ApiQuery<ListResourcesParams>,
 ) -> Result<Json<Value>, ApiError> {
     let kind = parse_kind(&kind)?;
-    if let Some(namespace) = &params.namespace {
-        principal.authorize(Role::Viewer, namespace)?;
+    match &params.namespace {
+        Some(namespace) => principal.authorize(Role::Viewer, namespace)?,
+        None => principal.require_role(Role::Viewer)?,
     }
     let stored = state.store.list_resources(Some(kind), params.namespace.as_deref()).await?;
     let items: Vec<Value> =

@@ -348,6 +348,9 @@ impl Validator<'_> {
 
 /// A Standard Webhooks secret: `whsec_` and base64 of 24 to 64 bytes.
 pub fn check_whsec(value: &str) -> Result<Vec<u8>, String> {
+    if value == super::diff::REDACTED {
+        return Err("is redacted: secrets are never shown, so give the real value or use `valueFrom`".into());
+    }
     let encoded = value.strip_prefix("whsec_").ok_or("must start with `whsec_` (Standard Webhooks secret format)")?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -24,7 +25,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
-    options: PgConnectOptions,
+    /// For the leader's own connection, outside the pool.
+    options: Arc<PgConnectOptions>,
 }
 
 /// The advisory lock whose holder leads (runs the controller and periodic jobs).
@@ -39,7 +41,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        Ok(Self { pool, options })
+        Ok(Self { pool, options: Arc::new(options) })
     }
 
     /// Takes the leader lock on a connection of its own, kept outside the pool: the lock
