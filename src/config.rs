@@ -62,6 +62,7 @@ pub struct Config {
     /// Accept endpoint URLs on loopback, private and link-local addresses.
     pub allow_private_urls: bool,
     pub controller: ControllerConfig,
+    pub delivery: DeliveryConfig,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -92,6 +93,49 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(30),
             debounce: Duration::from_millis(300),
             leader_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The delivery engine.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DeliveryConfig {
+    /// Claim loops per process.
+    pub workers: usize,
+    /// Most deliveries one claim takes.
+    pub batch_size: u32,
+    /// Most attempts in flight per process.
+    pub max_in_flight: usize,
+    /// Most attempts in flight per endpoint per process.
+    pub per_endpoint_concurrency: usize,
+    /// Added to the longest endpoint timeout to make a claim's lease.
+    #[serde(with = "crate::duration::text")]
+    pub lease_margin: Duration,
+    /// How often idle workers look for due work when nothing woke them.
+    #[serde(with = "crate::duration::text")]
+    pub poll_interval: Duration,
+    /// How long attempts in flight may finish after SIGTERM.
+    #[serde(with = "crate::duration::text")]
+    pub shutdown_grace: Duration,
+    /// Deliveries waiting above which ingest answers 503.
+    pub max_backlog: u64,
+    /// Bytes of each response body kept with the attempt.
+    pub response_bytes: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            batch_size: 100,
+            max_in_flight: 512,
+            per_endpoint_concurrency: 32,
+            lease_margin: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(10),
+            max_backlog: 1_000_000,
+            response_bytes: 1024,
         }
     }
 }
@@ -139,6 +183,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             allow_private_urls: false,
             controller: ControllerConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -155,6 +200,7 @@ pub struct FileConfig {
     pub ingest: Option<IngestConfig>,
     pub allow_private_urls: Option<bool>,
     pub controller: Option<ControllerConfig>,
+    pub delivery: Option<DeliveryConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -207,7 +253,11 @@ impl Config {
             ingest,
             allow_private_urls,
             controller,
+            delivery,
         } = file;
+        if let Some(v) = delivery {
+            self.delivery = v;
+        }
         if let Some(v) = allow_private_urls {
             self.allow_private_urls = v;
         }
@@ -287,6 +337,16 @@ impl Config {
         }
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
+        }
+        let d = &self.delivery;
+        if d.workers == 0 || d.batch_size == 0 || d.max_in_flight == 0 || d.per_endpoint_concurrency == 0 {
+            return invalid("delivery.workers, delivery.batchSize, delivery.maxInFlight and delivery.perEndpointConcurrency must be at least 1");
+        }
+        if d.lease_margin < Duration::from_millis(100) {
+            return invalid("delivery.leaseMargin must be at least 100ms: a lease shorter than an attempt would let two workers send the same delivery");
+        }
+        if d.poll_interval.is_zero() {
+            return invalid("delivery.pollInterval must be above 0");
         }
         let c = &self.controller;
         if c.applyset.is_empty() || c.applyset.len() > 253 {

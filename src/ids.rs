@@ -64,6 +64,12 @@ prefixed_id!(
     "evt_"
 );
 
+prefixed_id!(
+    /// One delivery: an event to one endpoint.
+    DeliveryId,
+    "dlv_"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

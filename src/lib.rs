@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod controller;
+pub mod delivery;
 pub mod duration;
 pub mod ids;
 pub mod ingest;

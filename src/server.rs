@@ -17,8 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiConfig, AppState};
 use crate::auth::{load_or_create_key, TokenKeys};
-use crate::config::Config;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::config::{Config, DeliveryConfig};
 use crate::controller::Controller;
+use crate::delivery::catalog::CatalogHandle;
+use crate::delivery::worker::Dispatcher;
 use crate::ingest::Ingestor;
 use crate::resources::validate::Checks;
 use crate::store::Store;
@@ -32,6 +38,9 @@ pub struct Server {
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
     controller: Controller,
+    delivery: DeliveryConfig,
+    allow_private_urls: bool,
+    wake: Arc<Notify>,
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -73,7 +82,10 @@ impl Server {
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
-        let ingestor = Ingestor::start(store.clone(), &config.ingest, &tracker);
+        let wake = Arc::new(Notify::new());
+        let ingestor = Ingestor::start(store.clone(), &config.ingest, &tracker, wake.clone());
+        let catalog = CatalogHandle::default();
+        catalog.refresh(&store).await.context("cannot load the endpoints")?;
         let checks = Checks { allow_private_urls: config.allow_private_urls, read_secret_sources: true };
         let (controller, controller_status) = Controller::new(store.clone(), config.controller.clone(), checks);
         let state = AppState {
@@ -83,12 +95,24 @@ impl Server {
             config: Arc::new(ApiConfig {
                 max_body_bytes: config.ingest.max_body_bytes,
                 max_batch_items: config.ingest.max_batch_items,
+                max_backlog: config.delivery.max_backlog,
             }),
             shutdown: CancellationToken::new(),
             checks,
             controller: controller_status,
+            catalog,
+            backlog: Arc::new(AtomicU64::new(0)),
         };
-        Ok(Server { listener, state, tracker, idempotency_key_ttl: config.ingest.idempotency_key_ttl, controller })
+        Ok(Server {
+            listener,
+            state,
+            tracker,
+            idempotency_key_ttl: config.ingest.idempotency_key_ttl,
+            controller,
+            delivery: config.delivery.clone(),
+            allow_private_urls: config.allow_private_urls,
+            wake,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -101,8 +125,20 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker, idempotency_key_ttl, controller } = self;
+        let Server { listener, state, tracker, idempotency_key_ttl, controller, delivery, allow_private_urls, wake } =
+            self;
         tracker.spawn(controller.run(shutdown.clone()));
+        tracker.spawn(follow_resources(store_of(&state), state.catalog.clone(), shutdown.clone()));
+        tracker.spawn(sample_backlog(store_of(&state), state.backlog.clone(), shutdown.clone()));
+        Dispatcher::start(
+            store_of(&state),
+            state.catalog.clone(),
+            delivery,
+            allow_private_urls,
+            wake,
+            &tracker,
+            shutdown.clone(),
+        )?;
         let store = state.store.clone();
         let draining = state.shutdown.clone();
         tracker.spawn(forget_old_idempotency_keys(store.clone(), idempotency_key_ttl, shutdown.clone()));
@@ -140,6 +176,46 @@ async fn forget_old_idempotency_keys(store: Store, ttl: Duration, shutdown: Canc
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "forgot expired idempotency keys"),
             Err(e) => tracing::warn!(error = %e, "could not delete expired idempotency keys"),
+        }
+    }
+}
+
+fn store_of(state: &AppState) -> Store {
+    state.store.clone()
+}
+
+/// Keeps the endpoint catalog in step with the stored resources (other processes apply
+/// too), and re-enables endpoints disabled by a 410 once their spec changed.
+async fn follow_resources(store: Store, catalog: CatalogHandle, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match catalog.refresh(&store).await {
+            Ok(false) => {}
+            Ok(true) => {
+                for ep in catalog.current().endpoints() {
+                    if let Ok(true) = store.enable_endpoint_if_changed(&ep.namespace, &ep.name, ep.generation).await {
+                        tracing::info!(endpoint = %ep.name, namespace = %ep.namespace, "endpoint re-enabled: its spec changed since it answered 410");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not refresh the endpoint catalog"),
+        }
+    }
+}
+
+/// Samples the delivery backlog once a second for ingest's backpressure.
+async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
+    loop {
+        match store.queue_depth().await {
+            Ok((depth, _)) => backlog.store(depth, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "could not sample the delivery backlog"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

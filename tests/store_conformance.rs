@@ -6,9 +6,11 @@ use std::collections::HashSet;
 
 use chrono::Utc;
 use common::TestDb;
+use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
 use hookwarden::store::{
-    EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome, Store, StoreError,
+    Attempt, ClaimedDelivery, Completion, DeliveryQuery, DeliveryState, EventOutcome, EventQuery, IdempotencyKey,
+    IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError,
 };
 
 fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
@@ -26,7 +28,162 @@ fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
         ingested_by: "tester".to_owned(),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
         received_at: Utc::now(),
+        deliveries: Vec::new(),
     }
+}
+
+/// An event fanned out to `endpoints` (with an ordering key when given).
+fn fanned_out(external_id: &str, endpoints: &[&str], key: Option<&str>) -> NewEvent {
+    let mut e = event("default", "shop", external_id);
+    e.received_at = Utc::now() - chrono::Duration::seconds(1);
+    e.deliveries = endpoints
+        .iter()
+        .map(|name| NewDelivery {
+            id: DeliveryId::generate(),
+            endpoint: name.to_string(),
+            ordering_key: key.map(str::to_owned),
+        })
+        .collect();
+    e
+}
+
+fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> Completion {
+    let now = Utc::now();
+    Completion {
+        id: claim.id.clone(),
+        lease_token: claim.lease_token.clone(),
+        namespace: claim.namespace.clone(),
+        endpoint: claim.endpoint.clone(),
+        state,
+        next_attempt_at: now,
+        attempt: Attempt {
+            attempt: claim.attempt,
+            started_at: now,
+            duration_ms: 5,
+            status: Some(if success { 200 } else { 500 }),
+            response: Some("ok".into()),
+            error: None,
+            outcome: if success { "delivered".into() } else { "retry".into() },
+        },
+        success,
+        breaker: Some((2, now + chrono::Duration::minutes(5))),
+        disable: None,
+    }
+}
+
+const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn fan_out_is_written_with_the_event_and_claimed_once(store: &Store) {
+    let e = fanned_out("f-1", &["a", "b"], None);
+    store.accept_events(&[request(vec![e.clone()])]).await.unwrap();
+    // A duplicate of the event creates no second set of deliveries.
+    store.accept_events(&[request(vec![fanned_out("f-1", &["a", "b"], None)])]).await.unwrap();
+    assert_eq!(store.deliveries_of_event(&e.id).await.unwrap().len(), 2);
+
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|c| c.attempt == 1 && c.data == e.data && c.event_type == e.event_type));
+    assert!(
+        store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty(),
+        "leased work is not claimed twice"
+    );
+
+    // Completion needs the lease; a stale token changes nothing.
+    let mut stale = completion(&claimed[0], DeliveryState::Delivered, true);
+    stale.lease_token = "not-the-lease".into();
+    assert_eq!(store.complete_attempts(&[stale]).await.unwrap(), 1, "lost lease reported");
+    assert_eq!(store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap(), 0);
+    let (record, attempts) = store.get_delivery(&claimed[0].id).await.unwrap().unwrap();
+    assert_eq!(record.state, DeliveryState::Delivered);
+    assert_eq!(attempts.len(), 1);
+    assert!(record.completed_at.is_some());
+}
+
+async fn an_expired_lease_makes_the_delivery_claimable_again(store: &Store) {
+    store.accept_events(&[request(vec![fanned_out("f-2", &["a"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), std::time::Duration::from_millis(1), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.release_expired_leases(later).await.unwrap(), 1);
+    let again = store.claim_due_deliveries(later, LEASE, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2, "the crashed attempt counts");
+    // The first worker's late result is dropped.
+    assert_eq!(store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap(), 1);
+}
+
+async fn an_ordered_lane_releases_one_delivery_at_a_time(store: &Store) {
+    let (first, second) = (fanned_out("o-1", &["a"], Some("k")), fanned_out("o-2", &["a"], Some("k")));
+    let other = fanned_out("o-3", &["a"], Some("other"));
+    store.accept_events(&[request(vec![first.clone()])]).await.unwrap();
+    store.accept_events(&[request(vec![second.clone(), other.clone()])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    let ids: Vec<_> = claimed.iter().map(|c| c.event_id.clone()).collect();
+    assert_eq!(ids.len(), 2, "one per lane: {ids:?}");
+    assert!(ids.contains(&first.id) && ids.contains(&other.id));
+    // A retry keeps the lane blocked until it is delivered.
+    let first_claim = claimed.iter().find(|c| c.event_id == first.id).unwrap();
+    let mut retry_later = completion(first_claim, DeliveryState::Retrying, false);
+    retry_later.next_attempt_at = Utc::now() + chrono::Duration::milliseconds(500);
+    store.complete_attempts(&[retry_later]).await.unwrap();
+    assert!(
+        store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty(),
+        "the lane waits for its retry"
+    );
+    let retry = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
+    assert_eq!(retry.iter().map(|c| &c.event_id).collect::<Vec<_>>(), [&first.id]);
+    store.complete_attempts(&[completion(&retry[0], DeliveryState::Delivered, true)]).await.unwrap();
+    let next = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(next.iter().map(|c| &c.event_id).collect::<Vec<_>>(), [&second.id]);
+}
+
+async fn an_open_breaker_holds_an_endpoints_deliveries(store: &Store) {
+    store.accept_events(&[request(vec![fanned_out("b-1", &["flaky", "fine"], None)])]).await.unwrap();
+    store.accept_events(&[request(vec![fanned_out("b-2", &["flaky"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    let flaky: Vec<_> = claimed.iter().filter(|c| c.endpoint == "flaky").collect();
+    // Two consecutive failures open the breaker (threshold 2 in `completion`).
+    let mut failures: Vec<Completion> = flaky.iter().map(|c| completion(c, DeliveryState::Retrying, false)).collect();
+    for f in &mut failures {
+        f.next_attempt_at = Utc::now() - chrono::Duration::seconds(1);
+    }
+    store.complete_attempts(&failures).await.unwrap();
+    let state = store.endpoint_state("default", "flaky").await.unwrap();
+    assert_eq!(state.consecutive_failures, 2);
+    assert!(state.breaker_open_until.is_some());
+    assert!(store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty(), "nothing claimed while open");
+    let after = Utc::now() + chrono::Duration::minutes(6);
+    assert_eq!(store.claim_due_deliveries(after, LEASE, 10).await.unwrap().len(), 2, "claimable once it closes");
+}
+
+async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(store: &Store) {
+    store.accept_events(&[request(vec![fanned_out("r-1", &["a"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(
+        store.release_deliveries(&[(&claimed[0].id, claimed[0].lease_token.as_str())], Utc::now()).await.unwrap(),
+        1
+    );
+    let again = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(again[0].attempt, 1, "a release is not an attempt");
+    assert!(
+        store.replay_deliveries(&[again[0].id.clone()]).await.unwrap().is_empty(),
+        "in-flight work is not replayed"
+    );
+    store.complete_attempts(&[completion(&again[0], DeliveryState::Dead, false)]).await.unwrap();
+    assert_eq!(store.replay_deliveries(&[again[0].id.clone()]).await.unwrap(), [again[0].id.clone()]);
+    let replayed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!((replayed[0].attempt, replayed[0].attempt_base), (2, 1));
+    let listed = store
+        .list_deliveries(&DeliveryQuery {
+            namespace: "default".into(),
+            state: Some(DeliveryState::Delivering),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(store.queue_depth().await.unwrap().0, 0);
 }
 
 fn request(events: Vec<NewEvent>) -> IngestRequest {
@@ -348,4 +505,9 @@ conformance!(
     readiness_requires_the_migrations,
     resources_apply_atomically_and_keep_status_per_generation,
     leadership_is_exclusive,
+    fan_out_is_written_with_the_event_and_claimed_once,
+    an_expired_lease_makes_the_delivery_claimable_again,
+    an_ordered_lane_releases_one_delivery_at_a_time,
+    an_open_breaker_holds_an_endpoints_deliveries,
+    final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
 );

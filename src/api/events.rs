@@ -18,9 +18,12 @@ use super::error::{ApiError, FieldError};
 use super::extract::{parse_object_at, read_json_body, ApiQuery};
 use super::AppState;
 use crate::auth::{Principal, Role};
-use crate::ids::EventId;
+use crate::delivery::catalog::EventView;
+use crate::ids::{DeliveryId, EventId};
 use crate::ingest::IngestError;
-use crate::store::{EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome, StoredEvent};
+use crate::store::{
+    EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome, StoredEvent,
+};
 
 /// A CloudEvents-shaped event as clients send it.
 #[derive(Debug, Deserialize)]
@@ -43,8 +46,14 @@ pub struct EventIn {
 pub struct EventAccepted {
     pub id: EventId,
     pub duplicate: bool,
-    /// Deliveries created for the event; fan-out to endpoints writes them.
-    pub deliveries: Vec<String>,
+    /// The event's deliveries: one per endpoint it fanned out to.
+    pub deliveries: Vec<DeliverySummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliverySummary {
+    pub id: DeliveryId,
+    pub endpoint: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +143,7 @@ impl EventIn {
             ingested_by: ctx.principal.subject.clone(),
             trace_id: ctx.trace_id.to_owned(),
             received_at: ctx.received_at,
+            deliveries: Vec::new(),
         })
     }
 }
@@ -252,6 +262,9 @@ async fn ingest(
     body: &[u8],
     events: Vec<(String, EventIn)>,
 ) -> Result<(Vec<EventAccepted>, bool), ApiError> {
+    if state.backlog.load(std::sync::atomic::Ordering::Relaxed) > state.config.max_backlog {
+        return Err(ApiError::Overloaded);
+    }
     let idempotency = idempotency_key(headers, principal, route, body)?;
     let trace = trace_id(headers);
     let ctx = Context { principal, trace_id: &trace, received_at: Utc::now() };
@@ -262,6 +275,33 @@ async fn ingest(
     for event in &events {
         principal.authorize(Role::Ingest, &event.namespace)?;
     }
+    let catalog = state.catalog.current();
+    let mut events = events;
+    for event in &mut events {
+        let time = event.time.map(|t| t.to_rfc3339());
+        let view = EventView {
+            id: event.id.as_str(),
+            namespace: &event.namespace,
+            source: &event.source,
+            event_type: &event.event_type,
+            subject: event.subject.as_deref(),
+            time,
+            data: &event.data,
+        };
+        event.deliveries = catalog
+            .fan_out(&view)
+            .into_iter()
+            .map(|f| NewDelivery { id: DeliveryId::generate(), endpoint: f.endpoint, ordering_key: f.ordering_key })
+            .collect();
+    }
+    let planned: Vec<(EventId, Vec<DeliverySummary>)> = events
+        .iter()
+        .map(|e| {
+            let summaries =
+                e.deliveries.iter().map(|d| DeliverySummary { id: d.id.clone(), endpoint: d.endpoint.clone() });
+            (e.id.clone(), summaries.collect())
+        })
+        .collect();
     let fields: Vec<LogFields> = events
         .iter()
         .map(|e| LogFields {
@@ -274,7 +314,21 @@ async fn ingest(
     if let RequestOutcome::Accepted(items) = &outcome {
         log_accepted(&fields, items, &trace);
     }
-    results(outcome)
+    let (mut results, created) = results(outcome)?;
+    // New events: the deliveries just written. Duplicates: the original's, as stored.
+    for result in &mut results {
+        result.deliveries = match planned.iter().find(|(id, _)| *id == result.id) {
+            Some((_, summaries)) if !result.duplicate => summaries.clone(),
+            _ => state
+                .store
+                .deliveries_of_event(&result.id)
+                .await?
+                .into_iter()
+                .map(|d| DeliverySummary { id: d.id, endpoint: d.endpoint })
+                .collect(),
+        };
+    }
+    Ok((results, created))
 }
 
 /// The batch body as borrowed raw items: one syntax pass, items parsed one by one after.
@@ -352,7 +406,15 @@ pub struct EventOut {
     ingested_by: String,
     trace_id: String,
     status: crate::store::EventStatus,
-    deliveries: Vec<String>,
+    deliveries: Vec<DeliveryOut>,
+}
+
+/// A delivery with its attempts.
+#[derive(Debug, Serialize)]
+pub struct DeliveryOut {
+    #[serde(flatten)]
+    pub record: crate::store::DeliveryRecord,
+    pub attempts_detail: Vec<crate::store::Attempt>,
 }
 
 impl TryFrom<StoredEvent> for EventOut {
@@ -394,7 +456,12 @@ pub async fn get(
         return Err(not_found());
     }
     principal.authorize(Role::Viewer, &stored.event.namespace)?;
-    Ok(Json(EventOut::try_from(stored)?))
+    let mut out = EventOut::try_from(stored)?;
+    for record in state.store.deliveries_of_event(&out.id).await? {
+        let attempts = state.store.get_delivery(&record.id).await?.map(|(_, a)| a).unwrap_or_default();
+        out.deliveries.push(DeliveryOut { record, attempts_detail: attempts });
+    }
+    Ok(Json(out))
 }
 
 #[derive(Debug, Deserialize)]

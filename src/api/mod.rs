@@ -29,6 +29,7 @@ pub use error::{ApiError, FieldError};
 pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub max_batch_items: usize,
+    pub max_backlog: u64,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -43,6 +44,10 @@ pub struct AppState {
     /// Where validation runs (private URLs allowed? secret sources readable?).
     pub checks: crate::resources::validate::Checks,
     pub controller: crate::controller::SharedStatus,
+    /// The endpoints and filters in force, for fan-out.
+    pub catalog: crate::delivery::catalog::CatalogHandle,
+    /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
+    pub backlog: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A router that remembers which `(method, path)` pairs it serves.

@@ -135,6 +135,7 @@ pub async fn apply_resources(
         ApplyError::Store(e) => e.into(),
     })?;
     if !params.dry_run {
+        refresh_catalog(&state).await;
         for o in outcomes.iter().filter(|o| o.action != ApplyAction::Unchanged) {
             tracing::info!(resource = %o.key, action = ?o.action, generation = o.generation, actor = %principal.subject, "resource applied");
         }
@@ -193,6 +194,13 @@ pub fn document(resource: &StoredResource) -> Value {
         doc["status"] = status.clone();
     }
     doc
+}
+
+/// Makes this process fan out by what was just written (others follow within a second).
+async fn refresh_catalog(state: &AppState) {
+    if let Err(e) = state.catalog.refresh(&state.store).await {
+        tracing::warn!(error = %e, "could not refresh the endpoint catalog; the periodic refresh will");
+    }
 }
 
 fn parse_kind(raw: &str) -> Result<Kind, ApiError> {
@@ -263,6 +271,7 @@ pub async fn delete_resource(
     let deleted =
         state.store.delete_resource(&key).await?.ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     tracing::info!(resource = %key, actor = %principal.subject, "resource deleted");
+    refresh_catalog(&state).await;
     Ok(Json(
         json!({ "kind": key.kind, "namespace": key.namespace, "name": key.name, "action": "deleted", "generation": deleted.generation }),
     ))

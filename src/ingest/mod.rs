@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use tokio_util::task::TaskTracker;
 
 use crate::config::IngestConfig;
@@ -48,7 +48,8 @@ struct Queue {
 
 impl Ingestor {
     /// Starts the writer tasks on `tracker`.
-    pub fn start(store: Store, config: &IngestConfig, tracker: &TaskTracker) -> Ingestor {
+    /// `wake` is signalled after a commit that created deliveries.
+    pub fn start(store: Store, config: &IngestConfig, tracker: &TaskTracker, wake: Arc<Notify>) -> Ingestor {
         let (queue, receiver) = mpsc::channel(config.queue_capacity);
         let shared = Arc::new(Mutex::new(Queue { receiver, carried: None }));
         let writers = match (config.writers, store.backend()) {
@@ -57,7 +58,7 @@ impl Ingestor {
             (n, _) => n,
         };
         for _ in 0..writers {
-            tracker.spawn(write_batches(store.clone(), shared.clone(), config.max_commit_events));
+            tracker.spawn(write_batches(store.clone(), shared.clone(), config.max_commit_events, wake.clone()));
         }
         Ingestor { queue }
     }
@@ -73,9 +74,13 @@ impl Ingestor {
     }
 }
 
-async fn write_batches(store: Store, queue: Arc<Mutex<Queue>>, max_events: usize) {
+async fn write_batches(store: Store, queue: Arc<Mutex<Queue>>, max_events: usize, wake: Arc<Notify>) {
     while let Some(batch) = next_batch(&queue, max_events).await {
+        let fanned_out = batch.iter().any(|j| j.request.events.iter().any(|e| !e.deliveries.is_empty()));
         commit(&store, batch).await;
+        if fanned_out {
+            wake.notify_one();
+        }
     }
 }
 

@@ -69,6 +69,8 @@ pub(crate) trait IngestTx {
     ) -> Result<HashMap<(String, String), ExistingKey>, StoreError>;
     /// Inserts the events whose identity is new; returns the ids of those inserted.
     async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError>;
+    /// Inserts the deliveries fan-out decided on for these (newly inserted) events.
+    async fn insert_deliveries(&mut self, events: &[&NewEvent]) -> Result<(), StoreError>;
     /// The stored ids of events with these identities.
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError>;
     /// Binds each claimed key to the result of its request.
@@ -140,6 +142,11 @@ pub(crate) async fn accept_in<T: IngestTx>(
     candidates.sort_by(|a, b| a.0.cmp(b.0));
     let to_insert: Vec<&NewEvent> = candidates.iter().map(|(_, e)| *e).collect();
     let inserted = if to_insert.is_empty() { HashSet::new() } else { tx.insert_events(&to_insert).await? };
+    let fanned_out: Vec<&NewEvent> =
+        to_insert.iter().copied().filter(|e| inserted.contains(&e.id) && !e.deliveries.is_empty()).collect();
+    if !fanned_out.is_empty() {
+        tx.insert_deliveries(&fanned_out).await?;
+    }
 
     // 3. Identities that were already stored: look up the original ids.
     let missing: Vec<Identity> =

@@ -7,6 +7,7 @@
 //! - an idempotency key maps to the result of the first request that used it, forever
 //!   (until it is cleaned up), and is never bound to a different request body.
 
+pub mod deliveries;
 mod ingest;
 mod postgres;
 pub mod resources;
@@ -19,6 +20,10 @@ use serde::Serialize;
 
 use crate::ids::EventId;
 
+pub use deliveries::{
+    Attempt, AttemptStats, ClaimedDelivery, Completion, DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState,
+    NewDelivery,
+};
 pub use ingest::{EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use postgres::PgStore;
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
@@ -63,6 +68,8 @@ pub struct NewEvent {
     pub ingested_by: String,
     pub trace_id: String,
     pub received_at: DateTime<Utc>,
+    /// The deliveries fan-out decided on; written with the event, in one transaction.
+    pub deliveries: Vec<NewDelivery>,
 }
 
 /// Where an event is in its life. Delivery states live on deliveries, not here.
@@ -222,6 +229,89 @@ impl Store {
         dispatch!(self, s => s.update_resource_status(key, generation, status).await)
     }
 
+    /// Claims up to `limit` due deliveries for `lease`.
+    pub async fn claim_due_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        dispatch!(self, s => s.claim_due_deliveries(now, lease, limit).await)
+    }
+
+    /// Makes deliveries of crashed workers (lease ran out) claimable again.
+    pub async fn release_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.release_expired_leases(now).await)
+    }
+
+    /// Returns claimed deliveries unattempted, due again at `at`.
+    pub async fn release_deliveries(
+        &self,
+        claims: &[(&crate::ids::DeliveryId, &str)],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.release_deliveries(claims, at).await)
+    }
+
+    /// Writes attempt results guarded by their lease; returns how many leases were lost.
+    pub async fn complete_attempts(&self, completions: &[Completion]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.complete_attempts(completions).await)
+    }
+
+    pub async fn get_delivery(
+        &self,
+        id: &crate::ids::DeliveryId,
+    ) -> Result<Option<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
+        dispatch!(self, s => s.get_delivery(id).await)
+    }
+
+    pub async fn deliveries_of_event(&self, event: &EventId) -> Result<Vec<DeliveryRecord>, StoreError> {
+        dispatch!(self, s => s.deliveries_of_event(event).await)
+    }
+
+    pub async fn list_deliveries(&self, query: &DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError> {
+        dispatch!(self, s => s.list_deliveries(query).await)
+    }
+
+    /// Puts final deliveries back in the queue; returns those replayed.
+    pub async fn replay_deliveries(
+        &self,
+        ids: &[crate::ids::DeliveryId],
+    ) -> Result<Vec<crate::ids::DeliveryId>, StoreError> {
+        dispatch!(self, s => s.replay_deliveries(ids).await)
+    }
+
+    pub async fn endpoint_state(&self, namespace: &str, name: &str) -> Result<EndpointState, StoreError> {
+        dispatch!(self, s => s.endpoint_state(namespace, name).await)
+    }
+
+    pub async fn enable_endpoint_if_changed(
+        &self,
+        namespace: &str,
+        name: &str,
+        generation: i64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.enable_endpoint_if_changed(namespace, name, generation).await)
+    }
+
+    pub async fn attempt_stats(
+        &self,
+        namespace: &str,
+        name: &str,
+        since: DateTime<Utc>,
+    ) -> Result<AttemptStats, StoreError> {
+        dispatch!(self, s => s.attempt_stats(namespace, name, since).await)
+    }
+
+    /// Deliveries waiting (pending or retrying) and when the oldest was created.
+    pub async fn queue_depth(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
+        dispatch!(self, s => s.queue_depth().await)
+    }
+
+    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        dispatch!(self, s => s.delivery_counts().await)
+    }
+
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
@@ -293,6 +383,7 @@ impl TryFrom<EventRow> for StoredEvent {
                 ingested_by: row.ingested_by,
                 trace_id: row.trace_id,
                 received_at: row.received_at,
+                deliveries: Vec::new(),
             },
             status: EventStatus::parse(&row.status)?,
         })

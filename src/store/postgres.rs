@@ -121,6 +121,7 @@ impl PgStore {
 }
 
 super::resources::resource_methods!(PgStore, super::resources::numbered);
+super::deliveries::delivery_methods!(PgStore, super::resources::numbered, " FOR UPDATE SKIP LOCKED");
 
 struct PgIngest(Transaction<'static, Postgres>);
 
@@ -206,6 +207,31 @@ impl IngestTx for PgIngest {
         .fetch_all(&mut *self.0)
         .await?;
         inserted.into_iter().map(parse_id).collect()
+    }
+
+    async fn insert_deliveries(&mut self, events: &[&NewEvent]) -> Result<(), StoreError> {
+        let rows: Vec<(&NewEvent, &super::NewDelivery)> =
+            events.iter().flat_map(|e| e.deliveries.iter().map(move |d| (*e, d))).collect();
+        let ids: Vec<&str> = rows.iter().map(|(_, d)| d.id.as_str()).collect();
+        let event_ids: Vec<&str> = rows.iter().map(|(e, _)| e.id.as_str()).collect();
+        let namespaces: Vec<&str> = rows.iter().map(|(e, _)| e.namespace.as_str()).collect();
+        let endpoints: Vec<&str> = rows.iter().map(|(_, d)| d.endpoint.as_str()).collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|(_, d)| d.ordering_key.as_deref()).collect();
+        let times: Vec<DateTime<Utc>> = rows.iter().map(|(e, _)| e.received_at).collect();
+        sqlx::query(
+            "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, created_at, \
+             updated_at) SELECT i, ev, n, ep, 'pending', t, k, t, t \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS x(i, ev, n, ep, k, t)",
+        )
+        .bind(&ids)
+        .bind(&event_ids)
+        .bind(&namespaces)
+        .bind(&endpoints)
+        .bind(&keys)
+        .bind(&times)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {

@@ -114,7 +114,7 @@ impl TryFrom<ResourceRow> for StoredResource {
 }
 
 /// `?` placeholders as PostgreSQL's `$1, $2, …`.
-pub(super) fn numbered(sql: &'static str) -> Cow<'static, str> {
+pub(super) fn numbered(sql: &str) -> Cow<'static, str> {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut n = 0;
     for c in sql.chars() {
@@ -129,8 +129,8 @@ pub(super) fn numbered(sql: &'static str) -> Cow<'static, str> {
     Cow::Owned(out)
 }
 
-pub(super) fn unchanged(sql: &'static str) -> Cow<'static, str> {
-    Cow::Borrowed(sql)
+pub(super) fn unchanged(sql: &str) -> Cow<'static, str> {
+    Cow::Owned(sql.to_owned())
 }
 
 pub(super) fn json_text<T: Serialize>(value: &T) -> String {

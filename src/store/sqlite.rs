@@ -119,6 +119,7 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
 }
 
 super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
+super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged, "");
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 
@@ -185,6 +186,28 @@ impl IngestTx for SqliteIngest {
             }
         }
         Ok(inserted)
+    }
+
+    async fn insert_deliveries(&mut self, events: &[&NewEvent]) -> Result<(), StoreError> {
+        for e in events {
+            for d in &e.deliveries {
+                sqlx::query(
+                    "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
+                     created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                )
+                .bind(d.id.as_str())
+                .bind(e.id.as_str())
+                .bind(&e.namespace)
+                .bind(&d.endpoint)
+                .bind(e.received_at)
+                .bind(&d.ordering_key)
+                .bind(e.received_at)
+                .bind(e.received_at)
+                .execute(&mut *self.0)
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {

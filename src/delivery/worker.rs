@@ -1,0 +1,452 @@
+//! The dispatcher: claims due deliveries, sends them signed, and records the outcome.
+//!
+//! Claims are short transactions with a lease longer than the longest attempt; no
+//! transaction is open during HTTP. Completions are written in batches by one writer task,
+//! each guarded by its lease token. A slow or failing endpoint holds at most
+//! `perEndpointConcurrency` attempts; deliveries beyond that are given back unattempted, so
+//! healthy endpoints keep flowing. On shutdown, claiming stops, attempts in flight get
+//! `shutdownGrace` to finish, and whatever is left is released for another worker.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalog::{CatalogHandle, EndpointEntry};
+use super::outcome::{decide, AttemptResult};
+use super::signing;
+use crate::config::DeliveryConfig;
+use crate::resources::validate::is_private_ip;
+use crate::store::{Attempt, ClaimedDelivery, Completion, Store};
+
+/// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> =
+                found.into_iter().filter(|a| allow_private || !is_private_ip(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(format!("{} resolves only to private or loopback addresses", name.as_str()).into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Shared by the claim loops and attempt tasks.
+pub struct Dispatcher {
+    store: Store,
+    catalog: CatalogHandle,
+    http: reqwest::Client,
+    config: DeliveryConfig,
+    allow_private: bool,
+    wake: Arc<Notify>,
+    endpoints: Mutex<HashMap<(String, String), EndpointLimits>>,
+    completions: mpsc::Sender<Completion>,
+    /// Cancelled when the shutdown grace is over: attempts still running give their
+    /// delivery back instead of finishing.
+    stop_attempts: CancellationToken,
+}
+
+/// Per-endpoint admission: concurrency, rate, and the hourly retry budget.
+struct EndpointLimits {
+    concurrency: Arc<Semaphore>,
+    /// Start times of recent requests, for `rateLimit.perSecond`.
+    recent: VecDeque<Instant>,
+    /// Times of recent retries, for `retriesPerHour`.
+    retries: VecDeque<Instant>,
+}
+
+impl Dispatcher {
+    /// Starts the claim loops, the completion writer and the lease reaper on `tracker`.
+    pub fn start(
+        store: Store,
+        catalog: CatalogHandle,
+        config: DeliveryConfig,
+        allow_private: bool,
+        wake: Arc<Notify>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("Hookwarden/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .build()?;
+        let (completions, pending) = mpsc::channel(8192);
+        let stop_attempts = CancellationToken::new();
+        let dispatcher = Arc::new(Dispatcher {
+            store: store.clone(),
+            catalog,
+            http,
+            config: config.clone(),
+            allow_private,
+            wake,
+            endpoints: Mutex::new(HashMap::new()),
+            completions,
+            stop_attempts: stop_attempts.clone(),
+        });
+        tracker.spawn(write_completions(store.clone(), pending));
+        tracker.spawn(reap_expired_leases(store, config.lease_margin, shutdown.clone()));
+        let attempts = TaskTracker::new();
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        for _ in 0..config.workers {
+            let (d, attempts, in_flight, shutdown) =
+                (dispatcher.clone(), attempts.clone(), in_flight.clone(), shutdown.clone());
+            tracker.spawn(async move { d.claim_loop(attempts, in_flight, shutdown).await });
+        }
+        // Drain: once claiming stopped, give attempts their grace, then cancel the rest.
+        let (grace, drained) = (config.shutdown_grace, attempts.clone());
+        tracker.spawn(async move {
+            shutdown.cancelled().await;
+            drained.close();
+            if tokio::time::timeout(grace, drained.wait()).await.is_err() {
+                tracing::warn!("attempts still running after the shutdown grace; releasing them");
+                stop_attempts.cancel();
+                drained.wait().await;
+            }
+        });
+        Ok(())
+    }
+
+    /// The lease for a claim: longer than the slowest endpoint's attempt.
+    fn lease(&self) -> Duration {
+        self.catalog.current().max_timeout() + self.config.lease_margin
+    }
+
+    async fn claim_loop(
+        self: Arc<Self>,
+        attempts: TaskTracker,
+        in_flight: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
+        while !shutdown.is_cancelled() {
+            let free = in_flight.available_permits().min(self.config.batch_size as usize);
+            if free == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = in_flight.clone().acquire_owned() => drop(permit),
+                }
+                continue;
+            }
+            let claimed = match self.store.claim_due_deliveries(Utc::now(), self.lease(), free as u32).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming deliveries failed");
+                    tokio::time::sleep(self.config.poll_interval).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+                continue;
+            }
+            let mut give_back = Vec::new();
+            for delivery in claimed {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
+                match endpoint {
+                    Some(ep) if ep.spec.paused => give_back.push((delivery, self.config.poll_interval * 10)),
+                    Some(ep) => match self.admit(&ep) {
+                        Some(slot) => {
+                            let d = self.clone();
+                            attempts.spawn(async move { d.attempt(delivery, ep, slot, permit).await });
+                        }
+                        None => give_back.push((delivery, Duration::from_millis(50))),
+                    },
+                    None => {
+                        let completion = self.gone_endpoint(&delivery);
+                        let _ = self.completions.send(completion).await;
+                    }
+                }
+            }
+            for (delivery, after) in give_back {
+                let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+                if let Err(e) =
+                    self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], at).await
+                {
+                    tracing::warn!(error = %e, delivery_id = %delivery.id, "could not give a delivery back; its lease will expire");
+                }
+            }
+        }
+    }
+
+    /// A slot for one attempt on `ep`, or `None` when it is at its concurrency limit.
+    fn admit(&self, ep: &EndpointEntry) -> Option<OwnedSemaphorePermit> {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let limits = endpoints.entry((ep.namespace.clone(), ep.name.clone())).or_insert_with(|| EndpointLimits {
+            concurrency: Arc::new(Semaphore::new(self.config.per_endpoint_concurrency)),
+            recent: VecDeque::new(),
+            retries: VecDeque::new(),
+        });
+        limits.concurrency.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits until `ep`'s rate limit allows one more request.
+    async fn pace(&self, ep: &EndpointEntry) {
+        let Some(rate) = ep.spec.rate_limit.as_ref().map(|r| r.per_second as usize) else { return };
+        loop {
+            let wait = {
+                let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) else { return };
+                let now = Instant::now();
+                while limits.recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
+                    limits.recent.pop_front();
+                }
+                if limits.recent.len() < rate {
+                    limits.recent.push_back(now);
+                    return;
+                }
+                Duration::from_secs(1).saturating_sub(now.duration_since(limits.recent[0]))
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// Records a retry for `ep`; false when its hourly retry budget is already spent.
+    fn spend_retry(&self, ep: &EndpointEntry) -> bool {
+        let Some(limit) = ep.budget.retries_per_hour else { return true };
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) else { return true };
+        let now = Instant::now();
+        while limits.retries.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600)) {
+            limits.retries.pop_front();
+        }
+        if limits.retries.len() >= limit as usize {
+            return false;
+        }
+        limits.retries.push_back(now);
+        true
+    }
+
+    fn gone_endpoint(&self, delivery: &ClaimedDelivery) -> Completion {
+        let now = Utc::now();
+        tracing::warn!(delivery_id = %delivery.id, endpoint = %delivery.endpoint, "endpoint no longer exists; delivery failed");
+        Completion {
+            id: delivery.id.clone(),
+            lease_token: delivery.lease_token.clone(),
+            namespace: delivery.namespace.clone(),
+            endpoint: delivery.endpoint.clone(),
+            state: crate::store::DeliveryState::Failed,
+            next_attempt_at: now,
+            attempt: Attempt {
+                attempt: delivery.attempt,
+                started_at: now,
+                duration_ms: 0,
+                status: None,
+                response: None,
+                error: Some("the endpoint no longer exists".into()),
+                outcome: "failed".into(),
+            },
+            success: true,
+            breaker: None,
+            disable: None,
+        }
+    }
+
+    async fn attempt(
+        self: Arc<Self>,
+        delivery: ClaimedDelivery,
+        ep: Arc<EndpointEntry>,
+        _slot: OwnedSemaphorePermit,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let stop = self.stop_attempts.clone();
+        self.pace(&ep).await;
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let sent = tokio::select! {
+            sent = self.send(&delivery, &ep) => sent,
+            _ = stop.cancelled() => {
+                let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], Utc::now()).await;
+                return;
+            }
+        };
+        let duration_ms = clock.elapsed().as_millis() as i64;
+        let (result, response) = sent;
+        let now = Utc::now();
+        let counted = delivery.attempt.saturating_sub(delivery.attempt_base).max(1);
+        let random: f64 = rand::random();
+        let mut decision = decide(&result, counted, &ep.budget, delivery.received_at, now, random, false);
+        if decision.state == crate::store::DeliveryState::Retrying && !self.spend_retry(&ep) {
+            decision = decide(&result, counted, &ep.budget, delivery.received_at, now, random, true);
+        }
+        let status = match &result {
+            AttemptResult::Response { status, .. } => Some(*status),
+            _ => None,
+        };
+        tracing::info!(
+            event_id = %delivery.event_id,
+            delivery_id = %delivery.id,
+            endpoint = %delivery.endpoint,
+            namespace = %delivery.namespace,
+            attempt = delivery.attempt,
+            outcome = decision.outcome,
+            state = decision.state.as_str(),
+            status,
+            duration_ms,
+            trace_id = %delivery.trace_id,
+            reason = decision.reason.as_deref().unwrap_or(""),
+            "delivery attempt"
+        );
+        let breaker = ep.budget.breaker.map(|(failures, open_for)| {
+            (failures, now + chrono::Duration::from_std(open_for).unwrap_or(chrono::Duration::MAX))
+        });
+        let completion = Completion {
+            id: delivery.id.clone(),
+            lease_token: delivery.lease_token.clone(),
+            namespace: delivery.namespace.clone(),
+            endpoint: delivery.endpoint.clone(),
+            state: decision.state,
+            next_attempt_at: decision.next_attempt_at,
+            attempt: Attempt {
+                attempt: delivery.attempt,
+                started_at,
+                duration_ms,
+                status,
+                response,
+                error: if decision.success { None } else { decision.reason.clone() },
+                outcome: decision.outcome.into(),
+            },
+            success: decision.success,
+            breaker,
+            disable: decision.disable.then(|| ("the receiver answered 410 Gone".to_owned(), ep.generation)),
+        };
+        if self.completions.send(completion).await.is_err() {
+            tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");
+        }
+    }
+
+    /// One HTTP request: `(result, first bytes of the response)`.
+    async fn send(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> (AttemptResult, Option<String>) {
+        if !self.allow_private {
+            if let Ok(url) = reqwest::Url::parse(&ep.spec.url) {
+                if let Some(host) = url.host() {
+                    if crate::resources::validate::is_private_host(&host) {
+                        return (
+                            AttemptResult::Transport("the endpoint's address is private or loopback".into()),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        let timestamp = delivery.event_time.unwrap_or(delivery.received_at);
+        let body = signing::body(
+            &delivery.event_type,
+            &timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            &delivery.data,
+        );
+        let now = Utc::now().timestamp();
+        let signature = signing::sign(delivery.event_id.as_str(), now, body.as_bytes(), &ep.secrets);
+        let span: [u8; 8] = rand::random();
+        let mut request = self
+            .http
+            .post(&ep.spec.url)
+            .timeout(ep.timeout)
+            .header("content-type", "application/json")
+            .header("webhook-id", &signature.id)
+            .header("webhook-timestamp", signature.timestamp.to_string())
+            .header("webhook-signature", &signature.signature)
+            .header("traceparent", format!("00-{}-{}-01", delivery.trace_id, hex::encode(span)));
+        for (name, value) in &ep.spec.headers {
+            request = request.header(name, value);
+        }
+        let response = match tokio::time::timeout(ep.timeout, request.body(body).send()).await {
+            Err(_) => return (AttemptResult::Timeout, None),
+            Ok(Err(e)) if e.is_timeout() => return (AttemptResult::Timeout, None),
+            Ok(Err(e)) => return (AttemptResult::Transport(transport_error(e)), None),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let snippet = read_prefix(response, self.config.response_bytes).await;
+        (AttemptResult::Response { status, retry_after }, snippet)
+    }
+}
+
+/// The error chain of a failed request, without the URL's query.
+fn transport_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// At most `limit` bytes of the body, as text.
+async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<String> {
+    let mut bytes = Vec::new();
+    while bytes.len() < limit {
+        match tokio::time::timeout(Duration::from_secs(2), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => bytes.extend_from_slice(&chunk[..chunk.len().min(limit - bytes.len())]),
+            _ => break,
+        }
+    }
+    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Writes completions in batches until every sender is gone.
+async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>) {
+    let mut batch = Vec::with_capacity(256);
+    while pending.recv_many(&mut batch, 256).await > 0 {
+        for attempt in 0..5u32 {
+            match store.complete_attempts(&batch).await {
+                Ok(0) => break,
+                Ok(lost) => {
+                    tracing::warn!(
+                        lost,
+                        "attempt results dropped: their lease had expired and another worker owns them"
+                    );
+                    break;
+                }
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(error = %e, "writing attempt results failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, count = batch.len(), "attempt results lost; their leases will expire and they will be retried")
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Periodically makes deliveries of crashed workers claimable again.
+async fn reap_expired_leases(store: Store, margin: Duration, shutdown: CancellationToken) {
+    let period = (margin / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match store.release_expired_leases(Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(released = n, "released deliveries whose lease expired"),
+            Err(e) => tracing::warn!(error = %e, "could not release expired leases"),
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The delivery queue: claims with leases, guarded completions, attempts, endpoint state.
+//!
+//! SQL is written once with `?` placeholders and expanded per backend by
+//! [`delivery_methods!`], like the resource methods.
+//!
+//! Invariants:
+//! - a delivery is claimed by one worker at a time: PostgreSQL claims with
+//!   `FOR UPDATE SKIP LOCKED`; SQLite serializes writers on its one write connection;
+//! - a completion applies only if it carries the current lease token (one row or none);
+//!   a lost lease drops the result, never overwrites a newer one;
+//! - in an ordered lane, a delivery is claimable only when no earlier delivery of the
+//!   lane is still pending, retrying, delivering or held;
+//! - nothing is claimed for an endpoint whose breaker is open or that was disabled.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::StoreError;
+use crate::ids::{DeliveryId, EventId};
+
+/// States of a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    Pending,
+    Delivering,
+    Retrying,
+    Delivered,
+    Failed,
+    Dead,
+    Held,
+    Denied,
+}
+
+impl DeliveryState {
+    pub const ALL: [DeliveryState; 8] = [
+        DeliveryState::Pending,
+        DeliveryState::Delivering,
+        DeliveryState::Retrying,
+        DeliveryState::Delivered,
+        DeliveryState::Failed,
+        DeliveryState::Dead,
+        DeliveryState::Held,
+        DeliveryState::Denied,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivering => "delivering",
+            DeliveryState::Retrying => "retrying",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Dead => "dead",
+            DeliveryState::Held => "held",
+            DeliveryState::Denied => "denied",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<DeliveryState> {
+        DeliveryState::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+
+    /// Final states: nothing more happens unless an operator replays.
+    pub fn is_final(self) -> bool {
+        matches!(self, DeliveryState::Delivered | DeliveryState::Failed | DeliveryState::Dead | DeliveryState::Denied)
+    }
+}
+
+/// A delivery created by fan-out, in the ingest transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub id: DeliveryId,
+    pub endpoint: String,
+    pub ordering_key: Option<String>,
+}
+
+/// A claimed delivery with what dispatch needs of its event.
+#[derive(Clone, Debug)]
+pub struct ClaimedDelivery {
+    pub id: DeliveryId,
+    /// Attempts made before the last replay (the budget counts from here).
+    pub attempt_base: u32,
+    pub event_id: EventId,
+    pub namespace: String,
+    pub endpoint: String,
+    /// This attempt's number (1 for the first).
+    pub attempt: u32,
+    pub lease_token: String,
+    pub event_type: String,
+    pub data: String,
+    pub event_time: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub trace_id: String,
+}
+
+/// One recorded attempt.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub status: Option<u16>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    /// `delivered`, `retry`, `failed` or `dead`.
+    pub outcome: String,
+}
+
+/// The result of one attempt, to be written if the lease is still ours.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub id: DeliveryId,
+    pub lease_token: String,
+    pub namespace: String,
+    pub endpoint: String,
+    pub state: DeliveryState,
+    pub next_attempt_at: DateTime<Utc>,
+    pub attempt: Attempt,
+    /// Whether the attempt counts as a success for the endpoint's health.
+    pub success: bool,
+    /// `(failures that open the breaker, until when it then stays open)`.
+    pub breaker: Option<(u32, DateTime<Utc>)>,
+    /// Disable the endpoint (it answered 410 Gone), at this generation.
+    pub disable: Option<(String, i64)>,
+}
+
+/// A delivery as shown.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliveryRecord {
+    pub id: DeliveryId,
+    pub event_id: EventId,
+    pub namespace: String,
+    pub endpoint: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub ordering_key: Option<String>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// Filters of `list_deliveries`; newest first.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryQuery {
+    pub namespace: String,
+    pub endpoint: Option<String>,
+    pub state: Option<DeliveryState>,
+    pub before: Option<DeliveryId>,
+    pub limit: u32,
+}
+
+/// What the engine knows of an endpoint at run time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EndpointState {
+    pub consecutive_failures: u32,
+    pub breaker_open_until: Option<DateTime<Utc>>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub disabled_reason: Option<String>,
+    pub disabled_generation: Option<i64>,
+}
+
+/// Attempt statistics of an endpoint since some time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AttemptStats {
+    pub attempts: u64,
+    pub successes: u64,
+    pub durations_ms: Vec<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct DeliveryRow {
+    pub id: String,
+    pub event_id: String,
+    pub namespace: String,
+    pub endpoint: String,
+    pub state: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub ordering_key: Option<String>,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("delivery {what}: {e}"))
+}
+
+impl TryFrom<DeliveryRow> for DeliveryRecord {
+    type Error = StoreError;
+
+    fn try_from(r: DeliveryRow) -> Result<Self, StoreError> {
+        Ok(DeliveryRecord {
+            id: DeliveryId::parse(&r.id).map_err(|e| corrupt("id", e))?,
+            event_id: EventId::parse(&r.event_id).map_err(|e| corrupt("event id", e))?,
+            namespace: r.namespace,
+            endpoint: r.endpoint,
+            state: DeliveryState::parse(&r.state).ok_or_else(|| corrupt("state", &r.state))?,
+            attempts: r.attempts.max(0) as u32,
+            next_attempt_at: r.next_attempt_at,
+            ordering_key: r.ordering_key,
+            last_status: r.last_status.map(|s| s as u16),
+            last_error: r.last_error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            completed_at: r.completed_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ClaimRow {
+    pub id: String,
+    pub event_id: String,
+    pub namespace: String,
+    pub endpoint: String,
+    pub attempts: i32,
+    pub attempt_base: i32,
+    pub event_type: String,
+    pub data: String,
+    pub event_time: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub trace_id: String,
+}
+
+impl ClaimRow {
+    pub(super) fn into_claimed(self, lease_token: &str) -> Result<ClaimedDelivery, StoreError> {
+        Ok(ClaimedDelivery {
+            id: DeliveryId::parse(&self.id).map_err(|e| corrupt("id", e))?,
+            event_id: EventId::parse(&self.event_id).map_err(|e| corrupt("event id", e))?,
+            namespace: self.namespace,
+            endpoint: self.endpoint,
+            attempt: self.attempts.max(1) as u32,
+            attempt_base: self.attempt_base.max(0) as u32,
+            lease_token: lease_token.to_owned(),
+            event_type: self.event_type,
+            data: self.data,
+            event_time: self.event_time,
+            received_at: self.received_at,
+            trace_id: self.trace_id,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AttemptRow {
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub status: Option<i32>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    pub outcome: String,
+}
+
+impl From<AttemptRow> for Attempt {
+    fn from(r: AttemptRow) -> Self {
+        Attempt {
+            attempt: r.attempt.max(0) as u32,
+            started_at: r.started_at,
+            duration_ms: r.duration_ms,
+            status: r.status.map(|s| s as u16),
+            response: r.response,
+            error: r.error,
+            outcome: r.outcome,
+        }
+    }
+}
+
+/// The claim: due deliveries not blocked by an earlier one of their lane, nor by an open
+/// breaker or a disabled endpoint. `{lock}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL.
+pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
+     WHERE c.state IN ('pending', 'retrying') AND c.next_attempt_at <= ? \
+     AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
+          WHERE e.namespace = c.namespace AND e.endpoint = c.endpoint AND e.ordering_key = c.ordering_key \
+          AND e.id < c.id AND e.state IN ('pending', 'retrying', 'delivering', 'held'))) \
+     AND NOT EXISTS (SELECT 1 FROM endpoint_state s WHERE s.namespace = c.namespace AND s.name = c.endpoint \
+          AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
+     ORDER BY c.next_attempt_at LIMIT ?";
+
+/// Expands the delivery methods for one backend; `$lock` is the claim's row-lock clause.
+macro_rules! delivery_methods {
+    ($store:ty, $sql:path, $lock:expr) => {
+        impl $store {
+            pub(super) async fn claim_due_deliveries(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                lease: std::time::Duration,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::deliveries::ClaimedDelivery>, $crate::store::StoreError> {
+                use $crate::store::deliveries::{ClaimRow, CLAIMABLE};
+                let token = ulid::Ulid::new().to_string();
+                let lease_until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+                let claim = format!(
+                    "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, attempts = attempts + 1, \
+                     updated_at = ? WHERE id IN ({CLAIMABLE}{})",
+                    $lock
+                );
+                let claimed = sqlx::query(&$sql(&claim))
+                    .bind(&token)
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(now)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .execute(self.write_pool())
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    return Ok(Vec::new());
+                }
+                let rows: Vec<ClaimRow> = sqlx::query_as(&$sql(
+                    "SELECT d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, e.type AS event_type, e.data, \
+                     e.time AS event_time, e.received_at, e.trace_id FROM deliveries d JOIN events e ON e.id = d.event_id \
+                     WHERE d.lease_token = ? ORDER BY d.id",
+                ))
+                .bind(&token)
+                .fetch_all(self.write_pool())
+                .await?;
+                rows.into_iter().map(|r| r.into_claimed(&token)).collect()
+            }
+
+            /// Makes deliveries whose lease ran out (a crashed worker) claimable again.
+            pub(super) async fn release_expired_leases(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let released = sqlx::query(&$sql(
+                    "UPDATE deliveries SET state = 'retrying', lease_token = NULL, lease_until = NULL, next_attempt_at = ?, \
+                     updated_at = ? WHERE state = 'delivering' AND lease_until < ?",
+                ))
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .execute(self.write_pool())
+                .await?
+                .rows_affected();
+                Ok(released)
+            }
+
+            /// Gives claimed deliveries back without an attempt (shutdown, a paused or busy
+            /// endpoint), due again at `at`.
+            pub(super) async fn release_deliveries(
+                &self,
+                claims: &[(&$crate::ids::DeliveryId, &str)],
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.write_pool().begin().await?;
+                let mut released = 0;
+                for (id, token) in claims {
+                    released += sqlx::query(&$sql(
+                        "UPDATE deliveries SET state = CASE WHEN attempts <= 1 THEN 'pending' ELSE 'retrying' END, \
+                         attempts = attempts - 1, lease_token = NULL, lease_until = NULL, next_attempt_at = ?, updated_at = ? \
+                         WHERE id = ? AND lease_token = ?",
+                    ))
+                    .bind(at)
+                    .bind(chrono::Utc::now())
+                    .bind(id.as_str())
+                    .bind(*token)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(released)
+            }
+
+            /// Writes attempt results whose lease is still held; returns how many leases were lost.
+            pub(super) async fn complete_attempts(
+                &self,
+                completions: &[$crate::store::deliveries::Completion],
+            ) -> Result<u64, $crate::store::StoreError> {
+                let now = chrono::Utc::now();
+                let mut tx = self.write_pool().begin().await?;
+                let mut lost = 0;
+                for c in completions {
+                    let completed_at = c.state.is_final().then_some(now);
+                    let updated = sqlx::query(&$sql(
+                        "UPDATE deliveries SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_until = NULL, \
+                         last_status = ?, last_error = ?, updated_at = ?, completed_at = ? WHERE id = ? AND lease_token = ?",
+                    ))
+                    .bind(c.state.as_str())
+                    .bind(c.next_attempt_at)
+                    .bind(c.attempt.status.map(i32::from))
+                    .bind(&c.attempt.error)
+                    .bind(now)
+                    .bind(completed_at)
+                    .bind(c.id.as_str())
+                    .bind(&c.lease_token)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if updated != 1 {
+                        lost += 1;
+                        continue;
+                    }
+                    sqlx::query(&$sql(
+                        "INSERT INTO delivery_attempts (delivery_id, attempt, namespace, endpoint, started_at, duration_ms, status, \
+                         response, error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    ))
+                    .bind(c.id.as_str())
+                    .bind(c.attempt.attempt as i32)
+                    .bind(&c.namespace)
+                    .bind(&c.endpoint)
+                    .bind(c.attempt.started_at)
+                    .bind(c.attempt.duration_ms)
+                    .bind(c.attempt.status.map(i32::from))
+                    .bind(&c.attempt.response)
+                    .bind(&c.attempt.error)
+                    .bind(&c.attempt.outcome)
+                    .execute(&mut *tx)
+                    .await?;
+                    if c.success {
+                        sqlx::query(&$sql(
+                            "INSERT INTO endpoint_state (namespace, name, consecutive_failures, last_success_at) VALUES (?, ?, 0, ?) \
+                             ON CONFLICT (namespace, name) DO UPDATE SET consecutive_failures = 0, breaker_open_until = NULL, \
+                             last_success_at = excluded.last_success_at",
+                        ))
+                        .bind(&c.namespace)
+                        .bind(&c.endpoint)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    } else {
+                        let (threshold, open_until) = match c.breaker {
+                            Some((threshold, until)) => (i64::from(threshold), Some(until)),
+                            None => (i64::MAX, None),
+                        };
+                        sqlx::query(&$sql(
+                            "INSERT INTO endpoint_state (namespace, name, consecutive_failures) VALUES (?, ?, 1) \
+                             ON CONFLICT (namespace, name) DO UPDATE SET consecutive_failures = endpoint_state.consecutive_failures + 1, \
+                             breaker_open_until = CASE WHEN endpoint_state.consecutive_failures + 1 >= ? THEN ? \
+                             ELSE endpoint_state.breaker_open_until END",
+                        ))
+                        .bind(&c.namespace)
+                        .bind(&c.endpoint)
+                        .bind(threshold)
+                        .bind(open_until)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if let Some((reason, generation)) = &c.disable {
+                        sqlx::query(&$sql(
+                            "UPDATE endpoint_state SET disabled_reason = ?, disabled_generation = ? WHERE namespace = ? AND name = ?",
+                        ))
+                        .bind(reason)
+                        .bind(generation)
+                        .bind(&c.namespace)
+                        .bind(&c.endpoint)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(lost)
+            }
+
+            pub(super) async fn get_delivery(
+                &self,
+                id: &$crate::ids::DeliveryId,
+            ) -> Result<Option<($crate::store::deliveries::DeliveryRecord, Vec<$crate::store::deliveries::Attempt>)>, $crate::store::StoreError> {
+                use $crate::store::deliveries::{AttemptRow, DeliveryRecord, DeliveryRow};
+                let row: Option<DeliveryRow> = sqlx::query_as(&$sql(
+                    "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
+                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE id = ?",
+                ))
+                .bind(id.as_str())
+                .fetch_optional(self.read_pool())
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let attempts: Vec<AttemptRow> = sqlx::query_as(&$sql(
+                    "SELECT attempt, started_at, duration_ms, status, response, error, outcome FROM delivery_attempts \
+                     WHERE delivery_id = ? ORDER BY attempt",
+                ))
+                .bind(id.as_str())
+                .fetch_all(self.read_pool())
+                .await?;
+                Ok(Some((DeliveryRecord::try_from(row)?, attempts.into_iter().map(Into::into).collect())))
+            }
+
+            pub(super) async fn deliveries_of_event(
+                &self,
+                event: &$crate::ids::EventId,
+            ) -> Result<Vec<$crate::store::deliveries::DeliveryRecord>, $crate::store::StoreError> {
+                use $crate::store::deliveries::{DeliveryRecord, DeliveryRow};
+                let rows: Vec<DeliveryRow> = sqlx::query_as(&$sql(
+                    "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
+                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE event_id = ? ORDER BY id",
+                ))
+                .bind(event.as_str())
+                .fetch_all(self.read_pool())
+                .await?;
+                rows.into_iter().map(DeliveryRecord::try_from).collect()
+            }
+
+            pub(super) async fn list_deliveries(
+                &self,
+                q: &$crate::store::deliveries::DeliveryQuery,
+            ) -> Result<Vec<$crate::store::deliveries::DeliveryRecord>, $crate::store::StoreError> {
+                use $crate::store::deliveries::{DeliveryRecord, DeliveryRow};
+                let rows: Vec<DeliveryRow> = sqlx::query_as(&$sql(
+                    "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
+                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE namespace = ? \
+                     AND (? IS NULL OR endpoint = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR id < ?) \
+                     ORDER BY id DESC LIMIT ?",
+                ))
+                .bind(&q.namespace)
+                .bind(&q.endpoint)
+                .bind(&q.endpoint)
+                .bind(q.state.map(|s| s.as_str()))
+                .bind(q.state.map(|s| s.as_str()))
+                .bind(q.before.as_ref().map(|b| b.as_str()))
+                .bind(q.before.as_ref().map(|b| b.as_str()))
+                .bind(i64::from(q.limit))
+                .fetch_all(self.read_pool())
+                .await?;
+                rows.into_iter().map(DeliveryRecord::try_from).collect()
+            }
+
+            /// Puts final deliveries back in the queue, due now; returns the ids replayed.
+            /// Deliveries not in a final state are left alone.
+            pub(super) async fn replay_deliveries(
+                &self,
+                ids: &[$crate::ids::DeliveryId],
+            ) -> Result<Vec<$crate::ids::DeliveryId>, $crate::store::StoreError> {
+                let now = chrono::Utc::now();
+                let mut tx = self.write_pool().begin().await?;
+                let mut replayed = Vec::new();
+                for id in ids {
+                    let updated = sqlx::query(&$sql(
+                        "UPDATE deliveries SET state = 'pending', attempt_base = attempts, next_attempt_at = ?, \
+                         last_error = NULL, completed_at = NULL, updated_at = ? \
+                         WHERE id = ? AND state IN ('delivered', 'failed', 'dead', 'denied')",
+                    ))
+                    .bind(now)
+                    .bind(now)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if updated == 1 {
+                        replayed.push(id.clone());
+                    }
+                }
+                tx.commit().await?;
+                Ok(replayed)
+            }
+
+            pub(super) async fn endpoint_state(
+                &self,
+                namespace: &str,
+                name: &str,
+            ) -> Result<$crate::store::deliveries::EndpointState, $crate::store::StoreError> {
+                let row: Option<(i32, Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>, Option<String>, Option<i64>)> =
+                    sqlx::query_as(&$sql(
+                        "SELECT consecutive_failures, breaker_open_until, last_success_at, disabled_reason, disabled_generation \
+                         FROM endpoint_state WHERE namespace = ? AND name = ?",
+                    ))
+                    .bind(namespace)
+                    .bind(name)
+                    .fetch_optional(self.read_pool())
+                    .await?;
+                Ok(row
+                    .map(|(failures, open_until, last_success, reason, generation)| $crate::store::deliveries::EndpointState {
+                        consecutive_failures: failures.max(0) as u32,
+                        breaker_open_until: open_until,
+                        last_success_at: last_success,
+                        disabled_reason: reason,
+                        disabled_generation: generation,
+                    })
+                    .unwrap_or_default())
+            }
+
+            /// Re-enables an endpoint disabled (by a 410) at an older generation.
+            pub(super) async fn enable_endpoint_if_changed(
+                &self,
+                namespace: &str,
+                name: &str,
+                generation: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let updated = sqlx::query(&$sql(
+                    "UPDATE endpoint_state SET disabled_reason = NULL, disabled_generation = NULL, consecutive_failures = 0, \
+                     breaker_open_until = NULL WHERE namespace = ? AND name = ? AND disabled_generation < ?",
+                ))
+                .bind(namespace)
+                .bind(name)
+                .bind(generation)
+                .execute(self.write_pool())
+                .await?
+                .rows_affected();
+                Ok(updated == 1)
+            }
+
+            pub(super) async fn attempt_stats(
+                &self,
+                namespace: &str,
+                name: &str,
+                since: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::deliveries::AttemptStats, $crate::store::StoreError> {
+                let rows: Vec<(i64, String)> = sqlx::query_as(&$sql(
+                    "SELECT duration_ms, outcome FROM delivery_attempts WHERE namespace = ? AND endpoint = ? AND started_at >= ? \
+                     ORDER BY started_at DESC LIMIT 100000",
+                ))
+                .bind(namespace)
+                .bind(name)
+                .bind(since)
+                .fetch_all(self.read_pool())
+                .await?;
+                Ok($crate::store::deliveries::AttemptStats {
+                    attempts: rows.len() as u64,
+                    successes: rows.iter().filter(|(_, o)| o == "delivered").count() as u64,
+                    durations_ms: rows.into_iter().map(|(d, _)| d).collect(),
+                })
+            }
+
+            /// Deliveries waiting to be sent (pending or retrying), and the oldest one's age.
+            pub(super) async fn queue_depth(
+                &self,
+            ) -> Result<(u64, Option<chrono::DateTime<chrono::Utc>>), $crate::store::StoreError> {
+                let (count, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(&$sql(
+                    "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE state IN ('pending', 'retrying')",
+                ))
+                .fetch_one(self.read_pool())
+                .await?;
+                Ok((count.max(0) as u64, oldest))
+            }
+
+            /// Counts of deliveries by state.
+            pub(super) async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(&$sql("SELECT state, COUNT(*) FROM deliveries GROUP BY state")).fetch_all(self.read_pool()).await?)
+            }
+        }
+    };
+}
+
+pub(super) use delivery_methods;
