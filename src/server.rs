@@ -101,6 +101,7 @@ impl Server {
             checks,
             controller: controller_status,
             catalog,
+            wake: wake.clone(),
             backlog: Arc::new(AtomicU64::new(0)),
         };
         Ok(Server {

@@ -49,6 +49,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{} invalid: {}", if .0.len() == 1 { "a resource document is" } else { "resource documents are" }, .0.first().map(ToString::to_string).unwrap_or_default())]
     InvalidResources(Vec<crate::resources::ResourceError>),
+    #[error("{0}")]
+    Conflict(String),
     #[error("the Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("the server is overloaded; retry later")]
@@ -81,6 +83,7 @@ impl ApiError {
             ApiError::RouteNotFound { .. } => "route_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InvalidResources(_) => "invalid_resources",
+            ApiError::Conflict(_) => "conflict",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
@@ -97,6 +100,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::IdempotencyKeyReused | ApiError::InvalidResources(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,6 +5,7 @@
 //! it; `tests/openapi.rs` compares that table with `openapi.yaml`, so the spec and the
 //! router cannot drift apart.
 
+pub mod deliveries;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub controller: crate::controller::SharedStatus,
     /// The endpoints and filters in force, for fan-out.
     pub catalog: crate::delivery::catalog::CatalogHandle,
+    /// Wakes the delivery workers (new or replayed work).
+    pub wake: Arc<tokio::sync::Notify>,
     /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
     pub backlog: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -81,6 +84,11 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/events", events::list)
         .add(Method::POST, "/v1/events/batch", events::create_batch)
         .add(Method::GET, "/v1/events/{id}", events::get)
+        .add(Method::GET, "/v1/deliveries", deliveries::list)
+        .add(Method::POST, "/v1/deliveries/replay", deliveries::replay_many)
+        .add(Method::GET, "/v1/deliveries/{id}", deliveries::get)
+        .add(Method::POST, "/v1/deliveries/{id}/replay", deliveries::replay)
+        .add(Method::GET, "/v1/endpoints/{namespace}/{name}/health", deliveries::health)
         .add(Method::POST, "/v1/apply", resources::apply_resources)
         .add(Method::GET, "/v1/resources/{kind}", resources::list_resources)
         .add(Method::GET, "/v1/resources/{kind}/{namespace}/{name}", resources::get_resource)

@@ -100,7 +100,7 @@ impl Dispatcher {
             completions,
             stop_attempts: stop_attempts.clone(),
         });
-        tracker.spawn(write_completions(store.clone(), pending));
+        tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone()));
         tracker.spawn(reap_expired_leases(store, config.lease_margin, shutdown.clone()));
         let attempts = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
@@ -408,10 +408,12 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<St
     (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Writes completions in batches until every sender is gone.
-async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>) {
+/// Writes completions in batches until every sender is gone. Each batch may unblock an
+/// ordered lane or free an endpoint, so it wakes a claim loop.
+async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>, wake: Arc<Notify>) {
     let mut batch = Vec::with_capacity(256);
     while pending.recv_many(&mut batch, 256).await > 0 {
+        let unblocks = batch.iter().any(|c| c.state.is_final());
         for attempt in 0..5u32 {
             match store.complete_attempts(&batch).await {
                 Ok(0) => break,
@@ -432,6 +434,9 @@ async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>
             }
         }
         batch.clear();
+        if unblocks {
+            wake.notify_one();
+        }
     }
 }
 

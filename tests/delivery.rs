@@ -1,0 +1,366 @@
+//! The delivery engine end to end: real receivers on loopback ports, real databases.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use common::{spawn_app_with, TestApp, TestDb};
+use hmac::Mac as _;
+use serde_json::{json, Value};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// What a receiver saw of one request.
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    headers: HeaderMap,
+    body: String,
+    answered: u16,
+}
+
+type Script = Arc<dyn Fn(&str, usize) -> (u16, Option<&'static str>, Duration) + Send + Sync>;
+
+/// An HTTP receiver that records every request and answers as scripted per path and
+/// per request number on that path.
+#[derive(Clone)]
+struct TestReceiver {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Received>>>,
+}
+
+impl TestReceiver {
+    async fn start(script: Script) -> TestReceiver {
+        let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let recorded = seen.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: String| {
+            let (seen, script) = (recorded.clone(), script.clone());
+            async move {
+                let path = uri.path().to_owned();
+                let n = seen.lock().unwrap().iter().filter(|r| r.path == path).count();
+                let (status, retry_after, delay) = script(&path, n);
+                seen.lock().unwrap().push(Received { path, headers, body, answered: status });
+                tokio::time::sleep(delay).await;
+                let mut response: Response = (StatusCode::from_u16(status).unwrap(), "answer").into_response();
+                if let Some(value) = retry_after {
+                    response.headers_mut().insert("retry-after", value.parse().unwrap());
+                }
+                response
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestReceiver { addr, seen }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn on(&self, path: &str) -> Vec<Received> {
+        self.seen.lock().unwrap().iter().filter(|r| r.path == path).cloned().collect()
+    }
+}
+
+/// A Standard Webhooks verifier written from the specification: the signed content is
+/// `{webhook-id}.{webhook-timestamp}.{body}`, HMAC-SHA256 keyed with the base64-decoded
+/// part of the secret after `whsec_`; `webhook-signature` holds space-separated
+/// `v1,<base64>` signatures, any one of which may match; timestamps are checked for age.
+fn verify(secret: &str, headers: &HeaderMap, body: &str) -> Result<(), String> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).ok_or(format!("missing {name}"));
+    let (id, timestamp, signatures) =
+        (header("webhook-id")?, header("webhook-timestamp")?, header("webhook-signature")?);
+    let ts: i64 = timestamp.parse().map_err(|_| "bad timestamp")?;
+    if (chrono::Utc::now().timestamp() - ts).abs() > 300 {
+        return Err("timestamp outside the tolerance".into());
+    }
+    let key = base64::engine::general_purpose::STANDARD.decode(secret.trim_start_matches("whsec_")).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    signatures
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .any(|s| s == expected)
+        .then_some(())
+        .ok_or_else(|| "no signature matches".into())
+}
+
+fn config_for(db: &TestDb) -> hookwarden::config::Config {
+    let mut config = db.config();
+    config.allow_private_urls = true;
+    config.delivery.poll_interval = Duration::from_millis(50);
+    config.delivery.lease_margin = Duration::from_secs(2);
+    config
+}
+
+async fn apply(app: &TestApp, yaml: &str) {
+    let response = app
+        .client
+        .post(app.url("/v1/apply"))
+        .bearer_auth(&app.admin)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+}
+
+fn endpoint(name: &str, url: &str, types: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: {name}}}\nspec:\n  url: {url}\n  secrets: [{{value: {SECRET}}}]\n  eventTypes: [\"{types}\"]\n{extra}"
+    )
+}
+
+fn budget(name: &str, attempts: u32) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {{name: {name}}}\nspec:\n  maxAttempts: {attempts}\n  backoff: {{base: 100ms, max: 1s, jitter: none}}\n"
+    )
+}
+
+async fn post_event(app: &TestApp, body: Value) -> Value {
+    let response = app.post_json("/v1/events", &app.admin, body.to_string()).await;
+    assert_eq!(response.status(), 202);
+    response.json().await.unwrap()
+}
+
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn delivery_states(app: &TestApp, event: &str) -> Vec<(String, String, u64)> {
+    let event: Value = app.get(&format!("/v1/events/{event}"), &app.admin).await.json().await.unwrap();
+    event["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["endpoint"].as_str().unwrap().to_owned(),
+                d["state"].as_str().unwrap().to_owned(),
+                d["attempts"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn events_fan_out_to_the_right_endpoints_signed(db: TestDb) {
+    let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let filter = "apiVersion: hookwarden/v1\nkind: Filter\nmetadata: {name: big}\nspec:\n  expression: \"event.data.total >= 1000\"\n";
+    apply(
+        &app,
+        &[
+            filter.to_owned(),
+            endpoint("orders", &receiver.url("/orders"), "order.*", ""),
+            endpoint("refunds", &receiver.url("/refunds"), "refund.*", ""),
+            endpoint("big-orders", &receiver.url("/big"), "order.*", "  filterRefs: [big]\n"),
+        ]
+        .join("---\n"),
+    )
+    .await;
+
+    let small = post_event(&app, json!({"source": "shop", "type": "order.created", "data": {"total": 500}})).await;
+    let big_raw = r#"{"source":"shop","type":"order.created","data":{ "total" : 5000, "note": "caf\u00e9" }}"#;
+    let big: Value = app.post_json("/v1/events", &app.admin, big_raw).await.json().await.unwrap();
+    let refund = post_event(&app, json!({"source": "shop", "type": "refund.requested", "data": {"amount": 1}})).await;
+    assert_eq!(small["deliveries"].as_array().unwrap().len(), 1);
+    assert_eq!(big["deliveries"].as_array().unwrap().len(), 2);
+    assert_eq!(refund["deliveries"][0]["endpoint"], "refunds");
+
+    eventually(Duration::from_secs(15), "four deliveries", || async { receiver.seen.lock().unwrap().len() >= 4 }).await;
+    let orders = receiver.on("/orders");
+    assert_eq!(orders.len(), 2);
+    assert_eq!(receiver.on("/refunds").len(), 1);
+    let big_seen = receiver.on("/big");
+    assert_eq!(big_seen.len(), 1, "the filter lets only the big order through");
+    for r in receiver.seen.lock().unwrap().iter() {
+        verify(SECRET, &r.headers, &r.body).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert!(r.headers.get("traceparent").is_some());
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert!(body["type"].is_string() && body["timestamp"].is_string());
+    }
+    assert!(
+        big_seen[0].body.contains(r#""data":{ "total" : 5000, "note": "caf\u00e9" }"#),
+        "data byte for byte: {}",
+        big_seen[0].body
+    );
+    assert_eq!(big_seen[0].headers["webhook-id"], big["id"].as_str().unwrap());
+
+    let big_id = big["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "delivered states", || async {
+        delivery_states(&app, big_id).await.iter().all(|(_, state, attempts)| state == "delivered" && *attempts == 1)
+    })
+    .await;
+    let event: Value = app.get(&format!("/v1/events/{big_id}"), &app.admin).await.json().await.unwrap();
+    assert_eq!(event["deliveries"][0]["attempts_detail"][0]["status"], 204);
+}
+
+async fn each_status_class_is_retried_or_not_as_documented(db: TestDb) {
+    let script: Script = Arc::new(|path, n| match (path, n) {
+        ("/ok", _) => (200, None, Duration::ZERO),
+        ("/gone", _) => (410, None, Duration::ZERO),
+        ("/busy", 0) => (429, Some("1"), Duration::ZERO),
+        ("/flaky", 0) => (500, None, Duration::ZERO),
+        ("/busy" | "/flaky", _) => (200, None, Duration::ZERO),
+        ("/slow", _) => (200, None, Duration::from_secs(3)),
+        ("/bad", _) => (400, None, Duration::ZERO),
+        _ => (404, None, Duration::ZERO),
+    });
+    let receiver = TestReceiver::start(script).await;
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let app = spawn_app_with(config_for(&db)).await;
+    let mut docs = vec![budget("quick", 3)];
+    for (name, url, timeout) in [
+        ("ok", receiver.url("/ok"), "5s"),
+        ("gone", receiver.url("/gone"), "5s"),
+        ("busy", receiver.url("/busy"), "5s"),
+        ("flaky", receiver.url("/flaky"), "5s"),
+        ("slow", receiver.url("/slow"), "200ms"),
+        ("refused", format!("http://{refused}/x"), "5s"),
+        ("bad", receiver.url("/bad"), "5s"),
+    ] {
+        docs.push(endpoint(name, &url, "*", &format!("  retryBudgetRef: quick\n  timeout: {timeout}\n")));
+    }
+    apply(&app, &docs.join("---\n")).await;
+    let sent = Instant::now();
+    let event = post_event(&app, json!({"source": "s", "type": "t", "data": {}})).await;
+    let id = event["id"].as_str().unwrap().to_owned();
+    let expected = [
+        ("bad", "failed", 1),
+        ("busy", "delivered", 2),
+        ("flaky", "delivered", 2),
+        ("gone", "failed", 1),
+        ("ok", "delivered", 1),
+        ("refused", "dead", 3),
+        ("slow", "dead", 3),
+    ];
+    eventually(Duration::from_secs(30), "every delivery settles", || async {
+        let mut states = delivery_states(&app, &id).await;
+        states.sort();
+        states.iter().map(|(e, s, a)| (e.as_str(), s.as_str(), *a as i32)).collect::<Vec<_>>() == expected
+    })
+    .await;
+    // 429 with Retry-After: 1 waited about a second before the retry.
+    let busy = receiver.on("/busy");
+    assert!(sent.elapsed() >= Duration::from_secs(1));
+    assert_eq!(busy.len(), 2);
+    let health: Value = app.get("/v1/endpoints/default/gone/health", &app.admin).await.json().await.unwrap();
+    assert_eq!(health["breaker"], "disabled", "{health}");
+    let health: Value = app.get("/v1/endpoints/default/ok/health", &app.admin).await.json().await.unwrap();
+    assert_eq!(health["successRate1h"], 1.0, "{health}");
+
+    // A dead delivery can be replayed; it then goes out again.
+    let deliveries: Value =
+        app.get("/v1/deliveries?state=dead&endpoint=refused", &app.admin).await.json().await.unwrap();
+    let dead = deliveries["items"][0]["id"].as_str().unwrap().to_owned();
+    let replay = app
+        .client
+        .post(app.url(&format!("/v1/deliveries/{dead}/replay")))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 200);
+    let again = app
+        .client
+        .post(app.url(&format!("/v1/deliveries/{dead}/replay")))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(again.status() == 409 || again.status() == 200, "a replayed, unfinished delivery cannot be replayed again");
+    eventually(Duration::from_secs(30), "the replay runs out of attempts again", || async {
+        let d: Value = app.get(&format!("/v1/deliveries/{dead}"), &app.admin).await.json().await.unwrap();
+        d["state"] == "dead" && d["attempts"] == 6
+    })
+    .await;
+}
+
+async fn ordered_lanes_arrive_in_order_despite_failures(db: TestDb) {
+    // Fails 30% of requests, deterministically per (path, request number).
+    let script: Script = Arc::new(|_, n| {
+        let fail = (n.wrapping_mul(2654435761) % 100) < 30;
+        (if fail { 500 } else { 200 }, None, Duration::ZERO)
+    });
+    let receiver = TestReceiver::start(script).await;
+    let mut config = config_for(&db);
+    config.delivery.per_endpoint_concurrency = 16;
+    let app = spawn_app_with(config).await;
+    let retry = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: patient}\nspec:\n  maxAttempts: 100\n  backoff: {base: 10ms, max: 50ms, jitter: full}\n";
+    apply(
+        &app,
+        &format!(
+            "{retry}---\n{}",
+            endpoint(
+                "ordered",
+                &receiver.url("/in"),
+                "*",
+                "  retryBudgetRef: patient\n  ordering: {key: \"event.data.key\"}\n"
+            )
+        ),
+    )
+    .await;
+    const EVENTS: usize = 1000;
+    let batch: Vec<Value> = (0..EVENTS)
+        .map(|n| json!({"source": "s", "type": "t", "data": {"key": format!("k{}", n % 10), "n": n}}))
+        .collect();
+    for chunk in batch.chunks(100) {
+        let response = app.post_json("/v1/events/batch", &app.admin, serde_json::to_string(chunk).unwrap()).await;
+        assert_eq!(response.status(), 202);
+    }
+    eventually(Duration::from_secs(120), "all events delivered", || async {
+        receiver.on("/in").iter().filter(|r| r.answered == 200).count() >= EVENTS
+    })
+    .await;
+    let mut lanes: HashMap<String, Vec<u64>> = HashMap::new();
+    for r in receiver.on("/in").into_iter().filter(|r| r.answered == 200) {
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        lanes
+            .entry(body["data"]["key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(body["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(lanes.len(), 10);
+    for (key, seen) in lanes {
+        let expected: Vec<u64> = (0..EVENTS as u64).filter(|n| format!("k{}", n % 10) == key).collect();
+        assert_eq!(seen, expected, "lane {key} out of order or incomplete");
+    }
+}
+
+macro_rules! on_both_databases {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
+        }
+    };
+}
+
+on_both_databases!(
+    events_fan_out_to_the_right_endpoints_signed,
+    each_status_class_is_retried_or_not_as_documented,
+    ordered_lanes_arrive_in_order_despite_failures,
+);
