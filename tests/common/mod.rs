@@ -6,6 +6,8 @@
 //! with `HOOKWARDEN_TEST_REQUIRE_POSTGRES=1` (set by `.ci/run`) a missing URL fails.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,162 @@
+//! The delivery engine across real processes: a SIGKILL in the middle of deliveries, and
+//! two processes sharing one PostgreSQL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::receiver::{Script, TestReceiver, SECRET};
+use common::{Process, TestDb};
+use serde_json::{json, Value};
+
+const CONFIG: &str = "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 1s}\n";
+
+fn admin() -> String {
+    common::token("admin", &[hookwarden::auth::Role::Admin], &["*"])
+}
+
+async fn apply(base: &str, yaml: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(admin())
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+}
+
+fn endpoint(url: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: sink}}\nspec:\n  url: {url}\n  secrets: [{{value: {SECRET}}}]\n  timeout: 1s\n"
+    )
+}
+
+/// Posts `count` events numbered from `from` in batches; returns their ids.
+async fn post_events(base: &str, from: usize, count: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let numbers: Vec<usize> = (from..from + count).collect();
+    for chunk in numbers.chunks(100) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .map(|n| json!({"id": format!("e-{n}"), "source": "s", "type": "t", "data": {"n": n}}))
+            .collect();
+        let response =
+            client.post(format!("{base}/v1/events/batch")).bearer_auth(admin()).json(&batch).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        for r in body["results"].as_array().unwrap() {
+            assert_eq!(r["deliveries"].as_array().unwrap().len(), 1, "every event fans out to the sink");
+            ids.push(r["id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
+/// Successful deliveries per webhook-id.
+fn delivered(receiver: &TestReceiver) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for r in receiver.on("/sink").into_iter().filter(|r| r.answered == 200) {
+        *counts.entry(r.headers["webhook-id"].to_str().unwrap().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn every_delivery_arrives_after_a_sigkill_mid_delivery(db: TestDb) {
+    const EVENTS: usize = 300;
+    // Slow answers keep attempts in flight when the process dies.
+    let receiver =
+        TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::from_millis(20))) as Script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let first = Process::start(&db, &args);
+    apply(&first.base, &endpoint(&receiver.url("/sink"))).await;
+    let ids = post_events(&first.base, 0, EVENTS).await;
+    eventually(Duration::from_secs(30), "some deliveries", || receiver.on("/sink").len() >= 50).await;
+    first.kill();
+    let at_kill = delivered(&receiver).len();
+    assert!(at_kill < EVENTS, "the kill came too late to interrupt anything");
+
+    let second = Process::start(&db, &args);
+    eventually(Duration::from_secs(60), "every delivery after the restart", || delivered(&receiver).len() == EVENTS)
+        .await;
+    let counts = delivered(&receiver);
+    for id in &ids {
+        assert!(counts.contains_key(id), "event {id} never arrived");
+    }
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    // Only attempts in flight at the kill may be sent twice: at most one claim's worth.
+    assert!(duplicates <= 100, "{duplicates} duplicates");
+    second.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_delivery_arrives_after_a_sigkill_mid_delivery_on_sqlite() {
+    every_delivery_arrives_after_a_sigkill_mid_delivery(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_delivery_arrives_after_a_sigkill_mid_delivery_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    every_delivery_arrives_after_a_sigkill_mid_delivery(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_deliver_everything_exactly_once() {
+    let Some(db) = TestDb::postgres().await else { return };
+    const EVENTS: usize = 5000;
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let (one, two) = (Process::start(&db, &args), Process::start(&db, &args));
+    apply(&one.base, &endpoint(&receiver.url("/sink"))).await;
+    // The second process learns of the endpoint by its periodic catalog refresh.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = json!({"source": "probe", "type": "t", "data": {}});
+        let r: Value = client
+            .post(format!("{}/v1/events", two.base))
+            .bearer_auth(admin())
+            .json(&probe)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !r["deliveries"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second process never saw the endpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = receiver.on("/sink").len();
+    let (a, b) = tokio::join!(post_events(&one.base, 0, EVENTS / 2), post_events(&two.base, EVENTS / 2, EVENTS / 2));
+    let ids: Vec<String> = a.into_iter().chain(b).collect();
+    eventually(Duration::from_secs(120), "all deliveries", || receiver.on("/sink").len() >= base + EVENTS).await;
+    // Give a moment for any duplicate to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = delivered(&receiver);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "event {id} delivered {:?} times", counts.get(id));
+    }
+    one.kill();
+    two.kill();
+}
