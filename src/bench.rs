@@ -19,6 +19,27 @@ use crate::config::Secret;
 pub enum BenchCommand {
     /// Ingest throughput and latency of `POST /v1/events`.
     Ingest(IngestArgs),
+    /// End-to-end deliveries: enqueue → signed POST → 2xx at a local receiver.
+    Deliver(DeliverArgs),
+}
+
+#[derive(Args)]
+pub struct DeliverArgs {
+    /// Database of the server under test (a fresh one); default: embedded SQLite.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Events offered per second (0: as fast as the clients go).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Concurrent ingest clients.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Also fan every event out to an endpoint that never answers in time.
+    #[arg(long)]
+    pub with_timing_out_endpoint: bool,
 }
 
 #[derive(Args)]
@@ -44,6 +65,7 @@ pub struct IngestArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Ingest(args) => ingest(args).await,
+        BenchCommand::Deliver(args) => deliver(args).await,
     }
 }
 
@@ -55,7 +77,7 @@ struct ChildServer {
 }
 
 impl ChildServer {
-    async fn start(database_url: Option<&str>, secret: &str) -> anyhow::Result<ChildServer> {
+    async fn start(database_url: Option<&str>, secret: &str, config: Option<&str>) -> anyhow::Result<ChildServer> {
         let data_dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
@@ -74,6 +96,11 @@ impl ChildServer {
         if let Some(url) = database_url {
             command.arg("--database-url").arg(url);
         }
+        if let Some(yaml) = config {
+            let path = data_dir.path().join("bench-config.yaml");
+            std::fs::write(&path, yaml)?;
+            command.arg("--config").arg(path);
+        }
         let child = command.spawn().context("cannot start the server")?;
         let server = ChildServer { child, base: format!("http://127.0.0.1:{port}"), _data_dir: data_dir };
         let client = reqwest::Client::new();
@@ -89,6 +116,18 @@ impl ChildServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// CPU time (user + system) the server has used so far.
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let pid = self.child.id().context("the server has exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).context("unreadable /proc stat");
+        let (user, system) = (ticks(11)?, ticks(12)?);
+        // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).
+        Ok(Duration::from_millis((user + system) * 10))
     }
 
     /// `(current, peak)` resident memory in KiB, from `/proc`.
@@ -176,7 +215,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         bail!("--events must be at least --concurrency, and --concurrency at least 1");
     }
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    let server = ChildServer::start(args.database_url.as_deref(), &secret).await?;
+    let server = ChildServer::start(args.database_url.as_deref(), &secret, None).await?;
     let token = TokenKeys::new(&Secret::new(secret.clone())).mint(
         "bench",
         &[Role::Ingest],
@@ -207,6 +246,158 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         "  server RSS   idle {:.1} MiB, peak under load {:.1} MiB",
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// The bench's receiver: answers `/ok` at once and records enqueue→2xx latency from the
+/// event's `sent_us`; `/slow` never answers within the endpoint's timeout.
+async fn start_receiver() -> anyhow::Result<(String, Arc<std::sync::Mutex<Vec<Duration>>>)> {
+    let latencies: Arc<std::sync::Mutex<Vec<Duration>>> = Arc::default();
+    let recorded = latencies.clone();
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            axum::routing::post(move |body: String| {
+                let recorded = recorded.clone();
+                async move {
+                    let now = now_us();
+                    let sent = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|b| b["data"]["sent_us"].as_u64());
+                    if let Some(sent) = sent {
+                        recorded
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Duration::from_micros(now.saturating_sub(sent)));
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+        .route(
+            "/slow",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((base, latencies))
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let config =
+        "allowPrivateUrls: true\ndelivery: {pollInterval: 100ms, perEndpointConcurrency: 64, maxInFlight: 512}\n";
+    let server = ChildServer::start(args.database_url.as_deref(), &secret, Some(config)).await?;
+    let token = TokenKeys::new(&Secret::new(secret.clone())).mint(
+        "bench",
+        &[Role::Admin],
+        &["*".to_owned()],
+        Duration::from_secs(3600),
+    );
+    let (receiver, latencies) = start_receiver().await?;
+    let signing = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut resources = format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {receiver}/ok\n  secrets: [{{value: {signing}}}]\n"
+    );
+    if args.with_timing_out_endpoint {
+        resources.push_str(&format!(
+            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: timing-out}}\nspec:\n  url: {receiver}/slow\n  secrets: [{{value: {signing}}}]\n  timeout: 1s\n"
+        ));
+    }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let applied = client
+        .post(format!("{}/v1/apply", server.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/yaml")
+        .body(resources)
+        .send()
+        .await?;
+    if !applied.status().is_success() {
+        bail!("apply failed: {}", applied.text().await?);
+    }
+    let total = if args.rate == 0 { usize::MAX } else { args.rate as usize * args.seconds as usize };
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let cpu_before = server.cpu_time()?;
+    let started = Instant::now();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let (client, url, token, sent, accepted) =
+            (client.clone(), format!("{}/v1/events", server.base), token.clone(), sent.clone(), accepted.clone());
+        let rate = args.rate;
+        tasks.spawn(async move {
+            loop {
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total || Instant::now() >= deadline {
+                    return anyhow::Ok(());
+                }
+                if rate > 0 {
+                    // Open-loop pacing: event n is due at n / rate seconds.
+                    let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = json!({"source": "bench", "type": "order.created", "data": {"n": n, "worker": worker, "sent_us": now_us()}});
+                let response = client.post(&url).bearer_auth(&token).json(&body).send().await?;
+                if response.status().as_u16() != 202 {
+                    bail!("ingest answered {}", response.status());
+                }
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let offered = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    // Wait for the queue to drain (bounded).
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let received = latencies.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if received >= offered || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_time()? - cpu_before;
+    let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    latencies.sort();
+    if latencies.is_empty() {
+        bail!("nothing was delivered");
+    }
+    let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
+    let delivered = latencies.len();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "bench deliver: database={database} rate={} seconds={} concurrency={} timing-out endpoint={}",
+        args.rate, args.seconds, args.concurrency, args.with_timing_out_endpoint
+    );
+    println!("  offered      {offered} events, delivered {delivered} to the healthy endpoint");
+    println!(
+        "  throughput   {:.0} deliveries/s (first send to last 2xx, {:.1} s)",
+        delivered as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  enqueue→2xx  p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.95)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "  server CPU   {:.2} ms per delivered event (ingest included)",
+        cpu.as_secs_f64() * 1e3 / delivered as f64
     );
     Ok(())
 }

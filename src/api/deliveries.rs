@@ -58,7 +58,8 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let query = DeliveryQuery { namespace, endpoint: params.endpoint, state: wanted, before, limit };
+    let query =
+        DeliveryQuery { namespace, endpoint: params.endpoint, state: wanted, before, limit, ..Default::default() };
     let items = state.store.list_deliveries(&query).await?;
     let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|d| d.id.to_string())).flatten();
     Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
@@ -154,16 +155,16 @@ pub async fn replay_many(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let query =
-        DeliveryQuery { namespace: request.namespace, endpoint: request.endpoint, state: wanted, before: None, limit };
-    let ids: Vec<DeliveryId> = state
-        .store
-        .list_deliveries(&query)
-        .await?
-        .into_iter()
-        .filter(|d| request.since.is_none_or(|t| d.created_at >= t) && request.until.is_none_or(|t| d.created_at < t))
-        .map(|d| d.id)
-        .collect();
+    let query = DeliveryQuery {
+        namespace: request.namespace,
+        endpoint: request.endpoint,
+        state: wanted,
+        before: None,
+        created_since: request.since,
+        created_until: request.until,
+        limit,
+    };
+    let ids: Vec<DeliveryId> = state.store.list_deliveries(&query).await?.into_iter().map(|d| d.id).collect();
     let replayed = state.store.replay_deliveries(&ids).await?;
     tracing::info!(count = replayed.len(), actor = %principal.subject, "deliveries replayed");
     state.wake.notify_one();

@@ -150,6 +150,10 @@ pub struct DeliveryQuery {
     pub endpoint: Option<String>,
     pub state: Option<DeliveryState>,
     pub before: Option<DeliveryId>,
+    /// Only deliveries created at or after this time.
+    pub created_since: Option<DateTime<Utc>>,
+    /// Only deliveries created before this time.
+    pub created_until: Option<DateTime<Utc>>,
     pub limit: u32,
 }
 
@@ -508,7 +512,7 @@ macro_rules! delivery_methods {
                     "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
                      last_error, created_at, updated_at, completed_at FROM deliveries WHERE namespace = ? \
                      AND (? IS NULL OR endpoint = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR id < ?) \
-                     ORDER BY id DESC LIMIT ?",
+                     AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?) ORDER BY id DESC LIMIT ?",
                 ))
                 .bind(&q.namespace)
                 .bind(&q.endpoint)
@@ -517,6 +521,10 @@ macro_rules! delivery_methods {
                 .bind(q.state.map(|s| s.as_str()))
                 .bind(q.before.as_ref().map(|b| b.as_str()))
                 .bind(q.before.as_ref().map(|b| b.as_str()))
+                .bind(q.created_since)
+                .bind(q.created_since)
+                .bind(q.created_until)
+                .bind(q.created_until)
                 .bind(i64::from(q.limit))
                 .fetch_all(self.read_pool())
                 .await?;
