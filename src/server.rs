@@ -76,6 +76,7 @@ pub fn token_keys(config: &Config) -> anyhow::Result<TokenKeys> {
 impl Server {
     /// Opens and migrates the database, prepares the keys and binds the listener.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        crate::telemetry::metrics();
         let store = open_store(config).await?;
         store.migrate().await.context("database migration failed")?;
         let keys = token_keys(config)?;
@@ -131,6 +132,7 @@ impl Server {
         tracker.spawn(controller.run(shutdown.clone()));
         tracker.spawn(follow_resources(store_of(&state), state.catalog.clone(), shutdown.clone()));
         tracker.spawn(sample_backlog(store_of(&state), state.backlog.clone(), shutdown.clone()));
+        tracker.spawn(forward_work_notifications(store_of(&state), wake.clone(), shutdown.clone()));
         Dispatcher::start(
             store_of(&state),
             state.catalog.clone(),
@@ -207,16 +209,61 @@ async fn follow_resources(store: Store, catalog: CatalogHandle, shutdown: Cancel
     }
 }
 
-/// Samples the delivery backlog once a second for ingest's backpressure.
+/// Samples the delivery backlog once a second, for ingest's backpressure and the gauges.
 async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
     loop {
         match store.queue_depth().await {
-            Ok((depth, _)) => backlog.store(depth, Ordering::Relaxed),
+            Ok((depth, oldest)) => {
+                backlog.store(depth, Ordering::Relaxed);
+                metrics::gauge!("hookwarden_delivery_queue_depth").set(depth as f64);
+                let age =
+                    oldest.map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+                metrics::gauge!("hookwarden_delivery_oldest_pending_seconds").set(age);
+            }
             Err(e) => tracing::warn!(error = %e, "could not sample the delivery backlog"),
         }
+        if let Ok(counts) = store.delivery_counts().await {
+            for state in crate::store::DeliveryState::ALL {
+                let count = counts.iter().find(|(s, _)| s == state.as_str()).map(|(_, n)| *n).unwrap_or(0);
+                metrics::gauge!("hookwarden_deliveries", "state" => state.as_str()).set(count as f64);
+            }
+        }
+        if let Ok(open) = store.open_breakers(chrono::Utc::now()).await {
+            metrics::gauge!("hookwarden_delivery_breakers_open").set(open as f64);
+        }
+        crate::telemetry::metrics().run_upkeep();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// On PostgreSQL, wakes this process's workers when any process enqueued work.
+async fn forward_work_notifications(store: Store, wake: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        let mut listener = match store.listen_for_work().await {
+            Ok(Some(listener)) => listener,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for work notifications; workers poll meanwhile");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = listener.recv() => match received {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "work notifications interrupted; reconnecting");
+                        break;
+                    }
+                },
+            }
         }
     }
 }

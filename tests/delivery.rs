@@ -128,6 +128,12 @@ async fn events_fan_out_to_the_right_endpoints_signed(db: TestDb) {
     .await;
     let event: Value = app.get(&format!("/v1/events/{big_id}"), &app.admin).await.json().await.unwrap();
     assert_eq!(event["deliveries"][0]["attempts_detail"][0]["status"], 204);
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in
+        ["hookwarden_delivery_attempts_total", "hookwarden_ingest_events_total", "hookwarden_http_requests_total"]
+    {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 }
 
 async fn each_status_class_is_retried_or_not_as_documented(db: TestDb) {

@@ -115,6 +115,7 @@ pub async fn replay(
     }
     tracing::info!(delivery_id = %record.id, event_id = %record.event_id, actor = %principal.subject, "delivery replayed");
     state.wake.notify_one();
+    let _ = state.store.notify_work().await;
     Ok(Json(json!({ "replayed": replayed })))
 }
 
@@ -168,6 +169,7 @@ pub async fn replay_many(
     let replayed = state.store.replay_deliveries(&ids).await?;
     tracing::info!(count = replayed.len(), actor = %principal.subject, "deliveries replayed");
     state.wake.notify_one();
+    let _ = state.store.notify_work().await;
     Ok(Json(json!({ "replayed": replayed })))
 }
 

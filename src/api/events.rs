@@ -218,6 +218,10 @@ struct LogFields {
 }
 
 fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], trace_id: &str) {
+    let duplicates = outcomes.iter().filter(|o| o.duplicate).count() as u64;
+    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "accepted")
+        .increment(outcomes.len() as u64 - duplicates);
+    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "duplicate").increment(duplicates);
     for (event, outcome) in fields.iter().zip(outcomes) {
         if !outcome.duplicate {
             tracing::info!(

@@ -22,3 +22,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
     Ok(Json(json!({ "status": "ready", "database": state.store.backend(), "controller": controller })))
 }
+
+/// Prometheus text format.
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    let body = crate::telemetry::metrics().render();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}

@@ -80,6 +80,7 @@ fn routes() -> Routes {
     Routes::new()
         .add(Method::GET, "/healthz", health::healthz)
         .add(Method::GET, "/readyz", health::readyz)
+        .add(Method::GET, "/metrics", health::metrics)
         .add(Method::POST, "/v1/events", events::create)
         .add(Method::GET, "/v1/events", events::list)
         .add(Method::POST, "/v1/events/batch", events::create_batch)
@@ -102,7 +103,30 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
 
 /// The application router over `state`.
 pub fn router(state: AppState) -> Router {
-    routes().router.fallback(route_not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
+    routes()
+        .router
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+/// `hookwarden_http_requests_total{route, method, status}` and request latency, by route
+/// template (never the raw path: label values stay a bounded set).
+async fn count_requests(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("hookwarden_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("hookwarden_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {

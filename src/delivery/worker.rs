@@ -307,6 +307,15 @@ impl Dispatcher {
             reason = decision.reason.as_deref().unwrap_or(""),
             "delivery attempt"
         );
+        metrics::counter!("hookwarden_delivery_attempts_total", "outcome" => decision.outcome).increment(1);
+        metrics::histogram!("hookwarden_delivery_attempt_seconds", "outcome" => decision.outcome)
+            .record(duration_ms as f64 / 1000.0);
+        if decision.state == crate::store::DeliveryState::Dead {
+            metrics::counter!("hookwarden_delivery_dead_letters_total").increment(1);
+        }
+        if decision.state == crate::store::DeliveryState::Retrying {
+            metrics::counter!("hookwarden_delivery_retries_total").increment(1);
+        }
         let breaker = ep.budget.breaker.map(|(failures, open_for)| {
             (failures, now + chrono::Duration::from_std(open_for).unwrap_or(chrono::Duration::MAX))
         });

@@ -80,6 +80,9 @@ async fn write_batches(store: Store, queue: Arc<Mutex<Queue>>, max_events: usize
         commit(&store, batch).await;
         if fanned_out {
             wake.notify_one();
+            if let Err(e) = store.notify_work().await {
+                tracing::debug!(error = %e, "could not notify other processes of new work; they will poll");
+            }
         }
     }
 }

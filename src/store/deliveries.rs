@@ -639,6 +639,19 @@ macro_rules! delivery_methods {
                 Ok((count.max(0) as u64, oldest))
             }
 
+            /// Endpoints whose breaker is open now, or that are disabled.
+            pub(super) async fn open_breakers(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar(&$sql(
+                    "SELECT COUNT(*) FROM endpoint_state WHERE breaker_open_until > ? OR disabled_reason IS NOT NULL",
+                ))
+                .bind(now)
+                .fetch_one(self.read_pool())
+                .await?)
+            }
+
             /// Counts of deliveries by state.
             pub(super) async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
                 Ok(sqlx::query_as(&$sql("SELECT state, COUNT(*) FROM deliveries GROUP BY state")).fetch_all(self.read_pool()).await?)

@@ -190,6 +190,23 @@ impl Store {
         }
     }
 
+    /// Wakes idle delivery workers of every process (PostgreSQL `NOTIFY`); on the
+    /// embedded database the in-process signal is enough and this does nothing.
+    pub async fn notify_work(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.notify_work().await,
+        }
+    }
+
+    /// On PostgreSQL, a listener for [`Store::notify_work`]; `None` on SQLite.
+    pub async fn listen_for_work(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(s.listen_for_work().await?)),
+        }
+    }
+
     /// Applies resources atomically; see [`ApplyRequest`].
     pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
         dispatch!(self, s => s.apply_resources(request).await)
@@ -306,6 +323,10 @@ impl Store {
     /// Deliveries waiting (pending or retrying) and when the oldest was created.
     pub async fn queue_depth(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
         dispatch!(self, s => s.queue_depth().await)
+    }
+
+    pub async fn open_breakers(&self, now: DateTime<Utc>) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.open_breakers(now).await)
     }
 
     pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {

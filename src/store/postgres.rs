@@ -61,6 +61,19 @@ impl PgStore {
         }
     }
 
+    /// Tells every process listening that deliveries are due (see [`Self::listen_for_work`]).
+    pub(super) async fn notify_work(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify('hookwarden_work', '')").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A listener woken by [`Self::notify_work`] from any process.
+    pub(super) async fn listen_for_work(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen("hookwarden_work").await?;
+        Ok(listener)
+    }
+
     fn write_pool(&self) -> &PgPool {
         &self.pool
     }
