@@ -271,6 +271,30 @@ async fn ordered_lanes_arrive_in_order_despite_failures(db: TestDb) {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_answers_503_when_the_delivery_backlog_is_too_long() {
+    let db = TestDb::sqlite();
+    let mut config = config_for(&db);
+    config.delivery.max_backlog = 3;
+    let app = spawn_app_with(config).await;
+    // A paused endpoint keeps its deliveries queued: the backlog only grows.
+    apply(&app, &endpoint("paused", "http://127.0.0.1:9/x", "*", "  paused: true\n")).await;
+    for n in 0..5 {
+        post_event(&app, json!({"id": format!("p-{n}"), "source": "s", "type": "t", "data": {}})).await;
+    }
+    let mut n = 5;
+    eventually(Duration::from_secs(10), "503 from ingest", || {
+        n += 1;
+        let body = json!({"id": format!("p-{n}"), "source": "s", "type": "t", "data": {}}).to_string();
+        let app = &app;
+        async move {
+            let response = app.post_json("/v1/events", &app.admin, body).await;
+            response.status() == 503 && response.headers().get("retry-after").is_some()
+        }
+    })
+    .await;
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {

@@ -160,3 +160,47 @@ async fn two_processes_on_one_postgres_deliver_everything_exactly_once() {
     one.kill();
     two.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_or_releases_attempts_in_flight() {
+    let db = TestDb::sqlite();
+    // The first three requests hang far longer than the shutdown grace.
+    let receiver = TestReceiver::start(Arc::new(|_: &str, n: usize| {
+        (200u16, None, if n < 3 { Duration::from_secs(4) } else { Duration::ZERO })
+    }) as Script)
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(
+        &config,
+        "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 30s, shutdownGrace: 300ms}\n",
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let server = Process::start(&db, &args);
+    apply(&server.base, &endpoint(&receiver.url("/sink")).replace("timeout: 1s", "timeout: 10s")).await;
+    post_events(&server.base, 0, 3).await;
+    eventually(Duration::from_secs(10), "three attempts in flight", || receiver.on("/sink").len() == 3).await;
+
+    let stopped = Instant::now();
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut child = server.child;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(3), "shutdown did not respect its grace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}");
+
+    // Released, not left leased for 40 s: a new process delivers them at once.
+    let again = Process::start(&db, &args);
+    // The hung requests were recorded when they arrived; the three after them are the resends.
+    eventually(Duration::from_secs(10), "released deliveries sent again", || receiver.on("/sink").len() >= 6).await;
+    let resent: std::collections::HashSet<String> =
+        receiver.on("/sink")[3..].iter().map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned()).collect();
+    assert_eq!(resent.len(), 3);
+    again.kill();
+}

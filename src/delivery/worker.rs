@@ -59,9 +59,14 @@ pub struct Dispatcher {
     stop_attempts: CancellationToken,
 }
 
-/// Per-endpoint admission: concurrency, rate, and the hourly retry budget.
+/// Per-endpoint admission: concurrency, rate, the hourly retry budget, and the breaker's
+/// half-open probe.
 struct EndpointLimits {
     concurrency: Arc<Semaphore>,
+    /// Consecutive failed attempts this process saw.
+    failing: u32,
+    /// A half-open probe is in flight: nothing else goes out until it answers.
+    probing: bool,
     /// Start times of recent requests, for `rateLimit.perSecond`.
     recent: VecDeque<Instant>,
     /// Times of recent retries, for `retriesPerHour`.
@@ -170,7 +175,9 @@ impl Dispatcher {
                             let d = self.clone();
                             attempts.spawn(async move { d.attempt(delivery, ep, slot, permit).await });
                         }
-                        None => give_back.push((delivery, Duration::from_millis(50))),
+                        // Busy (or probing): try again shortly, not at once, so the
+                        // claim loop does not spin on one endpoint's backlog.
+                        None => give_back.push((delivery, Duration::from_millis(250))),
                     },
                     None => {
                         let completion = self.gone_endpoint(&delivery);
@@ -194,10 +201,32 @@ impl Dispatcher {
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let limits = endpoints.entry((ep.namespace.clone(), ep.name.clone())).or_insert_with(|| EndpointLimits {
             concurrency: Arc::new(Semaphore::new(self.config.per_endpoint_concurrency)),
+            failing: 0,
+            probing: false,
             recent: VecDeque::new(),
             retries: VecDeque::new(),
         });
+        // The breaker tripped and its open period is over (or it would not have been
+        // claimed): half-open, one probe at a time.
+        let half_open = ep.budget.breaker.is_some_and(|(threshold, _)| limits.failing >= threshold);
+        if half_open {
+            if limits.probing {
+                return None;
+            }
+            let slot = limits.concurrency.clone().try_acquire_owned().ok()?;
+            limits.probing = true;
+            return Some(slot);
+        }
         limits.concurrency.clone().try_acquire_owned().ok()
+    }
+
+    /// Learns an attempt's outcome for the breaker's half-open state.
+    fn observe(&self, ep: &EndpointEntry, success: bool) {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) {
+            limits.failing = if success { 0 } else { limits.failing.saturating_add(1) };
+            limits.probing = false;
+        }
     }
 
     /// Waits until `ep`'s rate limit allows one more request.
@@ -307,6 +336,7 @@ impl Dispatcher {
             reason = decision.reason.as_deref().unwrap_or(""),
             "delivery attempt"
         );
+        self.observe(&ep, decision.success);
         metrics::counter!("hookwarden_delivery_attempts_total", "outcome" => decision.outcome).increment(1);
         metrics::histogram!("hookwarden_delivery_attempt_seconds", "outcome" => decision.outcome)
             .record(duration_ms as f64 / 1000.0);
