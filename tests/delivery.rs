@@ -272,6 +272,25 @@ async fn ordered_lanes_arrive_in_order_despite_failures(db: TestDb) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_endpoints_are_denied_by_default_and_never_called() {
+    let db = TestDb::sqlite();
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow-all}\nspec:\n  endpointRefs: [agent]\n  decision: allow\n";
+    apply(&app, &format!("{}---\n{rule}", endpoint("agent", &receiver.url("/agent"), "*", "  agent: true\n"))).await;
+    let event =
+        post_event(&app, json!({"source": "s", "type": "refund.requested", "data": {"amount_cents": 100}})).await;
+    let id = event["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "denied", || async {
+        delivery_states(&app, &id).await == [("agent".to_owned(), "denied".to_owned(), 1)]
+    })
+    .await;
+    let event: Value = app.get(&format!("/v1/events/{id}"), &app.admin).await.json().await.unwrap();
+    assert!(event["deliveries"][0]["last_error"].as_str().unwrap().contains("denied by default"));
+    assert!(receiver.on("/agent").is_empty(), "an agent endpoint must not be called without a policy decision");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_503_when_the_delivery_backlog_is_too_long() {
     let db = TestDb::sqlite();
     let mut config = config_for(&db);

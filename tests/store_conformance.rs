@@ -65,7 +65,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
             error: None,
             outcome: if success { "delivered".into() } else { "retry".into() },
         },
-        success,
+        success: Some(success),
         breaker: Some((2, now + chrono::Duration::minutes(5))),
         disable: None,
     }

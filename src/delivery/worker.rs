@@ -22,7 +22,11 @@ use super::outcome::{decide, AttemptResult};
 use super::signing;
 use crate::config::DeliveryConfig;
 use crate::resources::validate::is_private_ip;
-use crate::store::{Attempt, ClaimedDelivery, Completion, Store};
+use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
+
+/// Why agent endpoints get nothing yet.
+const AGENT_DENIAL: &str =
+    "denied by default: agent endpoints receive only what an AgentRule allows, and the policy gate is not enabled in this version";
 
 /// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
 struct GuardedResolver {
@@ -169,6 +173,12 @@ impl Dispatcher {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
                 match endpoint {
+                    Some(ep) if ep.spec.agent => {
+                        // Agent endpoints receive only what policy allowed. Until the policy
+                        // gate evaluates AgentRules, nothing is allowed: fail closed.
+                        let completion = self.refuse(&delivery, DeliveryState::Denied, "denied", AGENT_DENIAL);
+                        let _ = self.completions.send(completion).await;
+                    }
                     Some(ep) if ep.spec.paused => give_back.push((delivery, self.config.poll_interval * 10)),
                     Some(ep) => match self.admit(&ep) {
                         Some(slot) => {
@@ -180,7 +190,9 @@ impl Dispatcher {
                         None => give_back.push((delivery, Duration::from_millis(250))),
                     },
                     None => {
-                        let completion = self.gone_endpoint(&delivery);
+                        tracing::warn!(delivery_id = %delivery.id, endpoint = %delivery.endpoint, "endpoint no longer exists; delivery failed");
+                        let completion =
+                            self.refuse(&delivery, DeliveryState::Failed, "failed", "the endpoint no longer exists");
                         let _ = self.completions.send(completion).await;
                     }
                 }
@@ -266,15 +278,25 @@ impl Dispatcher {
         true
     }
 
-    fn gone_endpoint(&self, delivery: &ClaimedDelivery) -> Completion {
+    /// Ends a delivery without sending it.
+    fn refuse(&self, delivery: &ClaimedDelivery, state: DeliveryState, outcome: &str, reason: &str) -> Completion {
         let now = Utc::now();
-        tracing::warn!(delivery_id = %delivery.id, endpoint = %delivery.endpoint, "endpoint no longer exists; delivery failed");
+        tracing::info!(
+            event_id = %delivery.event_id,
+            delivery_id = %delivery.id,
+            endpoint = %delivery.endpoint,
+            namespace = %delivery.namespace,
+            state = state.as_str(),
+            trace_id = %delivery.trace_id,
+            reason,
+            "delivery not sent"
+        );
         Completion {
             id: delivery.id.clone(),
             lease_token: delivery.lease_token.clone(),
             namespace: delivery.namespace.clone(),
             endpoint: delivery.endpoint.clone(),
-            state: crate::store::DeliveryState::Failed,
+            state,
             next_attempt_at: now,
             attempt: Attempt {
                 attempt: delivery.attempt,
@@ -282,10 +304,11 @@ impl Dispatcher {
                 duration_ms: 0,
                 status: None,
                 response: None,
-                error: Some("the endpoint no longer exists".into()),
-                outcome: "failed".into(),
+                error: Some(reason.to_owned()),
+                outcome: outcome.to_owned(),
             },
-            success: true,
+            // Not the endpoint's doing: its health and breaker are untouched.
+            success: None,
             breaker: None,
             disable: None,
         }
@@ -365,7 +388,7 @@ impl Dispatcher {
                 error: if decision.success { None } else { decision.reason.clone() },
                 outcome: decision.outcome.into(),
             },
-            success: decision.success,
+            success: Some(decision.success),
             breaker,
             disable: decision.disable.then(|| ("the receiver answered 410 Gone".to_owned(), ep.generation)),
         };

@@ -117,8 +117,9 @@ pub struct Completion {
     pub state: DeliveryState,
     pub next_attempt_at: DateTime<Utc>,
     pub attempt: Attempt,
-    /// Whether the attempt counts as a success for the endpoint's health.
-    pub success: bool,
+    /// How the attempt counts for the endpoint's health: a success, a failure, or (for a
+    /// delivery ended without a request) not at all.
+    pub success: Option<bool>,
     /// `(failures that open the breaker, until when it then stays open)`.
     pub breaker: Option<(u32, DateTime<Utc>)>,
     /// Disable the endpoint (it answered 410 Gone), at this generation.
@@ -420,7 +421,7 @@ macro_rules! delivery_methods {
                     .bind(&c.attempt.outcome)
                     .execute(&mut *tx)
                     .await?;
-                    if c.success {
+                    if c.success == Some(true) {
                         sqlx::query(&$sql(
                             "INSERT INTO endpoint_state (namespace, name, consecutive_failures, last_success_at) VALUES (?, ?, 0, ?) \
                              ON CONFLICT (namespace, name) DO UPDATE SET consecutive_failures = 0, breaker_open_until = NULL, \
@@ -431,7 +432,7 @@ macro_rules! delivery_methods {
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
-                    } else {
+                    } else if c.success == Some(false) {
                         let (threshold, open_until) = match c.breaker {
                             Some((threshold, until)) => (i64::from(threshold), Some(until)),
                             None => (i64::MAX, None),
