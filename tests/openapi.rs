@@ -55,3 +55,14 @@ fn the_spec_is_openapi_3_1_and_every_operation_documents_its_responses() {
         }
     }
 }
+
+/// `docs/hookwarden.schema.json` (what editors load) is what `hookwarden schema` prints.
+#[test]
+fn the_published_resource_schema_is_current() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/hookwarden.schema.json")).unwrap();
+    let published: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        published == hookwarden::resources::json_schema(),
+        "docs/hookwarden.schema.json is stale: run `cargo run -- schema > docs/hookwarden.schema.json`"
+    );
+}

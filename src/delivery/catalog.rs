@@ -28,6 +28,7 @@ pub fn default_budget() -> Budget {
         retries_per_hour: None,
         breaker: Some((10, Duration::from_secs(300))),
         dead_letter_after: Some(Duration::from_secs(72 * 3600)),
+        retry_on_status: Vec::new(),
     }
 }
 
@@ -40,6 +41,8 @@ pub struct Budget {
     /// `(consecutive failures that open it, how long it stays open)`.
     pub breaker: Option<(u32, Duration)>,
     pub dead_letter_after: Option<Duration>,
+    /// 4xx statuses retried rather than failed.
+    pub retry_on_status: Vec<u16>,
 }
 
 impl From<&RetryBudgetSpec> for Budget {
@@ -50,6 +53,7 @@ impl From<&RetryBudgetSpec> for Budget {
             retries_per_hour: spec.retries_per_hour,
             breaker: spec.circuit_breaker.as_ref().map(|b| (b.consecutive_failures, b.open_for.0)),
             dead_letter_after: spec.dead_letter_after.map(|d| d.0),
+            retry_on_status: spec.retry_on_status.clone(),
         }
     }
 }

@@ -68,7 +68,9 @@ pub fn decide(
             let delay = header.as_deref().and_then(|h| retry_after(h, now, budget.backoff.max)).unwrap_or(backoff);
             (delay, format!("HTTP {status}"))
         }
-        AttemptResult::Response { status, .. } if *status >= 500 || *status == 408 => {
+        AttemptResult::Response { status, .. }
+            if *status >= 500 || *status == 408 || budget.retry_on_status.contains(status) =>
+        {
             (budget.backoff.delay(attempt, random), format!("HTTP {status}"))
         }
         AttemptResult::Response { status, .. } if (300..400).contains(status) => {
@@ -131,6 +133,7 @@ mod tests {
             retries_per_hour: None,
             breaker: None,
             dead_letter_after: Some(Duration::from_secs(3600)),
+            retry_on_status: vec![404],
         }
     }
 
@@ -149,6 +152,7 @@ mod tests {
         let (gone, _) = decide_now(response(410), 1);
         assert_eq!((gone.state, gone.disable), (DeliveryState::Failed, true));
         assert_eq!(decide_now(response(400), 1).0.state, DeliveryState::Failed);
+        assert_eq!(decide_now(response(404), 1).0.state, DeliveryState::Retrying, "configured to retry");
         assert_eq!(decide_now(response(302), 1).0.state, DeliveryState::Failed);
         for retried in [
             response(500),

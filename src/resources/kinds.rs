@@ -98,6 +98,10 @@ pub struct RetryBudgetSpec {
     /// A delivery still undelivered this long after its event is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_after: Option<DurationText>,
+    /// 4xx statuses to retry instead of failing at once (e.g. `[404, 409]` for a receiver
+    /// that is being deployed). 408, 429 and every 5xx are always retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on_status: Vec<u16>,
 }
 
 /// `min(base * 2^attempt + jitter, max)`.

@@ -289,6 +289,14 @@ impl Validator<'_> {
         if spec.dead_letter_after.is_some_and(|d| d.as_duration().is_zero()) {
             self.error("spec.deadLetterAfter", "must be greater than 0s");
         }
+        for (i, status) in spec.retry_on_status.iter().enumerate() {
+            if !(400..500).contains(status) || *status == 410 {
+                self.error(
+                    &format!("spec.retryOnStatus[{i}]"),
+                    "must be a 4xx status other than 410 (5xx are always retried)",
+                );
+            }
+        }
     }
 
     fn filter(&mut self, spec: &FilterSpec) {
