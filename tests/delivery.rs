@@ -272,11 +272,12 @@ async fn ordered_lanes_arrive_in_order_despite_failures(db: TestDb) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_endpoints_are_denied_by_default_and_never_called() {
+async fn agent_endpoints_no_rule_allows_are_denied_and_never_called() {
     let db = TestDb::sqlite();
     let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
     let app = spawn_app_with(config_for(&db)).await;
-    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow-all}\nspec:\n  endpointRefs: [agent]\n  decision: allow\n";
+    // A rule for other agents (by label) does not allow this one.
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: others}\nspec:\n  selector: {matchLabels: {team: elsewhere}}\n  decision: allow\n";
     apply(&app, &format!("{}---\n{rule}", endpoint("agent", &receiver.url("/agent"), "*", "  agent: true\n"))).await;
     let event =
         post_event(&app, json!({"source": "s", "type": "refund.requested", "data": {"amount_cents": 100}})).await;
@@ -286,7 +287,10 @@ async fn agent_endpoints_are_denied_by_default_and_never_called() {
     })
     .await;
     let event: Value = app.get(&format!("/v1/events/{id}"), &app.admin).await.json().await.unwrap();
-    assert!(event["deliveries"][0]["last_error"].as_str().unwrap().contains("denied by default"));
+    let decision = &event["deliveries"][0]["decision"];
+    assert_eq!(decision["outcome"], "deny");
+    assert!(decision["reason"].as_str().unwrap().contains("no rule allowed it"), "{decision}");
+    assert_eq!(decision["revision"].as_str().unwrap().len(), 64);
     assert!(receiver.on("/agent").is_empty(), "an agent endpoint must not be called without a policy decision");
 }
 

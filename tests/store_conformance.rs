@@ -68,6 +68,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
         success: Some(success),
         breaker: Some((2, now + chrono::Duration::minutes(5))),
         disable: None,
+        decision: None,
     }
 }
 

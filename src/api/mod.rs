@@ -5,6 +5,7 @@
 //! it; `tests/openapi.rs` compares that table with `openapi.yaml`, so the spec and the
 //! router cannot drift apart.
 
+pub mod approvals;
 pub mod deliveries;
 pub mod error;
 pub mod events;
@@ -90,6 +91,10 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/deliveries/{id}", deliveries::get)
         .add(Method::POST, "/v1/deliveries/{id}/replay", deliveries::replay)
         .add(Method::GET, "/v1/endpoints/{namespace}/{name}/health", deliveries::health)
+        .add(Method::GET, "/v1/approvals", approvals::list)
+        .add(Method::GET, "/v1/approvals/{id}", approvals::get)
+        .add(Method::POST, "/v1/approvals/{id}/grant", approvals::grant)
+        .add(Method::POST, "/v1/approvals/{id}/deny", approvals::deny)
         .add(Method::POST, "/v1/apply", resources::apply_resources)
         .add(Method::GET, "/v1/resources/{kind}", resources::list_resources)
         .add(Method::GET, "/v1/resources/{kind}/{namespace}/{name}", resources::get_resource)

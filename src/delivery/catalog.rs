@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::retry::Backoff;
+use crate::policy::engine::{CompiledRule, PolicySet};
 use crate::policy::expr::{self, CompiledExpr, Limits};
 use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, RetryBudgetSpec};
 use crate::resources::validate::{check_whsec, EVENT_VARIABLES};
@@ -111,10 +112,15 @@ impl EventView<'_> {
     }
 }
 
+/// The compiled rules of a namespace and the `(name, namespace, spec)` they came from.
+type RuleSources = (Vec<CompiledRule>, Vec<(String, String, Value)>);
+
 /// The endpoints in force, by namespace.
 #[derive(Debug, Default)]
 pub struct Catalog {
     by_namespace: HashMap<String, Vec<Arc<EndpointEntry>>>,
+    /// The AgentRules in force, by namespace.
+    policies: HashMap<String, Arc<PolicySet>>,
     /// Changes whenever the stored resources change.
     pub fingerprint: String,
 }
@@ -215,6 +221,11 @@ impl Catalog {
         self.by_namespace.values().flatten()
     }
 
+    /// The AgentRules of a namespace (empty: every agent delivery is denied).
+    pub fn policy(&self, namespace: &str) -> Arc<PolicySet> {
+        self.policies.get(namespace).cloned().unwrap_or_default()
+    }
+
     pub fn endpoint(&self, namespace: &str, name: &str) -> Option<Arc<EndpointEntry>> {
         self.by_namespace.get(namespace)?.iter().find(|e| e.name == name).cloned()
     }
@@ -236,7 +247,36 @@ impl Catalog {
                 Err(error) => tracing::warn!(endpoint = %name, %namespace, %error, "endpoint left out of delivery"),
             }
         }
-        Catalog { by_namespace, fingerprint }
+        let mut rules: HashMap<String, RuleSources> = HashMap::new();
+        for resource in resources.iter().filter(|r| r.key.kind == Kind::AgentRule) {
+            let (namespace, name) = (&resource.key.namespace, &resource.key.name);
+            let compiled = match Spec::from_json(Kind::AgentRule, resource.spec.clone()) {
+                Ok(Spec::AgentRule(spec)) => CompiledRule::compile(name, namespace, &spec),
+                _ => Err("stored spec is unreadable".to_owned()),
+            };
+            match compiled {
+                Ok(rule) => {
+                    let entry = rules.entry(namespace.clone()).or_default();
+                    entry.0.push(rule);
+                    entry.1.push((name.clone(), namespace.clone(), resource.spec.clone()));
+                }
+                // Fail closed: a rule that cannot run (it passed validation, so this means
+                // stored data went bad) stands in as a rule that denies every agent.
+                Err(error) => {
+                    tracing::error!(rule = %name, %namespace, %error, "agent rule cannot be compiled; its namespace's agents are denied");
+                    let entry = rules.entry(namespace.clone()).or_default();
+                    entry.0.push(CompiledRule::deny_all(
+                        name,
+                        namespace,
+                        &format!("rule `{name}` cannot be compiled: {error}"),
+                    ));
+                    entry.1.push((name.clone(), namespace.clone(), resource.spec.clone()));
+                }
+            }
+        }
+        let policies =
+            rules.into_iter().map(|(ns, (compiled, specs))| (ns, Arc::new(PolicySet::new(compiled, &specs)))).collect();
+        Catalog { by_namespace, policies, fingerprint }
     }
 
     fn entry(

@@ -17,16 +17,16 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::catalog::{CatalogHandle, EndpointEntry};
+use std::collections::BTreeMap;
+
+use super::catalog::{CatalogHandle, EndpointEntry, EventView};
 use super::outcome::{decide, AttemptResult};
 use super::signing;
 use crate::config::DeliveryConfig;
+use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
 use crate::resources::validate::is_private_ip;
+use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
-
-/// Why agent endpoints get nothing yet.
-const AGENT_DENIAL: &str =
-    "denied by default: agent endpoints receive only what an AgentRule allows, and the policy gate is not enabled in this version";
 
 /// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
 struct GuardedResolver {
@@ -173,12 +173,6 @@ impl Dispatcher {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
                 match endpoint {
-                    Some(ep) if ep.spec.agent => {
-                        // Agent endpoints receive only what policy allowed. Until the policy
-                        // gate evaluates AgentRules, nothing is allowed: fail closed.
-                        let completion = self.refuse(&delivery, DeliveryState::Denied, "denied", AGENT_DENIAL);
-                        let _ = self.completions.send(completion).await;
-                    }
                     Some(ep) if ep.spec.paused => give_back.push((delivery, self.config.poll_interval * 10)),
                     Some(ep) => match self.admit(&ep) {
                         Some(slot) => {
@@ -311,6 +305,7 @@ impl Dispatcher {
             success: None,
             breaker: None,
             disable: None,
+            decision: None,
         }
     }
 
@@ -322,6 +317,9 @@ impl Dispatcher {
         _permit: OwnedSemaphorePermit,
     ) {
         let stop = self.stop_attempts.clone();
+        if ep.spec.agent && !self.gate(&delivery, &ep).await {
+            return;
+        }
         self.pace(&ep).await;
         let started_at = Utc::now();
         let clock = Instant::now();
@@ -391,10 +389,165 @@ impl Dispatcher {
             success: Some(decision.success),
             breaker,
             disable: decision.disable.then(|| ("the receiver answered 410 Gone".to_owned(), ep.generation)),
+            decision: None,
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");
         }
+    }
+
+    /// The policy gate for an agent endpoint: true when the delivery may be sent (the
+    /// decision and its spend reservation are then committed); otherwise the delivery was
+    /// denied or held here.
+    async fn gate(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> bool {
+        let policy = self.catalog.current().policy(&delivery.namespace);
+        let time = delivery.event_time.map(|t| t.to_rfc3339());
+        let event = EventView {
+            id: delivery.event_id.as_str(),
+            namespace: &delivery.namespace,
+            source: &delivery.source,
+            event_type: &delivery.event_type,
+            subject: delivery.subject.as_deref(),
+            time,
+            data: &delivery.data,
+        }
+        .to_json();
+        let endpoint = PolicyEndpoint { namespace: &ep.namespace, name: &ep.name, labels: &ep.labels };
+        for _ in 0..3 {
+            let now = Utc::now();
+            // First learn which spend windows the rules look at, then read them.
+            let probe = engine::decide(&policy, &event, endpoint, &BTreeMap::new(), now, EvalBudget::default());
+            let keys: Vec<(String, String, String, Duration)> = probe
+                .rules
+                .iter()
+                .filter_map(|r| r.spend.as_ref())
+                .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
+                .collect();
+            let totals = match self.store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await {
+                Ok(totals) => totals,
+                Err(e) => return self.gate_failed(delivery, e).await,
+            };
+            let decision = engine::decide(&policy, &event, endpoint, &totals, now, EvalBudget::default());
+            let recorded = serde_json::to_string(&decision).unwrap_or_default();
+            metrics::counter!("hookwarden_policy_decisions_total", "outcome" => outcome_name(decision.outcome))
+                .increment(1);
+            if delivery.approved {
+                // Granted by approvers: sent without a new decision; its spend counts.
+                let reservations =
+                    reservations(decision.rules.iter().filter(|r| !r.shadow).filter_map(|r| r.spend.as_ref()));
+                let granted =
+                    format!(r#"{{"outcome":"allow","reason":"granted by approvers","evaluated":{recorded}}}"#);
+                return match self
+                    .store
+                    .allow_delivery(
+                        &delivery.id,
+                        &delivery.lease_token,
+                        &delivery.namespace,
+                        &granted,
+                        &reservations,
+                        false,
+                        now,
+                    )
+                    .await
+                {
+                    Ok(AllowResult::Reserved) => true,
+                    Ok(_) => false,
+                    Err(e) => self.gate_failed(delivery, e).await,
+                };
+            }
+            tracing::info!(
+                event_id = %delivery.event_id,
+                delivery_id = %delivery.id,
+                endpoint = %delivery.endpoint,
+                outcome = outcome_name(decision.outcome),
+                rule = decision.rule.as_deref().unwrap_or(""),
+                reason = %decision.reason,
+                revision = %decision.revision,
+                trace_id = %delivery.trace_id,
+                "policy decision"
+            );
+            match decision.outcome {
+                Outcome::Allow => {
+                    let reservations = reservations(decision.spend.iter());
+                    match self
+                        .store
+                        .allow_delivery(
+                            &delivery.id,
+                            &delivery.lease_token,
+                            &delivery.namespace,
+                            &recorded,
+                            &reservations,
+                            true,
+                            now,
+                        )
+                        .await
+                    {
+                        Ok(AllowResult::Reserved) => return true,
+                        Ok(AllowResult::LeaseLost) => return false,
+                        // Another delivery took the budget meanwhile: decide again.
+                        Ok(AllowResult::OverLimit(_)) => continue,
+                        Err(e) => return self.gate_failed(delivery, e).await,
+                    }
+                }
+                Outcome::Deny => {
+                    let mut completion = self.refuse(delivery, DeliveryState::Denied, "denied", &decision.reason);
+                    completion.decision = Some(recorded);
+                    let _ = self.completions.send(completion).await;
+                    return false;
+                }
+                Outcome::Hold => {
+                    let approval = decision
+                        .approval
+                        .clone()
+                        .unwrap_or_else(|| serde_json::from_value(serde_json::json!({})).expect("defaults"));
+                    let amounts: Vec<(String, i64)> = decision
+                        .rules
+                        .iter()
+                        .filter_map(|r| r.spend.as_ref())
+                        .map(|s| (s.currency.clone(), s.amount))
+                        .collect();
+                    let request = NewApproval {
+                        id: format!("apr_{}", ulid::Ulid::new()),
+                        namespace: delivery.namespace.clone(),
+                        event_id: delivery.event_id.to_string(),
+                        endpoint: delivery.endpoint.clone(),
+                        rule: decision.rule.clone(),
+                        reason: decision.reason.clone(),
+                        action_hash: action_hash(&event, &delivery.namespace, &delivery.endpoint, &amounts),
+                        role: approval.role.clone(),
+                        quorum: approval.quorum,
+                        on_expiry: match approval.on_expiry {
+                            crate::resources::kinds::ExpiryOutcome::Allow => "allow".into(),
+                            crate::resources::kinds::ExpiryOutcome::Deny => "deny".into(),
+                        },
+                        expires_at: now
+                            + chrono::Duration::from_std(approval.expires_after.0).unwrap_or(chrono::Duration::MAX),
+                        requested_by: delivery.ingested_by.clone(),
+                    };
+                    match self.store.hold_delivery(&delivery.id, &delivery.lease_token, &recorded, &request, now).await
+                    {
+                        Ok(_) => metrics::counter!("hookwarden_policy_holds_total").increment(1),
+                        Err(e) => {
+                            self.gate_failed(delivery, e).await;
+                        }
+                    }
+                    return false;
+                }
+            }
+        }
+        let mut completion =
+            self.refuse(delivery, DeliveryState::Denied, "denied", "the spend budget kept changing while deciding");
+        completion.decision = Some(r#"{"outcome":"deny","reason":"spend budget contention"}"#.into());
+        let _ = self.completions.send(completion).await;
+        false
+    }
+
+    /// The gate could not decide (database trouble): give the delivery back for later.
+    async fn gate_failed(&self, delivery: &ClaimedDelivery, error: crate::store::StoreError) -> bool {
+        tracing::warn!(delivery_id = %delivery.id, error = %error, "policy gate could not decide; retrying later");
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], later).await;
+        false
     }
 
     /// One HTTP request: `(result, first bytes of the response)`.
@@ -516,4 +669,25 @@ async fn reap_expired_leases(store: Store, margin: Duration, shutdown: Cancellat
             Err(e) => tracing::warn!(error = %e, "could not release expired leases"),
         }
     }
+}
+
+fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Allow => "allow",
+        Outcome::Hold => "hold",
+        Outcome::Deny => "deny",
+    }
+}
+
+fn reservations<'a>(checks: impl Iterator<Item = &'a SpendCheck>) -> Vec<SpendReservation> {
+    checks
+        .map(|s| SpendReservation {
+            rule: s.rule.clone(),
+            key: s.key.clone(),
+            currency: s.currency.clone(),
+            amount: s.amount,
+            limit: s.limit,
+            window: s.window,
+        })
+        .collect()
 }

@@ -92,6 +92,12 @@ pub struct ClaimedDelivery {
     pub event_time: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
     pub trace_id: String,
+    pub source: String,
+    pub subject: Option<String>,
+    /// Who ingested the event (it may not approve its own hold).
+    pub ingested_by: String,
+    /// Granted by approvers: sent without passing the gate again.
+    pub approved: bool,
 }
 
 /// One recorded attempt.
@@ -124,6 +130,8 @@ pub struct Completion {
     pub breaker: Option<(u32, DateTime<Utc>)>,
     /// Disable the endpoint (it answered 410 Gone), at this generation.
     pub disable: Option<(String, i64)>,
+    /// The policy decision, when this completion records one (a denial).
+    pub decision: Option<String>,
 }
 
 /// A delivery as shown.
@@ -142,6 +150,8 @@ pub struct DeliveryRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The policy gate's decision (agent endpoints), with its explanation.
+    pub decision: Option<serde_json::Value>,
 }
 
 /// Filters of `list_deliveries`; newest first.
@@ -191,6 +201,7 @@ pub(super) struct DeliveryRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub decision: Option<String>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -215,6 +226,12 @@ impl TryFrom<DeliveryRow> for DeliveryRecord {
             created_at: r.created_at,
             updated_at: r.updated_at,
             completed_at: r.completed_at,
+            decision: r
+                .decision
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt("decision", e))?,
         })
     }
 }
@@ -232,6 +249,10 @@ pub(super) struct ClaimRow {
     pub event_time: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
     pub trace_id: String,
+    pub source: String,
+    pub subject: Option<String>,
+    pub ingested_by: String,
+    pub approved: bool,
 }
 
 impl ClaimRow {
@@ -249,6 +270,10 @@ impl ClaimRow {
             event_time: self.event_time,
             received_at: self.received_at,
             trace_id: self.trace_id,
+            source: self.source,
+            subject: self.subject,
+            ingested_by: self.ingested_by,
+            approved: self.approved,
         })
     }
 }
@@ -322,8 +347,8 @@ macro_rules! delivery_methods {
                 }
                 let rows: Vec<ClaimRow> = sqlx::query_as(&$sql(
                     "SELECT d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, e.type AS event_type, e.data, \
-                     e.time AS event_time, e.received_at, e.trace_id FROM deliveries d JOIN events e ON e.id = d.event_id \
-                     WHERE d.lease_token = ? ORDER BY d.id",
+                     e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, d.approved \
+                     FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.lease_token = ? ORDER BY d.id",
                 ))
                 .bind(&token)
                 .fetch_all(self.write_pool())
@@ -388,7 +413,8 @@ macro_rules! delivery_methods {
                     let completed_at = c.state.is_final().then_some(now);
                     let updated = sqlx::query(&$sql(
                         "UPDATE deliveries SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_until = NULL, \
-                         last_status = ?, last_error = ?, updated_at = ?, completed_at = ? WHERE id = ? AND lease_token = ?",
+                         last_status = ?, last_error = ?, updated_at = ?, completed_at = ?, decision = COALESCE(?, decision) \
+                         WHERE id = ? AND lease_token = ?",
                     ))
                     .bind(c.state.as_str())
                     .bind(c.next_attempt_at)
@@ -396,6 +422,7 @@ macro_rules! delivery_methods {
                     .bind(&c.attempt.error)
                     .bind(now)
                     .bind(completed_at)
+                    .bind(&c.decision)
                     .bind(c.id.as_str())
                     .bind(&c.lease_token)
                     .execute(&mut *tx)
@@ -404,6 +431,13 @@ macro_rules! delivery_methods {
                     if updated != 1 {
                         lost += 1;
                         continue;
+                    }
+                    if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state) {
+                        sqlx::query(&$sql("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'"))
+                            .bind(ledger)
+                            .bind(c.id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     sqlx::query(&$sql(
                         "INSERT INTO delivery_attempts (delivery_id, attempt, namespace, endpoint, started_at, duration_ms, status, \
@@ -473,7 +507,7 @@ macro_rules! delivery_methods {
                 use $crate::store::deliveries::{AttemptRow, DeliveryRecord, DeliveryRow};
                 let row: Option<DeliveryRow> = sqlx::query_as(&$sql(
                     "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
-                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE id = ?",
+                     last_error, created_at, updated_at, completed_at, decision FROM deliveries WHERE id = ?",
                 ))
                 .bind(id.as_str())
                 .fetch_optional(self.read_pool())
@@ -496,7 +530,7 @@ macro_rules! delivery_methods {
                 use $crate::store::deliveries::{DeliveryRecord, DeliveryRow};
                 let rows: Vec<DeliveryRow> = sqlx::query_as(&$sql(
                     "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
-                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE event_id = ? ORDER BY id",
+                     last_error, created_at, updated_at, completed_at, decision FROM deliveries WHERE event_id = ? ORDER BY id",
                 ))
                 .bind(event.as_str())
                 .fetch_all(self.read_pool())
@@ -511,7 +545,7 @@ macro_rules! delivery_methods {
                 use $crate::store::deliveries::{DeliveryRecord, DeliveryRow};
                 let rows: Vec<DeliveryRow> = sqlx::query_as(&$sql(
                     "SELECT id, event_id, namespace, endpoint, state, attempts, next_attempt_at, ordering_key, last_status, \
-                     last_error, created_at, updated_at, completed_at FROM deliveries WHERE namespace = ? \
+                     last_error, created_at, updated_at, completed_at, decision FROM deliveries WHERE namespace = ? \
                      AND (? IS NULL OR endpoint = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR id < ?) \
                      AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?) ORDER BY id DESC LIMIT ?",
                 ))

@@ -9,6 +9,7 @@
 
 pub mod deliveries;
 mod ingest;
+pub mod policy;
 mod postgres;
 pub mod resources;
 mod sqlite;
@@ -331,6 +332,78 @@ impl Store {
 
     pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         dispatch!(self, s => s.delivery_counts().await)
+    }
+
+    /// Spend counted per `(rule, key, currency)`, each in its own window, leaving out the
+    /// reservation of `exclude` (a delivery deciding again after a retry).
+    pub async fn spend_totals(
+        &self,
+        namespace: &str,
+        keys: &[(String, String, String, std::time::Duration)],
+        exclude: Option<&crate::ids::DeliveryId>,
+        now: DateTime<Utc>,
+    ) -> Result<std::collections::BTreeMap<(String, String, String), i64>, StoreError> {
+        dispatch!(self, s => s.spend_totals(namespace, keys, exclude, now).await)
+    }
+
+    /// Records an allow decision and reserves its spend atomically (see [`policy::AllowResult`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn allow_delivery(
+        &self,
+        id: &crate::ids::DeliveryId,
+        lease_token: &str,
+        namespace: &str,
+        decision: &str,
+        reservations: &[policy::SpendReservation],
+        enforce_limits: bool,
+        now: DateTime<Utc>,
+    ) -> Result<policy::AllowResult, StoreError> {
+        dispatch!(self, s => s.allow_delivery(id, lease_token, namespace, decision, reservations, enforce_limits, now).await)
+    }
+
+    /// Holds a claimed delivery and opens its approval request; false if the lease was lost.
+    pub async fn hold_delivery(
+        &self,
+        id: &crate::ids::DeliveryId,
+        lease_token: &str,
+        decision: &str,
+        approval: &policy::NewApproval,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.hold_delivery(id, lease_token, decision, approval, now).await)
+    }
+
+    pub async fn list_approvals(
+        &self,
+        namespace: &str,
+        state: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<policy::ApprovalRecord>, StoreError> {
+        dispatch!(self, s => s.list_approvals(namespace, state, limit).await)
+    }
+
+    pub async fn get_approval(
+        &self,
+        id: &str,
+    ) -> Result<Option<(policy::ApprovalRecord, Vec<policy::VoteRecord>)>, StoreError> {
+        dispatch!(self, s => s.get_approval(id).await)
+    }
+
+    /// One approver's vote; see [`policy::VoteOutcome`].
+    pub async fn vote_on_approval(
+        &self,
+        id: &str,
+        voter: &str,
+        grant: bool,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<policy::VoteOutcome, StoreError> {
+        dispatch!(self, s => s.vote_on_approval(id, voter, grant, reason, now).await)
+    }
+
+    /// Applies the expiry outcome of every pending approval past its deadline.
+    pub async fn expire_approvals(&self, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
+        dispatch!(self, s => s.expire_approvals(now).await)
     }
 
     /// Closes every connection; pending work is finished first.

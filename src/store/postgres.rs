@@ -135,6 +135,12 @@ impl PgStore {
 
 super::resources::resource_methods!(PgStore, super::resources::numbered);
 super::deliveries::delivery_methods!(PgStore, super::resources::numbered, " FOR UPDATE SKIP LOCKED");
+super::policy::policy_methods!(
+    PgStore,
+    super::resources::numbered,
+    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"),
+    " FOR UPDATE"
+);
 
 struct PgIngest(Transaction<'static, Postgres>);
 

@@ -120,6 +120,8 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
 
 super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
 super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged, "");
+// One writer connection serializes reservations and votes; no extra locks needed.
+super::policy::policy_methods!(SqliteStore, super::resources::unchanged, None, "");
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 

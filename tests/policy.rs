@@ -1,0 +1,255 @@
+//! The policy gate end to end: spend limits under concurrency, the approval flow over
+//! HTTP, and approval expiry across a restart.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::receiver::{Script, TestReceiver, SECRET};
+use common::{spawn_app_with, token, Process, TestApp, TestDb};
+use hookwarden::auth::Role;
+use serde_json::{json, Value};
+
+fn config_for(db: &TestDb) -> hookwarden::config::Config {
+    let mut config = db.config();
+    config.allow_private_urls = true;
+    config.delivery.poll_interval = Duration::from_millis(50);
+    config
+}
+
+fn agent(url: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: refund-agent, labels: {{role: agent}}}}\nspec:\n  url: {url}\n  agent: true\n  secrets: [{{value: {SECRET}}}]\n"
+    )
+}
+
+const CAP: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: cap}\nspec:\n  selector: {matchLabels: {role: agent}}\n  decision: allow\n  spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: LIMIT, window: 24h, overLimit: deny}\n";
+
+async fn apply(app: &TestApp, yaml: &str) {
+    let response = app
+        .client
+        .post(app.url("/v1/apply"))
+        .bearer_auth(&app.admin)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+}
+
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn count(app: &TestApp, state: &str) -> usize {
+    let page: Value =
+        app.get(&format!("/v1/deliveries?state={state}&limit=1000"), &app.admin).await.json().await.unwrap();
+    page["items"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+async fn refunds(app: &TestApp, from: usize, count: usize, cents: u64) {
+    let events: Vec<Value> =
+        (from..from + count).map(|n| json!({"id": format!("r-{n}"), "source": "shop", "type": "refund.requested", "data": {"amount_cents": cents}})).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for event in events {
+        let (client, url, token) = (app.client.clone(), app.url("/v1/events"), app.admin.clone());
+        tasks.spawn(async move { client.post(url).bearer_auth(token).json(&event).send().await.unwrap().status() });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+}
+
+async fn concurrent_deliveries_never_exceed_the_spend_limit(db: TestDb) {
+    // The first five requests fail (400): their reservations must be released.
+    let receiver =
+        TestReceiver::start(
+            Arc::new(|_: &str, n: usize| (if n < 5 { 400u16 } else { 200 }, None, Duration::ZERO)) as Script
+        )
+        .await;
+    let app = spawn_app_with(config_for(&db)).await;
+    apply(&app, &format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"))).await;
+
+    // Released reservations free budget again: five refunds that fail, then the race.
+    refunds(&app, 0, 5, 1000).await;
+    eventually(Duration::from_secs(20), "five failed", || async { count(&app, "failed").await == 5 }).await;
+
+    // 100 concurrent refunds of 10.00 against a 500.00 cap: at most 50 go out.
+    refunds(&app, 100, 100, 1000).await;
+    eventually(Duration::from_secs(60), "every refund decided", || async {
+        count(&app, "delivered").await + count(&app, "denied").await == 100
+    })
+    .await;
+    assert_eq!(count(&app, "delivered").await, 50, "exactly the cap: 50 × 10.00 = 500.00");
+    let sent_ok = receiver.on("/agent").iter().filter(|r| r.answered == 200).count();
+    assert_eq!(sent_ok, 50);
+    let denied: Value = app.get("/v1/deliveries?state=denied&limit=1", &app.admin).await.json().await.unwrap();
+    let reason = denied["items"][0]["decision"]["reason"].as_str().unwrap();
+    assert!(reason.contains("over the spend limit"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_never_exceed_the_spend_limit_on_sqlite() {
+    concurrent_deliveries_never_exceed_the_spend_limit(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_never_exceed_the_spend_limit_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    concurrent_deliveries_never_exceed_the_spend_limit(db).await;
+}
+
+const HOLD: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: big-refunds}\nspec:\n  endpointRefs: [refund-agent]\n  match: \"int(event.data.amount_cents) > 20000\"\n  decision: hold\n  approval: {role: approver, quorum: 2, expiresAfter: EXPIRY, onExpiry: deny}\n  reason: refunds above 200.00 need two approvers\n---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: refunds}\nspec:\n  endpointRefs: [refund-agent]\n  decision: allow\n";
+
+/// Waits for a pending approval request and returns it.
+async fn first_pending(app: &TestApp) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page: Value = app.get("/v1/approvals?state=pending", &app.admin).await.json().await.unwrap();
+        if page["items"][0].is_object() {
+            return page["items"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "no pending approval");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn vote(app: &TestApp, token: &str, id: &str, verb: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/approvals/{id}/{verb}")))
+        .bearer_auth(token)
+        .json(&json!({"reason": "checked the order"}))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_needs_a_quorum_of_distinct_approvers_and_is_delivered_once() {
+    let db = TestDb::sqlite();
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    apply(&app, &format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "4h"))).await;
+    // The shop submits the refund; it is also an approver, but not of its own request.
+    let shop = token("shop", &[Role::Ingest, Role::Approver], &["*"]);
+    let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 25000}});
+    let response = app.client.post(app.url("/v1/events")).bearer_auth(&shop).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+
+    let pending = first_pending(&app).await;
+    let id = pending["id"].as_str().unwrap().to_owned();
+    assert_eq!(pending["quorum"], 2);
+    assert_eq!(pending["rule"], "big-refunds");
+    assert_eq!(pending["action_hash"].as_str().unwrap().len(), 64);
+    assert!(receiver.on("/agent").is_empty(), "held, not sent");
+
+    let (alice, bob, carol) = (
+        token("alice", &[Role::Approver], &["default"]),
+        token("bob", &[Role::Approver], &["default"]),
+        token("carol", &[Role::Approver], &["default"]),
+    );
+    let viewer = token("vic", &[Role::Viewer], &["default"]);
+    assert_eq!(vote(&app, &shop, &id, "grant").await.0, 403, "no self-approval");
+    assert_eq!(vote(&app, &viewer, &id, "grant").await.0, 403, "approvers only");
+    let (status, body) = vote(&app, &alice, &id, "grant").await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("pending")), "{body}");
+    assert_eq!(vote(&app, &alice, &id, "grant").await.0, 409, "one vote per approver");
+    let (status, body) = vote(&app, &bob, &id, "grant").await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("granted")), "{body}");
+    assert_eq!(vote(&app, &carol, &id, "deny").await.0, 409, "the first final decision wins");
+
+    eventually(Duration::from_secs(10), "delivered after the grant", || async { !receiver.on("/agent").is_empty() })
+        .await;
+    eventually(Duration::from_secs(10), "delivered state", || async { count(&app, "delivered").await == 1 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.on("/agent").len(), 1, "delivered exactly once, without being held again");
+    let approval: Value = app.get(&format!("/v1/approvals/{id}"), &app.admin).await.json().await.unwrap();
+    assert_eq!(approval["votes"].as_array().unwrap().len(), 2);
+
+    // A denial by one approver ends another hold at once.
+    let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 30000}});
+    app.client.post(app.url("/v1/events")).bearer_auth(&shop).json(&body).send().await.unwrap();
+    let second = first_pending(&app).await["id"].as_str().unwrap().to_owned();
+    assert_eq!(vote(&app, &carol, &second, "deny").await.1["state"], "denied");
+    eventually(Duration::from_secs(10), "denied delivery", || async { count(&app, "denied").await == 1 }).await;
+    assert_eq!(receiver.on("/agent").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_is_denied_after_a_restart() {
+    let db = TestDb::sqlite();
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(&config, "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms}\n").unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let admin = token("admin", &[Role::Admin], &["*"]);
+    let client = reqwest::Client::new();
+    let server = Process::start(&db, &args);
+    let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "2s"));
+    let applied = client
+        .post(format!("{}/v1/apply", server.base))
+        .bearer_auth(&admin)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200);
+    let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 25000}});
+    client.post(format!("{}/v1/events", server.base)).bearer_auth(&admin).json(&body).send().await.unwrap();
+    let pending = |base: String| {
+        let (client, admin) = (client.clone(), admin.clone());
+        async move {
+            let page: Value = client
+                .get(format!("{base}/v1/approvals"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            page["items"][0]["state"].as_str().unwrap_or("").to_owned()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(server.base.clone()).await != "pending" {
+        assert!(Instant::now() < deadline, "no hold");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    server.kill();
+
+    // The deadline passes while no server runs; the restarted one applies it.
+    let server = Process::start(&db, &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(server.base.clone()).await != "expired" {
+        assert!(Instant::now() < deadline, "the hold never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page: Value = client
+        .get(format!("{}/v1/deliveries?state=denied", server.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert!(receiver.on("/agent").is_empty());
+    server.kill();
+}
