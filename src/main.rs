@@ -39,9 +39,27 @@ enum Command {
     Delete(cli::DeleteArgs),
     /// Print the JSON Schema of resource files.
     Schema,
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Approval requests of held agent actions.
+    #[command(subcommand)]
+    Approvals(cli::ApprovalsCommand),
+    /// Deliveries and their attempts.
+    #[command(subcommand)]
+    Deliveries(cli::DeliveriesCommand),
+    /// Ingested events.
+    #[command(subcommand)]
+    Events(cli::EventsCommand),
     /// Measure the service: see docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(hookwarden::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run the test cases (tests.yaml) of every policy folder under DIR.
+    Test { dir: PathBuf },
 }
 
 /// Settings shared by every command that reads the service's configuration.
@@ -176,6 +194,10 @@ fn main() -> ExitCode {
         Command::Get(args) => runtime.block_on(cli::get(args)),
         Command::Delete(args) => runtime.block_on(cli::delete(args)),
         Command::Schema => cli::schema(),
+        Command::Policy(PolicyCommand::Test { dir }) => cli::policy_test(&dir),
+        Command::Approvals(command) => runtime.block_on(cli::approvals(command)),
+        Command::Deliveries(command) => runtime.block_on(cli::deliveries(command)),
+        Command::Events(command) => runtime.block_on(cli::events(command)),
         Command::Bench(command) => done(runtime.block_on(hookwarden::bench::run(command))),
     };
     match result {

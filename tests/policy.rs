@@ -155,6 +155,16 @@ async fn a_hold_needs_a_quorum_of_distinct_approvers_and_is_delivered_once() {
     assert_eq!(pending["rule"], "big-refunds");
     assert_eq!(pending["action_hash"].as_str().unwrap().len(), 64);
     assert!(receiver.on("/agent").is_empty(), "held, not sent");
+    let listed = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+            .args(["approvals", "list"])
+            .env("HOOKWARDEN_SERVER", &app.base)
+            .env("HOOKWARDEN_TOKEN", &app.admin)
+            .output()
+            .unwrap()
+    });
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success() && out.contains(&id) && out.contains("two approvers"), "{out}");
 
     let (alice, bob, carol) = (
         token("alice", &[Role::Approver], &["default"]),
@@ -252,4 +262,41 @@ async fn an_expired_hold_is_denied_after_a_restart() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert!(receiver.on("/agent").is_empty());
     server.kill();
+}
+
+fn policy_test(dir: &std::path::Path) -> (i32, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+        .args(["policy", "test"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap(),
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+#[test]
+fn the_shipped_policies_pass_their_tests() {
+    let (code, out) = policy_test(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies")));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 failed"), "{out}");
+}
+
+#[test]
+fn a_wrong_expectation_fails_the_policy_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow-all}\nspec:\n  selector: {matchLabels: {role: agent}}\n  decision: allow\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tests.yaml"),
+        "cases:\n  - name: wrongly expects a denial\n    endpoint: {name: a, labels: {role: agent}}\n    event: {type: t, source: s, data: {}}\n    expect: {outcome: deny}\n",
+    )
+    .unwrap();
+    let (code, out) = policy_test(dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL") && out.contains("outcome Allow, expected Deny"), "{out}");
 }

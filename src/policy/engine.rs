@@ -22,7 +22,7 @@ use crate::resources::kinds::{AgentRuleSpec, Approval, Decision as RuleDecision,
 use crate::resources::validate::POLICY_VARIABLES;
 
 /// What a rule or the gate decides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Allow,
