@@ -78,6 +78,8 @@ pub enum AuthError {
     MissingRole(Role),
     #[error("the token is not allowed in namespace `{0}`")]
     NamespaceNotAllowed(String),
+    #[error("the subject that submitted the event cannot approve or deny it")]
+    SelfApproval,
 }
 
 impl Principal {

@@ -300,3 +300,31 @@ fn a_wrong_expectation_fails_the_policy_tests() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAIL") && out.contains("outcome Allow, expected Deny"), "{out}");
 }
+
+#[tokio::test]
+async fn an_expensive_rule_is_refused_at_apply_time_with_a_clear_reason() {
+    let db = TestDb::sqlite();
+    let app = spawn_app_with(config_for(&db)).await;
+    let deep = format!("{}true{}", "(".repeat(200), ")".repeat(200));
+    let wide = vec!["event.data.a == 1"; 300].join(" || ");
+    let nested = "event.data.items.all(a, a.parts.all(b, b.tags.all(c, c != 'x')))".to_owned();
+    for (expression, expected) in [(deep, "levels deep"), (wide, "bytes"), (nested, "comprehensions")] {
+        let rule = format!(
+            "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {{name: costly}}\nspec:\n  selector: {{matchLabels: {{role: agent}}}}\n  match: \"{expression}\"\n  decision: allow\n"
+        );
+        let response = app
+            .client
+            .post(app.url("/v1/apply"))
+            .bearer_auth(&app.admin)
+            .header("content-type", "application/yaml")
+            .body(rule)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422);
+        let body: Value = response.json().await.unwrap();
+        let error = &body["errors"][0];
+        assert_eq!(error["path"], "spec.match");
+        assert!(error["message"].as_str().unwrap().contains(expected), "{body}");
+    }
+}

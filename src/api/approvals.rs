@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, FieldError};
-use super::extract::{parse_json, read_json_body, ApiQuery};
+use super::extract::{parse_object_at, read_json_body, ApiQuery};
 use super::AppState;
 use crate::auth::{AuthError, Principal, Role};
 use crate::store::policy::{ApprovalRecord, VoteOutcome};
@@ -109,7 +109,7 @@ async fn vote(
     grant: bool,
 ) -> Result<Json<Value>, ApiError> {
     let bytes = read_json_body(&headers, body, 16 * 1024).await?;
-    let input: VoteIn = parse_json(&bytes)?;
+    let input: VoteIn = parse_object_at(&bytes, "")?;
     if input.reason.trim().is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new("reason", "a reason is required")]));
     }
@@ -121,9 +121,7 @@ async fn vote(
     };
     principal.authorize(role, &approval.namespace)?;
     if principal.subject == approval.requested_by {
-        return Err(ApiError::Forbidden(AuthError::Invalid(
-            "the subject that submitted the event cannot approve or deny it".into(),
-        )));
+        return Err(ApiError::Forbidden(AuthError::SelfApproval));
     }
     let outcome = state.store.vote_on_approval(&id, &principal.subject, grant, input.reason.trim(), Utc::now()).await?;
     let verb = if grant { "grant" } else { "deny" };

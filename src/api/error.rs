@@ -121,7 +121,9 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => ApiError::Unauthenticated(e),
-            AuthError::MissingRole(_) | AuthError::NamespaceNotAllowed(_) => ApiError::Forbidden(e),
+            AuthError::MissingRole(_) | AuthError::NamespaceNotAllowed(_) | AuthError::SelfApproval => {
+                ApiError::Forbidden(e)
+            }
         }
     }
 }

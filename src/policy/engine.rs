@@ -56,12 +56,19 @@ pub struct CompiledRule {
     pub reason: Option<String>,
     pub reason_expression: Option<CompiledExpr>,
     pub shadow: bool,
+    /// Whether any expression of the rule reads `spend` (or it has a spend clause):
+    /// otherwise the variable is not built.
+    pub uses_spend: bool,
 }
 
 impl CompiledRule {
     pub fn compile(name: &str, namespace: &str, spec: &AgentRuleSpec) -> Result<CompiledRule, String> {
         let compile = |source: &str| expr::compile(source, POLICY_VARIABLES, Limits::default());
+        let mentions_spend = |source: &Option<String>| source.as_deref().is_some_and(|s| s.contains("spend"));
+        let uses_spend =
+            spec.spend.is_some() || mentions_spend(&spec.match_expression) || mentions_spend(&spec.reason_expression);
         Ok(CompiledRule {
+            uses_spend,
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             priority: spec.priority,
@@ -105,6 +112,7 @@ impl CompiledRule {
             reason: Some(reason.to_owned()),
             reason_expression: None,
             shadow: false,
+            uses_spend: false,
         }
     }
 
@@ -247,19 +255,42 @@ pub fn decide(
 ) -> PolicyDecision {
     let started = Instant::now();
     let endpoint_json = json!({ "name": endpoint.name, "namespace": endpoint.namespace, "labels": endpoint.labels });
-    let base = || -> Result<cel::Context<'static, 'static>, String> {
-        let mut context = cel::Context::default();
+    ROOT.with(|root| decide_in(root, policy, event, &endpoint_json, endpoint, totals, now, budget, started))
+}
+
+thread_local! {
+    /// The standard functions, registered once per thread: building them is most of the
+    /// cost of a fresh `cel::Context`. Each decision works in an inner scope of it.
+    static ROOT: cel::Context<'static, 'static> = cel::Context::default();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide_in(
+    root: &cel::Context<'static, 'static>,
+    policy: &PolicySet,
+    event: &Value,
+    endpoint_json: &Value,
+    endpoint: EndpointView<'_>,
+    totals: &dyn SpendTotals,
+    now: DateTime<Utc>,
+    budget: EvalBudget,
+    started: Instant,
+) -> PolicyDecision {
+    // The variables every rule shares are converted once per decision.
+    let base = (|| -> Result<cel::Context<'_, '_>, String> {
+        let mut context = root.new_inner_scope();
+        let endpoint_value = cel::to_value(endpoint_json).map_err(|e| e.to_string())?;
         context.add_variable_from_value("event", cel::to_value(event).map_err(|e| e.to_string())?);
-        context.add_variable_from_value("endpoint", cel::to_value(&endpoint_json).map_err(|e| e.to_string())?);
-        context.add_variable_from_value("agent", cel::to_value(&endpoint_json).map_err(|e| e.to_string())?);
+        context.add_variable_from_value("endpoint", endpoint_value.clone());
+        context.add_variable_from_value("agent", endpoint_value);
         context.add_variable_from_value("now", cel::Value::Timestamp(now.fixed_offset()));
         Ok(context)
-    };
+    })();
     let mut results = Vec::new();
     for rule in policy.rules.iter().filter(|r| r.selects(&endpoint)) {
-        let result = match base() {
+        let result = match &base {
             Err(e) => error_result(rule, format!("cannot read the event: {e}")),
-            Ok(context) => evaluate(rule, context, endpoint, totals),
+            Ok(base) => evaluate(rule, base.new_inner_scope(), endpoint, totals),
         };
         results.push(result);
         if started.elapsed() > budget.budget {
@@ -290,7 +321,7 @@ fn error_result(rule: &CompiledRule, error: String) -> RuleResult {
 
 fn evaluate(
     rule: &CompiledRule,
-    mut context: cel::Context<'static, 'static>,
+    mut context: cel::Context<'_, '_>,
     endpoint: EndpointView<'_>,
     totals: &dyn SpendTotals,
 ) -> RuleResult {
@@ -328,6 +359,9 @@ fn evaluate(
             over_limit: clause.over_limit,
         });
     }
+    if !rule.uses_spend {
+        return finish(rule, &context, spend);
+    }
     let spend_json = match &spend {
         Some(s) => {
             json!({"total": s.window_total, "amount": s.amount, "limit": s.limit, "currency": s.currency, "remaining": s.limit - s.window_total})
@@ -338,8 +372,13 @@ fn evaluate(
         Ok(value) => context.add_variable_from_value("spend", value),
         Err(e) => return error_result(rule, e.to_string()),
     }
+    finish(rule, &context, spend)
+}
+
+/// The rule's match, decision, reason and spend check, with every variable in `context`.
+fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<SpendCheck>) -> RuleResult {
     if let Some(matches) = &rule.matches {
-        match eval(matches, &context) {
+        match eval(matches, context) {
             Ok(cel::Value::Bool(true)) => {}
             Ok(cel::Value::Bool(false)) => {
                 return RuleResult {
@@ -362,7 +401,7 @@ fn evaluate(
     };
     let mut reason = match (&rule.reason, &rule.reason_expression) {
         (Some(text), _) => text.clone(),
-        (None, Some(program)) => match eval(program, &context) {
+        (None, Some(program)) => match eval(program, context) {
             Ok(cel::Value::String(s)) => s.to_string(),
             Ok(other) => return error_result(rule, format!("reasonExpression must be a string, got {other:?}")),
             Err(e) => return error_result(rule, format!("reasonExpression: {e}")),
@@ -527,6 +566,18 @@ mod tests {
         assert!(over.spend.is_empty(), "nothing is reserved for a hold");
         let bad = decide_for(&p, json!({"amount_cents": "ten"}), 0);
         assert_eq!(bad.outcome, Outcome::Deny, "{}", bad.reason);
+    }
+
+    #[test]
+    fn a_decision_over_its_time_budget_is_a_denial() {
+        let p = policy(&[("a", ALLOW), ("b", ALLOW)]);
+        let labels = BTreeMap::new();
+        let endpoint = EndpointView { namespace: "payments", name: "refund-agent", labels: &labels };
+        let event = json!({"type": "refund.requested", "data": {}});
+        let decision =
+            decide(&p, &event, endpoint, &BTreeMap::new(), Utc::now(), EvalBudget { budget: Duration::ZERO });
+        assert_eq!(decision.outcome, Outcome::Deny);
+        assert!(decision.reason.contains("exceeded its budget"), "{}", decision.reason);
     }
 
     #[test]

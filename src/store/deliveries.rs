@@ -578,7 +578,7 @@ macro_rules! delivery_methods {
                 for id in ids {
                     let updated = sqlx::query(&$sql(
                         "UPDATE deliveries SET state = 'pending', attempt_base = attempts, next_attempt_at = ?, \
-                         last_error = NULL, completed_at = NULL, updated_at = ? \
+                         last_error = NULL, completed_at = NULL, updated_at = ?, approved = FALSE \
                          WHERE id = ? AND state IN ('delivered', 'failed', 'dead', 'denied')",
                     ))
                     .bind(now)
