@@ -190,7 +190,8 @@ async fn sigterm_finishes_or_releases_attempts_in_flight() {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(stopped.elapsed() < Duration::from_secs(3), "shutdown did not respect its grace");
+        // The grace is 300 ms; the bound leaves room for a loaded machine, not for a 40 s lease.
+        assert!(stopped.elapsed() < Duration::from_secs(10), "shutdown did not respect its grace");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "{exit}");

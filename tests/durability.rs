@@ -77,7 +77,8 @@ async fn sigterm_stops_the_server_cleanly() {
     let status = Command::new("kill").args(["-TERM", &pid]).status().expect("send SIGTERM");
     assert!(status.success());
     let mut child = server.child;
-    for _ in 0..100 {
+    // Generous: a loaded CI machine (two cores, compilers running) is slow to schedule.
+    for _ in 0..400 {
         if let Some(exit) = child.try_wait().unwrap() {
             assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
             return;
@@ -85,5 +86,5 @@ async fn sigterm_stops_the_server_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.kill().ok();
-    panic!("the server did not stop within 5 s of SIGTERM");
+    panic!("the server did not stop within 20 s of SIGTERM");
 }

@@ -167,11 +167,11 @@ async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(sto
     let again = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
     assert_eq!(again[0].attempt, 1, "a release is not an attempt");
     assert!(
-        store.replay_deliveries(&[again[0].id.clone()]).await.unwrap().is_empty(),
+        store.replay_deliveries(&[again[0].id.clone()], "operator").await.unwrap().is_empty(),
         "in-flight work is not replayed"
     );
     store.complete_attempts(&[completion(&again[0], DeliveryState::Dead, false)]).await.unwrap();
-    assert_eq!(store.replay_deliveries(&[again[0].id.clone()]).await.unwrap(), [again[0].id.clone()]);
+    assert_eq!(store.replay_deliveries(&[again[0].id.clone()], "operator").await.unwrap(), [again[0].id.clone()]);
     let replayed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
     assert_eq!((replayed[0].attempt, replayed[0].attempt_base), (2, 1));
     let listed = store
@@ -428,8 +428,8 @@ async fn resources_apply_atomically_and_keep_status_per_generation(store: &Store
     assert_eq!(store.list_resources(None, None).await.unwrap().len(), 2);
     store.apply_resources(&ApplyRequest { dry_run: false, ..prune }).await.unwrap();
     assert_eq!(store.list_resources(None, None).await.unwrap().len(), 1);
-    assert!(store.delete_resource(&key).await.unwrap().is_some());
-    assert!(store.delete_resource(&key).await.unwrap().is_none());
+    assert!(store.delete_resource(&key, "operator").await.unwrap().is_some());
+    assert!(store.delete_resource(&key, "operator").await.unwrap().is_none());
 }
 
 async fn leadership_is_exclusive(store: &Store) {
@@ -445,6 +445,40 @@ async fn leadership_is_exclusive(store: &Store) {
             assert!(store.try_lead().await.unwrap().is_some(), "released leadership can be taken");
         }
     }
+}
+
+async fn concurrent_audit_appends_keep_each_chain_gapless_and_linked(store: &Store) {
+    use hookwarden::audit::{verify_chain, NewAuditRecord};
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..16 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for n in 0..10 {
+                let chain = if n % 2 == 0 { "payments" } else { "default" };
+                let record = NewAuditRecord::new(
+                    &format!("w{writer}"),
+                    "test.append",
+                    chain,
+                    format!("t/{writer}/{n}"),
+                    serde_json::json!({"n": n}),
+                );
+                store.append_audit(&[record.clone(), record]).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    for chain in ["payments", "default"] {
+        let records = store.audit_records(chain, 1, i64::MAX, 10_000).await.unwrap();
+        assert_eq!(records.len(), 160, "{chain}");
+        verify_chain(&records, None).unwrap_or_else(|e| panic!("{chain}: {e}"));
+    }
+    let heads = store.audit_heads().await.unwrap();
+    assert_eq!(
+        heads.iter().map(|(c, s, _)| (c.as_str(), *s)).collect::<Vec<_>>(),
+        [("default", 160), ("payments", 160)]
+    );
 }
 
 async fn readiness_requires_the_migrations(store: &Store) {
@@ -511,4 +545,5 @@ conformance!(
     an_ordered_lane_releases_one_delivery_at_a_time,
     an_open_breaker_holds_an_endpoints_deliveries,
     final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
+    concurrent_audit_appends_keep_each_chain_gapless_and_linked,
 );

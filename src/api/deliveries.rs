@@ -109,7 +109,7 @@ pub async fn replay(
             record.state.as_str()
         )));
     }
-    let replayed = state.store.replay_deliveries(std::slice::from_ref(&record.id)).await?;
+    let replayed = state.store.replay_deliveries(std::slice::from_ref(&record.id), &principal.subject).await?;
     if replayed.is_empty() {
         return Err(ApiError::Conflict(format!("delivery `{id}` changed state meanwhile; nothing replayed")));
     }
@@ -166,7 +166,7 @@ pub async fn replay_many(
         limit,
     };
     let ids: Vec<DeliveryId> = state.store.list_deliveries(&query).await?.into_iter().map(|d| d.id).collect();
-    let replayed = state.store.replay_deliveries(&ids).await?;
+    let replayed = state.store.replay_deliveries(&ids, &principal.subject).await?;
     tracing::info!(count = replayed.len(), actor = %principal.subject, "deliveries replayed");
     state.wake.notify_one();
     let _ = state.store.notify_work().await;

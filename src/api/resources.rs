@@ -119,8 +119,13 @@ pub async fn apply_resources(
     for namespace in &namespaces {
         principal.authorize(Role::Operator, namespace)?;
     }
-    let options =
-        ApplyOptions { applyset: params.applyset, prune: params.prune, dry_run: params.dry_run, checks: state.checks };
+    let options = ApplyOptions {
+        applyset: params.applyset,
+        prune: params.prune,
+        dry_run: params.dry_run,
+        checks: state.checks,
+        actor: principal.subject.clone(),
+    };
     let desired: Vec<(ResourceKey, Value)> = resources
         .iter()
         .map(|l| {
@@ -268,8 +273,11 @@ pub async fn delete_resource(
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let (key, _) = find(&state, &principal, &kind, namespace, name, Role::Operator).await?;
-    let deleted =
-        state.store.delete_resource(&key).await?.ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
+    let deleted = state
+        .store
+        .delete_resource(&key, &principal.subject)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     tracing::info!(resource = %key, actor = %principal.subject, "resource deleted");
     refresh_catalog(&state).await;
     Ok(Json(

@@ -14,6 +14,8 @@ pub struct ApplyOptions {
     pub prune: bool,
     pub dry_run: bool,
     pub checks: Checks,
+    /// Who applies, for the audit log.
+    pub actor: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,7 @@ pub async fn apply(
         applyset: options.applyset.clone(),
         prune: options.prune,
         dry_run: options.dry_run,
+        actor: options.actor.clone(),
     };
     Ok(store.apply_resources(&request).await?)
 }

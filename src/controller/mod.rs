@@ -146,6 +146,7 @@ impl Controller {
                 prune: true,
                 dry_run: false,
                 checks: self.checks,
+                actor: "system".to_owned(),
             };
             apply(&self.store, resources, &options).await.map_err(|e| describe(&e))
         }

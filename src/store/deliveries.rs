@@ -432,6 +432,38 @@ macro_rules! delivery_methods {
                         lost += 1;
                         continue;
                     }
+                    let mut records = Vec::new();
+                    if let Some(decision) = &c.decision {
+                        records.push($crate::audit::NewAuditRecord::new(
+                            "system",
+                            "policy.decision",
+                            &c.namespace,
+                            format!("delivery/{}", c.id),
+                            serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.clone())),
+                        ));
+                    }
+                    if c.state.is_final() {
+                        records.push($crate::audit::NewAuditRecord::new(
+                            "system",
+                            &format!("delivery.{}", c.state.as_str()),
+                            &c.namespace,
+                            format!("delivery/{}", c.id),
+                            serde_json::json!({"endpoint": c.endpoint, "attempt": c.attempt.attempt, "status": c.attempt.status,
+                                "error": c.attempt.error}),
+                        ));
+                    }
+                    if let Some((reason, generation)) = &c.disable {
+                        records.push($crate::audit::NewAuditRecord::new(
+                            "system",
+                            "endpoint.disabled",
+                            &c.namespace,
+                            format!("Endpoint/{}/{}", c.namespace, c.endpoint),
+                            serde_json::json!({"reason": reason, "generation": generation}),
+                        ));
+                    }
+                    if !records.is_empty() {
+                        Self::append_audit_in(&mut tx, &records).await?;
+                    }
                     if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state) {
                         sqlx::query(&$sql("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'"))
                             .bind(ledger)
@@ -571,6 +603,7 @@ macro_rules! delivery_methods {
             pub(super) async fn replay_deliveries(
                 &self,
                 ids: &[$crate::ids::DeliveryId],
+                actor: &str,
             ) -> Result<Vec<$crate::ids::DeliveryId>, $crate::store::StoreError> {
                 let now = chrono::Utc::now();
                 let mut tx = self.write_pool().begin().await?;
@@ -588,6 +621,12 @@ macro_rules! delivery_methods {
                     .await?
                     .rows_affected();
                     if updated == 1 {
+                        let namespace: String = sqlx::query_scalar(&$sql("SELECT namespace FROM deliveries WHERE id = ?"))
+                            .bind(id.as_str())
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        let record = $crate::audit::NewAuditRecord::new(actor, "delivery.replayed", &namespace, format!("delivery/{id}"), serde_json::json!({}));
+                        Self::append_audit_in(&mut tx, &[record]).await?;
                         replayed.push(id.clone());
                     }
                 }

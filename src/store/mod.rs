@@ -7,6 +7,7 @@
 //! - an idempotency key maps to the result of the first request that used it, forever
 //!   (until it is cleaned up), and is never bound to a different request body.
 
+mod audit;
 pub mod deliveries;
 mod ingest;
 pub mod policy;
@@ -229,12 +230,13 @@ impl Store {
         dispatch!(self, s => s.list_resources(kind, namespace).await)
     }
 
-    /// Deletes a resource; returns what was deleted.
+    /// Deletes a resource (audited as `actor`); returns what was deleted.
     pub async fn delete_resource(
         &self,
         key: &crate::resources::ResourceKey,
+        actor: &str,
     ) -> Result<Option<StoredResource>, StoreError> {
-        dispatch!(self, s => s.delete_resource(key).await)
+        dispatch!(self, s => s.delete_resource(key, actor).await)
     }
 
     /// Writes a resource's status if its generation is still `generation`.
@@ -291,12 +293,13 @@ impl Store {
         dispatch!(self, s => s.list_deliveries(query).await)
     }
 
-    /// Puts final deliveries back in the queue; returns those replayed.
+    /// Puts final deliveries back in the queue; returns those replayed (audited as `actor`).
     pub async fn replay_deliveries(
         &self,
         ids: &[crate::ids::DeliveryId],
+        actor: &str,
     ) -> Result<Vec<crate::ids::DeliveryId>, StoreError> {
-        dispatch!(self, s => s.replay_deliveries(ids).await)
+        dispatch!(self, s => s.replay_deliveries(ids, actor).await)
     }
 
     pub async fn endpoint_state(&self, namespace: &str, name: &str) -> Result<EndpointState, StoreError> {
@@ -404,6 +407,39 @@ impl Store {
     /// Applies the expiry outcome of every pending approval past its deadline.
     pub async fn expire_approvals(&self, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
         dispatch!(self, s => s.expire_approvals(now).await)
+    }
+
+    /// Appends audit records in a transaction of their own.
+    pub async fn append_audit(
+        &self,
+        records: &[crate::audit::NewAuditRecord],
+    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        dispatch!(self, s => s.append_audit(records).await)
+    }
+
+    /// Records of `chain` with `from <= seq <= to`, at most `limit`, in order.
+    pub async fn audit_records(
+        &self,
+        chain: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        dispatch!(self, s => s.audit_records(chain, from, to, limit).await)
+    }
+
+    /// Every chain's head: `(chain, seq, hash)`.
+    pub async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>, StoreError> {
+        dispatch!(self, s => s.audit_heads().await)
+    }
+
+    pub async fn save_checkpoint(&self, chain: &str, seq: i64, hash: &str, note: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.save_checkpoint(chain, seq, hash, note).await)
+    }
+
+    /// The latest signed checkpoint of `chain`: `(seq, hash, note)`.
+    pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<(i64, String, String)>, StoreError> {
+        dispatch!(self, s => s.latest_checkpoint(chain).await)
     }
 
     /// Closes every connection; pending work is finished first.

@@ -198,6 +198,15 @@ macro_rules! policy_methods {
                     tx.rollback().await?;
                     return Ok(AllowResult::LeaseLost);
                 }
+                // Committed with the decision, before the request can leave.
+                let record = $crate::audit::NewAuditRecord::new(
+                    "system",
+                    "policy.decision",
+                    namespace,
+                    format!("delivery/{id}"),
+                    serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
+                );
+                Self::append_audit_in(&mut tx, &[record]).await?;
                 tx.commit().await?;
                 Ok(AllowResult::Reserved)
             }
@@ -248,6 +257,25 @@ macro_rules! policy_methods {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                let records = [
+                    $crate::audit::NewAuditRecord::new(
+                        "system",
+                        "policy.decision",
+                        &a.namespace,
+                        format!("delivery/{id}"),
+                        serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
+                    ),
+                    $crate::audit::NewAuditRecord::new(
+                        "system",
+                        "approval.requested",
+                        &a.namespace,
+                        format!("approval/{}", a.id),
+                        serde_json::json!({"delivery_id": id.as_str(), "event_id": a.event_id, "endpoint": a.endpoint,
+                            "rule": a.rule, "reason": a.reason, "action_hash": a.action_hash, "role": a.role,
+                            "quorum": a.quorum, "expires_at": a.expires_at, "on_expiry": a.on_expiry}),
+                    ),
+                ];
+                Self::append_audit_in(&mut tx, &records).await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -304,14 +332,16 @@ macro_rules! policy_methods {
             ) -> Result<$crate::store::policy::VoteOutcome, $crate::store::StoreError> {
                 use $crate::store::policy::VoteOutcome;
                 let mut tx = self.write_pool().begin().await?;
-                let row: Option<(String, String, i32, chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(&$sql(&format!(
-                    "SELECT state, delivery_id, quorum, expires_at, on_expiry FROM approvals WHERE id = ?{}",
+                let row: Option<(String, String, i32, chrono::DateTime<chrono::Utc>, String, String)> = sqlx::query_as(&$sql(&format!(
+                    "SELECT state, delivery_id, quorum, expires_at, on_expiry, namespace FROM approvals WHERE id = ?{}",
                     $row_lock
                 )))
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let Some((state, delivery, quorum, expires_at, on_expiry)) = row else { return Ok(VoteOutcome::NotFound) };
+                let Some((state, delivery, quorum, expires_at, on_expiry, namespace)) = row else {
+                    return Ok(VoteOutcome::NotFound);
+                };
                 if state != "pending" {
                     return Ok(VoteOutcome::Closed(state));
                 }
@@ -334,6 +364,14 @@ macro_rules! policy_methods {
                 if inserted == 0 {
                     return Ok(VoteOutcome::AlreadyVoted);
                 }
+                let vote = $crate::audit::NewAuditRecord::new(
+                    voter,
+                    "approval.vote",
+                    &namespace,
+                    format!("approval/{id}"),
+                    serde_json::json!({"vote": if grant { "grant" } else { "deny" }, "reason": reason, "delivery_id": delivery}),
+                );
+                Self::append_audit_in(&mut tx, &[vote]).await?;
                 if !grant {
                     Self::settle_approval(&mut tx, id, &delivery, false, "denied", reason, now).await?;
                     tx.commit().await?;
@@ -354,6 +392,7 @@ macro_rules! policy_methods {
 
             /// Closes approval `id` as `state`; its delivery goes back to the queue
             /// (approved) when `release`, else ends denied.
+            #[allow(clippy::too_many_arguments)]
             async fn settle_approval(
                 tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
                 id: &str,
@@ -363,6 +402,18 @@ macro_rules! policy_methods {
                 reason: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<String, $crate::store::StoreError> {
+                let namespace: String = sqlx::query_scalar(&$sql("SELECT namespace FROM approvals WHERE id = ?"))
+                    .bind(id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                let record = $crate::audit::NewAuditRecord::new(
+                    "system",
+                    &format!("approval.{state}"),
+                    &namespace,
+                    format!("approval/{id}"),
+                    serde_json::json!({"delivery_id": delivery, "reason": reason, "released": release}),
+                );
+                Self::append_audit_in(tx, &[record]).await?;
                 sqlx::query(&$sql("UPDATE approvals SET state = ?, decided_at = ?, decided_reason = ? WHERE id = ?"))
                     .bind(state)
                     .bind(now)

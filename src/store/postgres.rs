@@ -141,6 +141,11 @@ super::policy::policy_methods!(
     Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"),
     " FOR UPDATE"
 );
+super::audit::audit_methods!(
+    PgStore,
+    super::resources::numbered,
+    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
+);
 
 struct PgIngest(Transaction<'static, Postgres>);
 

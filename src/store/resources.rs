@@ -71,6 +71,8 @@ pub struct ApplyRequest {
     pub prune: bool,
     /// Decide everything, write nothing.
     pub dry_run: bool,
+    /// Who applies (the token subject, or `system` for the directory controller).
+    pub actor: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -256,9 +258,31 @@ macro_rules! resource_methods {
                 }
                 if request.dry_run {
                     tx.rollback().await?;
-                } else {
-                    tx.commit().await?;
+                    return Ok(outcomes);
                 }
+                let records: Vec<$crate::audit::NewAuditRecord> = outcomes
+                    .iter()
+                    .filter(|o| o.action != ApplyAction::Unchanged)
+                    .map(|o| {
+                        let action = match o.action {
+                            ApplyAction::Created => "resource.created",
+                            ApplyAction::Configured => "resource.configured",
+                            _ => "resource.pruned",
+                        };
+                        $crate::audit::NewAuditRecord::new(
+                            if request.actor.is_empty() { "system" } else { &request.actor },
+                            action,
+                            &o.key.namespace,
+                            o.key.to_string(),
+                            serde_json::json!({"kind": o.key.kind.as_str(), "name": o.key.name, "generation": o.generation,
+                                "applyset": request.applyset}),
+                        )
+                    })
+                    .collect();
+                if !records.is_empty() {
+                    Self::append_audit_in(&mut tx, &records).await?;
+                }
+                tx.commit().await?;
                 Ok(outcomes)
             }
 
@@ -302,6 +326,7 @@ macro_rules! resource_methods {
             pub(super) async fn delete_resource(
                 &self,
                 key: &$crate::resources::ResourceKey,
+                actor: &str,
             ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
                 use $crate::store::resources::{ResourceRow, StoredResource};
                 let mut tx = self.write_pool().begin().await?;
@@ -321,8 +346,17 @@ macro_rules! resource_methods {
                     .bind(&key.name)
                     .execute(&mut *tx)
                     .await?;
+                let deleted = StoredResource::try_from(row)?;
+                let record = $crate::audit::NewAuditRecord::new(
+                    actor,
+                    "resource.deleted",
+                    &key.namespace,
+                    key.to_string(),
+                    serde_json::json!({"kind": key.kind.as_str(), "name": key.name, "generation": deleted.generation}),
+                );
+                Self::append_audit_in(&mut tx, &[record]).await?;
                 tx.commit().await?;
-                Ok(Some(StoredResource::try_from(row)?))
+                Ok(Some(deleted))
             }
 
             /// Writes `status` when the resource is still at `generation`; false otherwise.

@@ -122,6 +122,7 @@ super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
 super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged, "");
 // One writer connection serializes reservations and votes; no extra locks needed.
 super::policy::policy_methods!(SqliteStore, super::resources::unchanged, None, "");
+super::audit::audit_methods!(SqliteStore, super::resources::unchanged, None);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 
