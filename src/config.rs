@@ -63,6 +63,9 @@ pub struct Config {
     pub allow_private_urls: bool,
     pub controller: ControllerConfig,
     pub delivery: DeliveryConfig,
+    pub audit: AuditConfig,
+    /// Ed25519 seed (base64) of the checkpoint key; generated into the data dir when unset.
+    pub audit_key: Option<Secret>,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -94,6 +97,25 @@ impl Default for ControllerConfig {
             debounce: Duration::from_millis(300),
             leader_retry: Duration::from_secs(5),
         }
+    }
+}
+
+/// The audit chain's signed checkpoints.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuditConfig {
+    /// Sign a checkpoint once a chain grew by this many records…
+    pub checkpoint_every: i64,
+    /// …or this long after the last one, if it grew at all.
+    #[serde(with = "crate::duration::text")]
+    pub checkpoint_interval: Duration,
+    /// The key's name in signed notes.
+    pub key_name: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { checkpoint_every: 1000, checkpoint_interval: Duration::from_secs(10), key_name: "hookwarden".to_owned() }
     }
 }
 
@@ -184,6 +206,8 @@ impl Default for Config {
             allow_private_urls: false,
             controller: ControllerConfig::default(),
             delivery: DeliveryConfig::default(),
+            audit: AuditConfig::default(),
+            audit_key: None,
         }
     }
 }
@@ -201,6 +225,7 @@ pub struct FileConfig {
     pub allow_private_urls: Option<bool>,
     pub controller: Option<ControllerConfig>,
     pub delivery: Option<DeliveryConfig>,
+    pub audit: Option<AuditConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -215,6 +240,7 @@ pub struct Overrides {
     pub allow_private_urls: Option<bool>,
     pub resources_dir: Option<PathBuf>,
     pub applyset: Option<String>,
+    pub audit_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +280,11 @@ impl Config {
             allow_private_urls,
             controller,
             delivery,
+            audit,
         } = file;
+        if let Some(v) = audit {
+            self.audit = v;
+        }
         if let Some(v) = delivery {
             self.delivery = v;
         }
@@ -312,6 +342,9 @@ impl Config {
         if let Some(v) = o.applyset {
             self.controller.applyset = v;
         }
+        if let Some(v) = o.audit_key.filter(|v| !v.is_empty()) {
+            self.audit_key = Some(Secret::new(v));
+        }
     }
 
     /// Refuses settings that cannot work, naming the setting.
@@ -337,6 +370,15 @@ impl Config {
         }
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
+        }
+        if self.audit.checkpoint_every < 1 || self.audit.checkpoint_interval < Duration::from_millis(100) {
+            return invalid("audit.checkpointEvery must be at least 1 and audit.checkpointInterval at least 100ms");
+        }
+        if self.audit.key_name.is_empty()
+            || self.audit.key_name.contains(char::is_whitespace)
+            || self.audit.key_name.contains('+')
+        {
+            return invalid("audit.keyName must be non-empty, without spaces or '+'");
         }
         let d = &self.delivery;
         if d.workers == 0 || d.batch_size == 0 || d.max_in_flight == 0 || d.per_endpoint_concurrency == 0 {

@@ -51,6 +51,9 @@ enum Command {
     /// Ingested events.
     #[command(subcommand)]
     Events(cli::EventsCommand),
+    /// The audit chain: export and verify.
+    #[command(subcommand)]
+    Audit(cli::AuditCommand),
     /// Measure the service: see docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(hookwarden::bench::BenchCommand),
@@ -137,6 +140,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resources_dir: args.resources,
             applyset: args.applyset,
             allow_private_urls: args.allow_private_urls,
+            audit_key: std::env::var("HOOKWARDEN_AUDIT_KEY").ok(),
             jwt_secret: jwt_secret_from_env(),
             ..Overrides::default()
         },
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
         Command::Approvals(command) => runtime.block_on(cli::approvals(command)),
         Command::Deliveries(command) => runtime.block_on(cli::deliveries(command)),
         Command::Events(command) => runtime.block_on(cli::events(command)),
+        Command::Audit(command) => runtime.block_on(cli::audit(command)),
         Command::Bench(command) => done(runtime.block_on(hookwarden::bench::run(command))),
     };
     match result {

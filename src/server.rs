@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
+use crate::audit::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::config::AuditConfig;
 use crate::config::{Config, DeliveryConfig};
 use crate::controller::Controller;
 use crate::delivery::catalog::CatalogHandle;
@@ -41,6 +43,8 @@ pub struct Server {
     delivery: DeliveryConfig,
     allow_private_urls: bool,
     wake: Arc<Notify>,
+    signer: CheckpointSigner,
+    audit: AuditConfig,
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -62,6 +66,45 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// Name of the generated checkpoint key file inside the data directory.
+pub const AUDIT_KEY_FILE: &str = "audit-ed25519.key";
+
+/// The checkpoint signer: `HOOKWARDEN_AUDIT_KEY` (base64 Ed25519 seed), or a key generated
+/// once into the data directory.
+pub fn audit_signer(config: &Config) -> anyhow::Result<CheckpointSigner> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let decode = |text: &str| -> anyhow::Result<[u8; 32]> {
+        let bytes = b64.decode(text.trim()).context("the audit key is not base64")?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("the audit key must be 32 bytes (an Ed25519 seed)"))
+    };
+    if let Some(secret) = &config.audit_key {
+        return Ok(CheckpointSigner::new(&config.audit.key_name, decode(secret.expose())?));
+    }
+    let path = config.data_dir.join(AUDIT_KEY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(CheckpointSigner::new(&config.audit.key_name, decode(&text)?));
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let (signer, seed) = CheckpointSigner::generate(&config.audit.key_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(&path) {
+        Ok(mut file) => {
+            std::io::Write::write_all(&mut file, b64.encode(seed).as_bytes())?;
+            file.sync_all()?;
+            Ok(signer)
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(CheckpointSigner::new(&config.audit.key_name, decode(&std::fs::read_to_string(&path)?)?))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
 /// The HS256 key: configured, or generated once into the data directory.
 pub fn token_keys(config: &Config) -> anyhow::Result<TokenKeys> {
     if let Some(secret) = &config.jwt_secret {
@@ -80,6 +123,8 @@ impl Server {
         let store = open_store(config).await?;
         store.migrate().await.context("database migration failed")?;
         let keys = token_keys(config)?;
+        let signer = audit_signer(config)?;
+        tracing::info!(public_key = %signer.public_key(), "audit checkpoints are signed with this key");
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
@@ -103,6 +148,7 @@ impl Server {
             controller: controller_status,
             catalog,
             wake: wake.clone(),
+            audit_public_key: Arc::new(signer.public_key()),
             backlog: Arc::new(AtomicU64::new(0)),
         };
         Ok(Server {
@@ -114,6 +160,8 @@ impl Server {
             delivery: config.delivery.clone(),
             allow_private_urls: config.allow_private_urls,
             wake,
+            signer,
+            audit: config.audit.clone(),
         })
     }
 
@@ -127,9 +175,20 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker, idempotency_key_ttl, controller, delivery, allow_private_urls, wake } =
-            self;
+        let Server {
+            listener,
+            state,
+            tracker,
+            idempotency_key_ttl,
+            controller,
+            delivery,
+            allow_private_urls,
+            wake,
+            signer,
+            audit,
+        } = self;
         tracker.spawn(controller.run(shutdown.clone()));
+        tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, state.controller.clone(), shutdown.clone()));
         tracker.spawn(follow_resources(store_of(&state), state.catalog.clone(), shutdown.clone()));
         tracker.spawn(sample_backlog(store_of(&state), state.backlog.clone(), shutdown.clone()));
         tracker.spawn(forward_work_notifications(store_of(&state), wake.clone(), shutdown.clone()));
@@ -286,6 +345,57 @@ async fn expire_approvals(store: Store, wake: Arc<Notify>, shutdown: Cancellatio
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The leader signs a checkpoint of each chain every `checkpointEvery` records or
+/// `checkpointInterval`, whichever comes first (when the chain grew at all).
+async fn sign_checkpoints(
+    store: Store,
+    signer: CheckpointSigner,
+    config: AuditConfig,
+    controller: crate::controller::SharedStatus,
+    shutdown: CancellationToken,
+) {
+    let mut last_signed: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
+    let period = (config.checkpoint_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let leader = controller.lock().map(|s| s.leader).unwrap_or(false);
+        if !leader {
+            continue;
+        }
+        let heads = match store.audit_heads().await {
+            Ok(heads) => heads,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read audit chain heads");
+                continue;
+            }
+        };
+        for (chain, seq, hash) in heads {
+            let signed_seq = match store.latest_checkpoint(&chain).await {
+                Ok(latest) => latest.map(|(s, _, _)| s).unwrap_or(0),
+                Err(_) => continue,
+            };
+            let due = seq - signed_seq >= config.checkpoint_every
+                || last_signed.get(&chain).is_none_or(|t| t.elapsed() >= config.checkpoint_interval);
+            if seq <= signed_seq || !due {
+                continue;
+            }
+            let checkpoint = Checkpoint { origin: Checkpoint::origin_for(&chain), seq, hash: hash.clone() };
+            match signer.sign(&checkpoint) {
+                Ok(note) => match store.save_checkpoint(&chain, seq, &hash, &note).await {
+                    Ok(()) => {
+                        last_signed.insert(chain, std::time::Instant::now());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot save an audit checkpoint"),
+                },
+                Err(e) => tracing::error!(error = %e, chain = %chain, "cannot sign an audit checkpoint"),
+            }
         }
     }
 }

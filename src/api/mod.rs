@@ -6,6 +6,7 @@
 //! router cannot drift apart.
 
 pub mod approvals;
+pub mod audit;
 pub mod deliveries;
 pub mod error;
 pub mod events;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub catalog: crate::delivery::catalog::CatalogHandle,
     /// Wakes the delivery workers (new or replayed work).
     pub wake: Arc<tokio::sync::Notify>,
+    /// The checkpoint verifier key (`name+id+base64`), published with every checkpoint.
+    pub audit_public_key: Arc<String>,
     /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
     pub backlog: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -95,6 +98,9 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/approvals/{id}", approvals::get)
         .add(Method::POST, "/v1/approvals/{id}/grant", approvals::grant)
         .add(Method::POST, "/v1/approvals/{id}/deny", approvals::deny)
+        .add(Method::GET, "/v1/audit", audit::page)
+        .add(Method::GET, "/v1/audit/export", audit::export)
+        .add(Method::GET, "/v1/audit/checkpoint", audit::checkpoint)
         .add(Method::POST, "/v1/apply", resources::apply_resources)
         .add(Method::GET, "/v1/resources/{kind}", resources::list_resources)
         .add(Method::GET, "/v1/resources/{kind}/{namespace}/{name}", resources::get_resource)

@@ -9,6 +9,7 @@
 //! Pure: hashing, verification and checkpoints; the store appends, the API exports.
 
 pub mod checkpoint;
+pub mod verify;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
