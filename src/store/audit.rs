@@ -72,26 +72,31 @@ macro_rules! audit_methods {
                             .fetch_optional(&mut **tx)
                             .await?;
                     let mut prev = head;
+                    let mut chain_records = Vec::with_capacity(list.len());
                     for record in list {
                         let record = record.clone().seal(prev.as_ref().map(|(s, h)| (*s, h.as_str())));
-                        sqlx::query(&$sql(
-                            "INSERT INTO audit_records (chain, seq, time, actor, action, subject, data, prev_hash, hash) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        ))
-                        .bind(&record.namespace)
-                        .bind(record.seq)
-                        .bind(&record.time)
-                        .bind(&record.actor)
-                        .bind(&record.action)
-                        .bind(&record.subject)
-                        .bind(record.data.to_string())
-                        .bind(&record.prev_hash)
-                        .bind(&record.hash)
-                        .execute(&mut **tx)
-                        .await?;
                         prev = Some((record.seq, record.hash.clone()));
-                        sealed.push(record);
+                        chain_records.push(record);
                     }
+                    // Multi-row inserts: a batch costs a few round trips, not one per record.
+                    for chunk in chain_records.chunks(500) {
+                        let mut insert = sqlx::QueryBuilder::<<$store as $crate::store::policy::HasDatabase>::Db>::new(
+                            "INSERT INTO audit_records (chain, seq, time, actor, action, subject, data, prev_hash, hash) ",
+                        );
+                        insert.push_values(chunk, |mut row, r| {
+                            row.push_bind(r.namespace.clone())
+                                .push_bind(r.seq)
+                                .push_bind(r.time.clone())
+                                .push_bind(r.actor.clone())
+                                .push_bind(r.action.clone())
+                                .push_bind(r.subject.clone())
+                                .push_bind(r.data.to_string())
+                                .push_bind(r.prev_hash.clone())
+                                .push_bind(r.hash.clone());
+                        });
+                        insert.build().execute(&mut **tx).await?;
+                    }
+                    sealed.extend(chain_records);
                 }
                 Ok(sealed)
             }

@@ -409,6 +409,8 @@ macro_rules! delivery_methods {
                 let now = chrono::Utc::now();
                 let mut tx = self.write_pool().begin().await?;
                 let mut lost = 0;
+                // Audit records of the whole batch are appended together: one lock per chain.
+                let mut records = Vec::new();
                 for c in completions {
                     let completed_at = c.state.is_final().then_some(now);
                     let updated = sqlx::query(&$sql(
@@ -432,7 +434,6 @@ macro_rules! delivery_methods {
                         lost += 1;
                         continue;
                     }
-                    let mut records = Vec::new();
                     if let Some(decision) = &c.decision {
                         records.push($crate::audit::NewAuditRecord::new(
                             "system",
@@ -460,9 +461,6 @@ macro_rules! delivery_methods {
                             format!("Endpoint/{}/{}", c.namespace, c.endpoint),
                             serde_json::json!({"reason": reason, "generation": generation}),
                         ));
-                    }
-                    if !records.is_empty() {
-                        Self::append_audit_in(&mut tx, &records).await?;
                     }
                     if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state) {
                         sqlx::query(&$sql("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'"))
@@ -527,6 +525,9 @@ macro_rules! delivery_methods {
                         .execute(&mut *tx)
                         .await?;
                     }
+                }
+                if !records.is_empty() {
+                    Self::append_audit_in(&mut tx, &records).await?;
                 }
                 tx.commit().await?;
                 Ok(lost)
