@@ -283,7 +283,7 @@ async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: Cancell
             Err(e) => tracing::warn!(error = %e, "could not sample the delivery backlog"),
         }
         if let Ok(counts) = store.delivery_counts().await {
-            for state in crate::store::DeliveryState::ALL {
+            for state in crate::store::DeliveryState::ALL.into_iter().filter(|s| !s.is_final()) {
                 let count = counts.iter().find(|(s, _)| s == state.as_str()).map(|(_, n)| *n).unwrap_or(0);
                 metrics::gauge!("hookwarden_deliveries", "state" => state.as_str()).set(count as f64);
             }

@@ -22,3 +22,10 @@ CREATE TABLE audit_checkpoints (
     created_at TEXT NOT NULL,
     PRIMARY KEY (chain, seq)
 );
+
+-- Each chain's last record, kept with every append: reading a head never scans a chain.
+CREATE TABLE audit_heads (
+    chain TEXT PRIMARY KEY,
+    seq   BIGINT NOT NULL,
+    hash  TEXT NOT NULL
+);

@@ -96,6 +96,17 @@ macro_rules! audit_methods {
                         });
                         insert.build().execute(&mut **tx).await?;
                     }
+                    if let Some(last) = chain_records.last() {
+                        sqlx::query(&$sql(
+                            "INSERT INTO audit_heads (chain, seq, hash) VALUES (?, ?, ?) \
+                             ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                        ))
+                        .bind(chain)
+                        .bind(last.seq)
+                        .bind(&last.hash)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
                     sealed.extend(chain_records);
                 }
                 Ok(sealed)
@@ -135,13 +146,23 @@ macro_rules! audit_methods {
 
             /// Every chain and its head `(seq, hash)`.
             pub(super) async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>, $crate::store::StoreError> {
-                Ok(sqlx::query_as(&$sql(
-                    "SELECT a.chain, a.seq, a.hash FROM audit_records a \
-                     JOIN (SELECT chain, MAX(seq) AS seq FROM audit_records GROUP BY chain) h ON h.chain = a.chain AND h.seq = a.seq \
-                     ORDER BY a.chain",
-                ))
-                .fetch_all(self.read_pool())
-                .await?)
+                // The heads table is a cache kept by appends; the records are the truth. Take
+                // each chain's last record itself, so that a tampered heads table misleads nothing.
+                let chains: Vec<String> = sqlx::query_scalar(&$sql("SELECT chain FROM audit_heads ORDER BY chain"))
+                    .fetch_all(self.read_pool())
+                    .await?;
+                let mut heads = Vec::with_capacity(chains.len());
+                for chain in chains {
+                    let head: Option<(i64, String)> =
+                        sqlx::query_as(&$sql("SELECT seq, hash FROM audit_records WHERE chain = ? ORDER BY seq DESC LIMIT 1"))
+                            .bind(&chain)
+                            .fetch_optional(self.read_pool())
+                            .await?;
+                    if let Some((seq, hash)) = head {
+                        heads.push((chain, seq, hash));
+                    }
+                }
+                Ok(heads)
             }
 
             pub(super) async fn save_checkpoint(
