@@ -69,6 +69,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
         breaker: Some((2, now + chrono::Duration::minutes(5))),
         disable: None,
         decision: None,
+        settle_spend: true,
     }
 }
 

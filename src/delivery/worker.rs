@@ -306,6 +306,8 @@ impl Dispatcher {
             breaker: None,
             disable: None,
             decision: None,
+            // An agent delivery may hold a reservation from an earlier allow.
+            settle_spend: true,
         }
     }
 
@@ -390,6 +392,7 @@ impl Dispatcher {
             breaker,
             disable: decision.disable.then(|| ("the receiver answered 410 Gone".to_owned(), ep.generation)),
             decision: None,
+            settle_spend: ep.spec.agent,
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");

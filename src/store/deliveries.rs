@@ -132,6 +132,9 @@ pub struct Completion {
     pub disable: Option<(String, i64)>,
     /// The policy decision, when this completion records one (a denial).
     pub decision: Option<String>,
+    /// Whether the delivery may hold spend reservations to settle (agent endpoints): plain
+    /// deliveries skip that statement.
+    pub settle_spend: bool,
 }
 
 /// A delivery as shown.
@@ -462,7 +465,7 @@ macro_rules! delivery_methods {
                             serde_json::json!({"reason": reason, "generation": generation}),
                         ));
                     }
-                    if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state) {
+                    if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state).filter(|_| c.settle_spend) {
                         sqlx::query(&$sql("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'"))
                             .bind(ledger)
                             .bind(c.id.as_str())
