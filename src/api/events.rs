@@ -21,6 +21,7 @@ use crate::auth::{Principal, Role};
 use crate::delivery::catalog::EventView;
 use crate::ids::{DeliveryId, EventId};
 use crate::ingest::IngestError;
+use crate::resources::validate::is_dns_label;
 use crate::store::{
     EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome, StoredEvent,
 };
@@ -72,16 +73,6 @@ fn check_text(errors: &mut Vec<FieldError>, path: &str, value: &str, max: usize)
     } else if value.contains('\0') {
         errors.push(FieldError::new(path, "must not contain NUL characters"));
     }
-}
-
-/// Namespaces are DNS labels: 1–63 of `a-z`, `0-9`, `-`, starting and ending alphanumeric.
-pub fn is_dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 /// What is known about the request every event of it shares.
@@ -516,16 +507,6 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dns_labels_are_recognised() {
-        assert!(is_dns_label("payments"));
-        assert!(is_dns_label("a-1"));
-        assert!(!is_dns_label("-a"));
-        assert!(!is_dns_label("Payments"));
-        assert!(!is_dns_label(""));
-        assert!(!is_dns_label(&"a".repeat(64)));
-    }
 
     #[test]
     fn a_valid_traceparent_gives_its_trace_id_and_anything_else_a_new_one() {

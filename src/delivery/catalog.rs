@@ -159,23 +159,17 @@ pub fn eval_bool(program: &CompiledExpr, event: &Value) -> Result<bool, String> 
 
 fn eval(program: &CompiledExpr, event: &Value) -> Result<cel::Value, String> {
     let event = cel::to_value(event).map_err(|e| e.to_string())?;
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut context = cel::Context::default();
+    expr::with_root(|root| {
+        let mut context = root.new_inner_scope();
         context.add_variable_from_value("event", event);
-        program.program().execute(&context).map_err(|e| e.to_string())
-    }))
-    .map_err(|_| "the expression panicked".to_owned())?
+        expr::execute(program, &context)
+    })
 }
 
 /// The ordering lane of an event: the key expression's value as text.
 fn ordering_key(program: &CompiledExpr, event: &Value) -> String {
     match eval(program, event) {
-        Ok(cel::Value::String(s)) => s.to_string(),
-        Ok(cel::Value::Int(i)) => i.to_string(),
-        Ok(cel::Value::UInt(u)) => u.to_string(),
-        Ok(cel::Value::Float(f)) => f.to_string(),
-        Ok(cel::Value::Bool(b)) => b.to_string(),
-        Ok(other) => format!("{other:?}"),
+        Ok(value) => expr::value_text(&value),
         // Keep such events ordered among themselves rather than not at all.
         Err(_) => "(no key)".to_owned(),
     }

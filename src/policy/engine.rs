@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::expr::{self, CompiledExpr, Limits};
+use super::expr::{self, execute as eval, value_text as as_text, CompiledExpr, Limits};
 use crate::resources::kinds::{AgentRuleSpec, Approval, Decision as RuleDecision, Enforcement, OverLimit};
 use crate::resources::validate::POLICY_VARIABLES;
 
@@ -227,23 +227,6 @@ impl Default for EvalBudget {
     }
 }
 
-fn eval(program: &CompiledExpr, context: &cel::Context<'_, '_>) -> Result<cel::Value, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.program().execute(context)))
-        .map_err(|_| "the expression panicked".to_owned())?
-        .map_err(|e| e.to_string())
-}
-
-fn as_text(value: &cel::Value) -> String {
-    match value {
-        cel::Value::String(s) => s.to_string(),
-        cel::Value::Int(i) => i.to_string(),
-        cel::Value::UInt(u) => u.to_string(),
-        cel::Value::Float(f) => f.to_string(),
-        cel::Value::Bool(b) => b.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
 /// Evaluates every rule of `policy` that selects `endpoint` for `event` at `now`.
 pub fn decide(
     policy: &PolicySet,
@@ -255,13 +238,7 @@ pub fn decide(
 ) -> PolicyDecision {
     let started = Instant::now();
     let endpoint_json = json!({ "name": endpoint.name, "namespace": endpoint.namespace, "labels": endpoint.labels });
-    ROOT.with(|root| decide_in(root, policy, event, &endpoint_json, endpoint, totals, now, budget, started))
-}
-
-thread_local! {
-    /// The standard functions, registered once per thread: building them is most of the
-    /// cost of a fresh `cel::Context`. Each decision works in an inner scope of it.
-    static ROOT: cel::Context<'static, 'static> = cel::Context::default();
+    expr::with_root(|root| decide_in(root, policy, event, &endpoint_json, endpoint, totals, now, budget, started))
 }
 
 #[allow(clippy::too_many_arguments)]

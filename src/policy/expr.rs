@@ -104,6 +104,37 @@ pub fn compile(source: &str, variables: &[&str], limits: Limits) -> Result<Compi
     Ok(CompiledExpr { source: source.into(), program: Arc::new(program) })
 }
 
+thread_local! {
+    /// The standard functions, registered once per thread: building them is most of the
+    /// cost of a fresh `cel::Context`. Evaluations work in inner scopes of it.
+    static ROOT: cel::Context<'static, 'static> = cel::Context::default();
+}
+
+/// Runs `f` with this thread's root context (standard functions, no variables).
+pub fn with_root<R>(f: impl FnOnce(&cel::Context<'static, 'static>) -> R) -> R {
+    ROOT.with(f)
+}
+
+/// Runs `program` in `context`. The interpreter is third-party code: a panic in it is an
+/// error, never a crash.
+pub fn execute(program: &CompiledExpr, context: &cel::Context<'_, '_>) -> Result<cel::Value, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| program.program().execute(context)))
+        .map_err(|_| "the expression panicked".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+/// A value as text: strings as they are, numbers and bools in decimal, others debug-printed.
+pub fn value_text(value: &cel::Value) -> String {
+    match value {
+        cel::Value::String(s) => s.to_string(),
+        cel::Value::Int(i) => i.to_string(),
+        cel::Value::UInt(u) => u.to_string(),
+        cel::Value::Float(f) => f.to_string(),
+        cel::Value::Bool(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Deepest nesting of brackets outside string literals.
 fn text_nesting(source: &str) -> usize {
     let (mut depth, mut max, mut unary_run) = (0usize, 0usize, 0usize);

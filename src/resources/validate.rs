@@ -537,6 +537,16 @@ spec: {{expression: "event.data.total >= "}}
     }
 
     #[test]
+    fn dns_labels_are_recognised() {
+        assert!(is_dns_label("payments"));
+        assert!(is_dns_label("a-1"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("Payments"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    #[test]
     fn private_urls_are_refused_unless_allowed() {
         for host in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "localhost", "192.168.0.1", "[fd00::1]"] {
             let url = reqwest::Url::parse(&format!("http://{host}/")).unwrap();
