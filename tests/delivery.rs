@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::receiver::{verify, Script, TestReceiver, SECRET};
-use common::{spawn_app_with, TestApp, TestDb};
+use common::{eventually, spawn_app_with, TestApp, TestDb};
 use serde_json::{json, Value};
 
 fn config_for(db: &TestDb) -> hookwarden::config::Config {
@@ -16,20 +16,6 @@ fn config_for(db: &TestDb) -> hookwarden::config::Config {
     config.delivery.poll_interval = Duration::from_millis(50);
     config.delivery.lease_margin = Duration::from_secs(2);
     config
-}
-
-async fn apply(app: &TestApp, yaml: &str) {
-    let response = app
-        .client
-        .post(app.url("/v1/apply"))
-        .bearer_auth(&app.admin)
-        .header("content-type", "application/yaml")
-        .body(yaml.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    assert_eq!(status, 200, "{}", response.text().await.unwrap());
 }
 
 fn endpoint(name: &str, url: &str, types: &str, extra: &str) -> String {
@@ -48,18 +34,6 @@ async fn post_event(app: &TestApp, body: Value) -> Value {
     let response = app.post_json("/v1/events", &app.admin, body.to_string()).await;
     assert_eq!(response.status(), 202);
     response.json().await.unwrap()
-}
-
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn delivery_states(app: &TestApp, event: &str) -> Vec<(String, String, u64)> {
@@ -82,8 +56,7 @@ async fn events_fan_out_to_the_right_endpoints_signed(db: TestDb) {
     let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
     let app = spawn_app_with(config_for(&db)).await;
     let filter = "apiVersion: hookwarden/v1\nkind: Filter\nmetadata: {name: big}\nspec:\n  expression: \"event.data.total >= 1000\"\n";
-    apply(
-        &app,
+    app.apply_yaml(
         &[
             filter.to_owned(),
             endpoint("orders", &receiver.url("/orders"), "order.*", ""),
@@ -165,7 +138,7 @@ async fn each_status_class_is_retried_or_not_as_documented(db: TestDb) {
     ] {
         docs.push(endpoint(name, &url, "*", &format!("  retryBudgetRef: quick\n  timeout: {timeout}\n")));
     }
-    apply(&app, &docs.join("---\n")).await;
+    app.apply_yaml(&docs.join("---\n")).await;
     let sent = Instant::now();
     let event = post_event(&app, json!({"source": "s", "type": "t", "data": {}})).await;
     let id = event["id"].as_str().unwrap().to_owned();
@@ -231,18 +204,15 @@ async fn ordered_lanes_arrive_in_order_despite_failures(db: TestDb) {
     config.delivery.per_endpoint_concurrency = 16;
     let app = spawn_app_with(config).await;
     let retry = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: patient}\nspec:\n  maxAttempts: 100\n  backoff: {base: 10ms, max: 50ms, jitter: full}\n";
-    apply(
-        &app,
-        &format!(
-            "{retry}---\n{}",
-            endpoint(
-                "ordered",
-                &receiver.url("/in"),
-                "*",
-                "  retryBudgetRef: patient\n  ordering: {key: \"event.data.key\"}\n"
-            )
-        ),
-    )
+    app.apply_yaml(&format!(
+        "{retry}---\n{}",
+        endpoint(
+            "ordered",
+            &receiver.url("/in"),
+            "*",
+            "  retryBudgetRef: patient\n  ordering: {key: \"event.data.key\"}\n"
+        )
+    ))
     .await;
     const EVENTS: usize = 1000;
     let batch: Vec<Value> = (0..EVENTS)
@@ -278,7 +248,7 @@ async fn agent_endpoints_no_rule_allows_are_denied_and_never_called() {
     let app = spawn_app_with(config_for(&db)).await;
     // A rule for other agents (by label) does not allow this one.
     let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: others}\nspec:\n  selector: {matchLabels: {team: elsewhere}}\n  decision: allow\n";
-    apply(&app, &format!("{}---\n{rule}", endpoint("agent", &receiver.url("/agent"), "*", "  agent: true\n"))).await;
+    app.apply_yaml(&format!("{}---\n{rule}", endpoint("agent", &receiver.url("/agent"), "*", "  agent: true\n"))).await;
     let event =
         post_event(&app, json!({"source": "s", "type": "refund.requested", "data": {"amount_cents": 100}})).await;
     let id = event["id"].as_str().unwrap().to_owned();
@@ -301,7 +271,7 @@ async fn ingest_answers_503_when_the_delivery_backlog_is_too_long() {
     config.delivery.max_backlog = 3;
     let app = spawn_app_with(config).await;
     // A paused endpoint keeps its deliveries queued: the backlog only grows.
-    apply(&app, &endpoint("paused", "http://127.0.0.1:9/x", "*", "  paused: true\n")).await;
+    app.apply_yaml(&endpoint("paused", "http://127.0.0.1:9/x", "*", "  paused: true\n")).await;
     for n in 0..5 {
         post_event(&app, json!({"id": format!("p-{n}"), "source": "s", "type": "t", "data": {}})).await;
     }

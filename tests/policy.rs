@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::receiver::{Script, TestReceiver, SECRET};
-use common::{spawn_app_with, token, Process, TestApp, TestDb};
+use common::{eventually, spawn_app_with, token, Process, TestApp, TestDb};
 use hookwarden::auth::Role;
 use serde_json::{json, Value};
 
@@ -25,32 +25,6 @@ fn agent(url: &str) -> String {
 }
 
 const CAP: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: cap}\nspec:\n  selector: {matchLabels: {role: agent}}\n  decision: allow\n  spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: LIMIT, window: 24h, overLimit: deny}\n";
-
-async fn apply(app: &TestApp, yaml: &str) {
-    let response = app
-        .client
-        .post(app.url("/v1/apply"))
-        .bearer_auth(&app.admin)
-        .header("content-type", "application/yaml")
-        .body(yaml.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    assert_eq!(status, 200, "{}", response.text().await.unwrap());
-}
-
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn count(app: &TestApp, state: &str) -> usize {
     let page: Value =
@@ -79,7 +53,7 @@ async fn concurrent_deliveries_never_exceed_the_spend_limit(db: TestDb) {
         )
         .await;
     let app = spawn_app_with(config_for(&db)).await;
-    apply(&app, &format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"))).await;
+    app.apply_yaml(&format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"))).await;
 
     // Released reservations free budget again: five refunds that fail, then the race.
     refunds(&app, 0, 5, 1000).await;
@@ -142,7 +116,7 @@ async fn a_hold_needs_a_quorum_of_distinct_approvers_and_is_delivered_once() {
     let db = TestDb::sqlite();
     let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
     let app = spawn_app_with(config_for(&db)).await;
-    apply(&app, &format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "4h"))).await;
+    app.apply_yaml(&format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "4h"))).await;
     // The shop submits the refund; it is also an approver, but not of its own request.
     let shop = token("shop", &[Role::Ingest, Role::Approver], &["*"]);
     let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 25000}});

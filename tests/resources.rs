@@ -4,9 +4,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{spawn_app, spawn_app_with, token, Process, TestApp, TestDb};
+use common::{eventually, spawn_app, spawn_app_with, token, Process, TestApp, TestDb};
 use hookwarden::auth::Role;
 use serde_json::Value;
 
@@ -347,19 +347,6 @@ fn validate_catches_the_same_mistakes_offline() {
         let (code, out) = run(&path);
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(expected) && out.contains(name), "{name}: expected `{expected}` in {out}");
-    }
-}
-
-/// Polls `check` until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -195,6 +195,21 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// Applies multi-document YAML as the admin; the apply must succeed.
+    pub async fn apply_yaml(&self, yaml: &str) {
+        let response = self
+            .client
+            .post(self.url("/v1/apply"))
+            .bearer_auth(&self.admin)
+            .header("content-type", "application/yaml")
+            .body(yaml.to_owned())
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status();
+        assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
         self.client.get(self.url(path)).bearer_auth(token).send().await.expect("request sent")
     }
@@ -264,5 +279,18 @@ impl Process {
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
+    }
+}
+
+/// Polls `check` until it holds; fails the test naming `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
