@@ -317,7 +317,7 @@ async fn forward_work_notifications(store: Store, wake: Arc<Notify>, shutdown: C
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 received = listener.recv() => match received {
-                    Ok(_) => wake.notify_one(),
+                    Ok(()) => wake.notify_one(),
                     Err(e) => {
                         tracing::warn!(error = %e, "work notifications interrupted; reconnecting");
                         break;

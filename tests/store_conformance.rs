@@ -70,6 +70,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
         disable: None,
         decision: None,
         settle_spend: true,
+        ordered: claim.ordered,
     }
 }
 

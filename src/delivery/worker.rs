@@ -143,13 +143,24 @@ impl Dispatcher {
         in_flight: Arc<Semaphore>,
         shutdown: CancellationToken,
     ) {
+        // Set when the last claim found less than it asked for: nothing more is due until
+        // new work is signalled or the poll interval passes.
+        let mut drained = false;
         while !shutdown.is_cancelled() {
+            if drained {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
             let free = in_flight.available_permits().min(self.config.batch_size as usize);
             if free == 0 {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     permit = in_flight.clone().acquire_owned() => drop(permit),
                 }
+                drained = false;
                 continue;
             }
             let claimed = match self.store.claim_due_deliveries(Utc::now(), self.lease(), free as u32).await {
@@ -157,17 +168,11 @@ impl Dispatcher {
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming deliveries failed");
                     tokio::time::sleep(self.config.poll_interval).await;
+                    drained = false;
                     continue;
                 }
             };
-            if claimed.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
-                }
-                continue;
-            }
+            drained = claimed.len() < free;
             let mut give_back = Vec::new();
             for delivery in claimed {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
@@ -308,6 +313,7 @@ impl Dispatcher {
             decision: None,
             // An agent delivery may hold a reservation from an earlier allow.
             settle_spend: true,
+            ordered: delivery.ordered,
         }
     }
 
@@ -393,6 +399,7 @@ impl Dispatcher {
             disable: decision.disable.then(|| ("the receiver answered 410 Gone".to_owned(), ep.generation)),
             decision: None,
             settle_spend: ep.spec.agent,
+            ordered: delivery.ordered,
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");
@@ -626,12 +633,12 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<St
     (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Writes completions in batches until every sender is gone. Each batch may unblock an
-/// ordered lane or free an endpoint, so it wakes a claim loop.
+/// Writes completions in batches until every sender is gone. A batch that ends a delivery
+/// of an ordered lane makes the lane's next delivery claimable, so it wakes a claim loop.
 async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>, wake: Arc<Notify>) {
     let mut batch = Vec::with_capacity(256);
     while pending.recv_many(&mut batch, 256).await > 0 {
-        let unblocks = batch.iter().any(|c| c.state.is_final());
+        let unblocks = batch.iter().any(|c| c.ordered && c.state.is_final());
         for attempt in 0..5u32 {
             match store.complete_attempts(&batch).await {
                 Ok(0) => break,

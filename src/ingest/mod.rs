@@ -78,11 +78,9 @@ async fn write_batches(store: Store, queue: Arc<Mutex<Queue>>, max_events: usize
     while let Some(batch) = next_batch(&queue, max_events).await {
         let fanned_out = batch.iter().any(|j| j.request.events.iter().any(|e| !e.deliveries.is_empty()));
         commit(&store, batch).await;
+        // Other processes were notified by the commit itself (see `Store::accept_events`).
         if fanned_out {
             wake.notify_one();
-            if let Err(e) = store.notify_work().await {
-                tracing::debug!(error = %e, "could not notify other processes of new work; they will poll");
-            }
         }
     }
 }

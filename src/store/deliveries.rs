@@ -98,6 +98,8 @@ pub struct ClaimedDelivery {
     pub ingested_by: String,
     /// Granted by approvers: sent without passing the gate again.
     pub approved: bool,
+    /// In an ordered lane: its end may unblock the next delivery of the lane.
+    pub ordered: bool,
 }
 
 /// One recorded attempt.
@@ -135,6 +137,8 @@ pub struct Completion {
     /// Whether the delivery may hold spend reservations to settle (agent endpoints): plain
     /// deliveries skip that statement.
     pub settle_spend: bool,
+    /// In an ordered lane (see [`ClaimedDelivery::ordered`]).
+    pub ordered: bool,
 }
 
 /// A delivery as shown.
@@ -256,6 +260,7 @@ pub(super) struct ClaimRow {
     pub subject: Option<String>,
     pub ingested_by: String,
     pub approved: bool,
+    pub ordered: bool,
 }
 
 impl ClaimRow {
@@ -277,6 +282,7 @@ impl ClaimRow {
             subject: self.subject,
             ingested_by: self.ingested_by,
             approved: self.approved,
+            ordered: self.ordered,
         })
     }
 }
@@ -306,6 +312,87 @@ impl From<AttemptRow> for Attempt {
     }
 }
 
+/// What a batch of completions does to one endpoint's health, folded in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct HealthDelta<'a> {
+    pub namespace: &'a str,
+    pub endpoint: &'a str,
+    /// A success was among the attempts: the failure count restarts after it.
+    pub reset: bool,
+    /// Failures after the last success (all of them when there was none).
+    pub failures: i32,
+    /// Failures that open the breaker (`i64::MAX` without a breaker), and until when it
+    /// then stays open: of the batch's last attempt that had a breaker.
+    pub threshold: i64,
+    pub open_until: Option<DateTime<Utc>>,
+}
+
+/// One [`HealthDelta`] per endpoint that attempts were made at, sorted by endpoint (the
+/// order in which writers lock endpoint state). Completions that sent nothing (`success`
+/// is `None`) leave health alone.
+pub(super) fn health_deltas<'a>(completions: &[&'a Completion]) -> Vec<HealthDelta<'a>> {
+    let mut deltas: std::collections::BTreeMap<(&str, &str), HealthDelta<'a>> = std::collections::BTreeMap::new();
+    for c in completions {
+        let Some(success) = c.success else { continue };
+        let delta = deltas.entry((&c.namespace, &c.endpoint)).or_insert_with(|| HealthDelta {
+            namespace: &c.namespace,
+            endpoint: &c.endpoint,
+            reset: false,
+            failures: 0,
+            threshold: i64::MAX,
+            open_until: None,
+        });
+        if success {
+            delta.reset = true;
+            delta.failures = 0;
+        } else {
+            delta.failures = delta.failures.saturating_add(1);
+            if let Some((threshold, until)) = c.breaker {
+                delta.threshold = i64::from(threshold);
+                delta.open_until = Some(until);
+            }
+        }
+    }
+    deltas.into_values().collect()
+}
+
+/// The audit records a written completion carries: its policy decision, its final
+/// outcome, and the endpoint's disabling.
+pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewAuditRecord> {
+    use crate::audit::NewAuditRecord;
+    let subject = format!("delivery/{}", c.id);
+    let mut records = Vec::new();
+    if let Some(decision) = &c.decision {
+        records.push(NewAuditRecord::new(
+            "system",
+            "policy.decision",
+            &c.namespace,
+            subject.clone(),
+            serde_json::from_str(decision).unwrap_or_else(|_| serde_json::Value::String(decision.clone())),
+        ));
+    }
+    if c.state.is_final() {
+        records.push(NewAuditRecord::new(
+            "system",
+            &format!("delivery.{}", c.state.as_str()),
+            &c.namespace,
+            subject,
+            serde_json::json!({"endpoint": c.endpoint, "attempt": c.attempt.attempt, "status": c.attempt.status,
+                "error": c.attempt.error}),
+        ));
+    }
+    if let Some((reason, generation)) = &c.disable {
+        records.push(NewAuditRecord::new(
+            "system",
+            "endpoint.disabled",
+            &c.namespace,
+            format!("Endpoint/{}/{}", c.namespace, c.endpoint),
+            serde_json::json!({"reason": reason, "generation": generation}),
+        ));
+    }
+    records
+}
+
 /// The claim: due deliveries not blocked by an earlier one of their lane, nor by an open
 /// breaker or a disabled endpoint. `{lock}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL.
 pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
@@ -317,9 +404,16 @@ pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
           AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
      ORDER BY c.next_attempt_at LIMIT ?";
 
-/// Expands the delivery methods for one backend; `$lock` is the claim's row-lock clause.
+/// What a claim returns of each delivery and its event, from `d` (the claimed
+/// deliveries) joined with `e` (their events).
+pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, \
+     e.type AS event_type, e.data, e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, \
+     d.approved, d.ordering_key IS NOT NULL AS ordered";
+
+/// Expands the delivery methods for one backend. Each backend supplies the statements
+/// whose best shape differs: `claim_rows`, `write_completions_in` and `settle_spend_in`.
 macro_rules! delivery_methods {
-    ($store:ty, $sql:path, $lock:expr) => {
+    ($store:ty, $sql:path) => {
         impl $store {
             pub(super) async fn claim_due_deliveries(
                 &self,
@@ -327,35 +421,9 @@ macro_rules! delivery_methods {
                 lease: std::time::Duration,
                 limit: u32,
             ) -> Result<Vec<$crate::store::deliveries::ClaimedDelivery>, $crate::store::StoreError> {
-                use $crate::store::deliveries::{ClaimRow, CLAIMABLE};
                 let token = ulid::Ulid::new().to_string();
                 let lease_until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-                let claim = format!(
-                    "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, attempts = attempts + 1, \
-                     updated_at = ? WHERE id IN ({CLAIMABLE}{})",
-                    $lock
-                );
-                let claimed = sqlx::query(&$sql(&claim))
-                    .bind(&token)
-                    .bind(lease_until)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .execute(self.write_pool())
-                    .await?
-                    .rows_affected();
-                if claimed == 0 {
-                    return Ok(Vec::new());
-                }
-                let rows: Vec<ClaimRow> = sqlx::query_as(&$sql(
-                    "SELECT d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, e.type AS event_type, e.data, \
-                     e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, d.approved \
-                     FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.lease_token = ? ORDER BY d.id",
-                ))
-                .bind(&token)
-                .fetch_all(self.write_pool())
-                .await?;
+                let rows = self.claim_rows(&token, lease_until, now, limit).await?;
                 rows.into_iter().map(|r| r.into_claimed(&token)).collect()
             }
 
@@ -405,118 +473,60 @@ macro_rules! delivery_methods {
             }
 
             /// Writes attempt results whose lease is still held; returns how many leases were lost.
+            ///
+            /// One transaction of set-sized statements per batch, whatever its size: the
+            /// deliveries and their attempts, spend reservations, one health update per
+            /// endpoint, and the audit records. Locks are taken in one order (deliveries,
+            /// endpoint state sorted by name, spend, audit chains sorted), so concurrent
+            /// writers cannot deadlock.
             pub(super) async fn complete_attempts(
                 &self,
                 completions: &[$crate::store::deliveries::Completion],
             ) -> Result<u64, $crate::store::StoreError> {
+                use $crate::store::deliveries::{completion_audit_records, health_deltas};
                 let now = chrono::Utc::now();
                 let mut tx = self.write_pool().begin().await?;
-                let mut lost = 0;
-                // Audit records of the whole batch are appended together: one lock per chain.
-                let mut records = Vec::new();
-                for c in completions {
-                    let completed_at = c.state.is_final().then_some(now);
-                    let updated = sqlx::query(&$sql(
-                        "UPDATE deliveries SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_until = NULL, \
-                         last_status = ?, last_error = ?, updated_at = ?, completed_at = ?, decision = COALESCE(?, decision) \
-                         WHERE id = ? AND lease_token = ?",
-                    ))
-                    .bind(c.state.as_str())
-                    .bind(c.next_attempt_at)
-                    .bind(c.attempt.status.map(i32::from))
-                    .bind(&c.attempt.error)
-                    .bind(now)
-                    .bind(completed_at)
-                    .bind(&c.decision)
-                    .bind(c.id.as_str())
-                    .bind(&c.lease_token)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if updated != 1 {
-                        lost += 1;
-                        continue;
-                    }
-                    if let Some(decision) = &c.decision {
-                        records.push($crate::audit::NewAuditRecord::new(
-                            "system",
-                            "policy.decision",
-                            &c.namespace,
-                            format!("delivery/{}", c.id),
-                            serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.clone())),
-                        ));
-                    }
-                    if c.state.is_final() {
-                        records.push($crate::audit::NewAuditRecord::new(
-                            "system",
-                            &format!("delivery.{}", c.state.as_str()),
-                            &c.namespace,
-                            format!("delivery/{}", c.id),
-                            serde_json::json!({"endpoint": c.endpoint, "attempt": c.attempt.attempt, "status": c.attempt.status,
-                                "error": c.attempt.error}),
-                        ));
-                    }
-                    if let Some((reason, generation)) = &c.disable {
-                        records.push($crate::audit::NewAuditRecord::new(
-                            "system",
-                            "endpoint.disabled",
-                            &c.namespace,
-                            format!("Endpoint/{}/{}", c.namespace, c.endpoint),
-                            serde_json::json!({"reason": reason, "generation": generation}),
-                        ));
-                    }
-                    if let Some(ledger) = $crate::store::policy::ledger_state_for(c.state).filter(|_| c.settle_spend) {
-                        sqlx::query(&$sql("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'"))
-                            .bind(ledger)
-                            .bind(c.id.as_str())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                let applied = Self::write_completions_in(&mut tx, completions, now).await?;
+                let kept: Vec<&$crate::store::deliveries::Completion> =
+                    completions.iter().zip(&applied).filter(|(_, applied)| **applied).map(|(c, _)| c).collect();
+                let lost = (completions.len() - kept.len()) as u64;
+                if kept.is_empty() {
+                    tx.commit().await?;
+                    return Ok(lost);
+                }
+                let settled: Vec<(&str, &'static str)> = kept
+                    .iter()
+                    .filter(|c| c.settle_spend)
+                    .filter_map(|c| $crate::store::policy::ledger_state_for(c.state).map(|s| (c.id.as_str(), s)))
+                    .collect();
+                if !settled.is_empty() {
+                    Self::settle_spend_in(&mut tx, &settled).await?;
+                }
+                for delta in health_deltas(&kept) {
+                    // The batch's attempts at one endpoint, folded: a success restarts the
+                    // count from the failures after it; the breaker opens when the count
+                    // reaches the threshold.
                     sqlx::query(&$sql(
-                        "INSERT INTO delivery_attempts (delivery_id, attempt, namespace, endpoint, started_at, duration_ms, status, \
-                         response, error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        "INSERT INTO endpoint_state (namespace, name, consecutive_failures, breaker_open_until, last_success_at) \
+                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, name) DO UPDATE SET \
+                         consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures \
+                             ELSE endpoint_state.consecutive_failures + excluded.consecutive_failures END, \
+                         breaker_open_until = CASE WHEN (CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures \
+                             ELSE endpoint_state.consecutive_failures + excluded.consecutive_failures END) >= ? THEN ? \
+                             WHEN excluded.last_success_at IS NOT NULL THEN NULL ELSE endpoint_state.breaker_open_until END, \
+                         last_success_at = COALESCE(excluded.last_success_at, endpoint_state.last_success_at)",
                     ))
-                    .bind(c.id.as_str())
-                    .bind(c.attempt.attempt as i32)
-                    .bind(&c.namespace)
-                    .bind(&c.endpoint)
-                    .bind(c.attempt.started_at)
-                    .bind(c.attempt.duration_ms)
-                    .bind(c.attempt.status.map(i32::from))
-                    .bind(&c.attempt.response)
-                    .bind(&c.attempt.error)
-                    .bind(&c.attempt.outcome)
+                    .bind(delta.namespace)
+                    .bind(delta.endpoint)
+                    .bind(delta.failures)
+                    .bind(delta.open_until.filter(|_| i64::from(delta.failures) >= delta.threshold))
+                    .bind(delta.reset.then_some(now))
+                    .bind(delta.threshold)
+                    .bind(delta.open_until)
                     .execute(&mut *tx)
                     .await?;
-                    if c.success == Some(true) {
-                        sqlx::query(&$sql(
-                            "INSERT INTO endpoint_state (namespace, name, consecutive_failures, last_success_at) VALUES (?, ?, 0, ?) \
-                             ON CONFLICT (namespace, name) DO UPDATE SET consecutive_failures = 0, breaker_open_until = NULL, \
-                             last_success_at = excluded.last_success_at",
-                        ))
-                        .bind(&c.namespace)
-                        .bind(&c.endpoint)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    } else if c.success == Some(false) {
-                        let (threshold, open_until) = match c.breaker {
-                            Some((threshold, until)) => (i64::from(threshold), Some(until)),
-                            None => (i64::MAX, None),
-                        };
-                        sqlx::query(&$sql(
-                            "INSERT INTO endpoint_state (namespace, name, consecutive_failures) VALUES (?, ?, 1) \
-                             ON CONFLICT (namespace, name) DO UPDATE SET consecutive_failures = endpoint_state.consecutive_failures + 1, \
-                             breaker_open_until = CASE WHEN endpoint_state.consecutive_failures + 1 >= ? THEN ? \
-                             ELSE endpoint_state.breaker_open_until END",
-                        ))
-                        .bind(&c.namespace)
-                        .bind(&c.endpoint)
-                        .bind(threshold)
-                        .bind(open_until)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+                }
+                for c in &kept {
                     if let Some((reason, generation)) = &c.disable {
                         sqlx::query(&$sql(
                             "UPDATE endpoint_state SET disabled_reason = ?, disabled_generation = ? WHERE namespace = ? AND name = ?",
@@ -529,6 +539,8 @@ macro_rules! delivery_methods {
                         .await?;
                     }
                 }
+                let records: Vec<$crate::audit::NewAuditRecord> =
+                    kept.iter().flat_map(|c| completion_audit_records(c)).collect();
                 if !records.is_empty() {
                     Self::append_audit_in(&mut tx, &records).await?;
                 }
@@ -745,3 +757,57 @@ macro_rules! delivery_methods {
 }
 
 pub(super) use delivery_methods;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(endpoint: &str, success: Option<bool>, breaker: Option<(u32, DateTime<Utc>)>) -> Completion {
+        let now = Utc::now();
+        Completion {
+            id: DeliveryId::generate(),
+            lease_token: "t".into(),
+            namespace: "ns".into(),
+            endpoint: endpoint.into(),
+            state: DeliveryState::Retrying,
+            next_attempt_at: now,
+            attempt: Attempt {
+                attempt: 1,
+                started_at: now,
+                duration_ms: 1,
+                status: None,
+                response: None,
+                error: None,
+                outcome: "retry".into(),
+            },
+            success,
+            breaker,
+            disable: None,
+            decision: None,
+            settle_spend: false,
+            ordered: false,
+        }
+    }
+
+    #[test]
+    fn health_deltas_fold_each_endpoints_attempts_in_order() {
+        let until = Utc::now();
+        let batch = [
+            completion("b", Some(false), Some((3, until))),
+            completion("a", Some(false), None),
+            completion("b", Some(true), None),
+            completion("a", None, None),
+            completion("b", Some(false), Some((3, until))),
+            completion("b", Some(false), Some((3, until))),
+            completion("c", None, None),
+        ];
+        let refs: Vec<&Completion> = batch.iter().collect();
+        let deltas = health_deltas(&refs);
+        // Sorted by endpoint; `c` sent nothing, so it has no delta.
+        assert_eq!(deltas.iter().map(|d| d.endpoint).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!((deltas[0].reset, deltas[0].failures, deltas[0].threshold), (false, 1, i64::MAX));
+        // `b`: the success restarts the count; two failures follow it.
+        assert_eq!((deltas[1].reset, deltas[1].failures, deltas[1].threshold), (true, 2, 3));
+        assert_eq!(deltas[1].open_until, Some(until));
+    }
+}

@@ -27,7 +27,7 @@ pub use deliveries::{
     NewDelivery,
 };
 pub use ingest::{EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
-pub use postgres::PgStore;
+pub use postgres::{PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
 
@@ -164,7 +164,8 @@ impl Store {
     }
 
     /// Writes the events of many ingest requests in one transaction (a group commit) and
-    /// says, per request, what happened. Duplicates and replays write nothing.
+    /// says, per request, what happened. Duplicates and replays write nothing. On
+    /// PostgreSQL, a commit that created deliveries notifies other processes' workers.
     pub async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
         dispatch!(self, s => s.accept_events(requests).await)
     }
@@ -201,8 +202,9 @@ impl Store {
         }
     }
 
-    /// On PostgreSQL, a listener for [`Store::notify_work`]; `None` on SQLite.
-    pub async fn listen_for_work(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    /// On PostgreSQL, a listener for other processes' [`Store::notify_work`] and ingest
+    /// commits; `None` on SQLite.
+    pub async fn listen_for_work(&self) -> Result<Option<WorkListener>, StoreError> {
         match self {
             Store::Sqlite(_) => Ok(None),
             Store::Postgres(s) => Ok(Some(s.listen_for_work().await?)),

@@ -27,6 +27,29 @@ pub struct PgStore {
     pool: PgPool,
     /// For the leader's own connection, outside the pool.
     options: Arc<PgConnectOptions>,
+    /// This process's name in work notifications, so that its listener skips its own
+    /// (the in-process signal already woke its workers).
+    instance: Arc<str>,
+}
+
+/// The notification channel that wakes idle delivery workers.
+const WORK_CHANNEL: &str = "hookwarden_work";
+
+/// Work notifications from other processes.
+pub struct WorkListener {
+    listener: sqlx::postgres::PgListener,
+    own: Arc<str>,
+}
+
+impl WorkListener {
+    /// Waits for the next notification another process sent.
+    pub async fn recv(&mut self) -> Result<(), StoreError> {
+        loop {
+            if self.listener.recv().await?.payload() != &*self.own {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The advisory lock whose holder leads (runs the controller and periodic jobs).
@@ -41,7 +64,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        Ok(Self { pool, options: Arc::new(options) })
+        Ok(Self { pool, options: Arc::new(options), instance: ulid::Ulid::new().to_string().into() })
     }
 
     /// Takes the leader lock on a connection of its own, kept outside the pool: the lock
@@ -63,15 +86,16 @@ impl PgStore {
 
     /// Tells every process listening that deliveries are due (see [`Self::listen_for_work`]).
     pub(super) async fn notify_work(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify('hookwarden_work', '')").execute(&self.pool).await?;
+        sqlx::query("SELECT pg_notify($1, $2)").bind(WORK_CHANNEL).bind(&*self.instance).execute(&self.pool).await?;
         Ok(())
     }
 
-    /// A listener woken by [`Self::notify_work`] from any process.
-    pub(super) async fn listen_for_work(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+    /// A listener woken by [`Self::notify_work`] (and by ingest commits that fanned out)
+    /// from every other process.
+    pub(super) async fn listen_for_work(&self) -> Result<WorkListener, StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen("hookwarden_work").await?;
-        Ok(listener)
+        listener.listen(WORK_CHANNEL).await?;
+        Ok(WorkListener { listener, own: self.instance.clone() })
     }
 
     fn write_pool(&self) -> &PgPool {
@@ -100,7 +124,7 @@ impl PgStore {
     }
 
     pub(super) async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
-        let mut tx = PgIngest(self.pool.begin().await?);
+        let mut tx = PgIngest(self.pool.begin().await?, &self.instance);
         let outcomes = accept_in(&mut tx, requests).await?;
         tx.0.commit().await?;
         Ok(outcomes)
@@ -134,7 +158,7 @@ impl PgStore {
 }
 
 super::resources::resource_methods!(PgStore, super::resources::numbered);
-super::deliveries::delivery_methods!(PgStore, super::resources::numbered, " FOR UPDATE SKIP LOCKED");
+super::deliveries::delivery_methods!(PgStore, super::resources::numbered);
 super::policy::policy_methods!(
     PgStore,
     super::resources::numbered,
@@ -147,13 +171,14 @@ super::audit::audit_methods!(
     Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
 );
 
-struct PgIngest(Transaction<'static, Postgres>);
+/// The ingest transaction, and the name work notifications carry.
+struct PgIngest<'a>(Transaction<'static, Postgres>, &'a str);
 
 fn parse_id(raw: String) -> Result<EventId, StoreError> {
     EventId::parse(&raw).map_err(|e| StoreError::Corrupt(format!("event id `{raw}`: {e}")))
 }
 
-impl IngestTx for PgIngest {
+impl IngestTx for PgIngest<'_> {
     async fn claim_keys(
         &mut self,
         keys: &[&IdempotencyKey],
@@ -242,10 +267,13 @@ impl IngestTx for PgIngest {
         let endpoints: Vec<&str> = rows.iter().map(|(_, d)| d.endpoint.as_str()).collect();
         let keys: Vec<Option<&str>> = rows.iter().map(|(_, d)| d.ordering_key.as_deref()).collect();
         let times: Vec<DateTime<Utc>> = rows.iter().map(|(e, _)| e.received_at).collect();
+        // Other processes' workers are notified in the same statement; PostgreSQL delivers
+        // the notification when (and only if) the transaction commits.
         sqlx::query(
-            "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, created_at, \
-             updated_at) SELECT i, ev, n, ep, 'pending', t, k, t, t \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS x(i, ev, n, ep, k, t)",
+            "WITH d AS (INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
+             created_at, updated_at) SELECT i, ev, n, ep, 'pending', t, k, t, t \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS x(i, ev, n, ep, k, t) \
+             RETURNING 1) SELECT pg_notify($7, $8) WHERE EXISTS (SELECT 1 FROM d)",
         )
         .bind(&ids)
         .bind(&event_ids)
@@ -253,6 +281,8 @@ impl IngestTx for PgIngest {
         .bind(&endpoints)
         .bind(&keys)
         .bind(&times)
+        .bind(WORK_CHANNEL)
+        .bind(self.1)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -287,6 +317,114 @@ impl IngestTx for PgIngest {
         .bind(&names)
         .bind(&ids)
         .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The statements of the delivery methods that PostgreSQL runs set-sized: a batch of
+/// any size costs one round trip each.
+impl PgStore {
+    /// Leases due deliveries to `token` and returns them with their events, in one
+    /// statement; rows another claim has locked are skipped, not waited for.
+    async fn claim_rows(
+        &self,
+        token: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
+        use super::deliveries::{CLAIMABLE, CLAIMED_COLUMNS};
+        static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let claim = CLAIM.get_or_init(|| {
+            super::resources::numbered(&format!(
+                "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
+                 attempts = attempts + 1, updated_at = ? WHERE id IN ({CLAIMABLE} FOR UPDATE SKIP LOCKED) RETURNING *) \
+                 SELECT {CLAIMED_COLUMNS} FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id"
+            ))
+            .into_owned()
+        });
+        Ok(sqlx::query_as(claim)
+            .bind(token)
+            .bind(lease_until)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Applies the completions whose lease token still matches, and inserts their
+    /// attempts, in one statement; says which applied.
+    async fn write_completions_in(
+        tx: &mut Transaction<'static, Postgres>,
+        completions: &[super::Completion],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<&str> = completions.iter().map(|c| c.id.as_str()).collect();
+        let tokens: Vec<&str> = completions.iter().map(|c| c.lease_token.as_str()).collect();
+        let states: Vec<&str> = completions.iter().map(|c| c.state.as_str()).collect();
+        let next: Vec<DateTime<Utc>> = completions.iter().map(|c| c.next_attempt_at).collect();
+        let statuses: Vec<Option<i32>> = completions.iter().map(|c| c.attempt.status.map(i32::from)).collect();
+        let errors: Vec<Option<&str>> = completions.iter().map(|c| c.attempt.error.as_deref()).collect();
+        let finals: Vec<bool> = completions.iter().map(|c| c.state.is_final()).collect();
+        let decisions: Vec<Option<&str>> = completions.iter().map(|c| c.decision.as_deref()).collect();
+        let attempts: Vec<i32> = completions.iter().map(|c| c.attempt.attempt as i32).collect();
+        let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.attempt.started_at).collect();
+        let durations: Vec<i64> = completions.iter().map(|c| c.attempt.duration_ms).collect();
+        let responses: Vec<Option<&str>> = completions.iter().map(|c| c.attempt.response.as_deref()).collect();
+        let outcomes: Vec<&str> = completions.iter().map(|c| c.attempt.outcome.as_str()).collect();
+        // The attempts are inserted for the deliveries the update applied to; both
+        // sub-statements run whatever the final SELECT reads.
+        let updated: Vec<String> = sqlx::query_scalar(
+            "WITH t AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int4[], \
+             $6::text[], $7::bool[], $8::text[], $10::int4[], $11::timestamptz[], $12::int8[], $13::text[], $14::text[]) \
+             AS t(id, token, state, next_at, status, error, final, decision, attempt, started_at, duration_ms, response, \
+             outcome)), \
+             done AS (UPDATE deliveries d SET state = t.state, next_attempt_at = t.next_at, lease_token = NULL, \
+             lease_until = NULL, last_status = t.status, last_error = t.error, updated_at = $9, \
+             completed_at = CASE WHEN t.final THEN $9::timestamptz END, decision = COALESCE(t.decision, d.decision) \
+             FROM t WHERE d.id = t.id AND d.lease_token = t.token RETURNING d.id, d.namespace, d.endpoint), \
+             attempts AS (INSERT INTO delivery_attempts (delivery_id, attempt, namespace, endpoint, started_at, \
+             duration_ms, status, response, error, outcome) \
+             SELECT t.id, t.attempt, done.namespace, done.endpoint, t.started_at, t.duration_ms, t.status, t.response, \
+             t.error, t.outcome FROM t JOIN done ON done.id = t.id ON CONFLICT DO NOTHING) \
+             SELECT id FROM done",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&states)
+        .bind(&next)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(&finals)
+        .bind(&decisions)
+        .bind(now)
+        .bind(&attempts)
+        .bind(&started)
+        .bind(&durations)
+        .bind(&responses)
+        .bind(&outcomes)
+        .fetch_all(&mut **tx)
+        .await?;
+        let updated: HashSet<String> = updated.into_iter().collect();
+        Ok(completions.iter().map(|c| updated.contains(c.id.as_str())).collect())
+    }
+
+    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
+    async fn settle_spend_in(
+        tx: &mut Transaction<'static, Postgres>,
+        settled: &[(&str, &'static str)],
+    ) -> Result<(), StoreError> {
+        let (ids, states): (Vec<&str>, Vec<&str>) = settled.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE spend_ledger l SET state = t.state FROM UNNEST($1::text[], $2::text[]) AS t(id, state) \
+             WHERE l.delivery_id = t.id AND l.state = 'reserved'",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .execute(&mut **tx)
         .await?;
         Ok(())
     }

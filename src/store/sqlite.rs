@@ -119,7 +119,7 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
 }
 
 super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
-super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged, "");
+super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged);
 // One writer connection serializes reservations and votes; no extra locks needed.
 super::policy::policy_methods!(SqliteStore, super::resources::unchanged, None, "");
 super::audit::audit_methods!(SqliteStore, super::resources::unchanged, None);
@@ -238,6 +238,110 @@ impl IngestTx for SqliteIngest {
                 .bind(&k.scope)
                 .bind(&k.key)
                 .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The statements of the delivery methods that SQLite runs row by row: they are prepared
+/// once and run in-process, so a loop costs little here.
+impl SqliteStore {
+    /// Leases due deliveries to `token`; returns them with their events.
+    async fn claim_rows(
+        &self,
+        token: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
+        use super::deliveries::{CLAIMABLE, CLAIMED_COLUMNS};
+        // One writer connection: the claim cannot race another, so no row lock is needed.
+        let claimed = sqlx::query(&format!(
+            "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, attempts = attempts + 1, \
+             updated_at = ? WHERE id IN ({CLAIMABLE})"
+        ))
+        .bind(token)
+        .bind(lease_until)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(&format!(
+            "SELECT {CLAIMED_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id \
+             WHERE d.lease_token = ? ORDER BY d.id"
+        ))
+        .bind(token)
+        .fetch_all(&self.write)
+        .await?)
+    }
+
+    /// Applies the completions whose lease token still matches, with their attempts;
+    /// says which applied.
+    async fn write_completions_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        completions: &[super::Completion],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut applied = Vec::with_capacity(completions.len());
+        for c in completions {
+            let updated = sqlx::query(
+                "UPDATE deliveries SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_until = NULL, \
+                 last_status = ?, last_error = ?, updated_at = ?, completed_at = ?, decision = COALESCE(?, decision) \
+                 WHERE id = ? AND lease_token = ?",
+            )
+            .bind(c.state.as_str())
+            .bind(c.next_attempt_at)
+            .bind(c.attempt.status.map(i32::from))
+            .bind(&c.attempt.error)
+            .bind(now)
+            .bind(c.state.is_final().then_some(now))
+            .bind(&c.decision)
+            .bind(c.id.as_str())
+            .bind(&c.lease_token)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            applied.push(updated == 1);
+            if updated != 1 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO delivery_attempts (delivery_id, attempt, namespace, endpoint, started_at, duration_ms, status, \
+                 response, error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(c.id.as_str())
+            .bind(c.attempt.attempt as i32)
+            .bind(&c.namespace)
+            .bind(&c.endpoint)
+            .bind(c.attempt.started_at)
+            .bind(c.attempt.duration_ms)
+            .bind(c.attempt.status.map(i32::from))
+            .bind(&c.attempt.response)
+            .bind(&c.attempt.error)
+            .bind(&c.attempt.outcome)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(applied)
+    }
+
+    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
+    async fn settle_spend_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        settled: &[(&str, &'static str)],
+    ) -> Result<(), StoreError> {
+        for (id, state) in settled {
+            sqlx::query("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'")
+                .bind(*state)
+                .bind(*id)
+                .execute(&mut **tx)
                 .await?;
         }
         Ok(())
