@@ -158,10 +158,9 @@ pub fn eval_bool(program: &CompiledExpr, event: &Value) -> Result<bool, String> 
 }
 
 fn eval(program: &CompiledExpr, event: &Value) -> Result<cel::Value, String> {
-    let event = cel::to_value(event).map_err(|e| e.to_string())?;
     expr::with_root(|root| {
         let mut context = root.new_inner_scope();
-        context.add_variable_from_value("event", event);
+        context.add_variable_as_val("event", expr::json_val(event));
         expr::execute(program, &context)
     })
 }

@@ -8,10 +8,12 @@
 //!   exceeded) denies, naming the rule and the error: an error never allows;
 //! - a rule in `audit` enforcement is evaluated and reported, never enforced.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cel::common::types::{CelInt, CelMap, CelMapKey, CelNull, CelString};
+use cel::common::value::Val;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -242,34 +244,26 @@ pub fn decide(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decide_in(
-    root: &cel::Context<'static, 'static>,
+fn decide_in<'v>(
+    root: &cel::Context<'v, 'v>,
     policy: &PolicySet,
-    event: &Value,
-    endpoint_json: &Value,
+    event: &'v Value,
+    endpoint_json: &'v Value,
     endpoint: EndpointView<'_>,
     totals: &dyn SpendTotals,
     now: DateTime<Utc>,
     budget: EvalBudget,
     started: Instant,
 ) -> PolicyDecision {
-    // The variables every rule shares are converted once per decision.
-    let base = (|| -> Result<cel::Context<'_, '_>, String> {
-        let mut context = root.new_inner_scope();
-        let endpoint_value = cel::to_value(endpoint_json).map_err(|e| e.to_string())?;
-        context.add_variable_from_value("event", cel::to_value(event).map_err(|e| e.to_string())?);
-        context.add_variable_from_value("endpoint", endpoint_value.clone());
-        context.add_variable_from_value("agent", endpoint_value);
-        context.add_variable_from_value("now", cel::Value::Timestamp(now.fixed_offset()));
-        Ok(context)
-    })();
+    // The variables every rule shares are bound once per decision, borrowing the JSON.
+    let mut base = root.new_inner_scope();
+    base.add_variable_as_val("event", expr::json_val(event));
+    base.add_variable_as_val("endpoint", expr::json_val(endpoint_json));
+    base.add_variable_as_val("agent", expr::json_val(endpoint_json));
+    base.add_variable_from_value("now", cel::Value::Timestamp(now.fixed_offset()));
     let mut results = Vec::new();
     for rule in policy.rules.iter().filter(|r| r.selects(&endpoint)) {
-        let result = match &base {
-            Err(e) => error_result(rule, format!("cannot read the event: {e}")),
-            Ok(base) => evaluate(rule, base.new_inner_scope(), endpoint, totals),
-        };
-        results.push(result);
+        results.push(evaluate(rule, base.new_inner_scope(), endpoint, totals));
         if started.elapsed() > budget.budget {
             results.push(RuleResult {
                 rule: rule.name.clone(),
@@ -336,20 +330,28 @@ fn evaluate(
             over_limit: clause.over_limit,
         });
     }
-    if !rule.uses_spend {
-        return finish(rule, &context, spend);
-    }
-    let spend_json = match &spend {
-        Some(s) => {
-            json!({"total": s.window_total, "amount": s.amount, "limit": s.limit, "currency": s.currency, "remaining": s.limit - s.window_total})
-        }
-        None => json!({"total": 0, "amount": 0, "limit": null, "currency": null, "remaining": null}),
-    };
-    match cel::to_value(&spend_json) {
-        Ok(value) => context.add_variable_from_value("spend", value),
-        Err(e) => return error_result(rule, e.to_string()),
+    if rule.uses_spend {
+        context.add_variable_as_val("spend", spend_val(spend.as_ref()));
     }
     finish(rule, &context, spend)
+}
+
+/// The `spend` variable: the figures of the rule's spend clause as `int`s (minor units)
+/// and its currency, or zeros and nulls when it has none.
+fn spend_val(spend: Option<&SpendCheck>) -> Box<dyn Val> {
+    let int = |n: i64| Box::new(CelInt::from(n)) as Box<dyn Val>;
+    let null = || Box::new(CelNull) as Box<dyn Val>;
+    let figures: [(&'static str, Box<dyn Val>); 5] = match spend {
+        Some(s) => [
+            ("total", int(s.window_total)),
+            ("amount", int(s.amount)),
+            ("limit", int(s.limit)),
+            ("remaining", int(s.limit.saturating_sub(s.window_total))),
+            ("currency", Box::new(CelString::from(s.currency.clone()))),
+        ],
+        None => [("total", int(0)), ("amount", int(0)), ("limit", null()), ("remaining", null()), ("currency", null())],
+    };
+    Box::new(CelMap::from(figures.into_iter().map(|(k, v)| (CelMapKey::from(k), v)).collect::<HashMap<_, _>>()))
 }
 
 /// The rule's match, decision, reason and spend check, with every variable in `context`.
@@ -543,6 +545,21 @@ mod tests {
         assert!(over.spend.is_empty(), "nothing is reserved for a hold");
         let bad = decide_for(&p, json!({"amount_cents": "ten"}), 0);
         assert_eq!(bad.outcome, Outcome::Deny, "{}", bad.reason);
+    }
+
+    #[test]
+    fn spend_figures_are_ints_that_rules_can_compute_with() {
+        let rule = "{endpointRefs: [refund-agent], decision: deny, reason: too close to the cap, \
+            match: \"spend.remaining - spend.amount < 1000 && spend.currency == 'USD' && spend.limit == 50000\", \
+            spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: 50000, window: 24h, overLimit: hold}}";
+        let p = policy(&[("a", ALLOW), ("near-cap", rule)]);
+        assert_eq!(decide_for(&p, json!({"amount_cents": 1000}), 10000).outcome, Outcome::Allow);
+        let near = decide_for(&p, json!({"amount_cents": 1000}), 48500);
+        assert_eq!((near.outcome, near.rule.as_deref()), (Outcome::Deny, Some("near-cap")), "{}", near.reason);
+        // Without a spend clause, `spend` reads as zeros and nulls.
+        let unlimited =
+            "{endpointRefs: [refund-agent], decision: allow, match: \"spend.total == 0 && spend.limit == null\"}";
+        assert_eq!(decide_for(&policy(&[("u", unlimited)]), json!({}), 0).outcome, Outcome::Allow);
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr};
+use cel::common::types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt};
+use cel::common::value::Val;
 use cel::{IdedExpr, Program};
 
 /// Limits on what an expression may be.
@@ -110,9 +112,10 @@ thread_local! {
     static ROOT: cel::Context<'static, 'static> = cel::Context::default();
 }
 
-/// Runs `f` with this thread's root context (standard functions, no variables).
-pub fn with_root<R>(f: impl FnOnce(&cel::Context<'static, 'static>) -> R) -> R {
-    ROOT.with(f)
+/// Runs `f` with this thread's root context (standard functions, no variables), for
+/// inner scopes whose variables may borrow for `'v` (see [`json_val`]).
+pub fn with_root<'v, R>(f: impl FnOnce(&cel::Context<'v, 'v>) -> R) -> R {
+    ROOT.with(|root| f(root))
 }
 
 /// Runs `program` in `context`. The interpreter is third-party code: a panic in it is an
@@ -121,6 +124,31 @@ pub fn execute(program: &CompiledExpr, context: &cel::Context<'_, '_>) -> Result
     std::panic::catch_unwind(AssertUnwindSafe(|| program.program().execute(context)))
         .map_err(|_| "the expression panicked".to_owned())?
         .map_err(|e| e.to_string())
+}
+
+/// `value` as a CEL value that borrows its strings from `value`. It is what
+/// `cel::to_value` makes of it (positive integers are `uint`, negative ones `int`, other
+/// numbers `double`), without copying the text and without going through `cel::Value`,
+/// which the crate converts once more when a variable is bound.
+pub fn json_val(value: &serde_json::Value) -> Box<dyn Val + '_> {
+    use serde_json::Value as Json;
+    match value {
+        Json::Null => Box::new(CelNull),
+        Json::Bool(b) => Box::new(CelBool::from(*b)),
+        Json::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Box::new(CelUInt::from(u)),
+            (None, Some(i)) => Box::new(CelInt::from(i)),
+            (None, None) => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
+        },
+        Json::String(s) => Box::new(CelString::from(s.as_str())),
+        Json::Array(items) => Box::new(CelList::from(items.iter().map(json_val).collect::<Vec<_>>())),
+        Json::Object(fields) => Box::new(CelMap::from(
+            fields
+                .iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_val(v)))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )),
+    }
 }
 
 /// A value as text: strings as they are, numbers and bools in decimal, others debug-printed.
@@ -251,6 +279,39 @@ mod tests {
         assert!(err.starts_with("is not valid CEL"), "{err}");
         let err = compile("evnt.data.total > 1", EVENT, Limits::default()).unwrap_err();
         assert!(err.contains("`evnt`") && err.contains("`event`"), "{err}");
+    }
+
+    #[test]
+    fn json_values_evaluate_as_cel_to_value_makes_them() {
+        let event = serde_json::json!({
+            "type": "refund.requested",
+            "data": {"amount_cents": 2500, "delta": -3, "rate": 0.5, "ok": true, "none": null,
+                     "items": [{"sku": "a", "qty": 2}, {"sku": "b", "qty": 1}], "tags": {"tier": "gold"}}
+        });
+        let sources = [
+            "event.type.startsWith('refund.')",
+            "int(event.data.amount_cents) > 2000 && event.data.amount_cents == 2500u",
+            "event.data.delta < 0 && event.data.rate == 0.5 && event.data.ok && event.data.none == null",
+            "event.data.items.exists(i, i.sku == 'b' && i.qty == 1) && size(event.data.items) == 2",
+            "has(event.data.tags.tier) && !has(event.data.tags.missing) && 'tier' in event.data.tags",
+            "event.data.items.map(i, i.sku) == ['a', 'b']",
+            "event.data.missing > 1",
+            "event.data.amount_cents + 1",
+        ];
+        for source in sources {
+            let program = compile(source, EVENT, Limits::default()).unwrap();
+            let converted = with_root(|root| {
+                let mut context = root.new_inner_scope();
+                context.add_variable_from_value("event", cel::to_value(&event).unwrap());
+                execute(&program, &context)
+            });
+            let borrowed = with_root(|root| {
+                let mut context = root.new_inner_scope();
+                context.add_variable_as_val("event", json_val(&event));
+                execute(&program, &context)
+            });
+            assert_eq!(borrowed, converted, "{source}");
+        }
     }
 
     #[test]
