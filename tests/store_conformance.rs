@@ -153,10 +153,20 @@ async fn an_open_breaker_holds_an_endpoints_deliveries(store: &Store) {
     store.complete_attempts(&failures).await.unwrap();
     let state = store.endpoint_state("default", "flaky").await.unwrap();
     assert_eq!(state.consecutive_failures, 2);
-    assert!(state.breaker_open_until.is_some());
+    let open_until = state.breaker_open_until.expect("the breaker opened");
     assert!(store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty(), "nothing claimed while open");
+    // The completion that opened it parked the endpoint's waiting deliveries until it closes,
+    // so claims do not walk past them meanwhile.
+    for f in &failures {
+        let (record, _) = store.get_delivery(&f.id).await.unwrap().unwrap();
+        assert_eq!(record.next_attempt_at, open_until, "parked until the breaker closes");
+    }
+    // A delivery that arrives while it is open is parked by the periodic upkeep.
+    store.accept_events(&[request(vec![fanned_out("b-3", &["flaky"], None)])]).await.unwrap();
+    assert_eq!(store.park_blocked_deliveries(Utc::now()).await.unwrap(), 1);
+    assert_eq!(store.park_blocked_deliveries(Utc::now()).await.unwrap(), 0, "parked once");
     let after = Utc::now() + chrono::Duration::minutes(6);
-    assert_eq!(store.claim_due_deliveries(after, LEASE, 10).await.unwrap().len(), 2, "claimable once it closes");
+    assert_eq!(store.claim_due_deliveries(after, LEASE, 10).await.unwrap().len(), 3, "claimable once it closes");
 }
 
 async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(store: &Store) {

@@ -23,6 +23,7 @@ use super::catalog::{CatalogHandle, EndpointEntry, EventView};
 use super::outcome::{decide, AttemptResult};
 use super::signing;
 use crate::config::DeliveryConfig;
+use crate::ids::DeliveryId;
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
 use crate::resources::validate::is_private_ip;
 use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
@@ -78,7 +79,8 @@ struct EndpointLimits {
 }
 
 impl Dispatcher {
-    /// Starts the claim loops, the completion writer and the lease reaper on `tracker`.
+    /// Starts the claim loops, the completion writer and the queue upkeep (expired leases,
+    /// open breakers) on `tracker`.
     pub fn start(
         store: Store,
         catalog: CatalogHandle,
@@ -110,7 +112,7 @@ impl Dispatcher {
             stop_attempts: stop_attempts.clone(),
         });
         tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone()));
-        tracker.spawn(reap_expired_leases(store, config.lease_margin, shutdown.clone()));
+        tracker.spawn(tend_queue(store, config.lease_margin, shutdown.clone()));
         let attempts = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         for _ in 0..config.workers {
@@ -196,12 +198,15 @@ impl Dispatcher {
                     }
                 }
             }
-            for (delivery, after) in give_back {
+            // One release per delay, not per delivery.
+            let mut by_delay: BTreeMap<Duration, Vec<(&DeliveryId, &str)>> = BTreeMap::new();
+            for (delivery, after) in &give_back {
+                by_delay.entry(*after).or_default().push((&delivery.id, delivery.lease_token.as_str()));
+            }
+            for (after, claims) in by_delay {
                 let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
-                if let Err(e) =
-                    self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], at).await
-                {
-                    tracing::warn!(error = %e, delivery_id = %delivery.id, "could not give a delivery back; its lease will expire");
+                if let Err(e) = self.store.release_deliveries(&claims, at).await {
+                    tracing::warn!(error = %e, count = claims.len(), "could not give deliveries back; their leases will expire");
                 }
             }
         }
@@ -665,8 +670,9 @@ async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>
     }
 }
 
-/// Periodically makes deliveries of crashed workers claimable again.
-async fn reap_expired_leases(store: Store, margin: Duration, shutdown: CancellationToken) {
+/// Periodically makes deliveries of crashed workers claimable again, and parks deliveries
+/// that reached an endpoint after its breaker opened.
+async fn tend_queue(store: Store, margin: Duration, shutdown: CancellationToken) {
     let period = (margin / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -677,6 +683,11 @@ async fn reap_expired_leases(store: Store, margin: Duration, shutdown: Cancellat
             Ok(0) => {}
             Ok(n) => tracing::warn!(released = n, "released deliveries whose lease expired"),
             Err(e) => tracing::warn!(error = %e, "could not release expired leases"),
+        }
+        match store.park_blocked_deliveries(Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(parked = n, "deliveries wait for their endpoint's breaker to close"),
+            Err(e) => tracing::warn!(error = %e, "could not park deliveries of open breakers"),
         }
     }
 }

@@ -404,6 +404,11 @@ pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
           AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
      ORDER BY c.next_attempt_at LIMIT ?";
 
+/// Parks an endpoint's waiting deliveries until its breaker closes, so that claims do not
+/// walk past them in the due index meanwhile: `(until, namespace, endpoint, until)`.
+pub(super) const PARK: &str = "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
+     AND state IN ('pending', 'retrying') AND next_attempt_at < ?";
+
 /// What a claim returns of each delivery and its event, from `d` (the claimed
 /// deliveries) joined with `e` (their events).
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, \
@@ -425,6 +430,33 @@ macro_rules! delivery_methods {
                 let lease_until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
                 let rows = self.claim_rows(&token, lease_until, now, limit).await?;
                 rows.into_iter().map(|r| r.into_claimed(&token)).collect()
+            }
+
+            /// Moves the due deliveries of endpoints whose breaker is open to the end of the
+            /// open period; returns how many moved. The completion that opens a breaker does
+            /// this too; this catches deliveries fanned out to the endpoint since.
+            pub(super) async fn park_blocked_deliveries(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let open: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&$sql(
+                    "SELECT namespace, name, breaker_open_until FROM endpoint_state WHERE breaker_open_until > ?",
+                ))
+                .bind(now)
+                .fetch_all(self.read_pool())
+                .await?;
+                let mut parked = 0;
+                for (namespace, endpoint, until) in open {
+                    parked += sqlx::query(&$sql($crate::store::deliveries::PARK))
+                        .bind(until)
+                        .bind(&namespace)
+                        .bind(&endpoint)
+                        .bind(until)
+                        .execute(self.write_pool())
+                        .await?
+                        .rows_affected();
+                }
+                Ok(parked)
             }
 
             /// Makes deliveries whose lease ran out (a crashed worker) claimable again.
@@ -503,10 +535,11 @@ macro_rules! delivery_methods {
                     Self::settle_spend_in(&mut tx, &settled).await?;
                 }
                 for delta in health_deltas(&kept) {
+                    let open_until: Option<chrono::DateTime<chrono::Utc>> =
                     // The batch's attempts at one endpoint, folded: a success restarts the
                     // count from the failures after it; the breaker opens when the count
                     // reaches the threshold.
-                    sqlx::query(&$sql(
+                        sqlx::query_scalar(&$sql(
                         "INSERT INTO endpoint_state (namespace, name, consecutive_failures, breaker_open_until, last_success_at) \
                          VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, name) DO UPDATE SET \
                          consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures \
@@ -514,7 +547,8 @@ macro_rules! delivery_methods {
                          breaker_open_until = CASE WHEN (CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures \
                              ELSE endpoint_state.consecutive_failures + excluded.consecutive_failures END) >= ? THEN ? \
                              WHEN excluded.last_success_at IS NOT NULL THEN NULL ELSE endpoint_state.breaker_open_until END, \
-                         last_success_at = COALESCE(excluded.last_success_at, endpoint_state.last_success_at)",
+                         last_success_at = COALESCE(excluded.last_success_at, endpoint_state.last_success_at) \
+                         RETURNING breaker_open_until",
                     ))
                     .bind(delta.namespace)
                     .bind(delta.endpoint)
@@ -523,8 +557,17 @@ macro_rules! delivery_methods {
                     .bind(delta.reset.then_some(now))
                     .bind(delta.threshold)
                     .bind(delta.open_until)
-                    .execute(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await?;
+                    if let Some(until) = open_until.filter(|until| *until > now) {
+                        sqlx::query(&$sql($crate::store::deliveries::PARK))
+                            .bind(until)
+                            .bind(delta.namespace)
+                            .bind(delta.endpoint)
+                            .bind(until)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
                 for c in &kept {
                     if let Some((reason, generation)) = &c.disable {

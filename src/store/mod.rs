@@ -266,6 +266,11 @@ impl Store {
         dispatch!(self, s => s.release_expired_leases(now).await)
     }
 
+    /// Moves due deliveries of endpoints whose breaker is open to when it closes.
+    pub async fn park_blocked_deliveries(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.park_blocked_deliveries(now).await)
+    }
+
     /// Returns claimed deliveries unattempted, due again at `at`.
     pub async fn release_deliveries(
         &self,
