@@ -269,7 +269,8 @@ async fn follow_resources(store: Store, catalog: CatalogHandle, shutdown: Cancel
     }
 }
 
-/// Samples the delivery backlog once a second, for ingest's backpressure and the gauges.
+/// Samples the delivery backlog once a second, for ingest's backpressure and the gauges
+/// (queue depth and age, deliveries by state, open breakers, pending approvals).
 async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
     loop {
         match store.queue_depth().await {
@@ -290,6 +291,9 @@ async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: Cancell
         }
         if let Ok(open) = store.open_breakers(chrono::Utc::now()).await {
             metrics::gauge!("hookwarden_delivery_breakers_open").set(open as f64);
+        }
+        if let Ok(pending) = store.count_pending_approvals().await {
+            metrics::gauge!("hookwarden_policy_approvals_pending").set(pending as f64);
         }
         crate::telemetry::metrics().run_upkeep();
         tokio::select! {
@@ -337,6 +341,8 @@ async fn expire_approvals(store: Store, wake: Arc<Notify>, shutdown: Cancellatio
                 for (approval, delivery) in &expired {
                     tracing::info!(approval_id = %approval, delivery_id = %delivery, "approval request expired");
                 }
+                metrics::counter!("hookwarden_policy_approvals_total", "outcome" => "expired")
+                    .increment(expired.len() as u64);
                 wake.notify_one();
             }
             Ok(_) => {}

@@ -28,6 +28,12 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
             .expect("static buckets are valid")
+            // Humans answer approval requests in minutes or hours, not milliseconds.
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("hookwarden_policy_approval_seconds".into()),
+                &[10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0, 24.0 * 3600.0],
+            )
+            .expect("static buckets are valid")
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (tests): then ours only renders zeros.

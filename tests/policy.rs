@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::receiver::{Script, TestReceiver, SECRET};
-use common::{eventually, spawn_app_with, token, Process, TestApp, TestDb};
+use common::{eventually, metric, spawn_app_with, token, Process, TestApp, TestDb};
 use hookwarden::auth::Role;
 use serde_json::{json, Value};
 
@@ -71,6 +71,12 @@ async fn concurrent_deliveries_never_exceed_the_spend_limit(db: TestDb) {
     let denied: Value = app.get("/v1/deliveries?state=denied&limit=1", &app.admin).await.json().await.unwrap();
     let reason = denied["items"][0]["decision"]["reason"].as_str().unwrap();
     assert!(reason.contains("over the spend limit"), "{reason}");
+    // Spend by agent: at least what this test allowed (tests share the process's metrics).
+    let spent = [("agent", "refund-agent"), ("currency", "USD")];
+    let allowed = metric(&app.base, "hookwarden_policy_spend_allowed_total", &spent).await.unwrap_or(0.0);
+    assert!(allowed >= 55_000.0, "spend allowed: {allowed}");
+    let decided = metric(&app.base, "hookwarden_policy_decisions_total", &[("outcome", "deny"), ("rule", "cap")]).await;
+    assert!(decided.unwrap_or(0.0) >= 1.0, "denials by the cap: {decided:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +168,8 @@ async fn a_hold_needs_a_quorum_of_distinct_approvers_and_is_delivered_once() {
     assert_eq!(receiver.on("/agent").len(), 1, "delivered exactly once, without being held again");
     let approval: Value = app.get(&format!("/v1/approvals/{id}"), &app.admin).await.json().await.unwrap();
     assert_eq!(approval["votes"].as_array().unwrap().len(), 2);
+    let waited = metric(&app.base, "hookwarden_policy_approval_seconds_count", &[("outcome", "granted")]).await;
+    assert!(waited.unwrap_or(0.0) >= 1.0, "approval latency recorded: {waited:?}");
 
     // A denial by one approver ends another hold at once.
     let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 30000}});
@@ -215,6 +223,12 @@ async fn an_expired_hold_is_denied_after_a_restart() {
         assert!(Instant::now() < deadline, "no hold");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let held = [("outcome", "hold"), ("rule", "big-refunds")];
+    assert_eq!(metric(&server.base, "hookwarden_policy_decisions_total", &held).await, Some(1.0));
+    eventually(Duration::from_secs(5), "the pending gauge", || async {
+        metric(&server.base, "hookwarden_policy_approvals_pending", &[]).await == Some(1.0)
+    })
+    .await;
     server.kill();
 
     // The deadline passes while no server runs; the restarted one applies it.
@@ -224,6 +238,12 @@ async fn an_expired_hold_is_denied_after_a_restart() {
         assert!(Instant::now() < deadline, "the hold never expired");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let expired = metric(&server.base, "hookwarden_policy_approvals_total", &[("outcome", "expired")]).await;
+    assert_eq!(expired, Some(1.0));
+    eventually(Duration::from_secs(5), "no pending approvals", || async {
+        metric(&server.base, "hookwarden_policy_approvals_pending", &[]).await == Some(0.0)
+    })
+    .await;
     let page: Value = client
         .get(format!("{}/v1/deliveries?state=denied", server.base))
         .bearer_auth(&admin)

@@ -131,7 +131,10 @@ async fn vote(
             Ok(Json(json!({ "id": id, "state": "pending", "grants": grants, "quorum": quorum })))
         }
         VoteOutcome::Decided(decided) => {
-            metrics::counter!("hookwarden_policy_approvals_total", "outcome" => if grant { "granted" } else { "denied" }).increment(1);
+            let outcome = if grant { "granted" } else { "denied" };
+            metrics::counter!("hookwarden_policy_approvals_total", "outcome" => outcome).increment(1);
+            let waited = (Utc::now() - approval.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("hookwarden_policy_approval_seconds", "outcome" => outcome).record(waited);
             if grant {
                 state.wake.notify_one();
                 let _ = state.store.notify_work().await;

@@ -444,9 +444,8 @@ impl Dispatcher {
             };
             let decision = engine::decide(&policy, &event, endpoint, &totals, now, EvalBudget::default());
             let recorded = serde_json::to_string(&decision).unwrap_or_default();
-            metrics::counter!("hookwarden_policy_decisions_total", "outcome" => outcome_name(decision.outcome))
-                .increment(1);
             if delivery.approved {
+                count_decision("allow", "(approved)");
                 // Granted by approvers: sent without a new decision; its spend counts.
                 let reservations =
                     reservations(decision.rules.iter().filter(|r| !r.shadow).filter_map(|r| r.spend.as_ref()));
@@ -465,11 +464,15 @@ impl Dispatcher {
                     )
                     .await
                 {
-                    Ok(AllowResult::Reserved) => true,
+                    Ok(AllowResult::Reserved) => {
+                        count_spend(delivery, &reservations);
+                        true
+                    }
                     Ok(_) => false,
                     Err(e) => self.gate_failed(delivery, e).await,
                 };
             }
+            count_decision(outcome_name(decision.outcome), decision.rule.as_deref().unwrap_or("(default)"));
             tracing::info!(
                 event_id = %delivery.event_id,
                 delivery_id = %delivery.id,
@@ -497,7 +500,10 @@ impl Dispatcher {
                         )
                         .await
                     {
-                        Ok(AllowResult::Reserved) => return true,
+                        Ok(AllowResult::Reserved) => {
+                            count_spend(delivery, &reservations);
+                            return true;
+                        }
                         Ok(AllowResult::LeaseLost) => return false,
                         // Another delivery took the budget meanwhile: decide again.
                         Ok(AllowResult::OverLimit(_)) => continue,
@@ -550,6 +556,7 @@ impl Dispatcher {
                 }
             }
         }
+        count_decision("deny", "(spend contention)");
         let mut completion =
             self.refuse(delivery, DeliveryState::Denied, "denied", "the spend budget kept changing while deciding");
         completion.decision = Some(r#"{"outcome":"deny","reason":"spend budget contention"}"#.into());
@@ -689,6 +696,21 @@ async fn tend_queue(store: Store, margin: Duration, shutdown: CancellationToken)
             Ok(n) => tracing::debug!(parked = n, "deliveries wait for their endpoint's breaker to close"),
             Err(e) => tracing::warn!(error = %e, "could not park deliveries of open breakers"),
         }
+    }
+}
+
+/// Policy decisions by outcome and deciding rule (rule names come from resources).
+fn count_decision(outcome: &'static str, rule: &str) {
+    metrics::counter!("hookwarden_policy_decisions_total", "outcome" => outcome, "rule" => rule.to_owned())
+        .increment(1);
+}
+
+/// Spend allowed (reserved) per agent endpoint and currency, in minor units.
+fn count_spend(delivery: &ClaimedDelivery, reservations: &[SpendReservation]) {
+    for r in reservations {
+        metrics::counter!("hookwarden_policy_spend_allowed_total", "namespace" => delivery.namespace.clone(),
+            "agent" => delivery.endpoint.clone(), "currency" => r.currency.clone())
+        .increment(r.amount.max(0) as u64);
     }
 }
 

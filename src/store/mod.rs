@@ -412,6 +412,11 @@ impl Store {
     }
 
     /// Applies the expiry outcome of every pending approval past its deadline.
+    /// Approval requests still waiting for a decision.
+    pub async fn count_pending_approvals(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.count_pending_approvals().await)
+    }
+
     pub async fn expire_approvals(&self, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
         dispatch!(self, s => s.expire_approvals(now).await)
     }

@@ -446,6 +446,12 @@ macro_rules! policy_methods {
                 Ok(state.to_owned())
             }
 
+            pub(super) async fn count_pending_approvals(&self) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar(&$sql("SELECT COUNT(*) FROM approvals WHERE state = 'pending'"))
+                    .fetch_one(self.read_pool())
+                    .await?)
+            }
+
             /// Applies the expiry outcome to every pending request past its deadline.
             pub(super) async fn expire_approvals(
                 &self,
