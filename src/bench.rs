@@ -52,6 +52,20 @@ pub struct DeliverArgs {
     /// Also fan every event out to an endpoint that never answers in time.
     #[arg(long)]
     pub with_timing_out_endpoint: bool,
+    /// Instead of a steady load: ingest this many events while the endpoint is paused,
+    /// then lift the pause and time how long the backlog takes to deliver.
+    #[arg(long)]
+    pub backlog: Option<usize>,
+    /// The server's `audit.deliveryOutcomes`: `all` records every final outcome in the
+    /// audit chain, `agents` only agent endpoints' (so none here: auditing off).
+    #[arg(long, value_enum, default_value_t = AuditOutcomes::All)]
+    pub audit_outcomes: AuditOutcomes,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AuditOutcomes {
+    All,
+    Agents,
 }
 
 #[derive(Args)]
@@ -307,9 +321,15 @@ fn now_us() -> u64 {
 
 async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    let config =
-        "allowPrivateUrls: true\ndelivery: {pollInterval: 100ms, perEndpointConcurrency: 64, maxInFlight: 512}\n";
-    let server = ChildServer::start(args.database_url.as_deref(), &secret, Some(config)).await?;
+    let audited = match args.audit_outcomes {
+        AuditOutcomes::All => "all",
+        AuditOutcomes::Agents => "agents",
+    };
+    let config = format!(
+        "allowPrivateUrls: true\ndelivery: {{pollInterval: 100ms, perEndpointConcurrency: 64, maxInFlight: 512}}\n\
+         audit: {{deliveryOutcomes: {audited}}}\n"
+    );
+    let server = ChildServer::start(args.database_url.as_deref(), &secret, Some(&config)).await?;
     let token = TokenKeys::new(&Secret::new(secret.clone())).mint(
         "bench",
         &[Role::Admin],
@@ -318,60 +338,69 @@ async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
     );
     let (receiver, latencies) = start_receiver().await?;
     let signing = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let mut resources = format!(
-        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {receiver}/ok\n  secrets: [{{value: {signing}}}]\n"
-    );
+    let healthy = |paused: bool| {
+        format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {receiver}/ok\n  secrets: [{{value: {signing}}}]\n  paused: {paused}\n"
+        )
+    };
+    let mut resources = healthy(args.backlog.is_some());
     if args.with_timing_out_endpoint {
         resources.push_str(&format!(
             "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: timing-out}}\nspec:\n  url: {receiver}/slow\n  secrets: [{{value: {signing}}}]\n  timeout: 1s\n"
         ));
     }
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
-    let applied = client
-        .post(format!("{}/v1/apply", server.base))
-        .bearer_auth(&token)
-        .header("content-type", "application/yaml")
-        .body(resources)
-        .send()
-        .await?;
-    if !applied.status().is_success() {
-        bail!("apply failed: {}", applied.text().await?);
+    apply(&client, &server.base, &token, resources).await?;
+    let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
+    let events = format!("{}/v1/events", server.base);
+
+    if let Some(backlog) = args.backlog {
+        // Drain: the backlog is ingested while the endpoint is paused, then the pause is
+        // lifted and the time until the last delivery arrives is measured.
+        offer(&client, &events, &token, args.concurrency, 0, backlog, None).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let audit_before = chain_length(&client, &server.base).await?;
+        let cpu_before = server.cpu_time()?;
+        let started = Instant::now();
+        apply(&client, &server.base, &token, healthy(false)).await?;
+        let deadline = started + Duration::from_secs(300);
+        while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < backlog {
+            if Instant::now() > deadline {
+                bail!("the backlog did not drain within 5 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        let cpu = server.cpu_time()? - cpu_before;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let appended = chain_length(&client, &server.base).await? - audit_before;
+        println!("bench deliver: database={database} backlog={backlog} audited outcomes={audited}");
+        println!(
+            "  drained      {backlog} deliveries in {:.2} s: {:.0} deliveries/s",
+            elapsed.as_secs_f64(),
+            backlog as f64 / elapsed.as_secs_f64()
+        );
+        println!("  server CPU   {:.3} ms per delivery", cpu.as_secs_f64() * 1e3 / backlog as f64);
+        println!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64());
+        return Ok(());
     }
+
+    // The leader publishes chain lengths every second or so: let it count the apply.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let audit_before = chain_length(&client, &server.base).await?;
     let total = if args.rate == 0 { usize::MAX } else { args.rate as usize * args.seconds as usize };
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let cpu_before = server.cpu_time()?;
     let started = Instant::now();
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..args.concurrency {
-        let (client, url, token, sent, accepted) =
-            (client.clone(), format!("{}/v1/events", server.base), token.clone(), sent.clone(), accepted.clone());
-        let rate = args.rate;
-        tasks.spawn(async move {
-            loop {
-                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n >= total || Instant::now() >= deadline {
-                    return anyhow::Ok(());
-                }
-                if rate > 0 {
-                    // Open-loop pacing: event n is due at n / rate seconds.
-                    let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let body = json!({"source": "bench", "type": "order.created", "data": {"n": n, "worker": worker, "sent_us": now_us()}});
-                let response = client.post(&url).bearer_auth(&token).json(&body).send().await?;
-                if response.status().as_u16() != 202 {
-                    bail!("ingest answered {}", response.status());
-                }
-                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result??;
-    }
-    let offered = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let offered = offer(
+        &client,
+        &events,
+        &token,
+        args.concurrency,
+        args.rate,
+        total,
+        Some(started + Duration::from_secs(args.seconds)),
+    )
+    .await?;
     // Wait for the queue to drain (bounded).
     let drain_deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -383,16 +412,17 @@ async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let cpu = server.cpu_time()? - cpu_before;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let appended = chain_length(&client, &server.base).await? - audit_before;
     let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
     latencies.sort();
     if latencies.is_empty() {
         bail!("nothing was delivered");
     }
-    let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
     let delivered = latencies.len();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "bench deliver: database={database} rate={} seconds={} concurrency={} timing-out endpoint={}",
+        "bench deliver: database={database} rate={} seconds={} concurrency={} timing-out endpoint={} audited outcomes={audited}",
         args.rate, args.seconds, args.concurrency, args.with_timing_out_endpoint
     );
     println!("  offered      {offered} events, delivered {delivered} to the healthy endpoint");
@@ -412,7 +442,76 @@ async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
         "  server CPU   {:.2} ms per delivered event (ingest included)",
         cpu.as_secs_f64() * 1e3 / delivered as f64
     );
+    println!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64());
     Ok(())
+}
+
+async fn apply(client: &reqwest::Client, base: &str, token: &str, yaml: String) -> anyhow::Result<()> {
+    let applied = client
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(token)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await?;
+    if !applied.status().is_success() {
+        bail!("apply failed: {}", applied.text().await?);
+    }
+    Ok(())
+}
+
+/// Sends up to `total` events from `concurrency` clients, open-loop at `rate` events/s
+/// (event n is due at n / rate s; 0: as fast as answers come), until `deadline`; every
+/// answer must be `202`. Returns how many were accepted.
+async fn offer(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    concurrency: usize,
+    rate: u32,
+    total: usize,
+    deadline: Option<Instant>,
+) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let (client, url, token, sent, accepted) =
+            (client.clone(), url.to_owned(), token.to_owned(), sent.clone(), accepted.clone());
+        tasks.spawn(async move {
+            loop {
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total || deadline.is_some_and(|d| Instant::now() >= d) {
+                    return anyhow::Ok(());
+                }
+                if rate > 0 {
+                    let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = json!({"source": "bench", "type": "order.created", "data": {"n": n, "worker": worker, "sent_us": now_us()}});
+                let response = client.post(&url).bearer_auth(&token).json(&body).send().await?;
+                if response.status().as_u16() != 202 {
+                    bail!("ingest answered {}", response.status());
+                }
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(accepted.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Records in the `default` audit chain, from the server's metrics (0 before the first).
+async fn chain_length(client: &reqwest::Client, base: &str) -> anyhow::Result<f64> {
+    let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("hookwarden_audit_chain_length{chain=\"default\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// The rules of the policy bench: varied, like a real rule set (label and name selectors,

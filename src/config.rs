@@ -111,11 +111,31 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// The key's name in signed notes.
     pub key_name: String,
+    /// Which deliveries' final outcomes are recorded in the chain.
+    pub delivery_outcomes: AuditedOutcomes,
+}
+
+/// Whose final delivery outcomes the audit chain records. Policy decisions, approvals,
+/// replays, endpoint disables and resource changes are recorded either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuditedOutcomes {
+    /// Every delivery's (the default).
+    #[default]
+    All,
+    /// Only agent endpoints' deliveries: plain webhooks keep their outcome on the delivery
+    /// and its attempts, outside the chain.
+    Agents,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { checkpoint_every: 1000, checkpoint_interval: Duration::from_secs(10), key_name: "hookwarden".to_owned() }
+        Self {
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            key_name: "hookwarden".to_owned(),
+            delivery_outcomes: AuditedOutcomes::All,
+        }
     }
 }
 

@@ -23,10 +23,10 @@ use tokio::sync::Notify;
 
 use crate::audit::checkpoint::{Checkpoint, CheckpointSigner};
 use crate::config::AuditConfig;
-use crate::config::{Config, DeliveryConfig};
+use crate::config::Config;
 use crate::controller::Controller;
 use crate::delivery::catalog::CatalogHandle;
-use crate::delivery::worker::Dispatcher;
+use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::Ingestor;
 use crate::resources::validate::Checks;
 use crate::store::Store;
@@ -40,8 +40,7 @@ pub struct Server {
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
     controller: Controller,
-    delivery: DeliveryConfig,
-    allow_private_urls: bool,
+    dispatch: DispatchSettings,
     wake: Arc<Notify>,
     signer: CheckpointSigner,
     audit: AuditConfig,
@@ -157,8 +156,11 @@ impl Server {
             tracker,
             idempotency_key_ttl: config.ingest.idempotency_key_ttl,
             controller,
-            delivery: config.delivery.clone(),
-            allow_private_urls: config.allow_private_urls,
+            dispatch: DispatchSettings {
+                delivery: config.delivery.clone(),
+                allow_private: config.allow_private_urls,
+                audited: config.audit.delivery_outcomes,
+            },
             wake,
             signer,
             audit: config.audit.clone(),
@@ -175,33 +177,14 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server {
-            listener,
-            state,
-            tracker,
-            idempotency_key_ttl,
-            controller,
-            delivery,
-            allow_private_urls,
-            wake,
-            signer,
-            audit,
-        } = self;
+        let Server { listener, state, tracker, idempotency_key_ttl, controller, dispatch, wake, signer, audit } = self;
         tracker.spawn(controller.run(shutdown.clone()));
         tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, state.controller.clone(), shutdown.clone()));
         tracker.spawn(follow_resources(store_of(&state), state.catalog.clone(), shutdown.clone()));
         tracker.spawn(sample_backlog(store_of(&state), state.backlog.clone(), shutdown.clone()));
         tracker.spawn(forward_work_notifications(store_of(&state), wake.clone(), shutdown.clone()));
         tracker.spawn(expire_approvals(store_of(&state), wake.clone(), shutdown.clone()));
-        Dispatcher::start(
-            store_of(&state),
-            state.catalog.clone(),
-            delivery,
-            allow_private_urls,
-            wake,
-            &tracker,
-            shutdown.clone(),
-        )?;
+        Dispatcher::start(store_of(&state), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let store = state.store.clone();
         let draining = state.shutdown.clone();
         tracker.spawn(forget_old_idempotency_keys(store.clone(), idempotency_key_ttl, shutdown.clone()));
@@ -355,8 +338,31 @@ async fn expire_approvals(store: Store, wake: Arc<Notify>, shutdown: Cancellatio
     }
 }
 
+/// Records the checkpoint key in the cluster-wide chain, once per key: reviewers learn
+/// from the chain itself which keys signed its checkpoints, and since when.
+async fn publish_key(store: &Store, signer: &CheckpointSigner) -> Result<(), crate::store::StoreError> {
+    use crate::audit::{NewAuditRecord, CLUSTER_CHAIN};
+    const ACTION: &str = "audit.key_published";
+    let key = signer.public_key();
+    let records = store.audit_records(CLUSTER_CHAIN, 1, i64::MAX, u32::MAX).await?;
+    if records.iter().any(|r| r.action == ACTION && r.data["public_key"] == key.as_str()) {
+        return Ok(());
+    }
+    let record = NewAuditRecord::new(
+        "system",
+        ACTION,
+        CLUSTER_CHAIN,
+        format!("key/{}", signer.name),
+        serde_json::json!({ "public_key": key }),
+    );
+    store.append_audit(&[record]).await?;
+    tracing::info!(public_key = %key, "checkpoint key recorded in the _cluster audit chain");
+    Ok(())
+}
+
 /// The leader signs a checkpoint of each chain every `checkpointEvery` records or
-/// `checkpointInterval`, whichever comes first (when the chain grew at all).
+/// `checkpointInterval`, whichever comes first (when the chain grew at all), and publishes
+/// each chain's length.
 async fn sign_checkpoints(
     store: Store,
     signer: CheckpointSigner,
@@ -366,6 +372,7 @@ async fn sign_checkpoints(
 ) {
     let mut last_signed: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
     let period = (config.checkpoint_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut published = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -375,6 +382,12 @@ async fn sign_checkpoints(
         if !leader {
             continue;
         }
+        if !published {
+            match publish_key(&store, &signer).await {
+                Ok(()) => published = true,
+                Err(e) => tracing::warn!(error = %e, "cannot record the checkpoint key in the audit chain"),
+            }
+        }
         let heads = match store.audit_heads().await {
             Ok(heads) => heads,
             Err(e) => {
@@ -383,6 +396,7 @@ async fn sign_checkpoints(
             }
         };
         for (chain, seq, hash) in heads {
+            metrics::gauge!("hookwarden_audit_chain_length", "chain" => chain.clone()).set(seq as f64);
             let signed_seq = match store.latest_checkpoint(&chain).await {
                 Ok(latest) => latest.map(|(s, _, _)| s).unwrap_or(0),
                 Err(_) => continue,

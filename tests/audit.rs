@@ -218,6 +218,74 @@ async fn the_decision_is_on_record_before_the_receiver_sees_the_request(db: Test
     assert!(delivered.is_none_or(|d| d > decision));
 }
 
+/// The `_cluster` chain's records, once it has a checkpoint; and the checkpoint key.
+async fn cluster_chain(app: &TestApp) -> (Vec<Value>, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let key = loop {
+        let r = app.get("/v1/audit/checkpoint?namespace=_cluster", &app.admin).await;
+        if r.status() == 200 {
+            break r.json::<Value>().await.unwrap()["public_key"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no checkpoint of the _cluster chain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let page: Value = app.get("/v1/audit?namespace=_cluster", &app.admin).await.json().await.unwrap();
+    (page["items"].as_array().unwrap().clone(), key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_key_is_recorded_once_in_the_cluster_chain() {
+    let db = TestDb::sqlite();
+    let app = spawn_app_with(config_for(&db)).await;
+    let (records, key) = cluster_chain(&app).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["action"], "audit.key_published");
+    assert_eq!(records[0]["data"]["public_key"], key.as_str());
+    let namespaced = token("nadia", &[Role::Auditor], &["default"]);
+    assert_eq!(app.get("/v1/audit?namespace=_cluster", &namespaced).await.status(), 403, "cluster-wide auditors only");
+    app.stop().await;
+    // The same key after a restart is not recorded again.
+    let app = spawn_app_with(config_for(&db)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (records, again) = cluster_chain(&app).await;
+    assert_eq!((records.len(), again), (1, key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_agent_outcomes_only_plain_deliveries_stay_out_of_the_chain() {
+    let db = TestDb::sqlite();
+    let mut config = config_for(&db);
+    config.audit.delivery_outcomes = hookwarden::config::AuditedOutcomes::Agents;
+    let app = spawn_app_with(config).await;
+    let receiver = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let resources = format!(
+        "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: plain}}\nspec:\n  url: {url}/plain\n  secrets: [{{value: {SECRET}}}]\n---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: agent}}\nspec:\n  url: {url}/agent\n  agent: true\n  secrets: [{{value: {SECRET}}}]\n---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {{name: allow}}\nspec:\n  endpointRefs: [agent]\n  decision: allow\n"
+    );
+    apply(&reqwest::Client::new(), &app.base, &app.admin, &resources).await;
+    let body = json!({"source": "s", "type": "t", "data": {}});
+    let accepted: Value = app.post_json("/v1/events", &app.admin, body.to_string()).await.json().await.unwrap();
+    let event = hookwarden::ids::EventId::parse(accepted["id"].as_str().unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let deliveries = loop {
+        let deliveries = app.store.deliveries_of_event(&event).await.unwrap();
+        if deliveries.len() == 2 && deliveries.iter().all(|d| d.state == hookwarden::store::DeliveryState::Delivered) {
+            break deliveries;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {deliveries:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let records = app.store.audit_records("default", 1, i64::MAX, 10_000).await.unwrap();
+    for d in deliveries {
+        let subject = format!("delivery/{}", d.id);
+        let actions: Vec<&str> = records.iter().filter(|r| r.subject == subject).map(|r| r.action.as_str()).collect();
+        let expected: &[&str] = if d.endpoint == "agent" { &["policy.decision", "delivery.delivered"] } else { &[] };
+        assert_eq!(actions, expected, "{}", d.endpoint);
+    }
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {

@@ -288,6 +288,29 @@ async fn ingest_answers_503_when_the_delivery_backlog_is_too_long() {
     .await;
 }
 
+async fn a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted(db: TestDb) {
+    let receiver = TestReceiver::start(Arc::new(|_, _| (200, None, Duration::ZERO))).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let url = receiver.url("/paused");
+    app.apply_yaml(&endpoint("later", &url, "*", "  paused: true\n")).await;
+    let event = post_event(&app, json!({"source": "shop", "type": "order.created", "data": {}})).await;
+    let id = event["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "claimed and put back", || async {
+        let states = delivery_states(&app, &id).await;
+        states[0].1 == "pending" && states[0].2 == 0 && {
+            let d: Value = app.get(&format!("/v1/events/{id}"), &app.admin).await.json().await.unwrap();
+            let next = d["deliveries"][0]["next_attempt_at"].as_str().unwrap().to_owned();
+            chrono::DateTime::parse_from_rfc3339(&next).unwrap() > chrono::Utc::now() + chrono::Duration::seconds(30)
+        }
+    })
+    .await;
+    assert!(receiver.on("/paused").is_empty(), "nothing is sent while paused");
+    // Lifting the pause sends what waited at once, not when the paused recheck comes round.
+    app.apply_yaml(&endpoint("later", &url, "*", "  paused: false\n")).await;
+    eventually(Duration::from_secs(5), "delivered after the pause", || async { !receiver.on("/paused").is_empty() })
+        .await;
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -303,4 +326,5 @@ on_both_databases!(
     events_fan_out_to_the_right_endpoints_signed,
     each_status_class_is_retried_or_not_as_documented,
     ordered_lanes_arrive_in_order_despite_failures,
+    a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted,
 );

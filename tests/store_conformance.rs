@@ -71,6 +71,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
         decision: None,
         settle_spend: true,
         ordered: claim.ordered,
+        audit_outcome: true,
     }
 }
 

@@ -22,12 +22,16 @@ use std::collections::BTreeMap;
 use super::catalog::{CatalogHandle, EndpointEntry, EventView};
 use super::outcome::{decide, AttemptResult};
 use super::signing;
-use crate::config::DeliveryConfig;
+use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
 use crate::resources::validate::is_private_ip;
 use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
+
+/// How long a paused endpoint's claimed delivery waits before it is looked at again.
+/// Lifting the pause makes its deliveries due at once (see the resource apply).
+const PAUSED_RECHECK: Duration = Duration::from_secs(60);
 
 /// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
 struct GuardedResolver {
@@ -49,6 +53,15 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// What the dispatcher takes from the configuration.
+#[derive(Clone, Debug)]
+pub struct DispatchSettings {
+    pub delivery: DeliveryConfig,
+    /// Send to private and loopback addresses (tests, local receivers).
+    pub allow_private: bool,
+    pub audited: AuditedOutcomes,
+}
+
 /// Shared by the claim loops and attempt tasks.
 pub struct Dispatcher {
     store: Store,
@@ -56,6 +69,7 @@ pub struct Dispatcher {
     http: reqwest::Client,
     config: DeliveryConfig,
     allow_private: bool,
+    audited: AuditedOutcomes,
     wake: Arc<Notify>,
     endpoints: Mutex<HashMap<(String, String), EndpointLimits>>,
     completions: mpsc::Sender<Completion>,
@@ -84,12 +98,12 @@ impl Dispatcher {
     pub fn start(
         store: Store,
         catalog: CatalogHandle,
-        config: DeliveryConfig,
-        allow_private: bool,
+        settings: DispatchSettings,
         wake: Arc<Notify>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        let DispatchSettings { delivery: config, allow_private, audited } = settings;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -106,6 +120,7 @@ impl Dispatcher {
             http,
             config: config.clone(),
             allow_private,
+            audited,
             wake,
             endpoints: Mutex::new(HashMap::new()),
             completions,
@@ -180,7 +195,7 @@ impl Dispatcher {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
                 match endpoint {
-                    Some(ep) if ep.spec.paused => give_back.push((delivery, self.config.poll_interval * 10)),
+                    Some(ep) if ep.spec.paused => give_back.push((delivery, PAUSED_RECHECK)),
                     Some(ep) => match self.admit(&ep) {
                         Some(slot) => {
                             let d = self.clone();
@@ -319,6 +334,7 @@ impl Dispatcher {
             // An agent delivery may hold a reservation from an earlier allow.
             settle_spend: true,
             ordered: delivery.ordered,
+            audit_outcome: true,
         }
     }
 
@@ -405,6 +421,7 @@ impl Dispatcher {
             decision: None,
             settle_spend: ep.spec.agent,
             ordered: delivery.ordered,
+            audit_outcome: ep.spec.agent || self.audited == AuditedOutcomes::All,
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");

@@ -139,6 +139,8 @@ pub struct Completion {
     pub settle_spend: bool,
     /// In an ordered lane (see [`ClaimedDelivery::ordered`]).
     pub ordered: bool,
+    /// Record a final outcome in the audit chain (see `audit.deliveryOutcomes`).
+    pub audit_outcome: bool,
 }
 
 /// A delivery as shown.
@@ -357,7 +359,7 @@ pub(super) fn health_deltas<'a>(completions: &[&'a Completion]) -> Vec<HealthDel
 }
 
 /// The audit records a written completion carries: its policy decision, its final
-/// outcome, and the endpoint's disabling.
+/// outcome (when audited), and the endpoint's disabling.
 pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewAuditRecord> {
     use crate::audit::NewAuditRecord;
     let subject = format!("delivery/{}", c.id);
@@ -371,7 +373,7 @@ pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewA
             serde_json::from_str(decision).unwrap_or_else(|_| serde_json::Value::String(decision.clone())),
         ));
     }
-    if c.state.is_final() {
+    if c.state.is_final() && c.audit_outcome {
         records.push(NewAuditRecord::new(
             "system",
             &format!("delivery.{}", c.state.as_str()),
@@ -394,7 +396,7 @@ pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewA
 }
 
 /// The claim: due deliveries not blocked by an earlier one of their lane, nor by an open
-/// breaker or a disabled endpoint. `{lock}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL.
+/// breaker or a disabled endpoint. PostgreSQL appends `FOR UPDATE SKIP LOCKED`.
 pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
      WHERE c.state IN ('pending', 'retrying') AND c.next_attempt_at <= ? \
      AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
@@ -829,6 +831,7 @@ mod tests {
             decision: None,
             settle_spend: false,
             ordered: false,
+            audit_outcome: true,
         }
     }
 

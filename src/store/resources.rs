@@ -161,6 +161,12 @@ fn adopts(stored: &StoredResource, applyset: Option<&str>) -> bool {
     stored.applyset.is_none() && applyset.is_some()
 }
 
+/// Whether applying `desired` over `stored` lifts an Endpoint's pause.
+pub(super) fn resumes(stored: &StoredResource, desired: &DesiredResource) -> bool {
+    let paused = |spec: &Value| spec.get("paused") == Some(&Value::Bool(true));
+    stored.key.kind == Kind::Endpoint && paused(&stored.spec) && !paused(&desired.spec)
+}
+
 /// Expands the resource methods for one backend.
 macro_rules! resource_methods {
     ($store:ty, $sql:path) => {
@@ -223,6 +229,19 @@ macro_rules! resource_methods {
                             .bind(&key.name)
                             .execute(&mut *tx)
                             .await?;
+                            if previous.as_ref().is_some_and(|p| $crate::store::resources::resumes(p, desired)) {
+                                // Deliveries a paused endpoint kept waiting go out now.
+                                sqlx::query(&$sql(
+                                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
+                                     AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
+                                ))
+                                .bind(now)
+                                .bind(&key.namespace)
+                                .bind(&key.name)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
                         }
                         ApplyAction::Unchanged | ApplyAction::Pruned => {}
                     }
