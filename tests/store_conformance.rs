@@ -170,6 +170,28 @@ async fn an_open_breaker_holds_an_endpoints_deliveries(store: &Store) {
     assert_eq!(store.claim_due_deliveries(after, LEASE, 10).await.unwrap().len(), 3, "claimable once it closes");
 }
 
+async fn a_disabled_endpoint_parks_its_deliveries_until_it_is_re_enabled(store: &Store) {
+    store.accept_events(&[request(vec![fanned_out("g-1", &["gone"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    store.accept_events(&[request(vec![fanned_out("g-2", &["gone"], None)])]).await.unwrap();
+    let query = DeliveryQuery { namespace: "default".into(), limit: 10, ..Default::default() };
+    let listed = store.list_deliveries(&query).await.unwrap();
+    let waiting = listed.into_iter().find(|d| d.state == DeliveryState::Pending).unwrap();
+    // The receiver answered 410: the endpoint is disabled and its other delivery parked.
+    let mut gone = completion(&claimed[0], DeliveryState::Failed, false);
+    gone.disable = Some(("the receiver answered 410 Gone".into(), 1));
+    store.complete_attempts(&[gone]).await.unwrap();
+    let (record, _) = store.get_delivery(&waiting.id).await.unwrap().unwrap();
+    assert!(record.next_attempt_at > Utc::now() + chrono::Duration::minutes(30), "parked");
+    assert!(store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty());
+    // Same generation: still disabled. A newer one re-enables it and sends what waited.
+    assert!(!store.enable_endpoint_if_changed("default", "gone", 1).await.unwrap());
+    assert!(store.enable_endpoint_if_changed("default", "gone", 2).await.unwrap());
+    let due = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| &d.id).collect::<Vec<_>>(), [&waiting.id]);
+}
+
 async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(store: &Store) {
     store.accept_events(&[request(vec![fanned_out("r-1", &["a"], None)])]).await.unwrap();
     let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
@@ -557,6 +579,7 @@ conformance!(
     an_expired_lease_makes_the_delivery_claimable_again,
     an_ordered_lane_releases_one_delivery_at_a_time,
     an_open_breaker_holds_an_endpoints_deliveries,
+    a_disabled_endpoint_parks_its_deliveries_until_it_is_re_enabled,
     final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
     concurrent_audit_appends_keep_each_chain_gapless_and_linked,
 );

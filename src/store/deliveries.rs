@@ -396,20 +396,41 @@ pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewA
 }
 
 /// The claim: due deliveries not blocked by an earlier one of their lane, nor by an open
-/// breaker or a disabled endpoint. PostgreSQL appends `FOR UPDATE SKIP LOCKED`.
-pub(super) const CLAIMABLE: &str = "SELECT c.id FROM deliveries c \
-     WHERE c.state IN ('pending', 'retrying') AND c.next_attempt_at <= ? \
-     AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
-          WHERE e.namespace = c.namespace AND e.endpoint = c.endpoint AND e.ordering_key = c.ordering_key \
-          AND e.id < c.id AND e.state IN ('pending', 'retrying', 'delivering', 'held'))) \
-     AND NOT EXISTS (SELECT 1 FROM endpoint_state s WHERE s.namespace = c.namespace AND s.name = c.endpoint \
-          AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
-     ORDER BY c.next_attempt_at LIMIT ?";
+/// breaker or a disabled endpoint, in due order. `index_hint` follows the table name:
+/// SQLite's planner would otherwise read every waiting delivery by state and sort them,
+/// where the due index gives them in order. PostgreSQL appends `FOR UPDATE SKIP LOCKED`.
+pub(super) fn claimable(index_hint: &str) -> String {
+    format!(
+        "SELECT c.id FROM deliveries c{index_hint} \
+         WHERE c.state IN ('pending', 'retrying') AND c.next_attempt_at <= ? \
+         AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
+              WHERE e.namespace = c.namespace AND e.endpoint = c.endpoint AND e.ordering_key = c.ordering_key \
+              AND e.id < c.id AND e.state IN ('pending', 'retrying', 'delivering', 'held'))) \
+         AND NOT EXISTS (SELECT 1 FROM endpoint_state s WHERE s.namespace = c.namespace AND s.name = c.endpoint \
+              AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
+         ORDER BY c.next_attempt_at LIMIT ?"
+    )
+}
 
-/// Parks an endpoint's waiting deliveries until its breaker closes, so that claims do not
-/// walk past them in the due index meanwhile: `(until, namespace, endpoint, until)`.
+/// Parks an endpoint's waiting deliveries until it may be sent to again (its breaker
+/// closes, or it was disabled), so that claims do not walk past them in the due index
+/// meanwhile: `(until, namespace, endpoint, until)`.
 pub(super) const PARK: &str = "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
      AND state IN ('pending', 'retrying') AND next_attempt_at < ?";
+
+/// Makes an endpoint's waiting deliveries due now (its pause was lifted, or it was
+/// re-enabled): `(now, namespace, endpoint, now)`.
+pub(super) const RESUME: &str = "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
+     AND state IN ('pending', 'retrying') AND next_attempt_at > ?";
+
+/// How far ahead a disabled endpoint's deliveries are parked; re-enabling it makes them
+/// due at once, in the same transaction.
+const DISABLED_PARK: chrono::Duration = chrono::Duration::hours(1);
+
+/// Until when the waiting deliveries of an endpoint that was just disabled are parked.
+pub(super) fn disabled_until(now: DateTime<Utc>) -> DateTime<Utc> {
+    now + DISABLED_PARK
+}
 
 /// What a claim returns of each delivery and its event, from `d` (the claimed
 /// deliveries) joined with `e` (their events).
@@ -435,20 +456,27 @@ macro_rules! delivery_methods {
             }
 
             /// Moves the due deliveries of endpoints whose breaker is open to the end of the
-            /// open period; returns how many moved. The completion that opens a breaker does
-            /// this too; this catches deliveries fanned out to the endpoint since.
+            /// open period, and those of disabled endpoints an hour ahead; returns how many
+            /// moved. The completion that opens a breaker or disables does this too; this
+            /// catches deliveries fanned out to the endpoint since.
             pub(super) async fn park_blocked_deliveries(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
-                let open: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&$sql(
-                    "SELECT namespace, name, breaker_open_until FROM endpoint_state WHERE breaker_open_until > ?",
+                let blocked: Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>, bool)> = sqlx::query_as(&$sql(
+                    "SELECT namespace, name, breaker_open_until, disabled_reason IS NOT NULL FROM endpoint_state \
+                     WHERE breaker_open_until > ? OR disabled_reason IS NOT NULL",
                 ))
                 .bind(now)
                 .fetch_all(self.read_pool())
                 .await?;
                 let mut parked = 0;
-                for (namespace, endpoint, until) in open {
+                for (namespace, endpoint, open_until, disabled) in blocked {
+                    let until = match open_until {
+                        _ if disabled => $crate::store::deliveries::disabled_until(now),
+                        Some(until) => until,
+                        None => continue,
+                    };
                     parked += sqlx::query(&$sql($crate::store::deliveries::PARK))
                         .bind(until)
                         .bind(&namespace)
@@ -582,6 +610,14 @@ macro_rules! delivery_methods {
                         .bind(&c.endpoint)
                         .execute(&mut *tx)
                         .await?;
+                        let until = $crate::store::deliveries::disabled_until(now);
+                        sqlx::query(&$sql($crate::store::deliveries::PARK))
+                            .bind(until)
+                            .bind(&c.namespace)
+                            .bind(&c.endpoint)
+                            .bind(until)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                 }
                 let records: Vec<$crate::audit::NewAuditRecord> =
@@ -727,6 +763,7 @@ macro_rules! delivery_methods {
                 name: &str,
                 generation: i64,
             ) -> Result<bool, $crate::store::StoreError> {
+                let mut tx = self.write_pool().begin().await?;
                 let updated = sqlx::query(&$sql(
                     "UPDATE endpoint_state SET disabled_reason = NULL, disabled_generation = NULL, consecutive_failures = 0, \
                      breaker_open_until = NULL WHERE namespace = ? AND name = ? AND disabled_generation < ?",
@@ -734,9 +771,21 @@ macro_rules! delivery_methods {
                 .bind(namespace)
                 .bind(name)
                 .bind(generation)
-                .execute(self.write_pool())
+                .execute(&mut *tx)
                 .await?
                 .rows_affected();
+                if updated == 1 {
+                    // What waited while it was disabled goes out now.
+                    let now = chrono::Utc::now();
+                    sqlx::query(&$sql($crate::store::deliveries::RESUME))
+                        .bind(now)
+                        .bind(namespace)
+                        .bind(name)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
                 Ok(updated == 1)
             }
 

@@ -266,7 +266,8 @@ impl Store {
         dispatch!(self, s => s.release_expired_leases(now).await)
     }
 
-    /// Moves due deliveries of endpoints whose breaker is open to when it closes.
+    /// Moves due deliveries of endpoints whose breaker is open to when it closes, and
+    /// those of disabled endpoints an hour ahead.
     pub async fn park_blocked_deliveries(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         dispatch!(self, s => s.park_blocked_deliveries(now).await)
     }
@@ -313,6 +314,8 @@ impl Store {
         dispatch!(self, s => s.endpoint_state(namespace, name).await)
     }
 
+    /// Re-enables an endpoint disabled (by a 410) at a generation older than `generation`,
+    /// and makes its waiting deliveries due now; true when it was disabled.
     pub async fn enable_endpoint_if_changed(
         &self,
         namespace: &str,

@@ -334,13 +334,14 @@ impl PgStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{CLAIMABLE, CLAIMED_COLUMNS};
+        use super::deliveries::{claimable, CLAIMED_COLUMNS};
         static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let claim = CLAIM.get_or_init(|| {
             super::resources::numbered(&format!(
                 "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
-                 attempts = attempts + 1, updated_at = ? WHERE id IN ({CLAIMABLE} FOR UPDATE SKIP LOCKED) RETURNING *) \
-                 SELECT {CLAIMED_COLUMNS} FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id"
+                 attempts = attempts + 1, updated_at = ? WHERE id IN ({} FOR UPDATE SKIP LOCKED) RETURNING *) \
+                 SELECT {CLAIMED_COLUMNS} FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",
+                claimable("")
             ))
             .into_owned()
         });

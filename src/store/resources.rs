@@ -231,10 +231,7 @@ macro_rules! resource_methods {
                             .await?;
                             if previous.as_ref().is_some_and(|p| $crate::store::resources::resumes(p, desired)) {
                                 // Deliveries a paused endpoint kept waiting go out now.
-                                sqlx::query(&$sql(
-                                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
-                                     AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
-                                ))
+                                sqlx::query(&$sql($crate::store::deliveries::RESUME))
                                 .bind(now)
                                 .bind(&key.namespace)
                                 .bind(&key.name)

@@ -255,31 +255,37 @@ impl SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{CLAIMABLE, CLAIMED_COLUMNS};
-        // One writer connection: the claim cannot race another, so no row lock is needed.
-        let claimed = sqlx::query(&format!(
-            "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, attempts = attempts + 1, \
-             updated_at = ? WHERE id IN ({CLAIMABLE})"
-        ))
-        .bind(token)
-        .bind(lease_until)
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .bind(i64::from(limit))
-        .execute(&self.write)
-        .await?
-        .rows_affected();
+        use super::deliveries::{claimable, CLAIMED_COLUMNS};
+        static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        let (claim, claimed_rows) = CLAIM.get_or_init(|| {
+            (
+                // One writer connection: the claim cannot race another, so no row lock is needed.
+                format!(
+                    "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
+                     attempts = attempts + 1, updated_at = ? WHERE id IN ({})",
+                    claimable(" INDEXED BY deliveries_due")
+                ),
+                // By state first: the leased deliveries are few, the table is not.
+                format!(
+                    "SELECT {CLAIMED_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id \
+                     WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
+                ),
+            )
+        });
+        let claimed = sqlx::query(claim)
+            .bind(token)
+            .bind(lease_until)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(i64::from(limit))
+            .execute(&self.write)
+            .await?
+            .rows_affected();
         if claimed == 0 {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_as(&format!(
-            "SELECT {CLAIMED_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id \
-             WHERE d.lease_token = ? ORDER BY d.id"
-        ))
-        .bind(token)
-        .fetch_all(&self.write)
-        .await?)
+        Ok(sqlx::query_as(claimed_rows).bind(token).fetch_all(&self.write).await?)
     }
 
     /// Applies the completions whose lease token still matches, with their attempts;
