@@ -695,7 +695,7 @@ async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>
 }
 
 /// Periodically makes deliveries of crashed workers claimable again, and parks deliveries
-/// that reached an endpoint after its breaker opened.
+/// that reached an endpoint after its breaker opened or it was disabled.
 async fn tend_queue(store: Store, margin: Duration, shutdown: CancellationToken) {
     let period = (margin / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -710,8 +710,8 @@ async fn tend_queue(store: Store, margin: Duration, shutdown: CancellationToken)
         }
         match store.park_blocked_deliveries(Utc::now()).await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(parked = n, "deliveries wait for their endpoint's breaker to close"),
-            Err(e) => tracing::warn!(error = %e, "could not park deliveries of open breakers"),
+            Ok(n) => tracing::debug!(parked = n, "deliveries wait for their endpoint to be sendable again"),
+            Err(e) => tracing::warn!(error = %e, "could not park deliveries of blocked endpoints"),
         }
     }
 }
