@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::receiver::SECRET;
+use common::receiver::{Script, TestReceiver, SECRET};
 use common::{spawn_app_with, token, Process, TestApp, TestDb};
 use hookwarden::auth::Role;
 use serde_json::{json, Value};
@@ -257,10 +257,8 @@ async fn with_agent_outcomes_only_plain_deliveries_stay_out_of_the_chain() {
     let mut config = config_for(&db);
     config.audit.delivery_outcomes = hookwarden::config::AuditedOutcomes::Agents;
     let app = spawn_app_with(config).await;
-    let receiver = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let url = receiver.url("");
     let resources = format!(
         "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: plain}}\nspec:\n  url: {url}/plain\n  secrets: [{{value: {SECRET}}}]\n---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: agent}}\nspec:\n  url: {url}/agent\n  agent: true\n  secrets: [{{value: {SECRET}}}]\n---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {{name: allow}}\nspec:\n  endpointRefs: [agent]\n  decision: allow\n"
     );

@@ -412,17 +412,6 @@ pub(super) fn claimable(index_hint: &str) -> String {
     )
 }
 
-/// Parks an endpoint's waiting deliveries until it may be sent to again (its breaker
-/// closes, or it was disabled), so that claims do not walk past them in the due index
-/// meanwhile: `(until, namespace, endpoint, until)`.
-pub(super) const PARK: &str = "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
-     AND state IN ('pending', 'retrying') AND next_attempt_at < ?";
-
-/// Makes an endpoint's waiting deliveries due now (its pause was lifted, or it was
-/// re-enabled): `(now, namespace, endpoint, now)`.
-pub(super) const RESUME: &str = "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
-     AND state IN ('pending', 'retrying') AND next_attempt_at > ?";
-
 /// How far ahead a disabled endpoint's deliveries are parked; re-enabling it makes them
 /// due at once, in the same transaction.
 const DISABLED_PARK: chrono::Duration = chrono::Duration::hours(1);
@@ -471,22 +460,60 @@ macro_rules! delivery_methods {
                 .fetch_all(self.read_pool())
                 .await?;
                 let mut parked = 0;
+                let mut tx = self.write_pool().begin().await?;
                 for (namespace, endpoint, open_until, disabled) in blocked {
                     let until = match open_until {
                         _ if disabled => $crate::store::deliveries::disabled_until(now),
                         Some(until) => until,
                         None => continue,
                     };
-                    parked += sqlx::query(&$sql($crate::store::deliveries::PARK))
-                        .bind(until)
-                        .bind(&namespace)
-                        .bind(&endpoint)
-                        .bind(until)
-                        .execute(self.write_pool())
-                        .await?
-                        .rows_affected();
+                    parked += Self::park_in(&mut tx, &namespace, &endpoint, until).await?;
                 }
+                tx.commit().await?;
                 Ok(parked)
+            }
+
+            /// Parks an endpoint's waiting deliveries until `until`, when it may be sent to
+            /// again (its breaker closes; it was disabled), so that claims do not walk past
+            /// them in the due index meanwhile. Returns how many moved.
+            pub(super) async fn park_in(
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                namespace: &str,
+                endpoint: &str,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                Ok(sqlx::query(&$sql(
+                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
+                     AND state IN ('pending', 'retrying') AND next_attempt_at < ?",
+                ))
+                .bind(until)
+                .bind(namespace)
+                .bind(endpoint)
+                .bind(until)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected())
+            }
+
+            /// Makes an endpoint's waiting deliveries due `now` (its pause was lifted, or it
+            /// was re-enabled), parked ones and later retries alike.
+            pub(super) async fn resume_in(
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                namespace: &str,
+                endpoint: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                Ok(sqlx::query(&$sql(
+                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
+                     AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
+                ))
+                .bind(now)
+                .bind(namespace)
+                .bind(endpoint)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected())
             }
 
             /// Makes deliveries whose lease ran out (a crashed worker) claimable again.
@@ -590,13 +617,7 @@ macro_rules! delivery_methods {
                     .fetch_one(&mut *tx)
                     .await?;
                     if let Some(until) = open_until.filter(|until| *until > now) {
-                        sqlx::query(&$sql($crate::store::deliveries::PARK))
-                            .bind(until)
-                            .bind(delta.namespace)
-                            .bind(delta.endpoint)
-                            .bind(until)
-                            .execute(&mut *tx)
-                            .await?;
+                        Self::park_in(&mut tx, delta.namespace, delta.endpoint, until).await?;
                     }
                 }
                 for c in &kept {
@@ -611,13 +632,7 @@ macro_rules! delivery_methods {
                         .execute(&mut *tx)
                         .await?;
                         let until = $crate::store::deliveries::disabled_until(now);
-                        sqlx::query(&$sql($crate::store::deliveries::PARK))
-                            .bind(until)
-                            .bind(&c.namespace)
-                            .bind(&c.endpoint)
-                            .bind(until)
-                            .execute(&mut *tx)
-                            .await?;
+                        Self::park_in(&mut tx, &c.namespace, &c.endpoint, until).await?;
                     }
                 }
                 let records: Vec<$crate::audit::NewAuditRecord> =
@@ -776,14 +791,7 @@ macro_rules! delivery_methods {
                 .rows_affected();
                 if updated == 1 {
                     // What waited while it was disabled goes out now.
-                    let now = chrono::Utc::now();
-                    sqlx::query(&$sql($crate::store::deliveries::RESUME))
-                        .bind(now)
-                        .bind(namespace)
-                        .bind(name)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    Self::resume_in(&mut tx, namespace, name, chrono::Utc::now()).await?;
                 }
                 tx.commit().await?;
                 Ok(updated == 1)

@@ -231,13 +231,7 @@ macro_rules! resource_methods {
                             .await?;
                             if previous.as_ref().is_some_and(|p| $crate::store::resources::resumes(p, desired)) {
                                 // Deliveries a paused endpoint kept waiting go out now.
-                                sqlx::query(&$sql($crate::store::deliveries::RESUME))
-                                .bind(now)
-                                .bind(&key.namespace)
-                                .bind(&key.name)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
+                                Self::resume_in(&mut tx, &key.namespace, &key.name, now).await?;
                             }
                         }
                         ApplyAction::Unchanged | ApplyAction::Pruned => {}
