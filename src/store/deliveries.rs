@@ -1,7 +1,8 @@
 //! The delivery queue: claims with leases, guarded completions, attempts, endpoint state.
 //!
 //! SQL is written once with `?` placeholders and expanded per backend by
-//! [`delivery_methods!`], like the resource methods.
+//! [`delivery_methods!`], like the resource methods; the few statements whose best shape
+//! differs per backend (claims, completion writes) live with each backend.
 //!
 //! Invariants:
 //! - a delivery is claimed by one worker at a time: PostgreSQL claims with
@@ -10,7 +11,9 @@
 //!   a lost lease drops the result, never overwrites a newer one;
 //! - in an ordered lane, a delivery is claimable only when no earlier delivery of the
 //!   lane is still pending, retrying, delivering or held;
-//! - nothing is claimed for an endpoint whose breaker is open or that was disabled.
+//! - nothing is claimed for an endpoint whose breaker is open or that was disabled; its
+//!   waiting deliveries are parked (due later) meanwhile, so claims need not walk past them;
+//! - a batch of completions is one transaction of set-sized statements on PostgreSQL.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
