@@ -455,11 +455,16 @@ impl Dispatcher {
                 .filter_map(|r| r.spend.as_ref())
                 .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
                 .collect();
-            let totals = match self.store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await {
-                Ok(totals) => totals,
-                Err(e) => return self.gate_failed(delivery, e).await,
+            // Without spend windows the probe already is the decision.
+            let decision = if keys.is_empty() {
+                probe
+            } else {
+                let totals = match self.store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await {
+                    Ok(totals) => totals,
+                    Err(e) => return self.gate_failed(delivery, e).await,
+                };
+                engine::decide(&policy, &event, endpoint, &totals, now, EvalBudget::default())
             };
-            let decision = engine::decide(&policy, &event, endpoint, &totals, now, EvalBudget::default());
             let recorded = serde_json::to_string(&decision).unwrap_or_default();
             if delivery.approved {
                 count_decision("allow", "(approved)");
