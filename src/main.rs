@@ -154,16 +154,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    // The handlers are installed before the server announces that it listens: a SIGTERM
+    // sent right after that line must already mean a graceful stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => {
+            tokio::spawn(wait_for_signal(term, int, shutdown.clone()));
+        }
+        _ => tracing::error!("cannot install signal handlers; stop the server with SIGKILL"),
+    }
     server.run(shutdown).await
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-        return;
-    };
+async fn wait_for_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
