@@ -1,0 +1,277 @@
+//! `apply`, `diff`, `validate`, `get`, `delete`, `schema` and `policy test`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use super::{print_error, Client, ClientArgs, ERROR};
+use hookwarden::controller::apply::read_resource_files;
+use hookwarden::resources::validate::{validate, Checks};
+use hookwarden::resources::{parse_files, Kind};
+
+#[derive(Args)]
+pub struct FilesArgs {
+    /// Resource files or directories (every *.yaml / *.yml inside, recursively).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub files: FilesArgs,
+    /// Run every check and show what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Delete resources of the apply set that are no longer in the files.
+    #[arg(long, requires = "applyset")]
+    pub prune: bool,
+    /// The apply set these files make up (e.g. `payments`).
+    #[arg(long)]
+    pub applyset: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub files: FilesArgs,
+    /// Also show what `--prune` would delete from this apply set.
+    #[arg(long)]
+    pub prune: bool,
+    #[arg(long)]
+    pub applyset: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Yaml,
+    Json,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// Endpoint, RetryBudget, Filter or AgentRule (plural and lower case accepted).
+    pub kind: String,
+    pub name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// List across every namespace the token may see.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub kind: String,
+    pub name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn read_files(args: &FilesArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    for path in &args.paths {
+        let mut found = read_resource_files(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if path.is_dir() {
+            for (name, _) in &mut found {
+                *name = path.join(&*name).display().to_string();
+            }
+        }
+        files.extend(found);
+    }
+    if files.is_empty() {
+        bail!("no *.yaml or *.yml files found");
+    }
+    Ok(files)
+}
+
+fn query(prune: bool, applyset: &Option<String>, dry_run: bool) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if dry_run {
+        q.push(("dryRun", "true".to_owned()));
+    }
+    if prune {
+        q.push(("prune", "true".to_owned()));
+    }
+    if let Some(set) = applyset {
+        q.push(("applyset", set.clone()));
+    }
+    q
+}
+
+fn resource_name(r: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        r["kind"].as_str().unwrap_or("?").to_ascii_lowercase(),
+        r["namespace"].as_str().unwrap_or("?"),
+        r["name"].as_str().unwrap_or("?")
+    )
+}
+
+pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&args.files)?;
+    let client = Client::new(&args.client)?;
+    let (status, body) = client.apply(&files, &query(args.prune, &args.applyset, args.dry_run)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    for r in body["results"].as_array().into_iter().flatten() {
+        println!("{} {}{suffix}", resource_name(r), r["action"].as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0: no differences; 1: differences; 2: error.
+pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
+    let files = match read_files(&args.files) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(ERROR));
+        }
+    };
+    let client = Client::new(&args.client)?;
+    let (status, body) = client.apply(&files, &query(args.prune, &args.applyset, true)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(ERROR));
+    }
+    let mut differences = false;
+    for r in body["results"].as_array().into_iter().flatten() {
+        let action = r["action"].as_str().unwrap_or("?");
+        if action == "unchanged" {
+            continue;
+        }
+        differences = true;
+        println!("{} ({action})", resource_name(r));
+        for line in r["diff"].as_array().into_iter().flatten() {
+            println!("  {}", line.as_str().unwrap_or(""));
+        }
+    }
+    Ok(if differences { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Offline: every check that needs no server.
+pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&args)?;
+    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
+    let checks = Checks { allow_private_urls, read_secret_sources: false };
+    errors.extend(validate(&resources, &Default::default(), checks));
+    if errors.is_empty() {
+        println!("{} resources in {} files are valid", resources.len(), files.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    eprintln!("{} errors", errors.len());
+    Ok(ExitCode::from(1))
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let kind = Kind::parse(&args.kind)
+        .with_context(|| format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule", args.kind))?;
+    let client = Client::new(&args.client)?;
+    let url = match &args.name {
+        Some(name) => format!("{}/v1/resources/{kind}/{}/{name}", client.server, args.namespace),
+        None => format!("{}/v1/resources/{kind}", client.server),
+    };
+    let mut request = client.http.get(url);
+    if args.name.is_none() && !args.all_namespaces {
+        request = request.query(&[("namespace", &args.namespace)]);
+    }
+    let (status, body) = client.send(request).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    let items: Vec<Value> = match body.get("items").and_then(Value::as_array) {
+        Some(items) => items.clone(),
+        None => vec![body],
+    };
+    match args.output {
+        Some(OutputFormat::Json) => {
+            let out = if args.name.is_some() { items[0].clone() } else { json!({ "items": items }) };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Some(OutputFormat::Yaml) => {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", yaml_serde::to_string(item)?);
+            }
+        }
+        None => {
+            println!("{:<16} {:<32} {:>10}  READY", "NAMESPACE", "NAME", "GENERATION");
+            for item in &items {
+                let ready = item["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                    .and_then(|c| c["status"].as_str())
+                    .unwrap_or("Unknown");
+                println!(
+                    "{:<16} {:<32} {:>10}  {ready}",
+                    item["metadata"]["namespace"].as_str().unwrap_or(""),
+                    item["metadata"]["name"].as_str().unwrap_or(""),
+                    item["metadata"]["generation"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let kind = Kind::parse(&args.kind).with_context(|| format!("unknown kind `{}`", args.kind))?;
+    let client = Client::new(&args.client)?;
+    let url = format!("{}/v1/resources/{kind}/{}/{}", client.server, args.namespace, args.name);
+    let (status, body) = client.send(client.http.delete(url)).await?;
+    if status != 200 {
+        print_error(status, &body);
+        return Ok(ExitCode::from(1));
+    }
+    println!("{} deleted", resource_name(&body));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn schema() -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0 when every case passes, 1 when any fails, 2 when the tests cannot run.
+pub fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let results = match hookwarden::policy::testing::run(dir) {
+        Ok(results) => results,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(ERROR));
+        }
+    };
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    for r in &results {
+        match &r.failure {
+            None => println!("ok    {}: {}", r.folder.display(), r.name),
+            Some(why) => println!("FAIL  {}: {}: {why}", r.folder.display(), r.name),
+        }
+    }
+    println!("{} passed, {failed} failed", results.len() - failed);
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
