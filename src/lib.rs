@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bench;
+pub mod catalog;
 pub mod config;
 pub mod controller;
 pub mod delivery;

@@ -48,6 +48,9 @@ enum Command {
     /// Deliveries and their attempts.
     #[command(subcommand)]
     Deliveries(cli::DeliveriesCommand),
+    /// Endpoints' health, and enabling a disabled one.
+    #[command(subcommand)]
+    Endpoints(cli::EndpointsCommand),
     /// Ingested events.
     #[command(subcommand)]
     Events(cli::EventsCommand),
@@ -208,6 +211,7 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Test { dir }) => cli::policy_test(&dir),
         Command::Approvals(command) => runtime.block_on(cli::approvals(command)),
         Command::Deliveries(command) => runtime.block_on(cli::deliveries(command)),
+        Command::Endpoints(command) => runtime.block_on(cli::endpoints(command)),
         Command::Events(command) => runtime.block_on(cli::events(command)),
         Command::Audit(command) => runtime.block_on(cli::audit(command)),
         Command::Bench(command) => done(runtime.block_on(hookwarden::bench::run(command))),

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Notify;
 
 use crate::audit::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::catalog::CatalogHandle;
 use crate::config::AuditConfig;
 use crate::config::Config;
 use crate::controller::Controller;
-use crate::delivery::catalog::CatalogHandle;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::Ingestor;
 use crate::resources::validate::Checks;
@@ -128,11 +128,13 @@ impl Server {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let ingestor = Ingestor::start(store.clone(), &config.ingest, &tracker, wake.clone());
         let catalog = CatalogHandle::default();
-        catalog.refresh(&store).await.context("cannot load the endpoints")?;
-        let checks = Checks { allow_private_urls: config.allow_private_urls, read_secret_sources: true };
-        let (controller, controller_status) = Controller::new(store.clone(), config.controller.clone(), checks);
+        catalog.refresh(&store).await.context("cannot load the resources")?;
+        let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
+        let checks = Checks { allow_private_urls: config.allow_private_urls };
+        let status_changed = Arc::new(Notify::new());
+        let (controller, controller_status) =
+            Controller::new(store.clone(), config.controller.clone(), checks, catalog.clone(), status_changed.clone());
         let state = AppState {
             store,
             ingestor,
@@ -149,6 +151,7 @@ impl Server {
             wake: wake.clone(),
             audit_public_key: Arc::new(signer.public_key()),
             backlog: Arc::new(AtomicU64::new(0)),
+            status_changed: status_changed.clone(),
         };
         Ok(Server {
             listener,
@@ -160,6 +163,7 @@ impl Server {
                 delivery: config.delivery.clone(),
                 allow_private: config.allow_private_urls,
                 audited: config.audit.delivery_outcomes,
+                status_changed,
             },
             wake,
             signer,
@@ -180,9 +184,20 @@ impl Server {
         let Server { listener, state, tracker, idempotency_key_ttl, controller, dispatch, wake, signer, audit } = self;
         tracker.spawn(controller.run(shutdown.clone()));
         tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, state.controller.clone(), shutdown.clone()));
-        tracker.spawn(follow_resources(store_of(&state), state.catalog.clone(), shutdown.clone()));
-        tracker.spawn(sample_backlog(store_of(&state), state.backlog.clone(), shutdown.clone()));
-        tracker.spawn(forward_work_notifications(store_of(&state), wake.clone(), shutdown.clone()));
+        tracker.spawn(crate::catalog::follow::follow(
+            store_of(&state),
+            state.catalog.clone(),
+            state.status_changed.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(sample_backlog(store_of(&state), state.catalog.clone(), state.backlog.clone(), shutdown.clone()));
+        tracker.spawn(forward_notifications(
+            store_of(&state),
+            wake.clone(),
+            state.status_changed.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(expire_approvals(store_of(&state), wake.clone(), shutdown.clone()));
         Dispatcher::start(store_of(&state), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let store = state.store.clone();
@@ -230,39 +245,24 @@ fn store_of(state: &AppState) -> Store {
     state.store.clone()
 }
 
-/// Keeps the endpoint catalog in step with the stored resources (other processes apply
-/// too), and re-enables endpoints disabled by a 410 once their spec changed.
-async fn follow_resources(store: Store, catalog: CatalogHandle, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        match catalog.refresh(&store).await {
-            Ok(false) => {}
-            Ok(true) => {
-                for ep in catalog.current().endpoints() {
-                    if let Ok(true) = store.enable_endpoint_if_changed(&ep.namespace, &ep.name, ep.generation).await {
-                        tracing::info!(endpoint = %ep.name, namespace = %ep.namespace, "endpoint re-enabled: its spec changed since it answered 410");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not refresh the endpoint catalog"),
-        }
-    }
-}
-
 /// Samples the delivery backlog once a second, for ingest's backpressure and the gauges
-/// (queue depth and age, deliveries by state, open breakers, pending approvals).
-async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
+/// (queue depth and age, waiting deliveries by why they wait, deliveries by state, open
+/// breakers, pending approvals).
+async fn sample_backlog(store: Store, catalog: CatalogHandle, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
     loop {
-        match store.queue_depth().await {
-            Ok((depth, oldest)) => {
-                backlog.store(depth, Ordering::Relaxed);
+        match store.waiting_by_endpoint().await {
+            Ok(waiting) => {
+                let now = chrono::Utc::now();
+                let depth: i64 = waiting.iter().map(|w| w.2).sum();
+                backlog.store(depth.max(0) as u64, Ordering::Relaxed);
                 metrics::gauge!("hookwarden_delivery_queue_depth").set(depth as f64);
-                let age =
-                    oldest.map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+                let oldest = waiting.iter().map(|w| w.3).min();
+                let age = oldest.map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
                 metrics::gauge!("hookwarden_delivery_oldest_pending_seconds").set(age);
+                let states = store.list_endpoint_states().await.unwrap_or_default();
+                for (reason, count) in crate::catalog::waiting_by_reason(&catalog.current(), &waiting, &states, now) {
+                    metrics::gauge!("hookwarden_delivery_waiting", "reason" => reason).set(count as f64);
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not sample the delivery backlog"),
         }
@@ -286,14 +286,21 @@ async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: Cancell
     }
 }
 
-/// On PostgreSQL, wakes this process's workers when any process enqueued work.
-async fn forward_work_notifications(store: Store, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// On PostgreSQL, wakes this process's workers when any process enqueued work, and its
+/// status reconciler when any process changed resources or endpoint state.
+async fn forward_notifications(
+    store: Store,
+    wake: Arc<Notify>,
+    status_changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    use crate::store::Notice;
     loop {
         let mut listener = match store.listen_for_work().await {
             Ok(Some(listener)) => listener,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for work notifications; workers poll meanwhile");
+                tracing::warn!(error = %e, "cannot listen for notifications; workers poll meanwhile");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
@@ -304,9 +311,10 @@ async fn forward_work_notifications(store: Store, wake: Arc<Notify>, shutdown: C
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 received = listener.recv() => match received {
-                    Ok(()) => wake.notify_one(),
+                    Ok(Notice::Work) => wake.notify_one(),
+                    Ok(Notice::Status) => status_changed.notify_one(),
                     Err(e) => {
-                        tracing::warn!(error = %e, "work notifications interrupted; reconnecting");
+                        tracing::warn!(error = %e, "notifications interrupted; reconnecting");
                         break;
                     }
                 },

@@ -8,9 +8,10 @@ use chrono::Utc;
 use common::TestDb;
 use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
+use hookwarden::resources::{Kind, ResourceKey};
 use hookwarden::store::{
-    Attempt, ClaimedDelivery, Completion, DeliveryQuery, DeliveryState, EventOutcome, EventQuery, IdempotencyKey,
-    IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError,
+    ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
+    EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError,
 };
 
 fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
@@ -95,8 +96,11 @@ async fn fan_out_is_written_with_the_event_and_claimed_once(store: &Store) {
     // Completion needs the lease; a stale token changes nothing.
     let mut stale = completion(&claimed[0], DeliveryState::Delivered, true);
     stale.lease_token = "not-the-lease".into();
-    assert_eq!(store.complete_attempts(&[stale]).await.unwrap(), 1, "lost lease reported");
-    assert_eq!(store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap(), 0);
+    assert_eq!(store.complete_attempts(&[stale]).await.unwrap().lost, 1, "lost lease reported");
+    assert_eq!(
+        store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap().lost,
+        0
+    );
     let (record, attempts) = store.get_delivery(&claimed[0].id).await.unwrap().unwrap();
     assert_eq!(record.state, DeliveryState::Delivered);
     assert_eq!(attempts.len(), 1);
@@ -113,7 +117,10 @@ async fn an_expired_lease_makes_the_delivery_claimable_again(store: &Store) {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 2, "the crashed attempt counts");
     // The first worker's late result is dropped.
-    assert_eq!(store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap(), 1);
+    assert_eq!(
+        store.complete_attempts(&[completion(&claimed[0], DeliveryState::Delivered, true)]).await.unwrap().lost,
+        1
+    );
 }
 
 async fn an_ordered_lane_releases_one_delivery_at_a_time(store: &Store) {
@@ -170,26 +177,86 @@ async fn an_open_breaker_holds_an_endpoints_deliveries(store: &Store) {
     assert_eq!(store.claim_due_deliveries(after, LEASE, 10).await.unwrap().len(), 3, "claimable once it closes");
 }
 
-async fn a_disabled_endpoint_parks_its_deliveries_until_it_is_re_enabled(store: &Store) {
-    store.accept_events(&[request(vec![fanned_out("g-1", &["gone"], None)])]).await.unwrap();
+/// An Endpoint resource `name` whose spec differs by `url`.
+fn endpoint_resource(name: &str, url: &str) -> DesiredResource {
+    DesiredResource {
+        key: ResourceKey { kind: Kind::Endpoint, namespace: "default".into(), name: name.into() },
+        labels: Default::default(),
+        annotations: Default::default(),
+        spec: serde_json::json!({"url": url, "secrets": [{"value": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]}),
+    }
+}
+
+async fn apply_one(store: &Store, desired: DesiredResource) -> hookwarden::store::ApplyOutcome {
+    let request = ApplyRequest { resources: vec![desired], actor: "tester".into(), ..Default::default() };
+    store.apply_resources(&request).await.unwrap().remove(0)
+}
+
+/// Disables `endpoint` as a 410 does, at `generation`; returns its other, waiting delivery.
+async fn disable_by_410(store: &Store, endpoint: &str, generation: i64, tag: &str) -> DeliveryId {
+    store.accept_events(&[request(vec![fanned_out(&format!("{tag}-1"), &[endpoint], None)])]).await.unwrap();
     let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    store.accept_events(&[request(vec![fanned_out("g-2", &["gone"], None)])]).await.unwrap();
-    let query = DeliveryQuery { namespace: "default".into(), limit: 10, ..Default::default() };
+    store.accept_events(&[request(vec![fanned_out(&format!("{tag}-2"), &[endpoint], None)])]).await.unwrap();
+    let query =
+        DeliveryQuery { namespace: "default".into(), endpoint: Some(endpoint.into()), limit: 10, ..Default::default() };
     let listed = store.list_deliveries(&query).await.unwrap();
     let waiting = listed.into_iter().find(|d| d.state == DeliveryState::Pending).unwrap();
-    // The receiver answered 410: the endpoint is disabled and its other delivery parked.
     let mut gone = completion(&claimed[0], DeliveryState::Failed, false);
-    gone.disable = Some(("the receiver answered 410 Gone".into(), 1));
-    store.complete_attempts(&[gone]).await.unwrap();
+    gone.disable = Some(("the receiver answered 410 Gone".into(), generation));
+    assert!(store.complete_attempts(&[gone]).await.unwrap().endpoints_changed, "disabling is reported");
     let (record, _) = store.get_delivery(&waiting.id).await.unwrap().unwrap();
     assert!(record.next_attempt_at > Utc::now() + chrono::Duration::minutes(30), "parked");
     assert!(store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty());
-    // Same generation: still disabled. A newer one re-enables it and sends what waited.
-    assert!(!store.enable_endpoint_if_changed("default", "gone", 1).await.unwrap());
-    assert!(store.enable_endpoint_if_changed("default", "gone", 2).await.unwrap());
+    waiting.id
+}
+
+async fn a_disabled_endpoint_parks_its_deliveries_until_its_spec_changes(store: &Store) {
+    assert_eq!(apply_one(store, endpoint_resource("gone", "https://a.example/hooks")).await.generation, 1);
+    let waiting = disable_by_410(store, "gone", 1, "g").await;
+    // The same spec again: still disabled, nothing due.
+    let unchanged = apply_one(store, endpoint_resource("gone", "https://a.example/hooks")).await;
+    assert!(!unchanged.reenabled);
+    assert!(store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap().is_empty());
+    // A new spec (generation 2) enables it in the same transaction and sends what waited.
+    let changed = apply_one(store, endpoint_resource("gone", "https://b.example/hooks")).await;
+    assert_eq!((changed.generation, changed.reenabled), (2, true));
+    assert_eq!(store.endpoint_state("default", "gone").await.unwrap().disabled_reason, None);
     let due = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
-    assert_eq!(due.iter().map(|d| &d.id).collect::<Vec<_>>(), [&waiting.id]);
+    assert_eq!(due.iter().map(|d| &d.id).collect::<Vec<_>>(), [&waiting]);
+    let chain = store.audit_records("default", 1, i64::MAX, 1000).await.unwrap();
+    assert_eq!(chain.iter().filter(|r| r.action == "endpoint.enabled").count(), 1, "the enabling is audited");
+}
+
+async fn an_operator_enables_a_disabled_endpoint_without_a_spec_change(store: &Store) {
+    apply_one(store, endpoint_resource("gone", "https://a.example/hooks")).await;
+    let waiting = disable_by_410(store, "gone", 1, "e").await;
+    let before = store.enable_endpoint("default", "gone", "operator-1").await.unwrap().expect("it was disabled");
+    assert_eq!(before.disabled_reason.as_deref(), Some("the receiver answered 410 Gone"));
+    let due = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| &d.id).collect::<Vec<_>>(), [&waiting]);
+    assert!(store.enable_endpoint("default", "gone", "operator-1").await.unwrap().is_none(), "nothing to enable");
+    let chain = store.audit_records("default", 1, i64::MAX, 1000).await.unwrap();
+    let enabled: Vec<_> = chain.iter().filter(|r| r.action == "endpoint.enabled").collect();
+    assert_eq!(enabled.len(), 1);
+    assert_eq!(enabled[0].actor, "operator-1");
+}
+
+async fn every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it(store: &Store) {
+    let start = store.resource_revision().await.unwrap();
+    apply_one(store, endpoint_resource("rev", "https://a.example/hooks")).await;
+    let applied = store.resource_revision().await.unwrap();
+    assert!(applied > start);
+    apply_one(store, endpoint_resource("rev", "https://a.example/hooks")).await;
+    assert_eq!(store.resource_revision().await.unwrap(), applied, "an unchanged apply is not a change");
+    let stale = store.commit_events(&[request(vec![fanned_out("rv-1", &["rev"], None)])], start).await.unwrap();
+    assert_eq!(stale, Committed::Stale { revision: applied });
+    assert!(store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().is_empty(), "nothing written");
+    let fresh = store.commit_events(&[request(vec![fanned_out("rv-1", &["rev"], None)])], applied).await.unwrap();
+    assert!(matches!(fresh, Committed::Written(_)));
+    let key = ResourceKey { kind: Kind::Endpoint, namespace: "default".into(), name: "rev".into() };
+    store.delete_resource(&key, "tester").await.unwrap();
+    assert!(store.resource_revision().await.unwrap() > applied, "a delete is a change");
 }
 
 async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(store: &Store) {
@@ -579,7 +646,9 @@ conformance!(
     an_expired_lease_makes_the_delivery_claimable_again,
     an_ordered_lane_releases_one_delivery_at_a_time,
     an_open_breaker_holds_an_endpoints_deliveries,
-    a_disabled_endpoint_parks_its_deliveries_until_it_is_re_enabled,
+    a_disabled_endpoint_parks_its_deliveries_until_its_spec_changes,
+    an_operator_enables_a_disabled_endpoint_without_a_spec_change,
+    every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it,
     final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
     concurrent_audit_appends_keep_each_chain_gapless_and_linked,
 );

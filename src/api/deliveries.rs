@@ -1,5 +1,5 @@
 //! `GET /v1/deliveries`, `GET /v1/deliveries/{id}`, `POST /v1/deliveries/{id}/replay`,
-//! `POST /v1/deliveries/replay` (many), `GET /v1/endpoints/{namespace}/{name}/health`.
+//! `POST /v1/deliveries/replay` (many).
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -171,48 +171,4 @@ pub async fn replay_many(
     state.wake.notify_one();
     let _ = state.store.notify_work().await;
     Ok(Json(json!({ "replayed": replayed })))
-}
-
-pub async fn health(
-    State(state): State<AppState>,
-    principal: Principal,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    if !principal.may_access(&namespace) {
-        return Err(ApiError::NotFound(format!("no endpoint `{name}` in namespace `{namespace}`")));
-    }
-    principal.authorize(Role::Viewer, &namespace)?;
-    if state.catalog.current().endpoint(&namespace, &name).is_none() {
-        return Err(ApiError::NotFound(format!("no endpoint `{name}` in namespace `{namespace}`")));
-    }
-    let now = Utc::now();
-    let endpoint_state = state.store.endpoint_state(&namespace, &name).await?;
-    let day = state.store.attempt_stats(&namespace, &name, now - chrono::Duration::hours(24)).await?;
-    let hour = state.store.attempt_stats(&namespace, &name, now - chrono::Duration::hours(1)).await?;
-    let rate = |s: &crate::store::AttemptStats| (s.attempts > 0).then(|| s.successes as f64 / s.attempts as f64);
-    let mut durations = hour.durations_ms.clone();
-    durations.sort_unstable();
-    let average = (!durations.is_empty()).then(|| durations.iter().sum::<i64>() as f64 / durations.len() as f64);
-    let p95 = (!durations.is_empty())
-        .then(|| durations[((durations.len() as f64 * 0.95).ceil() as usize).clamp(1, durations.len()) - 1]);
-    let breaker = match (endpoint_state.disabled_reason.as_ref(), endpoint_state.breaker_open_until) {
-        (Some(_), _) => "disabled",
-        (None, Some(until)) if until > now => "open",
-        (None, Some(_)) => "half-open",
-        (None, None) => "closed",
-    };
-    Ok(Json(json!({
-        "namespace": namespace,
-        "name": name,
-        "successRate1h": rate(&hour),
-        "successRate24h": rate(&day),
-        "attempts1h": hour.attempts,
-        "attempts24h": day.attempts,
-        "consecutiveFailures": endpoint_state.consecutive_failures,
-        "latencyMs1h": { "average": average, "p95": p95 },
-        "lastSuccessAt": endpoint_state.last_success_at,
-        "breaker": breaker,
-        "breakerOpenUntil": endpoint_state.breaker_open_until,
-        "disabledReason": endpoint_state.disabled_reason,
-    })))
 }

@@ -18,13 +18,11 @@ use super::error::{ApiError, FieldError};
 use super::extract::{parse_object_at, read_json_body, ApiQuery};
 use super::AppState;
 use crate::auth::{Principal, Role};
-use crate::delivery::catalog::EventView;
+use crate::catalog::FanOutError;
 use crate::ids::{DeliveryId, EventId};
-use crate::ingest::IngestError;
+use crate::ingest::{Accepted, EventFanOut, IngestError};
 use crate::resources::validate::is_dns_label;
-use crate::store::{
-    EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome, StoredEvent,
-};
+use crate::store::{EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome, StoredEvent};
 
 /// A CloudEvents-shaped event as clients send it.
 #[derive(Debug, Deserialize)]
@@ -49,6 +47,10 @@ pub struct EventAccepted {
     pub duplicate: bool,
     /// The event's deliveries: one per endpoint it fanned out to.
     pub deliveries: Vec<DeliverySummary>,
+    /// Endpoints whose Filter or ordering key failed on this event (left out, or sent in
+    /// the `(no key)` lane), so that nothing is skipped without a trace.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fanout_errors: Vec<FanOutError>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -190,14 +192,15 @@ fn validation(errors: Vec<FieldError>) -> Result<(), ApiError> {
     }
 }
 
-async fn submit(state: &AppState, request: IngestRequest) -> Result<RequestOutcome, ApiError> {
+async fn submit(state: &AppState, request: IngestRequest) -> Result<Accepted, ApiError> {
     state.ingestor.submit(request).await.map_err(|e| match e {
         IngestError::Overloaded => ApiError::Overloaded,
         IngestError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
-        IngestError::Store(source) => {
-            tracing::error!(error = ?source, "could not store events");
-            ApiError::Unavailable("the events could not be stored; retry later".into())
+        IngestError::ResourcesChanging => {
+            ApiError::Unavailable("the resources kept changing while the events were stored; retry".into())
         }
+        // The writer logged the cause.
+        IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
     })
 }
 
@@ -208,20 +211,36 @@ struct LogFields {
     event_type: String,
 }
 
-fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], trace_id: &str) {
+fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], fan_out: &[EventFanOut], trace_id: &str) {
     let duplicates = outcomes.iter().filter(|o| o.duplicate).count() as u64;
     metrics::counter!("hookwarden_ingest_events_total", "outcome" => "accepted")
         .increment(outcomes.len() as u64 - duplicates);
     metrics::counter!("hookwarden_ingest_events_total", "outcome" => "duplicate").increment(duplicates);
-    for (event, outcome) in fields.iter().zip(outcomes) {
-        if !outcome.duplicate {
-            tracing::info!(
+    for ((event, outcome), fanned) in fields.iter().zip(outcomes).zip(fan_out) {
+        if outcome.duplicate {
+            continue;
+        }
+        tracing::info!(
+            event_id = %outcome.id,
+            namespace = %event.namespace,
+            source = %event.source,
+            event_type = %event.event_type,
+            trace_id = %trace_id,
+            "event accepted"
+        );
+        for error in &fanned.errors {
+            metrics::counter!("hookwarden_fanout_errors_total", "namespace" => event.namespace.clone(),
+                "endpoint" => error.endpoint.clone())
+            .increment(1);
+            tracing::warn!(
                 event_id = %outcome.id,
                 namespace = %event.namespace,
-                source = %event.source,
-                event_type = %event.event_type,
+                endpoint = %error.endpoint,
+                stage = error.stage,
+                skipped = error.skipped,
+                error = %error.message,
                 trace_id = %trace_id,
-                "event accepted"
+                "fan-out failed for an endpoint"
             );
         }
     }
@@ -229,7 +248,7 @@ fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], trace_id: &str)
 
 /// Turns the store's answer into per-event results and whether anything new was written.
 fn results(outcome: RequestOutcome) -> Result<(Vec<EventAccepted>, bool), ApiError> {
-    let accepted = |id, duplicate| EventAccepted { id, duplicate, deliveries: Vec::new() };
+    let accepted = |id, duplicate| EventAccepted { id, duplicate, deliveries: Vec::new(), fanout_errors: Vec::new() };
     match outcome {
         RequestOutcome::Accepted(items) => {
             let created = items.iter().any(|i| !i.duplicate);
@@ -270,33 +289,6 @@ async fn ingest(
     for event in &events {
         principal.authorize(Role::Ingest, &event.namespace)?;
     }
-    let catalog = state.catalog.current();
-    let mut events = events;
-    for event in &mut events {
-        let time = event.time.map(|t| t.to_rfc3339());
-        let view = EventView {
-            id: event.id.as_str(),
-            namespace: &event.namespace,
-            source: &event.source,
-            event_type: &event.event_type,
-            subject: event.subject.as_deref(),
-            time,
-            data: &event.data,
-        };
-        event.deliveries = catalog
-            .fan_out(&view)
-            .into_iter()
-            .map(|f| NewDelivery { id: DeliveryId::generate(), endpoint: f.endpoint, ordering_key: f.ordering_key })
-            .collect();
-    }
-    let planned: Vec<(EventId, Vec<DeliverySummary>)> = events
-        .iter()
-        .map(|e| {
-            let summaries =
-                e.deliveries.iter().map(|d| DeliverySummary { id: d.id.clone(), endpoint: d.endpoint.clone() });
-            (e.id.clone(), summaries.collect())
-        })
-        .collect();
     let fields: Vec<LogFields> = events
         .iter()
         .map(|e| LogFields {
@@ -305,23 +297,26 @@ async fn ingest(
             event_type: e.event_type.clone(),
         })
         .collect();
-    let outcome = submit(state, IngestRequest { idempotency, events }).await?;
+    let Accepted { outcome, fan_out } = submit(state, IngestRequest { idempotency, events }).await?;
     if let RequestOutcome::Accepted(items) = &outcome {
-        log_accepted(&fields, items, &trace);
+        log_accepted(&fields, items, &fan_out, &trace);
     }
     let (mut results, created) = results(outcome)?;
     // New events: the deliveries just written. Duplicates: the original's, as stored.
-    for result in &mut results {
-        result.deliveries = match planned.iter().find(|(id, _)| *id == result.id) {
-            Some((_, summaries)) if !result.duplicate => summaries.clone(),
-            _ => state
+    for (result, fanned) in results.iter_mut().zip(fan_out) {
+        if result.duplicate {
+            result.deliveries = state
                 .store
                 .deliveries_of_event(&result.id)
                 .await?
                 .into_iter()
                 .map(|d| DeliverySummary { id: d.id, endpoint: d.endpoint })
-                .collect(),
-        };
+                .collect();
+        } else {
+            result.deliveries =
+                fanned.deliveries.into_iter().map(|d| DeliverySummary { id: d.id, endpoint: d.endpoint }).collect();
+            result.fanout_errors = fanned.errors;
+        }
     }
     Ok((results, created))
 }

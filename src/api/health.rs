@@ -20,7 +20,19 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         ApiError::Unavailable(format!("not ready: {e}"))
     })?;
     let controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
-    Ok(Json(json!({ "status": "ready", "database": state.store.backend(), "controller": controller })))
+    // Endpoints this process cannot send to (their deliveries wait): ready, but say so.
+    let catalog = state.catalog.current();
+    let blocked: Vec<Value> = catalog
+        .blocked()
+        .into_iter()
+        .map(|(e, b)| json!({ "namespace": e.namespace, "name": e.name, "reason": b.reason.as_str(), "message": b.message }))
+        .collect();
+    Ok(Json(json!({
+        "status": "ready",
+        "database": state.store.backend(),
+        "controller": controller,
+        "endpoints": { "blocked": blocked },
+    })))
 }
 
 /// Prometheus text format.

@@ -8,6 +8,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod deliveries;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -48,13 +49,26 @@ pub struct AppState {
     pub checks: crate::resources::validate::Checks,
     pub controller: crate::controller::SharedStatus,
     /// The endpoints and filters in force, for fan-out.
-    pub catalog: crate::delivery::catalog::CatalogHandle,
+    pub catalog: crate::catalog::CatalogHandle,
     /// Wakes the delivery workers (new or replayed work).
     pub wake: Arc<tokio::sync::Notify>,
     /// The checkpoint verifier key (`name+id+base64`), published with every checkpoint.
     pub audit_public_key: Arc<String>,
     /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
     pub backlog: Arc<std::sync::atomic::AtomicU64>,
+    /// Wakes the status reconciler (this process's; other processes hear
+    /// [`crate::store::Store::notify_status`]).
+    pub status_changed: Arc<tokio::sync::Notify>,
+}
+
+impl AppState {
+    /// Resources or endpoint state changed: status is due, here and on the leader.
+    pub async fn status_changed(&self) {
+        self.status_changed.notify_one();
+        if let Err(e) = self.store.notify_status().await {
+            tracing::warn!(error = %e, "could not signal the status reconciler of other processes; it resyncs");
+        }
+    }
 }
 
 /// A router that remembers which `(method, path)` pairs it serves.
@@ -93,7 +107,8 @@ fn routes() -> Routes {
         .add(Method::POST, "/v1/deliveries/replay", deliveries::replay_many)
         .add(Method::GET, "/v1/deliveries/{id}", deliveries::get)
         .add(Method::POST, "/v1/deliveries/{id}/replay", deliveries::replay)
-        .add(Method::GET, "/v1/endpoints/{namespace}/{name}/health", deliveries::health)
+        .add(Method::GET, "/v1/endpoints/{namespace}/{name}/health", endpoints::health)
+        .add(Method::POST, "/v1/endpoints/{namespace}/{name}/enable", endpoints::enable)
         .add(Method::GET, "/v1/approvals", approvals::list)
         .add(Method::GET, "/v1/approvals/{id}", approvals::get)
         .add(Method::POST, "/v1/approvals/{id}/grant", approvals::grant)

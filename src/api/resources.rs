@@ -60,6 +60,9 @@ pub struct ApplyResult {
     /// What changed, one line per field (`~ spec.timeout: "10s" → "5s"`), secrets redacted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     diff: Vec<String>,
+    /// An Endpoint a 410 had disabled, enabled again because its spec changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reenabled: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,10 +142,18 @@ pub async fn apply_resources(
         ApplyError::Usage(message) => ApiError::Validation(vec![FieldError::new("applyset", message)]),
         ApplyError::Store(e) => e.into(),
     })?;
-    if !params.dry_run {
+    if !params.dry_run && outcomes.iter().any(|o| o.action != ApplyAction::Unchanged) {
         refresh_catalog(&state).await;
         for o in outcomes.iter().filter(|o| o.action != ApplyAction::Unchanged) {
             tracing::info!(resource = %o.key, action = ?o.action, generation = o.generation, actor = %principal.subject, "resource applied");
+            if o.reenabled {
+                tracing::info!(endpoint = %o.key.name, namespace = %o.key.namespace, "endpoint enabled again: its spec changed since it answered 410");
+            }
+        }
+        state.status_changed().await;
+        if outcomes.iter().any(|o| o.reenabled) {
+            state.wake.notify_one();
+            let _ = state.store.notify_work().await;
         }
     }
     let results =
@@ -170,6 +181,7 @@ fn result(outcome: &ApplyOutcome, desired: Option<&Value>) -> ApplyResult {
         action: outcome.action,
         generation: outcome.generation,
         diff: lines,
+        reenabled: outcome.reenabled,
     }
 }
 
@@ -201,7 +213,9 @@ pub fn document(resource: &StoredResource) -> Value {
     doc
 }
 
-/// Makes this process fan out by what was just written (others follow within a second).
+/// Makes this process fan out by what was just written at once. Other processes follow
+/// within a second, and before that their ingest commits see the revision move and fan
+/// out again (see `crate::ingest`).
 async fn refresh_catalog(state: &AppState) {
     if let Err(e) = state.catalog.refresh(&state.store).await {
         tracing::warn!(error = %e, "could not refresh the endpoint catalog; the periodic refresh will");
@@ -280,6 +294,7 @@ pub async fn delete_resource(
         .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     tracing::info!(resource = %key, actor = %principal.subject, "resource deleted");
     refresh_catalog(&state).await;
+    state.status_changed().await;
     Ok(Json(
         json!({ "kind": key.kind, "namespace": key.namespace, "name": key.name, "action": "deleted", "generation": deleted.generation }),
     ))

@@ -7,7 +7,9 @@ mod operations;
 mod resources;
 
 pub use audit::{audit, AuditCommand};
-pub use operations::{approvals, deliveries, events, ApprovalsCommand, DeliveriesCommand, EventsCommand};
+pub use operations::{
+    approvals, deliveries, endpoints, events, ApprovalsCommand, DeliveriesCommand, EndpointsCommand, EventsCommand,
+};
 pub use resources::{
     apply, delete, diff, get, policy_test, schema, validate_files, ApplyArgs, DeleteArgs, DiffArgs, FilesArgs, GetArgs,
 };

@@ -69,6 +69,26 @@ pub enum DeliveriesCommand {
 }
 
 #[derive(clap::Subcommand)]
+pub enum EndpointsCommand {
+    /// Enable an endpoint again (a 410 disabled it, or its breaker is open): what waits goes out.
+    Enable {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Success rates, latency, consecutive failures, breaker and delivery state.
+    Health {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Subcommand)]
 pub enum EventsCommand {
     /// One event with its deliveries.
     Show {
@@ -140,6 +160,30 @@ pub async fn deliveries(command: DeliveriesCommand) -> anyhow::Result<ExitCode> 
         DeliveriesCommand::Replay { id, client } => {
             let c = Client::new(&client)?;
             show(&c, c.http.post(format!("{}/v1/deliveries/{id}/replay", c.server))).await
+        }
+    }
+}
+
+pub async fn endpoints(command: EndpointsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        EndpointsCommand::Enable { name, namespace, client } => {
+            let c = Client::new(&client)?;
+            let (status, body) =
+                c.send(c.http.post(format!("{}/v1/endpoints/{namespace}/{name}/enable", c.server))).await?;
+            if status != 200 {
+                print_error(status, &body);
+                return Ok(ExitCode::from(1));
+            }
+            if body["enabled"] == true {
+                println!("endpoint/{namespace}/{name} enabled");
+            } else {
+                println!("endpoint/{namespace}/{name} was not disabled; nothing to do");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EndpointsCommand::Health { name, namespace, client } => {
+            let c = Client::new(&client)?;
+            show(&c, c.http.get(format!("{}/v1/endpoints/{namespace}/{name}/health", c.server))).await
         }
     }
 }

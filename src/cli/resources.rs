@@ -131,7 +131,9 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     let suffix = if args.dry_run { " (dry run)" } else { "" };
     for r in body["results"].as_array().into_iter().flatten() {
-        println!("{} {}{suffix}", resource_name(r), r["action"].as_str().unwrap_or("?"));
+        let enabled =
+            if r["reenabled"] == true { " (enabled again: its spec changed since it answered 410)" } else { "" };
+        println!("{} {}{suffix}{enabled}", resource_name(r), r["action"].as_str().unwrap_or("?"));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -171,7 +173,7 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     let files = read_files(&args)?;
     let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
     let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
-    let checks = Checks { allow_private_urls, read_secret_sources: false };
+    let checks = Checks { allow_private_urls };
     errors.extend(validate(&resources, &Default::default(), checks));
     if errors.is_empty() {
         println!("{} resources in {} files are valid", resources.len(), files.len());
@@ -218,24 +220,54 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
                 print!("{}", yaml_serde::to_string(item)?);
             }
         }
-        None => {
-            println!("{:<16} {:<32} {:>10}  READY", "NAMESPACE", "NAME", "GENERATION");
-            for item in &items {
-                let ready = item["status"]["conditions"]
-                    .as_array()
-                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-                    .and_then(|c| c["status"].as_str())
-                    .unwrap_or("Unknown");
-                println!(
-                    "{:<16} {:<32} {:>10}  {ready}",
-                    item["metadata"]["namespace"].as_str().unwrap_or(""),
-                    item["metadata"]["name"].as_str().unwrap_or(""),
-                    item["metadata"]["generation"]
-                );
-            }
-        }
+        None => print!("{}", table(kind, &items)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The resources as an aligned table; endpoints with their delivery state and breaker.
+fn table(kind: Kind, items: &[Value]) -> String {
+    let condition = |item: &Value, kind: &str| {
+        item["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == kind))
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or("Unknown")
+            .to_owned()
+    };
+    let mut header = vec!["NAMESPACE", "NAME", "GENERATION", "READY"];
+    if kind == Kind::Endpoint {
+        header.extend(["STATE", "BREAKER"]);
+    }
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for item in items {
+        let text = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+        let mut row = vec![
+            text(&item["metadata"]["namespace"]),
+            text(&item["metadata"]["name"]),
+            text(&item["metadata"]["generation"]),
+            condition(item, "Ready"),
+        ];
+        if kind == Kind::Endpoint {
+            let delivery = &item["status"]["delivery"];
+            row.push(delivery["state"].as_str().unwrap_or("Unknown").to_owned());
+            row.push(match (delivery["breaker"].as_str(), delivery["breakerOpenUntil"].as_str()) {
+                (Some(breaker), Some(until)) => format!("{breaker} until {until}"),
+                (Some(breaker), None) => breaker.to_owned(),
+                _ => "Unknown".to_owned(),
+            });
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(cells.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {

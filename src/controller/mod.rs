@@ -1,27 +1,32 @@
 //! The resource controller: keeps a watched directory applied, and every resource's
-//! `status` true to what is stored.
+//! `status` true to what is stored and to what the engine knows of each endpoint.
 //!
 //! Exactly one process leads (on PostgreSQL, whoever holds the advisory lock; on SQLite,
-//! the only process). The leader reconciles on file events (debounced) and on a periodic
-//! resync, since watch events can be missed. Reconciling is idempotent: it acts on current
-//! state only. An invalid directory is rejected as a whole; the last good state stays in
-//! force and the error shows in the logs, in `/readyz` and in the resources' status.
+//! the only process). The leader reconciles on file events (debounced), at once when any
+//! process signals a change (an apply, a delete, an enable, a breaker opening, a 410, a
+//! secret appearing: see `status_changed`), when a reconcile asked to be requeued (an
+//! open breaker closes), and on a periodic resync, since signals can be missed.
+//! Reconciling is idempotent: it acts on current state only. An invalid directory is
+//! rejected as a whole; the last good state stays in force and the error shows in the
+//! logs, in `/readyz` and in the resources' status.
 
 pub mod apply;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use self::apply::{apply, read_resource_files, ApplyError, ApplyOptions};
+use crate::catalog::{CatalogHandle, Sendability};
 use crate::config::ControllerConfig;
 use crate::resources::validate::{self, Checks};
-use crate::resources::{parse_files, Located, Metadata, Origin, Resource, ResourceKey, Spec};
+use crate::resources::{parse_files, Kind, Located, Metadata, Origin, Resource, ResourceKey, Spec};
 use crate::store::{ApplyAction, Store, StoredResource};
 
 /// What `/readyz` shows of the controller.
@@ -46,15 +51,33 @@ pub struct Controller {
     config: ControllerConfig,
     checks: Checks,
     status: SharedStatus,
+    catalog: CatalogHandle,
+    /// Signalled when resources or endpoint state changed: status is due now.
+    status_changed: Arc<Notify>,
+}
+
+/// What a reconcile asks for next, besides the periodic resync (kube-runtime's `Action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Reconcile again after this long (something changes by itself then: a breaker closes).
+    Requeue(Duration),
+    /// Nothing changes by itself: wait for a signal or the resync.
+    AwaitChange,
 }
 
 impl Controller {
-    pub fn new(store: Store, config: ControllerConfig, checks: Checks) -> (Controller, SharedStatus) {
+    pub fn new(
+        store: Store,
+        config: ControllerConfig,
+        checks: Checks,
+        catalog: CatalogHandle,
+        status_changed: Arc<Notify>,
+    ) -> (Controller, SharedStatus) {
         let status = Arc::new(Mutex::new(ControllerStatus {
             resources_dir: config.resources_dir.as_ref().map(|d| d.display().to_string()),
             ..ControllerStatus::default()
         }));
-        (Controller { store, config, checks, status: status.clone() }, status)
+        (Controller { store, config, checks, status: status.clone(), catalog, status_changed }, status)
     }
 
     fn update(&self, f: impl FnOnce(&mut ControllerStatus)) {
@@ -100,22 +123,28 @@ impl Controller {
                 None
             }
         });
-        self.reconcile().await;
+        let mut next = self.reconcile().await;
         let mut resync = tokio::time::interval(self.config.resync);
         resync.tick().await;
         loop {
+            let requeue = match next {
+                Action::Requeue(after) => after,
+                Action::AwaitChange => self.config.resync,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(()) = changed.recv() => {
                     // Let a burst of writes (an editor's save, a git checkout) settle.
                     while let Ok(Some(())) = tokio::time::timeout(self.config.debounce, changed.recv()).await {}
-                    self.reconcile().await;
+                    next = self.reconcile().await;
                 }
+                _ = self.status_changed.notified() => next = self.reconcile_status_now().await,
+                _ = tokio::time::sleep(requeue) => next = self.reconcile_status_now().await,
                 _ = resync.tick() => {
                     if !lease.is_held().await {
                         return;
                     }
-                    self.reconcile().await;
+                    next = self.reconcile().await;
                 }
             }
         }
@@ -123,13 +152,23 @@ impl Controller {
     }
 
     /// One pass: apply the directory (if any), then bring every status up to date.
-    pub async fn reconcile(&self) {
-        let sync_error = match &self.config.resources_dir {
-            Some(dir) => self.sync_directory(dir).await,
-            None => None,
-        };
-        if let Err(e) = self.reconcile_status(sync_error.as_deref()).await {
-            tracing::warn!(error = %e, "could not reconcile resource status");
+    pub async fn reconcile(&self) -> Action {
+        if let Some(dir) = &self.config.resources_dir {
+            self.sync_directory(dir).await;
+        }
+        self.reconcile_status_now().await
+    }
+
+    /// Brings every status up to date (the directory's last sync result included).
+    async fn reconcile_status_now(&self) -> Action {
+        let sync_error = self.status.lock().ok().and_then(|s| s.last_error.clone());
+        match self.reconcile_status(sync_error.as_deref()).await {
+            Ok(action) => action,
+            // The error policy: try again soon, not at the next resync.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reconcile resource status; retrying");
+                Action::Requeue(RETRY_AFTER_ERROR)
+            }
         }
     }
 
@@ -173,12 +212,33 @@ impl Controller {
         }
     }
 
-    /// Writes `status` (observedGeneration, conditions) on every resource where it changed.
-    async fn reconcile_status(&self, sync_error: Option<&str>) -> Result<(), crate::store::StoreError> {
+    /// Writes `status` (observedGeneration, conditions, an endpoint's delivery state) on
+    /// every resource where it changed; asks to be requeued when an open breaker closes.
+    async fn reconcile_status(&self, sync_error: Option<&str>) -> Result<Action, crate::store::StoreError> {
         let stored = self.store.list_resources(None, None).await?;
+        let states = self.store.list_endpoint_states().await?;
+        let catalog = self.catalog.current();
+        let now = Utc::now();
         let keys: HashSet<ResourceKey> = stored.iter().map(|s| s.key.clone()).collect();
+        let mut next = Action::AwaitChange;
         for resource in &stored {
+            let mut status = json!({ "observedGeneration": resource.generation });
             let mut conditions = vec![ready_condition(resource, &keys, self.checks)];
+            if resource.key.kind == Kind::Endpoint {
+                let (namespace, name) = (&resource.key.namespace, &resource.key.name);
+                let entry = catalog.endpoint(namespace, name);
+                let state = states.iter().find(|(n, e, _)| n == namespace && e == name).map(|s| &s.2);
+                let blocked = entry.as_ref().and_then(|e| e.blocked.as_ref());
+                if let (Some(blocked), true) = (blocked, conditions[0]["status"] == "True") {
+                    conditions[0] = condition("Ready", false, blocked.reason.as_str(), &blocked.message);
+                }
+                let endpoint = endpoint_status(entry.as_deref(), state, now);
+                conditions.push(endpoint.condition);
+                status["delivery"] = endpoint.delivery;
+                if let Some(closes) = endpoint.breaker_closes_in {
+                    next = earlier(next, Action::Requeue(closes));
+                }
+            }
             if self.config.resources_dir.is_some()
                 && resource.applyset.as_deref() == Some(self.config.applyset.as_str())
             {
@@ -187,13 +247,78 @@ impl Controller {
                     Some(message) => condition("Synced", false, "InvalidChange", message),
                 });
             }
-            let status = json!({ "observedGeneration": resource.generation, "conditions": conditions });
+            status["conditions"] = json!(conditions);
             if !same_status(resource.status.as_ref(), &status) {
                 let status = stamp(resource.status.as_ref(), status);
                 self.store.update_resource_status(&resource.key, resource.generation, &status).await?;
             }
         }
-        Ok(())
+        Ok(next)
+    }
+}
+
+/// How soon a failed status reconcile is tried again.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+fn earlier(a: Action, b: Action) -> Action {
+    match (a, b) {
+        (Action::Requeue(x), Action::Requeue(y)) => Action::Requeue(x.min(y)),
+        (Action::AwaitChange, other) | (other, Action::AwaitChange) => other,
+    }
+}
+
+/// An endpoint's `Delivering` condition and `status.delivery`.
+struct EndpointStatus {
+    condition: Value,
+    delivery: Value,
+    /// How soon its open breaker closes (its status changes by itself then).
+    breaker_closes_in: Option<Duration>,
+}
+
+fn endpoint_status(
+    entry: Option<&crate::catalog::EndpointEntry>,
+    state: Option<&crate::store::EndpointState>,
+    now: DateTime<Utc>,
+) -> EndpointStatus {
+    let sendability = Sendability::of(entry, state, now);
+    let open_until = state.and_then(|s| s.breaker_open_until);
+    let breaker = match open_until {
+        Some(until) if until > now => "Open",
+        Some(_) => "HalfOpen",
+        None => "Closed",
+    };
+    let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let message = match sendability {
+        Sendability::Active => "deliveries go out".to_owned(),
+        Sendability::Disabled => format!(
+            "disabled: {}; changing its spec or `hookwarden endpoints enable` sends what waits",
+            state.and_then(|s| s.disabled_reason.as_deref()).unwrap_or("the receiver answered 410 Gone")
+        ),
+        Sendability::Paused => "paused: deliveries wait until the pause is lifted".to_owned(),
+        Sendability::Blocked(_) => {
+            let why = entry.and_then(|e| e.blocked.as_ref()).map(|b| b.message.as_str()).unwrap_or("blocked");
+            format!("{why}; deliveries wait without using attempts")
+        }
+        Sendability::BreakerOpen => format!(
+            "the breaker is open until {}; deliveries wait without using attempts",
+            open_until.map(at).unwrap_or_default()
+        ),
+        Sendability::Deleted => "not in the catalog yet".to_owned(),
+    };
+    let mut delivery = json!({ "state": sendability.as_str(), "breaker": breaker });
+    if let Some(until) = open_until.filter(|until| *until > now) {
+        delivery["breakerOpenUntil"] = json!(at(until));
+    }
+    if let Some(reason) = state.and_then(|s| s.disabled_reason.as_ref()) {
+        delivery["disabledReason"] = json!(reason);
+    }
+    EndpointStatus {
+        condition: condition("Delivering", sendability == Sendability::Active, sendability.as_str(), &message),
+        delivery,
+        breaker_closes_in: open_until
+            .filter(|until| *until > now)
+            .and_then(|until| (until - now).to_std().ok())
+            .map(|d| d + Duration::from_millis(50)),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The delivery engine: fan-out, the leased queue, signing, retries, ordering and health.
 
-pub mod catalog;
+pub mod admission;
 pub mod outcome;
 pub mod retry;
 pub mod signing;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::catalog::Budget;
 use super::retry::retry_after;
+use crate::catalog::Budget;
 use crate::store::DeliveryState;
 
 /// What came back from one attempt.

@@ -7,9 +7,8 @@
 //! healthy endpoints keep flowing. On shutdown, claiming stops, attempts in flight get
 //! `shutdownGrace` to finish, and whatever is left is released for another worker.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -19,9 +18,10 @@ use tokio_util::task::TaskTracker;
 
 use std::collections::BTreeMap;
 
-use super::catalog::{CatalogHandle, EndpointEntry, EventView};
+use super::admission::{Admission, Slot};
 use super::outcome::{decide, AttemptResult};
 use super::signing;
+use crate::catalog::{CatalogHandle, EndpointEntry, EventView};
 use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
@@ -32,6 +32,12 @@ use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
 /// How long a paused endpoint's claimed delivery waits before it is looked at again.
 /// Lifting the pause makes its deliveries due at once (see the resource apply).
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
+
+/// How long a delivery of a blocked endpoint (its secret cannot be read, its RetryBudget
+/// is gone) waits before it is looked at again. When this process can send to it again,
+/// its deliveries are made due at once (see `server::follow_resources`); the recheck
+/// covers another process that could send them meanwhile.
+const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
 
 /// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
 struct GuardedResolver {
@@ -60,6 +66,8 @@ pub struct DispatchSettings {
     /// Send to private and loopback addresses (tests, local receivers).
     pub allow_private: bool,
     pub audited: AuditedOutcomes,
+    /// Signalled when a completion opened a breaker or disabled an endpoint.
+    pub status_changed: Arc<Notify>,
 }
 
 /// Shared by the claim loops and attempt tasks.
@@ -71,25 +79,11 @@ pub struct Dispatcher {
     allow_private: bool,
     audited: AuditedOutcomes,
     wake: Arc<Notify>,
-    endpoints: Mutex<HashMap<(String, String), EndpointLimits>>,
+    admission: Admission,
     completions: mpsc::Sender<Completion>,
     /// Cancelled when the shutdown grace is over: attempts still running give their
     /// delivery back instead of finishing.
     stop_attempts: CancellationToken,
-}
-
-/// Per-endpoint admission: concurrency, rate, the hourly retry budget, and the breaker's
-/// half-open probe.
-struct EndpointLimits {
-    concurrency: Arc<Semaphore>,
-    /// Consecutive failed attempts this process saw.
-    failing: u32,
-    /// A half-open probe is in flight: nothing else goes out until it answers.
-    probing: bool,
-    /// Start times of recent requests, for `rateLimit.perSecond`.
-    recent: VecDeque<Instant>,
-    /// Times of recent retries, for `retriesPerHour`.
-    retries: VecDeque<Instant>,
 }
 
 impl Dispatcher {
@@ -103,7 +97,7 @@ impl Dispatcher {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let DispatchSettings { delivery: config, allow_private, audited } = settings;
+        let DispatchSettings { delivery: config, allow_private, audited, status_changed } = settings;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -122,11 +116,11 @@ impl Dispatcher {
             allow_private,
             audited,
             wake,
-            endpoints: Mutex::new(HashMap::new()),
+            admission: Admission::new(config.per_endpoint_concurrency),
             completions,
             stop_attempts: stop_attempts.clone(),
         });
-        tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone()));
+        tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone(), status_changed));
         tracker.spawn(tend_queue(store, config.lease_margin, shutdown.clone()));
         let attempts = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
@@ -196,7 +190,9 @@ impl Dispatcher {
                 let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
                 match endpoint {
                     Some(ep) if ep.spec.paused => give_back.push((delivery, PAUSED_RECHECK)),
-                    Some(ep) => match self.admit(&ep) {
+                    // Not attempted, no attempt used: it waits until the endpoint can be sent to.
+                    Some(ep) if ep.blocked.is_some() => give_back.push((delivery, BLOCKED_RECHECK)),
+                    Some(ep) => match self.admission.admit(&ep.namespace, &ep.name, ep.budget.breaker.map(|b| b.0)) {
                         Some(slot) => {
                             let d = self.clone();
                             attempts.spawn(async move { d.attempt(delivery, ep, slot, permit).await });
@@ -227,74 +223,12 @@ impl Dispatcher {
         }
     }
 
-    /// A slot for one attempt on `ep`, or `None` when it is at its concurrency limit.
-    fn admit(&self, ep: &EndpointEntry) -> Option<OwnedSemaphorePermit> {
-        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let limits = endpoints.entry((ep.namespace.clone(), ep.name.clone())).or_insert_with(|| EndpointLimits {
-            concurrency: Arc::new(Semaphore::new(self.config.per_endpoint_concurrency)),
-            failing: 0,
-            probing: false,
-            recent: VecDeque::new(),
-            retries: VecDeque::new(),
-        });
-        // The breaker tripped and its open period is over (or it would not have been
-        // claimed): half-open, one probe at a time.
-        let half_open = ep.budget.breaker.is_some_and(|(threshold, _)| limits.failing >= threshold);
-        if half_open {
-            if limits.probing {
-                return None;
-            }
-            let slot = limits.concurrency.clone().try_acquire_owned().ok()?;
-            limits.probing = true;
-            return Some(slot);
-        }
-        limits.concurrency.clone().try_acquire_owned().ok()
-    }
-
-    /// Learns an attempt's outcome for the breaker's half-open state.
-    fn observe(&self, ep: &EndpointEntry, success: bool) {
-        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) {
-            limits.failing = if success { 0 } else { limits.failing.saturating_add(1) };
-            limits.probing = false;
-        }
-    }
-
     /// Waits until `ep`'s rate limit allows one more request.
     async fn pace(&self, ep: &EndpointEntry) {
-        let Some(rate) = ep.spec.rate_limit.as_ref().map(|r| r.per_second as usize) else { return };
-        loop {
-            let wait = {
-                let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) else { return };
-                let now = Instant::now();
-                while limits.recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
-                    limits.recent.pop_front();
-                }
-                if limits.recent.len() < rate {
-                    limits.recent.push_back(now);
-                    return;
-                }
-                Duration::from_secs(1).saturating_sub(now.duration_since(limits.recent[0]))
-            };
-            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        let Some(rate) = ep.spec.rate_limit.as_ref().map(|r| r.per_second) else { return };
+        while let Some(wait) = self.admission.pace(&ep.namespace, &ep.name, rate, Instant::now()) {
+            tokio::time::sleep(wait).await;
         }
-    }
-
-    /// Records a retry for `ep`; false when its hourly retry budget is already spent.
-    fn spend_retry(&self, ep: &EndpointEntry) -> bool {
-        let Some(limit) = ep.budget.retries_per_hour else { return true };
-        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(limits) = endpoints.get_mut(&(ep.namespace.clone(), ep.name.clone())) else { return true };
-        let now = Instant::now();
-        while limits.retries.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600)) {
-            limits.retries.pop_front();
-        }
-        if limits.retries.len() >= limit as usize {
-            return false;
-        }
-        limits.retries.push_back(now);
-        true
     }
 
     /// Ends a delivery without sending it.
@@ -342,7 +276,7 @@ impl Dispatcher {
         self: Arc<Self>,
         delivery: ClaimedDelivery,
         ep: Arc<EndpointEntry>,
-        _slot: OwnedSemaphorePermit,
+        slot: Slot,
         _permit: OwnedSemaphorePermit,
     ) {
         let stop = self.stop_attempts.clone();
@@ -365,7 +299,10 @@ impl Dispatcher {
         let counted = delivery.attempt.saturating_sub(delivery.attempt_base).max(1);
         let random: f64 = rand::random();
         let mut decision = decide(&result, counted, &ep.budget, delivery.received_at, now, random, false);
-        if decision.state == crate::store::DeliveryState::Retrying && !self.spend_retry(&ep) {
+        let retry_allowed = |per_hour| self.admission.spend_retry(&ep.namespace, &ep.name, per_hour, Instant::now());
+        if decision.state == crate::store::DeliveryState::Retrying
+            && !ep.budget.retries_per_hour.is_none_or(retry_allowed)
+        {
             decision = decide(&result, counted, &ep.budget, delivery.received_at, now, random, true);
         }
         let status = match &result {
@@ -386,7 +323,7 @@ impl Dispatcher {
             reason = decision.reason.as_deref().unwrap_or(""),
             "delivery attempt"
         );
-        self.observe(&ep, decision.success);
+        slot.observe(decision.success);
         metrics::counter!("hookwarden_delivery_attempts_total", "outcome" => decision.outcome).increment(1);
         metrics::histogram!("hookwarden_delivery_attempt_seconds", "outcome" => decision.outcome)
             .record(duration_ms as f64 / 1000.0);
@@ -668,19 +605,30 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<St
 }
 
 /// Writes completions in batches until every sender is gone. A batch that ends a delivery
-/// of an ordered lane makes the lane's next delivery claimable, so it wakes a claim loop.
-async fn write_completions(store: Store, mut pending: mpsc::Receiver<Completion>, wake: Arc<Notify>) {
+/// of an ordered lane makes the lane's next delivery claimable, so it wakes a claim loop;
+/// one that opened a breaker or disabled an endpoint signals `status_changed`.
+async fn write_completions(
+    store: Store,
+    mut pending: mpsc::Receiver<Completion>,
+    wake: Arc<Notify>,
+    status_changed: Arc<Notify>,
+) {
     let mut batch = Vec::with_capacity(256);
     while pending.recv_many(&mut batch, 256).await > 0 {
         let unblocks = batch.iter().any(|c| c.ordered && c.state.is_final());
         for attempt in 0..5u32 {
             match store.complete_attempts(&batch).await {
-                Ok(0) => break,
-                Ok(lost) => {
-                    tracing::warn!(
-                        lost,
-                        "attempt results dropped: their lease had expired and another worker owns them"
-                    );
+                Ok(report) => {
+                    if report.lost > 0 {
+                        tracing::warn!(
+                            lost = report.lost,
+                            "attempt results dropped: their lease had expired and another worker owns them"
+                        );
+                    }
+                    if report.endpoints_changed {
+                        status_changed.notify_one();
+                        let _ = store.notify_status().await;
+                    }
                     break;
                 }
                 Err(e) if attempt < 4 => {

@@ -1,36 +1,115 @@
-//! Group commit of ingested events.
+//! The ingest use case: validated events in, fan-out decided, committed by a group commit,
+//! and an answer per event.
 //!
-//! HTTP handlers hand their validated request to the [`Ingestor`] and wait; writer tasks
-//! take every request that is waiting (up to `maxCommitEvents` events), write them in one
-//! transaction, and only after the commit answer each handler. Durability costs one fsync
-//! per batch instead of one per request, so throughput grows with concurrency.
-//!
-//! Invariants: a handler is answered `Ok` only after its events are committed; the queue
-//! is bounded (a full queue answers [`IngestError::Overloaded`] at once, memory never
-//! grows with load); one bad request cannot fail the others of its batch.
+//! HTTP handlers parse, validate and authorize, then hand an [`IngestRequest`] to the
+//! [`Ingestor`] and wait. Fan-out is decided here, by the catalog in force; the writer
+//! (see [`writer`]) commits it only if the stored resources are still at the revision it
+//! was decided by, and decides it again otherwise. Invariants:
+//! - a request is answered `Ok` only after its events are committed;
+//! - an event accepted after an apply returned (by any process) fans out by what that
+//!   apply wrote (read-your-writes through the resource revision);
+//! - where fan-out could not decide for an endpoint, the answer says so; nothing is left
+//!   out silently.
+
+mod writer;
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Mutex, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::task::TaskTracker;
 
+use crate::catalog::{Catalog, CatalogHandle, EventView, FanOutError};
 use crate::config::IngestConfig;
-use crate::store::{IngestRequest, RequestOutcome, Store, StoreError};
+use crate::ids::DeliveryId;
+use crate::store::{IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError};
 
 /// Why a request was not written.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("ingest queue is full")]
     Overloaded,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the resources kept changing while the events were being stored")]
+    ResourcesChanging,
     #[error("could not store the events")]
     Store(#[source] Arc<StoreError>),
 }
 
+/// What a committed request did.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub outcome: RequestOutcome,
+    /// Per event of the request, in order: its fan-out as written. Meaningful for the
+    /// events this request wrote; duplicates keep the original's deliveries.
+    pub fan_out: Vec<EventFanOut>,
+}
+
+/// The fan-out of one event as committed.
+#[derive(Clone, Debug, Default)]
+pub struct EventFanOut {
+    pub deliveries: Vec<NewDelivery>,
+    /// Endpoints where fan-out could not decide (skipped, or sent in the `(no key)` lane).
+    pub errors: Vec<FanOutError>,
+}
+
+/// A request waiting for the writer, with the fan-out decided for it.
 struct Job {
     request: IngestRequest,
-    reply: oneshot::Sender<Result<RequestOutcome, IngestError>>,
+    fan_out: FannedOut,
+}
+
+/// What the writer keeps of a job beside its request: how its fan-out was decided, and
+/// whom to answer.
+struct FannedOut {
+    /// Per event, where fan-out could not decide.
+    errors: Vec<Vec<FanOutError>>,
+    /// The resource revision the fan-out was decided by.
+    revision: Option<i64>,
+    reply: oneshot::Sender<Result<Accepted, IngestError>>,
+}
+
+impl FannedOut {
+    /// Decides the fan-out of every event of `request` by `catalog`.
+    fn decide(&mut self, catalog: &Catalog, request: &mut IngestRequest) {
+        self.errors = request.events.iter_mut().map(|event| fan_out(catalog, event)).collect();
+        self.revision = catalog.revision;
+    }
+
+    /// Answers the handler with what was written.
+    fn answer(self, request: &IngestRequest, outcome: Result<RequestOutcome, IngestError>) {
+        let answer = outcome.map(|outcome| {
+            let fan_out = request
+                .events
+                .iter()
+                .zip(self.errors)
+                .map(|(event, errors)| EventFanOut { deliveries: event.deliveries.clone(), errors })
+                .collect();
+            Accepted { outcome, fan_out }
+        });
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Sets `event.deliveries` to the endpoints it fans out to; returns where that failed.
+fn fan_out(catalog: &Catalog, event: &mut NewEvent) -> Vec<FanOutError> {
+    let time = event.time.map(|t| t.to_rfc3339());
+    let view = EventView {
+        id: event.id.as_str(),
+        namespace: &event.namespace,
+        source: &event.source,
+        event_type: &event.event_type,
+        subject: event.subject.as_deref(),
+        time,
+        data: &event.data,
+    };
+    let result = catalog.fan_out(&view);
+    event.deliveries = result
+        .deliveries
+        .into_iter()
+        .map(|f| NewDelivery { id: DeliveryId::generate(), endpoint: f.endpoint, ordering_key: f.ordering_key })
+        .collect();
+    result.errors
 }
 
 /// The handle handlers submit through. Cheap to clone; the writers stop once every
@@ -38,98 +117,33 @@ struct Job {
 #[derive(Clone)]
 pub struct Ingestor {
     queue: mpsc::Sender<Job>,
-}
-
-struct Queue {
-    receiver: mpsc::Receiver<Job>,
-    /// A job taken from the channel that did not fit the previous batch.
-    carried: Option<Job>,
+    catalog: CatalogHandle,
 }
 
 impl Ingestor {
-    /// Starts the writer tasks on `tracker`.
-    /// `wake` is signalled after a commit that created deliveries.
-    pub fn start(store: Store, config: &IngestConfig, tracker: &TaskTracker, wake: Arc<Notify>) -> Ingestor {
-        let (queue, receiver) = mpsc::channel(config.queue_capacity);
-        let shared = Arc::new(Mutex::new(Queue { receiver, carried: None }));
-        let writers = match (config.writers, store.backend()) {
-            (0, crate::store::Backend::Sqlite) => 1,
-            (0, crate::store::Backend::Postgres) => 2,
-            (n, _) => n,
-        };
-        for _ in 0..writers {
-            tracker.spawn(write_batches(store.clone(), shared.clone(), config.max_commit_events, wake.clone()));
-        }
-        Ingestor { queue }
+    /// Starts the writer tasks on `tracker`. `wake` is signalled after a commit that
+    /// created deliveries.
+    pub fn start(
+        store: Store,
+        catalog: CatalogHandle,
+        config: &IngestConfig,
+        tracker: &TaskTracker,
+        wake: Arc<Notify>,
+    ) -> Ingestor {
+        let queue = writer::start(store, catalog.clone(), config, tracker, wake);
+        Ingestor { queue, catalog }
     }
 
-    /// Queues `request` and waits until it is committed (or refused).
-    pub async fn submit(&self, request: IngestRequest) -> Result<RequestOutcome, IngestError> {
+    /// Decides the fan-out of `request`, queues it, and waits until it is committed (or
+    /// refused).
+    pub async fn submit(&self, request: IngestRequest) -> Result<Accepted, IngestError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.try_send(Job { request, reply }).map_err(|e| match e {
+        let mut job = Job { request, fan_out: FannedOut { errors: Vec::new(), revision: None, reply } };
+        job.fan_out.decide(&self.catalog.current(), &mut job.request);
+        self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => IngestError::ShuttingDown,
         })?;
         answer.await.unwrap_or(Err(IngestError::ShuttingDown))
-    }
-}
-
-async fn write_batches(store: Store, queue: Arc<Mutex<Queue>>, max_events: usize, wake: Arc<Notify>) {
-    while let Some(batch) = next_batch(&queue, max_events).await {
-        let fanned_out = batch.iter().any(|j| j.request.events.iter().any(|e| !e.deliveries.is_empty()));
-        commit(&store, batch).await;
-        // Other processes were notified by the commit itself (see `Store::accept_events`).
-        if fanned_out {
-            wake.notify_one();
-        }
-    }
-}
-
-/// Takes what is waiting, up to `max_events` events; waits only when nothing is.
-async fn next_batch(queue: &Mutex<Queue>, max_events: usize) -> Option<Vec<Job>> {
-    let mut queue = queue.lock().await;
-    let first = match queue.carried.take() {
-        Some(job) => job,
-        None => queue.receiver.recv().await?,
-    };
-    let mut events = first.request.events.len();
-    let mut batch = vec![first];
-    while let Ok(job) = queue.receiver.try_recv() {
-        if events + job.request.events.len() > max_events {
-            queue.carried = Some(job);
-            break;
-        }
-        events += job.request.events.len();
-        batch.push(job);
-    }
-    Some(batch)
-}
-
-async fn commit(store: &Store, batch: Vec<Job>) {
-    let (requests, replies): (Vec<IngestRequest>, Vec<_>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
-    match store.accept_events(&requests).await {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-        Err(error) if requests.len() > 1 => {
-            // Commit each request alone, so a request the database refuses fails by itself.
-            tracing::warn!(error = %error, requests = requests.len(), "group commit failed; committing requests one by one");
-            for (request, reply) in requests.iter().zip(replies) {
-                let result = store
-                    .accept_events(std::slice::from_ref(request))
-                    .await
-                    .map(|mut outcomes| outcomes.remove(0))
-                    .map_err(|e| IngestError::Store(Arc::new(e)));
-                let _ = reply.send(result);
-            }
-        }
-        Err(error) => {
-            let error = Arc::new(error);
-            for reply in replies {
-                let _ = reply.send(Err(IngestError::Store(error.clone())));
-            }
-        }
     }
 }

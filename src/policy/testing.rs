@@ -127,7 +127,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
             })
         })
         .collect();
-    errors.extend(validate(&resources, &endpoints, Checks { allow_private_urls: true, read_secret_sources: false }));
+    errors.extend(validate(&resources, &endpoints, Checks { allow_private_urls: true }));
     if !errors.is_empty() {
         return Err(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
     }

@@ -3,7 +3,8 @@
 //! Every problem is reported, each naming its file, document and field path. What needs
 //! no database (ranges, names, CEL, references within the applied set) runs the same in
 //! `hookwarden validate` and on the server; the server adds the resources already stored
-//! to the set references may resolve to, and checks that secret sources can be read.
+//! to the set references may resolve to. Secret sources are checked for their form only:
+//! whether one can be read is learnt by the catalog and shown in the endpoint's status.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -24,8 +25,6 @@ pub const POLICY_VARIABLES: &[&str] = &["event", "endpoint", "agent", "spend", "
 pub struct Checks {
     /// Accept endpoint URLs on loopback, private and link-local addresses.
     pub allow_private_urls: bool,
-    /// Read `valueFrom` secret sources (only the server can: they are its environment).
-    pub read_secret_sources: bool,
 }
 
 /// Validates `resources`; references may resolve to them or to `stored`.
@@ -225,38 +224,20 @@ impl Validator<'_> {
                     self.error(&format!("{path}.value"), message);
                 }
             }
+            // Only the form: whether a source can be read is the catalog's to learn (and
+            // to report in the endpoint's status), not an apply's.
             (None, Some(from)) => match (&from.env, &from.file) {
                 (Some(var), None) => {
-                    if self.checks.read_secret_sources {
-                        match std::env::var(var) {
-                            Ok(value) => {
-                                if let Err(message) = check_whsec(&value) {
-                                    self.error(
-                                        &format!("{path}.valueFrom.env"),
-                                        format!("environment variable `{var}`: {message}"),
-                                    );
-                                }
-                            }
-                            Err(_) => self.error(
-                                &format!("{path}.valueFrom.env"),
-                                format!("environment variable `{var}` is not set on the server"),
-                            ),
-                        }
+                    if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        self.error(
+                            &format!("{path}.valueFrom.env"),
+                            "must be an environment variable name: letters, digits and '_'",
+                        );
                     }
                 }
                 (None, Some(file)) => {
-                    if self.checks.read_secret_sources {
-                        match std::fs::read_to_string(file) {
-                            Ok(value) => {
-                                if let Err(message) = check_whsec(value.trim()) {
-                                    self.error(&format!("{path}.valueFrom.file"), format!("file `{file}`: {message}"));
-                                }
-                            }
-                            Err(e) => self.error(
-                                &format!("{path}.valueFrom.file"),
-                                format!("cannot read `{file}` on the server: {e}"),
-                            ),
-                        }
+                    if file.is_empty() || file.contains('\0') {
+                        self.error(&format!("{path}.valueFrom.file"), "must be a file path");
                     }
                 }
                 _ => self.error(&format!("{path}.valueFrom"), "must have exactly one of `env` or `file`"),

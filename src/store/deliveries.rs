@@ -180,6 +180,15 @@ pub struct DeliveryQuery {
     pub limit: u32,
 }
 
+/// What writing a batch of completions did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompletionReport {
+    /// Completions dropped because their lease had expired and another worker owns them.
+    pub lost: u64,
+    /// An endpoint's breaker opened or a 410 disabled it: its status changed.
+    pub endpoints_changed: bool,
+}
+
 /// What the engine knows of an endpoint at run time.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EndpointState {
@@ -564,7 +573,8 @@ macro_rules! delivery_methods {
                 Ok(released)
             }
 
-            /// Writes attempt results whose lease is still held; returns how many leases were lost.
+            /// Writes attempt results whose lease is still held; says how many leases were
+            /// lost and whether an endpoint's breaker opened or it was disabled.
             ///
             /// One transaction of set-sized statements per batch, whatever its size: the
             /// deliveries and their attempts, spend reservations, one health update per
@@ -574,17 +584,18 @@ macro_rules! delivery_methods {
             pub(super) async fn complete_attempts(
                 &self,
                 completions: &[$crate::store::deliveries::Completion],
-            ) -> Result<u64, $crate::store::StoreError> {
-                use $crate::store::deliveries::{completion_audit_records, health_deltas};
+            ) -> Result<$crate::store::deliveries::CompletionReport, $crate::store::StoreError> {
+                use $crate::store::deliveries::{completion_audit_records, health_deltas, CompletionReport};
                 let now = chrono::Utc::now();
                 let mut tx = self.write_pool().begin().await?;
                 let applied = Self::write_completions_in(&mut tx, completions, now).await?;
                 let kept: Vec<&$crate::store::deliveries::Completion> =
                     completions.iter().zip(&applied).filter(|(_, applied)| **applied).map(|(c, _)| c).collect();
                 let lost = (completions.len() - kept.len()) as u64;
+                let mut report = CompletionReport { lost, endpoints_changed: false };
                 if kept.is_empty() {
                     tx.commit().await?;
-                    return Ok(lost);
+                    return Ok(report);
                 }
                 let settled: Vec<(&str, &'static str)> = kept
                     .iter()
@@ -621,6 +632,7 @@ macro_rules! delivery_methods {
                     .await?;
                     if let Some(until) = open_until.filter(|until| *until > now) {
                         Self::park_in(&mut tx, delta.namespace, delta.endpoint, until).await?;
+                        report.endpoints_changed = true;
                     }
                 }
                 for c in &kept {
@@ -636,6 +648,7 @@ macro_rules! delivery_methods {
                         .await?;
                         let until = $crate::store::deliveries::disabled_until(now);
                         Self::park_in(&mut tx, &c.namespace, &c.endpoint, until).await?;
+                        report.endpoints_changed = true;
                     }
                 }
                 let records: Vec<$crate::audit::NewAuditRecord> =
@@ -644,7 +657,7 @@ macro_rules! delivery_methods {
                     Self::append_audit_in(&mut tx, &records).await?;
                 }
                 tx.commit().await?;
-                Ok(lost)
+                Ok(report)
             }
 
             pub(super) async fn get_delivery(
@@ -774,30 +787,120 @@ macro_rules! delivery_methods {
                     .unwrap_or_default())
             }
 
-            /// Re-enables an endpoint disabled (by a 410) at an older generation.
-            pub(super) async fn enable_endpoint_if_changed(
+            /// Enables an endpoint again and makes its waiting deliveries due `now`. With
+            /// `older_than` (an apply that changed its spec), only an endpoint a 410 disabled
+            /// at an older generation; without it (an operator's explicit enable), also an
+            /// open breaker and a run of failures are cleared. True when anything changed.
+            pub(super) async fn enable_in(
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                namespace: &str,
+                endpoint: &str,
+                older_than: Option<i64>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let clear = "UPDATE endpoint_state SET disabled_reason = NULL, disabled_generation = NULL, \
+                     consecutive_failures = 0, breaker_open_until = NULL WHERE namespace = ? AND name = ? AND ";
+                let updated = match older_than {
+                    Some(generation) => {
+                        sqlx::query(&$sql(&format!("{clear}disabled_generation < ?")))
+                            .bind(namespace)
+                            .bind(endpoint)
+                            .bind(generation)
+                            .execute(&mut **tx)
+                            .await?
+                    }
+                    None => {
+                        sqlx::query(&$sql(&format!(
+                            "{clear}(disabled_reason IS NOT NULL OR breaker_open_until IS NOT NULL OR consecutive_failures > 0)"
+                        )))
+                        .bind(namespace)
+                        .bind(endpoint)
+                        .execute(&mut **tx)
+                        .await?
+                    }
+                }
+                .rows_affected();
+                if updated == 1 {
+                    // What waited while it was disabled (or its breaker open) goes out now.
+                    Self::resume_in(tx, namespace, endpoint, now).await?;
+                }
+                Ok(updated == 1)
+            }
+
+            /// An operator's explicit enable (audited as `actor`): see [`Self::enable_in`].
+            /// Returns the state it was in before, when it was not sendable.
+            pub(super) async fn enable_endpoint(
                 &self,
                 namespace: &str,
                 name: &str,
-                generation: i64,
-            ) -> Result<bool, $crate::store::StoreError> {
+                actor: &str,
+            ) -> Result<Option<$crate::store::deliveries::EndpointState>, $crate::store::StoreError> {
+                let now = chrono::Utc::now();
+                let before = self.endpoint_state(namespace, name).await?;
                 let mut tx = self.write_pool().begin().await?;
-                let updated = sqlx::query(&$sql(
-                    "UPDATE endpoint_state SET disabled_reason = NULL, disabled_generation = NULL, consecutive_failures = 0, \
-                     breaker_open_until = NULL WHERE namespace = ? AND name = ? AND disabled_generation < ?",
-                ))
-                .bind(namespace)
-                .bind(name)
-                .bind(generation)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated == 1 {
-                    // What waited while it was disabled goes out now.
-                    Self::resume_in(&mut tx, namespace, name, chrono::Utc::now()).await?;
+                if !Self::enable_in(&mut tx, namespace, name, None, now).await? {
+                    tx.rollback().await?;
+                    return Ok(None);
                 }
+                let record = $crate::audit::NewAuditRecord::new(
+                    actor,
+                    "endpoint.enabled",
+                    namespace,
+                    format!("Endpoint/{namespace}/{name}"),
+                    serde_json::json!({"reason": "enabled by an operator", "disabledReason": before.disabled_reason,
+                        "breakerOpenUntil": before.breaker_open_until, "consecutiveFailures": before.consecutive_failures}),
+                );
+                Self::append_audit_in(&mut tx, &[record]).await?;
                 tx.commit().await?;
-                Ok(updated == 1)
+                Ok(Some(before))
+            }
+
+            /// Makes an endpoint's waiting deliveries due now (it became sendable again in
+            /// this process, e.g. its secret can be read now); returns how many.
+            pub(super) async fn resume_endpoint(&self, namespace: &str, name: &str) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.write_pool().begin().await?;
+                let resumed = Self::resume_in(&mut tx, namespace, name, chrono::Utc::now()).await?;
+                tx.commit().await?;
+                Ok(resumed)
+            }
+
+            /// The run-time state of every endpoint that has any, by `(namespace, name)`.
+            pub(super) async fn list_endpoint_states(
+                &self,
+            ) -> Result<Vec<(String, String, $crate::store::deliveries::EndpointState)>, $crate::store::StoreError> {
+                let rows: Vec<(String, String, i32, Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>, Option<String>, Option<i64>)> =
+                    sqlx::query_as(
+                        "SELECT namespace, name, consecutive_failures, breaker_open_until, last_success_at, disabled_reason, \
+                         disabled_generation FROM endpoint_state ORDER BY namespace, name",
+                    )
+                    .fetch_all(self.read_pool())
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(namespace, name, failures, open_until, last_success, reason, generation)| {
+                        let state = $crate::store::deliveries::EndpointState {
+                            consecutive_failures: failures.max(0) as u32,
+                            breaker_open_until: open_until,
+                            last_success_at: last_success,
+                            disabled_reason: reason,
+                            disabled_generation: generation,
+                        };
+                        (namespace, name, state)
+                    })
+                    .collect())
+            }
+
+            /// Deliveries waiting to be sent (pending or retrying) per endpoint:
+            /// `(namespace, endpoint, count, oldest created_at)`.
+            pub(super) async fn waiting_by_endpoint(
+                &self,
+            ) -> Result<Vec<(String, String, i64, chrono::DateTime<chrono::Utc>)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT namespace, endpoint, COUNT(*), MIN(created_at) FROM deliveries \
+                     WHERE state IN ('pending', 'retrying') GROUP BY namespace, endpoint",
+                )
+                .fetch_all(self.read_pool())
+                .await?)
             }
 
             pub(super) async fn attempt_stats(

@@ -47,6 +47,16 @@ pub enum RequestOutcome {
     KeyReused,
 }
 
+/// The result of a group commit whose fan-out was decided by a known resource revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Written: what happened to each request, in order.
+    Written(Vec<RequestOutcome>),
+    /// Nothing written: the resources in force moved past the revision the fan-out was
+    /// decided by. Decide it again by `revision` and retry.
+    Stale { revision: i64 },
+}
+
 /// `(namespace, source, external_id)`: the CloudEvents identity of an event.
 pub(crate) type Identity = (String, String, String);
 
@@ -75,6 +85,8 @@ pub(crate) trait IngestTx {
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError>;
     /// Binds each claimed key to the result of its request.
     async fn record_keys(&mut self, results: &[(&IdempotencyKey, Vec<EventId>)]) -> Result<(), StoreError>;
+    /// The revision of the resources in force, as this transaction sees it.
+    async fn resource_revision(&mut self) -> Result<i64, StoreError>;
 }
 
 enum Plan {
@@ -86,11 +98,26 @@ enum Plan {
     KeyReused,
 }
 
-/// Runs the whole ingest decision inside `tx`; the caller commits.
+/// Runs the whole ingest decision inside `tx`; the caller commits what is `Written`.
+///
+/// With `fanned_out_at`, nothing is written unless the resources in force are still at
+/// that revision: read inside this transaction, so an apply committed before it began is
+/// always seen (read-your-writes across processes).
 pub(crate) async fn accept_in<T: IngestTx>(
     tx: &mut T,
     requests: &[IngestRequest],
-) -> Result<Vec<RequestOutcome>, StoreError> {
+    fanned_out_at: Option<i64>,
+) -> Result<Committed, StoreError> {
+    if let Some(expected) = fanned_out_at {
+        let revision = tx.resource_revision().await?;
+        if revision != expected {
+            return Ok(Committed::Stale { revision });
+        }
+    }
+    write_in(tx, requests).await.map(Committed::Written)
+}
+
+async fn write_in<T: IngestTx>(tx: &mut T, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
     // 1. Idempotency keys: claim new ones (sorted, so concurrent writers lock in one order).
     let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
     let mut to_claim: Vec<&IdempotencyKey> = Vec::new();

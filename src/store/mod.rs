@@ -23,11 +23,11 @@ use serde::Serialize;
 use crate::ids::EventId;
 
 pub use deliveries::{
-    Attempt, AttemptStats, ClaimedDelivery, Completion, DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState,
-    NewDelivery,
+    Attempt, AttemptStats, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery, DeliveryRecord, DeliveryState,
+    EndpointState, NewDelivery,
 };
-pub use ingest::{EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
-pub use postgres::{PgStore, WorkListener};
+pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
+pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
 
@@ -166,8 +166,21 @@ impl Store {
     /// Writes the events of many ingest requests in one transaction (a group commit) and
     /// says, per request, what happened. Duplicates and replays write nothing. On
     /// PostgreSQL, a commit that created deliveries notifies other processes' workers.
+    ///
+    /// The fan-out was decided by the resources at `fanned_out_at` (see
+    /// [`Store::resource_revision`]); when they moved on meanwhile, nothing is written and
+    /// the answer is [`Committed::Stale`].
+    pub async fn commit_events(&self, requests: &[IngestRequest], fanned_out_at: i64) -> Result<Committed, StoreError> {
+        dispatch!(self, s => s.accept_events(requests, Some(fanned_out_at)).await)
+    }
+
+    /// [`Store::commit_events`] for requests whose fan-out does not depend on the stored
+    /// resources (written as given, whatever the revision): tests and tools.
     pub async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
-        dispatch!(self, s => s.accept_events(requests).await)
+        match dispatch!(self, s => s.accept_events(requests, None).await)? {
+            Committed::Written(outcomes) => Ok(outcomes),
+            Committed::Stale { .. } => unreachable!("an unchecked commit is never stale"),
+        }
     }
 
     pub async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
@@ -202,8 +215,17 @@ impl Store {
         }
     }
 
-    /// On PostgreSQL, a listener for other processes' [`Store::notify_work`] and ingest
-    /// commits; `None` on SQLite.
+    /// Wakes the status reconciler of the leading process (PostgreSQL `NOTIFY`); on the
+    /// embedded database the in-process signal is enough and this does nothing.
+    pub async fn notify_status(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.notify_status().await,
+        }
+    }
+
+    /// On PostgreSQL, a listener for other processes' [`Store::notify_work`],
+    /// [`Store::notify_status`] and ingest commits; `None` on SQLite.
     pub async fn listen_for_work(&self) -> Result<Option<WorkListener>, StoreError> {
         match self {
             Store::Sqlite(_) => Ok(None),
@@ -281,8 +303,8 @@ impl Store {
         dispatch!(self, s => s.release_deliveries(claims, at).await)
     }
 
-    /// Writes attempt results guarded by their lease; returns how many leases were lost.
-    pub async fn complete_attempts(&self, completions: &[Completion]) -> Result<u64, StoreError> {
+    /// Writes attempt results guarded by their lease; see [`CompletionReport`].
+    pub async fn complete_attempts(&self, completions: &[Completion]) -> Result<CompletionReport, StoreError> {
         dispatch!(self, s => s.complete_attempts(completions).await)
     }
 
@@ -314,15 +336,38 @@ impl Store {
         dispatch!(self, s => s.endpoint_state(namespace, name).await)
     }
 
-    /// Re-enables an endpoint disabled (by a 410) at a generation older than `generation`,
-    /// and makes its waiting deliveries due now; true when it was disabled.
-    pub async fn enable_endpoint_if_changed(
+    /// An operator's explicit enable (audited as `actor`): clears a 410's disabling, an
+    /// open breaker and the failure count, and makes the waiting deliveries due now. Returns
+    /// the state before, or `None` when the endpoint was sendable already (nothing written).
+    pub async fn enable_endpoint(
         &self,
         namespace: &str,
         name: &str,
-        generation: i64,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.enable_endpoint_if_changed(namespace, name, generation).await)
+        actor: &str,
+    ) -> Result<Option<EndpointState>, StoreError> {
+        dispatch!(self, s => s.enable_endpoint(namespace, name, actor).await)
+    }
+
+    /// Makes an endpoint's waiting deliveries due now; returns how many.
+    pub async fn resume_endpoint(&self, namespace: &str, name: &str) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.resume_endpoint(namespace, name).await)
+    }
+
+    /// The run-time state of every endpoint that has any.
+    pub async fn list_endpoint_states(&self) -> Result<Vec<(String, String, EndpointState)>, StoreError> {
+        dispatch!(self, s => s.list_endpoint_states().await)
+    }
+
+    /// Waiting (pending or retrying) deliveries per endpoint: `(namespace, endpoint, count,
+    /// oldest created_at)`.
+    pub async fn waiting_by_endpoint(&self) -> Result<Vec<(String, String, i64, DateTime<Utc>)>, StoreError> {
+        dispatch!(self, s => s.waiting_by_endpoint().await)
+    }
+
+    /// The revision of the resources in force; every apply, prune or delete that changed
+    /// anything moves it.
+    pub async fn resource_revision(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.resource_revision().await)
     }
 
     pub async fn attempt_stats(

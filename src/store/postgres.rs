@@ -13,10 +13,10 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use super::ingest::{accept_in, decode_ids, encode_ids, ExistingKey, Identity, IngestTx};
+use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
 use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome,
-    StoreError, StoredEvent, EVENT_COLUMNS,
+    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
+    StoredEvent, EVENT_COLUMNS,
 };
 use crate::ids::EventId;
 
@@ -34,8 +34,19 @@ pub struct PgStore {
 
 /// The notification channel that wakes idle delivery workers.
 const WORK_CHANNEL: &str = "hookwarden_work";
+/// The notification channel that wakes the leader's status reconciler.
+const STATUS_CHANNEL: &str = "hookwarden_status";
 
-/// Work notifications from other processes.
+/// What another process signalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Deliveries became due.
+    Work,
+    /// Resources or endpoint state changed: status is due.
+    Status,
+}
+
+/// Notifications from other processes.
 pub struct WorkListener {
     listener: sqlx::postgres::PgListener,
     own: Arc<str>,
@@ -43,10 +54,11 @@ pub struct WorkListener {
 
 impl WorkListener {
     /// Waits for the next notification another process sent.
-    pub async fn recv(&mut self) -> Result<(), StoreError> {
+    pub async fn recv(&mut self) -> Result<Notice, StoreError> {
         loop {
-            if self.listener.recv().await?.payload() != &*self.own {
-                return Ok(());
+            let notification = self.listener.recv().await?;
+            if notification.payload() != &*self.own {
+                return Ok(if notification.channel() == STATUS_CHANNEL { Notice::Status } else { Notice::Work });
             }
         }
     }
@@ -90,11 +102,17 @@ impl PgStore {
         Ok(())
     }
 
+    /// Tells the leader, wherever it runs, that resources or endpoint state changed.
+    pub(super) async fn notify_status(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)").bind(STATUS_CHANNEL).bind(&*self.instance).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// A listener woken by [`Self::notify_work`] (and by ingest commits that fanned out)
-    /// from every other process.
+    /// and [`Self::notify_status`] from every other process.
     pub(super) async fn listen_for_work(&self) -> Result<WorkListener, StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(WORK_CHANNEL).await?;
+        listener.listen_all([WORK_CHANNEL, STATUS_CHANNEL]).await?;
         Ok(WorkListener { listener, own: self.instance.clone() })
     }
 
@@ -123,11 +141,18 @@ impl PgStore {
         check_migrated(found, &MIGRATOR)
     }
 
-    pub(super) async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
+    pub(super) async fn accept_events(
+        &self,
+        requests: &[IngestRequest],
+        fanned_out_at: Option<i64>,
+    ) -> Result<Committed, StoreError> {
         let mut tx = PgIngest(self.pool.begin().await?, &self.instance);
-        let outcomes = accept_in(&mut tx, requests).await?;
-        tx.0.commit().await?;
-        Ok(outcomes)
+        let committed = accept_in(&mut tx, requests, fanned_out_at).await?;
+        match committed {
+            Committed::Written(_) => tx.0.commit().await?,
+            Committed::Stale { .. } => tx.0.rollback().await?,
+        }
+        Ok(committed)
     }
 
     pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
@@ -319,6 +344,10 @@ impl IngestTx for PgIngest<'_> {
         .execute(&mut *self.0)
         .await?;
         Ok(())
+    }
+
+    async fn resource_revision(&mut self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1").fetch_one(&mut *self.0).await?)
     }
 }
 

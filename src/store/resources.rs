@@ -59,6 +59,9 @@ pub struct ApplyOutcome {
     pub generation: i64,
     /// The stored resource before the apply, if there was one.
     pub previous: Option<StoredResource>,
+    /// An Endpoint disabled by a 410 whose spec this apply changed: enabled again, its
+    /// waiting deliveries due now.
+    pub reenabled: bool,
 }
 
 /// One atomic apply.
@@ -236,7 +239,11 @@ macro_rules! resource_methods {
                         }
                         ApplyAction::Unchanged | ApplyAction::Pruned => {}
                     }
-                    outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous });
+                    let reenabled = action == ApplyAction::Configured
+                        && key.kind == $crate::resources::Kind::Endpoint
+                        && previous.as_ref().is_some_and(|p| p.generation < generation)
+                        && Self::enable_in(&mut tx, &key.namespace, &key.name, Some(generation), now).await?;
+                    outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous, reenabled });
                 }
                 if let (true, Some(set)) = (request.prune, applyset) {
                     let rows: Vec<ResourceRow> = sqlx::query_as(&$sql(concat!(
@@ -263,6 +270,7 @@ macro_rules! resource_methods {
                             action: ApplyAction::Pruned,
                             generation: stored.generation,
                             previous: Some(stored),
+                            reenabled: false,
                         });
                     }
                 }
@@ -270,7 +278,7 @@ macro_rules! resource_methods {
                     tx.rollback().await?;
                     return Ok(outcomes);
                 }
-                let records: Vec<$crate::audit::NewAuditRecord> = outcomes
+                let mut records: Vec<$crate::audit::NewAuditRecord> = outcomes
                     .iter()
                     .filter(|o| o.action != ApplyAction::Unchanged)
                     .map(|o| {
@@ -289,11 +297,37 @@ macro_rules! resource_methods {
                         )
                     })
                     .collect();
+                records.extend(outcomes.iter().filter(|o| o.reenabled).map(|o| {
+                    $crate::audit::NewAuditRecord::new(
+                        if request.actor.is_empty() { "system" } else { &request.actor },
+                        "endpoint.enabled",
+                        &o.key.namespace,
+                        o.key.to_string(),
+                        serde_json::json!({"reason": "its spec changed since it was disabled", "generation": o.generation}),
+                    )
+                }));
                 if !records.is_empty() {
+                    Self::bump_resource_revision_in(&mut tx).await?;
                     Self::append_audit_in(&mut tx, &records).await?;
                 }
                 tx.commit().await?;
                 Ok(outcomes)
+            }
+
+            /// Marks a change of the resources in force (see the `resource_revision` table).
+            async fn bump_resource_revision_in(
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query("UPDATE resource_revision SET revision = revision + 1 WHERE id = 1").execute(&mut **tx).await?;
+                Ok(())
+            }
+
+            /// The revision of the resources in force: it changes with every apply, prune
+            /// or delete that changed anything.
+            pub(super) async fn resource_revision(&self) -> Result<i64, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1")
+                    .fetch_one(self.read_pool())
+                    .await?)
             }
 
             pub(super) async fn get_resource(
@@ -364,6 +398,7 @@ macro_rules! resource_methods {
                     key.to_string(),
                     serde_json::json!({"kind": key.kind.as_str(), "name": key.name, "generation": deleted.generation}),
                 );
+                Self::bump_resource_revision_in(&mut tx).await?;
                 Self::append_audit_in(&mut tx, &[record]).await?;
                 tx.commit().await?;
                 Ok(Some(deleted))

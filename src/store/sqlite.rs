@@ -13,10 +13,10 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, Transaction};
 
-use super::ingest::{accept_in, decode_ids, encode_ids, ExistingKey, Identity, IngestTx};
+use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
 use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome,
-    StoreError, StoredEvent, EVENT_COLUMNS,
+    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
+    StoredEvent, EVENT_COLUMNS,
 };
 use crate::ids::EventId;
 
@@ -79,11 +79,18 @@ impl SqliteStore {
         check_migrated(found, &MIGRATOR)
     }
 
-    pub(super) async fn accept_events(&self, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
+    pub(super) async fn accept_events(
+        &self,
+        requests: &[IngestRequest],
+        fanned_out_at: Option<i64>,
+    ) -> Result<Committed, StoreError> {
         let mut tx = SqliteIngest(self.write.begin().await?);
-        let outcomes = accept_in(&mut tx, requests).await?;
-        tx.0.commit().await?;
-        Ok(outcomes)
+        let committed = accept_in(&mut tx, requests, fanned_out_at).await?;
+        match committed {
+            Committed::Written(_) => tx.0.commit().await?,
+            Committed::Stale { .. } => tx.0.rollback().await?,
+        }
+        Ok(committed)
     }
 
     pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
@@ -241,6 +248,10 @@ impl IngestTx for SqliteIngest {
                 .await?;
         }
         Ok(())
+    }
+
+    async fn resource_revision(&mut self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1").fetch_one(&mut *self.0).await?)
     }
 }
 
