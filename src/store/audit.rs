@@ -117,7 +117,7 @@ macro_rules! audit_methods {
                 &self,
                 records: &[$crate::audit::NewAuditRecord],
             ) -> Result<Vec<$crate::audit::AuditRecord>, $crate::store::StoreError> {
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let sealed = Self::append_audit_in(&mut tx, records).await?;
                 tx.commit().await?;
                 Ok(sealed)

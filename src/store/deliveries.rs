@@ -472,7 +472,7 @@ macro_rules! delivery_methods {
                 .fetch_all(self.read_pool())
                 .await?;
                 let mut parked = 0;
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 for (namespace, endpoint, open_until, disabled) in blocked {
                     let until = match open_until {
                         _ if disabled => $crate::store::deliveries::disabled_until(now),
@@ -553,7 +553,7 @@ macro_rules! delivery_methods {
                 claims: &[(&$crate::ids::DeliveryId, &str)],
                 at: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut released = 0;
                 for (id, token) in claims {
                     released += sqlx::query(&$sql(
@@ -587,7 +587,7 @@ macro_rules! delivery_methods {
             ) -> Result<$crate::store::deliveries::CompletionReport, $crate::store::StoreError> {
                 use $crate::store::deliveries::{completion_audit_records, health_deltas, CompletionReport};
                 let now = chrono::Utc::now();
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let applied = Self::write_completions_in(&mut tx, completions, now).await?;
                 let kept: Vec<&$crate::store::deliveries::Completion> =
                     completions.iter().zip(&applied).filter(|(_, applied)| **applied).map(|(c, _)| c).collect();
@@ -734,7 +734,7 @@ macro_rules! delivery_methods {
                 actor: &str,
             ) -> Result<Vec<$crate::ids::DeliveryId>, $crate::store::StoreError> {
                 let now = chrono::Utc::now();
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut replayed = Vec::new();
                 for id in ids {
                     let updated = sqlx::query(&$sql(
@@ -837,7 +837,7 @@ macro_rules! delivery_methods {
             ) -> Result<Option<$crate::store::deliveries::EndpointState>, $crate::store::StoreError> {
                 let now = chrono::Utc::now();
                 let before = self.endpoint_state(namespace, name).await?;
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 if !Self::enable_in(&mut tx, namespace, name, None, now).await? {
                     tx.rollback().await?;
                     return Ok(None);
@@ -858,7 +858,7 @@ macro_rules! delivery_methods {
             /// Makes an endpoint's waiting deliveries due now (it became sendable again in
             /// this process, e.g. its secret can be read now); returns how many.
             pub(super) async fn resume_endpoint(&self, namespace: &str, name: &str) -> Result<u64, $crate::store::StoreError> {
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let resumed = Self::resume_in(&mut tx, namespace, name, chrono::Utc::now()).await?;
                 tx.commit().await?;
                 Ok(resumed)

@@ -142,7 +142,7 @@ macro_rules! policy_methods {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::policy::AllowResult, $crate::store::StoreError> {
                 use $crate::store::policy::AllowResult;
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut sorted: Vec<&$crate::store::policy::SpendReservation> = reservations.iter().collect();
                 sorted.sort_by(|a, b| (&a.rule, &a.key, &a.currency).cmp(&(&b.rule, &b.key, &b.currency)));
                 for r in sorted {
@@ -220,7 +220,7 @@ macro_rules! policy_methods {
                 approval: &$crate::store::policy::NewApproval,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let updated = sqlx::query(&$sql(
                     "UPDATE deliveries SET state = 'held', decision = ?, lease_token = NULL, lease_until = NULL, updated_at = ? \
                      WHERE id = ? AND lease_token = ?",
@@ -331,7 +331,7 @@ macro_rules! policy_methods {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::policy::VoteOutcome, $crate::store::StoreError> {
                 use $crate::store::policy::VoteOutcome;
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let row: Option<(String, String, i32, chrono::DateTime<chrono::Utc>, String, String)> = sqlx::query_as(&$sql(&format!(
                     "SELECT state, delivery_id, quorum, expires_at, on_expiry, namespace FROM approvals WHERE id = ?{}",
                     $row_lock
@@ -465,7 +465,7 @@ macro_rules! policy_methods {
                 .await?;
                 let mut expired = Vec::new();
                 for (id, delivery, on_expiry) in due {
-                    let mut tx = self.write_pool().begin().await?;
+                    let mut tx = self.begin_write().await?;
                     let still: Option<String> = sqlx::query_scalar(&$sql(&format!("SELECT state FROM approvals WHERE id = ?{}", $row_lock)))
                         .bind(&id)
                         .fetch_optional(&mut *tx)

@@ -120,6 +120,10 @@ impl PgStore {
         &self.pool
     }
 
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     fn read_pool(&self) -> &PgPool {
         &self.pool
     }
@@ -146,7 +150,7 @@ impl PgStore {
         requests: &[IngestRequest],
         fanned_out_at: Option<i64>,
     ) -> Result<Committed, StoreError> {
-        let mut tx = PgIngest(self.pool.begin().await?, &self.instance);
+        let mut tx = PgIngest(self.begin_write().await?, &self.instance);
         let committed = accept_in(&mut tx, requests, fanned_out_at).await?;
         match committed {
             Committed::Written(_) => tx.0.commit().await?,

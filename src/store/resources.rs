@@ -181,7 +181,7 @@ macro_rules! resource_methods {
                 use $crate::store::resources::{decide, json_text, ApplyAction, ApplyOutcome, ResourceRow, StoredResource};
                 let now = chrono::Utc::now();
                 let applyset = request.applyset.as_deref();
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut outcomes = Vec::with_capacity(request.resources.len());
                 for desired in &request.resources {
                     let key = &desired.key;
@@ -373,7 +373,7 @@ macro_rules! resource_methods {
                 actor: &str,
             ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
                 use $crate::store::resources::{ResourceRow, StoredResource};
-                let mut tx = self.write_pool().begin().await?;
+                let mut tx = self.begin_write().await?;
                 let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
                     "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
                     "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"

@@ -62,6 +62,13 @@ impl SqliteStore {
         &self.write
     }
 
+    /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`): one that
+    /// read first and wrote later would fail at once with `SQLITE_BUSY` when another
+    /// connection held the lock meanwhile, instead of waiting for it.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.write.begin_with("BEGIN IMMEDIATE").await
+    }
+
     fn read_pool(&self) -> &SqlitePool {
         &self.read
     }
@@ -84,7 +91,7 @@ impl SqliteStore {
         requests: &[IngestRequest],
         fanned_out_at: Option<i64>,
     ) -> Result<Committed, StoreError> {
-        let mut tx = SqliteIngest(self.write.begin().await?);
+        let mut tx = SqliteIngest(self.begin_write().await?);
         let committed = accept_in(&mut tx, requests, fanned_out_at).await?;
         match committed {
             Committed::Written(_) => tx.0.commit().await?,
