@@ -2,14 +2,13 @@
 //! secrets the catalog could not read yet, and what to do when an endpoint becomes
 //! sendable or stops being so.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Blocked, CatalogHandle};
+use super::{CatalogHandle, Transition};
 use crate::store::Store;
 
 /// How often the catalog looks for new resources and for secrets that appeared.
@@ -27,8 +26,6 @@ pub async fn follow(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    // What the catalog last looked at said of each endpoint.
-    let mut seen: HashMap<(String, String), Option<Blocked>> = HashMap::new();
     loop {
         if let Err(e) = catalog.refresh(&store).await {
             tracing::warn!(error = %e, "could not refresh the catalog");
@@ -36,39 +33,34 @@ pub async fn follow(
         if let Err(e) = catalog.recheck_secrets().await {
             tracing::warn!(error = %e, "could not read the endpoints' secrets again");
         }
-        let current = catalog.current();
-        let now: HashMap<(String, String), Option<Blocked>> =
-            current.endpoints().map(|e| ((e.namespace.clone(), e.name.clone()), e.blocked.clone())).collect();
-        let mut changed = false;
-        for ((namespace, name), blocked) in &now {
-            let before = seen.get(&(namespace.clone(), name.clone())).cloned().flatten();
-            if before == *blocked {
-                continue;
-            }
-            changed = true;
-            match blocked {
-                Some(b) => {
-                    tracing::warn!(endpoint = %name, %namespace, reason = b.reason.as_str(), problem = %b.message,
-                    "endpoint cannot be sent to; its deliveries wait until it can")
-                }
-                None if before.is_some() => {
-                    tracing::info!(endpoint = %name, %namespace, "endpoint can be sent to again; its waiting deliveries go out now");
-                    match store.resume_endpoint(namespace, name).await {
-                        Ok(_) => wake.notify_one(),
-                        Err(e) => tracing::warn!(error = %e, endpoint = %name, %namespace,
-                            "could not make the endpoint's waiting deliveries due; they go out at their next look"),
-                    }
-                }
-                None => {}
-            }
+        let transitions = catalog.take_transitions();
+        for t in &transitions {
+            act_on(&store, t, &wake).await;
         }
-        if changed {
+        if !transitions.is_empty() {
             status_changed.notify_one();
         }
-        seen = now;
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = catalog.transitioned() => {}
             _ = tokio::time::sleep(FOLLOW_PERIOD) => {}
+        }
+    }
+}
+
+/// Says what changed, once, and sends what waited for an endpoint that can be sent to now.
+async fn act_on(store: &Store, t: &Transition, wake: &Notify) {
+    let (namespace, name) = (&t.namespace, &t.name);
+    match &t.after {
+        Some(b) => tracing::warn!(endpoint = %name, %namespace, reason = b.reason.as_str(), problem = %b.message,
+            "endpoint cannot be sent to; its deliveries wait until it can"),
+        None => {
+            tracing::info!(endpoint = %name, %namespace, "endpoint can be sent to again; its waiting deliveries go out now");
+            match store.resume_endpoint(namespace, name).await {
+                Ok(_) => wake.notify_one(),
+                Err(e) => tracing::warn!(error = %e, endpoint = %name, %namespace,
+                    "could not make the endpoint's waiting deliveries due; they go out at their next look"),
+            }
         }
     }
 }

@@ -329,13 +329,35 @@ pub enum CatalogError {
     Build(String),
 }
 
-/// The catalog in force, shared by ingest, dispatch and the API; swapped whole.
+/// An endpoint whose sendability changed when a catalog was installed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub namespace: String,
+    pub name: String,
+    /// What blocked it before (`None`: it was sendable, or did not exist).
+    pub before: Option<Blocked>,
+    /// What blocks it now (`None`: it can be sent to).
+    pub after: Option<Blocked>,
+}
+
+#[derive(Default)]
+struct Shared {
+    current: RwLock<Arc<Catalog>>,
+    /// Transitions not yet acted on (see [`follow::follow`]).
+    transitions: std::sync::Mutex<Vec<Transition>>,
+    /// Signalled when `transitions` grew.
+    transitioned: tokio::sync::Notify,
+}
+
+/// The catalog in force, shared by ingest, dispatch and the API; swapped whole. Every
+/// swap records which endpoints became blocked or sendable, whoever made it, so that
+/// acting on it (the log line, sending what waited) never depends on when anyone looked.
 #[derive(Clone, Default)]
-pub struct CatalogHandle(Arc<RwLock<Arc<Catalog>>>);
+pub struct CatalogHandle(Arc<Shared>);
 
 impl CatalogHandle {
     pub fn current(&self) -> Arc<Catalog> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Rebuilds from the store when the stored resources moved past the catalog's
@@ -388,13 +410,41 @@ impl CatalogHandle {
         Ok(rechecked.is_some_and(|catalog| self.install(catalog)))
     }
 
-    /// Swaps `catalog` in unless one built from a newer revision is in force already.
+    /// Takes the transitions recorded since the last call.
+    pub fn take_transitions(&self) -> Vec<Transition> {
+        std::mem::take(&mut *self.0.transitions.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits until a swap recorded a transition.
+    pub async fn transitioned(&self) {
+        self.0.transitioned.notified().await
+    }
+
+    /// Swaps `catalog` in unless one built from a newer revision is in force already, and
+    /// records which endpoints' sendability it changes.
     fn install(&self, catalog: Catalog) -> bool {
-        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.0.current.write().unwrap_or_else(|p| p.into_inner());
         if slot.revision > catalog.revision {
             return false;
         }
+        let transitions: Vec<Transition> = catalog
+            .endpoints()
+            .filter_map(|e| {
+                let before = slot.endpoint(&e.namespace, &e.name).and_then(|old| old.blocked.clone());
+                (before != e.blocked).then(|| Transition {
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    before,
+                    after: e.blocked.clone(),
+                })
+            })
+            .collect();
         *slot = Arc::new(catalog);
+        drop(slot);
+        if !transitions.is_empty() {
+            self.0.transitions.lock().unwrap_or_else(|p| p.into_inner()).extend(transitions);
+            self.0.transitioned.notify_one();
+        }
         true
     }
 }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use super::admission::{Admission, Slot};
 use super::outcome::{decide, AttemptResult};
 use super::signing;
-use crate::catalog::{CatalogHandle, EndpointEntry, EventView};
+use crate::catalog::{Catalog, CatalogHandle, EndpointEntry, EventView};
 use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
@@ -185,10 +185,10 @@ impl Dispatcher {
             };
             drained = claimed.len() < free;
             let mut give_back = Vec::new();
+            let catalog = self.catalog.current();
             for delivery in claimed {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-                let endpoint = self.catalog.current().endpoint(&delivery.namespace, &delivery.endpoint);
-                match endpoint {
+                match catalog.endpoint(&delivery.namespace, &delivery.endpoint) {
                     Some(ep) if ep.spec.paused => give_back.push((delivery, PAUSED_RECHECK)),
                     // Not attempted, no attempt used: it waits until the endpoint can be sent to.
                     Some(ep) if ep.blocked.is_some() => give_back.push((delivery, BLOCKED_RECHECK)),
@@ -219,6 +219,33 @@ impl Dispatcher {
                 if let Err(e) = self.store.release_deliveries(&claims, at).await {
                     tracing::warn!(error = %e, count = claims.len(), "could not give deliveries back; their leases will expire");
                 }
+            }
+            self.resume_if_sendable_meanwhile(&catalog, &give_back).await;
+        }
+    }
+
+    /// Deliveries given back to wait (paused or blocked endpoints) by the catalog this
+    /// claim looked at: when a newer catalog can send to their endpoint, whoever installed
+    /// it may have resumed the endpoint before they were given back, so resume it again.
+    async fn resume_if_sendable_meanwhile(&self, looked_at: &Arc<Catalog>, given_back: &[(ClaimedDelivery, Duration)]) {
+        let current = self.catalog.current();
+        if Arc::ptr_eq(looked_at, &current) {
+            return;
+        }
+        let mut endpoints: Vec<(&str, &str)> = given_back
+            .iter()
+            .filter(|(_, after)| *after == PAUSED_RECHECK || *after == BLOCKED_RECHECK)
+            .map(|(d, _)| (d.namespace.as_str(), d.endpoint.as_str()))
+            .collect();
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        for (namespace, name) in endpoints {
+            let sendable = current.endpoint(namespace, name).is_some_and(|e| !e.spec.paused && e.blocked.is_none());
+            if sendable {
+                if let Err(e) = self.store.resume_endpoint(namespace, name).await {
+                    tracing::warn!(error = %e, endpoint = %name, %namespace, "could not resume an endpoint's deliveries");
+                }
+                self.wake.notify_one();
             }
         }
     }

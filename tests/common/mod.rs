@@ -241,6 +241,8 @@ pub async fn json_with_status(response: reqwest::Response, status: u16) -> serde
 pub struct Process {
     pub child: Child,
     pub base: String,
+    /// Every log line it wrote after "listening" (JSON), in order.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Process {
@@ -272,8 +274,23 @@ impl Process {
             }
         };
         // Keep draining the logs so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Process { child, base: format!("http://{addr}") }
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Process { child, base: format!("http://{addr}"), logs }
+    }
+
+    /// The log lines (JSON) whose `message` is `message`.
+    pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == message)
+            .collect()
     }
 
     pub fn kill(mut self) {
