@@ -104,15 +104,15 @@ pub fn audit_signer(config: &Config) -> anyhow::Result<CheckpointSigner> {
     }
 }
 
-/// The HS256 key: configured, or generated once into the data directory.
+/// The HS256 key: configured, or generated once into the data directory; with the
+/// configured leeway. For `serve` only: `hookwarden token` never generates a key.
 pub fn token_keys(config: &Config) -> anyhow::Result<TokenKeys> {
     if let Some(secret) = &config.jwt_secret {
-        return Ok(TokenKeys::new(secret));
+        return Ok(TokenKeys::new(secret).with_leeway(config.auth.jwt_leeway));
     }
-    let (secret, path) = load_or_create_key(&config.data_dir)
-        .with_context(|| format!("cannot read or create the token key in {}", config.data_dir.display()))?;
+    let (secret, path) = load_or_create_key(&config.data_dir)?;
     tracing::debug!(path = %path.display(), "token key");
-    Ok(TokenKeys::new(&secret))
+    Ok(TokenKeys::new(&secret).with_leeway(config.auth.jwt_leeway))
 }
 
 impl Server {
