@@ -3,6 +3,11 @@
 //! Tokens are HS256 JWTs with the documented claims `sub`, `roles`, `namespaces` and `exp`,
 //! so any standard JWT library can mint one. Every route names the role it needs and the
 //! namespace it touches; [`Principal::authorize`] checks both. `admin` holds every role.
+//!
+//! The HS256 key is configured (`HOOKWARDEN_JWT_SECRET`, or `jwtSecret` in the config
+//! file) or generated once into the data directory, by `serve` only: a tool that mints
+//! tokens reads an existing key ([`existing_key`]) and never invents one, because a token
+//! signed with a key no server holds is refused everywhere.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +15,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::config::{AuthConfig, Config, Secret};
 
 /// The roles a token can carry. Unknown role names in a token are ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -118,15 +123,22 @@ pub struct TokenKeys {
 }
 
 impl TokenKeys {
+    /// Keys for `secret`, accepting tokens up to the default `auth.jwtLeeway` past `exp`.
     pub fn new(secret: &Secret) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = AuthConfig::default().jwt_leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation,
         }
+    }
+
+    /// Accepts tokens up to `leeway` (whole seconds) past their `exp`, for clock drift.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.validation.leeway = leeway.as_secs();
+        self
     }
 
     /// Reads `Authorization: Bearer …` and verifies the token.
@@ -174,18 +186,111 @@ impl TokenKeys {
 /// Name of the generated key file inside the data directory.
 pub const KEY_FILE: &str = "jwt-secret";
 
+/// The shortest key accepted, from any source.
+const MIN_KEY_BYTES: usize = 32;
+
+/// Where the key that signs tokens came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `HOOKWARDEN_JWT_SECRET`.
+    Environment,
+    /// `jwtSecret` in this config file.
+    ConfigFile(PathBuf),
+    /// The key file `serve` generated in the data directory.
+    KeyFile(PathBuf),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Environment => f.write_str("the environment (HOOKWARDEN_JWT_SECRET)"),
+            KeySource::ConfigFile(path) => write!(f, "the config file {} (jwtSecret)", path.display()),
+            KeySource::KeyFile(path) => write!(f, "the key file {}", path.display()),
+        }
+    }
+}
+
+/// Why no usable key was found or made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "no token key: HOOKWARDEN_JWT_SECRET is not set, {config}, and there is no key file at {}. \
+         `hookwarden serve` generates that file when it first starts on this data directory; \
+         or pass the server's --data-dir, or set HOOKWARDEN_JWT_SECRET to the server's key",
+        path.display()
+    )]
+    NotFound { path: PathBuf, config: String },
+    #[error("cannot read the token key file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the token key file {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the token key file {} holds fewer than {MIN_KEY_BYTES} bytes; remove it to have `serve` generate a new key, or fix it", path.display())]
+    TooShort { path: PathBuf },
+}
+
+/// Reads the key file at `path`; `Ok(None)` when there is none.
+fn read_key_file(path: &Path) -> Result<Option<Secret>, KeyError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().len() < MIN_KEY_BYTES => Err(KeyError::TooShort { path: path.to_owned() }),
+        Ok(text) => Ok(Some(Secret::new(text.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeyError::Read { path: path.to_owned(), source }),
+    }
+}
+
+/// The key to mint tokens with, and its source: the configured secret (from the
+/// environment when `from_environment`, else from `config_file`), or the key file in the
+/// data directory. **Never creates a key**; only `serve` does ([`load_or_create_key`]).
+pub fn existing_key(
+    config: &Config,
+    from_environment: bool,
+    config_file: Option<&Path>,
+) -> Result<(Secret, KeySource), KeyError> {
+    if let Some(secret) = &config.jwt_secret {
+        let source = match config_file {
+            Some(file) if !from_environment => KeySource::ConfigFile(file.to_owned()),
+            _ => KeySource::Environment,
+        };
+        return Ok((secret.clone(), source));
+    }
+    let path = absolute(&config.data_dir.join(KEY_FILE));
+    match read_key_file(&path)? {
+        Some(secret) => Ok((secret, KeySource::KeyFile(path))),
+        None => {
+            let config = match config_file {
+                Some(file) => format!("the config file {} sets no jwtSecret", file.display()),
+                None => "no config file was given (--config)".to_owned(),
+            };
+            Err(KeyError::NotFound { path, config })
+        }
+    }
+}
+
+/// `path` from the root, so that messages name it wherever the reader stands.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
 /// Reads the generated HS256 key from `data_dir`, creating it (mode 0600) on first use.
-pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<(Secret, PathBuf)> {
+/// For `serve` only: see [`existing_key`].
+pub fn load_or_create_key(data_dir: &Path) -> Result<(Secret, PathBuf), KeyError> {
     use rand::RngCore;
     use std::io::Write;
 
     let path = data_dir.join(KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => return Ok((Secret::new(text.trim()), path)),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
+    if let Some(secret) = read_key_file(&path)? {
+        return Ok((secret, path));
     }
-    std::fs::create_dir_all(data_dir)?;
+    let create = |source| KeyError::Create { path: path.clone(), source };
+    std::fs::create_dir_all(data_dir).map_err(create)?;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
@@ -195,15 +300,16 @@ pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<(Secret, PathBuf)>
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(&path) {
         Ok(mut file) => {
-            file.write_all(secret.as_bytes())?;
-            file.sync_all()?;
+            file.write_all(secret.as_bytes()).map_err(create)?;
+            file.sync_all().map_err(create)?;
             Ok((Secret::new(secret), path))
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok((Secret::new(std::fs::read_to_string(&path)?.trim()), path))
-        }
-        Err(e) => Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_key_file(&path)? {
+            Some(secret) => Ok((secret, path)),
+            None => Err(create(e)),
+        },
+        Err(e) => Err(create(e)),
     }
 }
 
@@ -245,6 +351,42 @@ mod tests {
         let expired = jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding).unwrap();
         assert_eq!(keys.authenticate(Some(&format!("Bearer {expired}"))).unwrap_err(), AuthError::Expired);
         assert_eq!(keys.authenticate(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn the_leeway_decides_how_long_after_exp_a_token_still_works() {
+        let secret = Secret::new("k".repeat(32));
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims { sub: "late".into(), roles: vec![], namespaces: vec![], exp: now - 60, iat: None };
+        let late = format!("Bearer {}", jsonwebtoken::encode(&Header::default(), &claims, &keys().encoding).unwrap());
+        assert_eq!(TokenKeys::new(&secret).authenticate(Some(&late)).unwrap_err(), AuthError::Expired);
+        let lenient = TokenKeys::new(&secret).with_leeway(Duration::from_secs(120));
+        assert_eq!(lenient.authenticate(Some(&late)).unwrap().subject, "late");
+    }
+
+    #[test]
+    fn existing_key_never_creates_one_and_names_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        let err = existing_key(&config, false, None).unwrap_err();
+        assert!(err.to_string().contains(&dir.path().join("data").join(KEY_FILE).display().to_string()), "{err}");
+        assert!(!dir.path().join("data").exists(), "nothing was created");
+
+        let (generated, path) = load_or_create_key(&config.data_dir).unwrap();
+        let (found, source) = existing_key(&config, false, None).unwrap();
+        assert_eq!((found, source), (generated, KeySource::KeyFile(path)));
+
+        let configured = Config { jwt_secret: Some(Secret::new("c".repeat(32))), ..config };
+        let file = dir.path().join("hookwarden.yaml");
+        assert_eq!(existing_key(&configured, false, Some(&file)).unwrap().1, KeySource::ConfigFile(file.clone()));
+        assert_eq!(existing_key(&configured, true, Some(&file)).unwrap().1, KeySource::Environment);
+    }
+
+    #[test]
+    fn a_key_file_too_short_to_be_a_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(KEY_FILE), "short\n").unwrap();
+        assert!(matches!(load_or_create_key(dir.path()), Err(KeyError::TooShort { .. })));
     }
 
     #[test]

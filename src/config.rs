@@ -64,6 +64,7 @@ pub struct Config {
     pub controller: ControllerConfig,
     pub delivery: DeliveryConfig,
     pub audit: AuditConfig,
+    pub auth: AuthConfig,
     /// Ed25519 seed (base64) of the checkpoint key; generated into the data dir when unset.
     pub audit_key: Option<Secret>,
 }
@@ -97,6 +98,28 @@ impl Default for ControllerConfig {
             debounce: Duration::from_millis(300),
             leader_retry: Duration::from_secs(5),
         }
+    }
+}
+
+/// Bearer-token checks.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuthConfig {
+    /// How long after its `exp` a token is still accepted, for clocks that drift apart.
+    /// Whole seconds (JWT times are), at most [`AuthConfig::MAX_JWT_LEEWAY`].
+    #[serde(with = "crate::duration::text")]
+    pub jwt_leeway: Duration,
+}
+
+impl AuthConfig {
+    /// A longer leeway would keep expired tokens working for longer than clock drift
+    /// explains.
+    pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { jwt_leeway: Duration::from_secs(5) }
     }
 }
 
@@ -227,6 +250,7 @@ impl Default for Config {
             controller: ControllerConfig::default(),
             delivery: DeliveryConfig::default(),
             audit: AuditConfig::default(),
+            auth: AuthConfig::default(),
             audit_key: None,
         }
     }
@@ -246,6 +270,7 @@ pub struct FileConfig {
     pub controller: Option<ControllerConfig>,
     pub delivery: Option<DeliveryConfig>,
     pub audit: Option<AuditConfig>,
+    pub auth: Option<AuthConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -261,6 +286,7 @@ pub struct Overrides {
     pub resources_dir: Option<PathBuf>,
     pub applyset: Option<String>,
     pub audit_key: Option<String>,
+    pub jwt_leeway: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,7 +327,11 @@ impl Config {
             controller,
             delivery,
             audit,
+            auth,
         } = file;
+        if let Some(v) = auth {
+            self.auth = v;
+        }
         if let Some(v) = audit {
             self.audit = v;
         }
@@ -365,6 +395,9 @@ impl Config {
         if let Some(v) = o.audit_key.filter(|v| !v.is_empty()) {
             self.audit_key = Some(Secret::new(v));
         }
+        if let Some(v) = o.jwt_leeway {
+            self.auth.jwt_leeway = v;
+        }
     }
 
     /// Refuses settings that cannot work, naming the setting.
@@ -399,6 +432,10 @@ impl Config {
             || self.audit.key_name.contains('+')
         {
             return invalid("audit.keyName must be non-empty, without spaces or '+'");
+        }
+        let leeway = self.auth.jwt_leeway;
+        if leeway > AuthConfig::MAX_JWT_LEEWAY || leeway.subsec_nanos() != 0 {
+            return invalid("auth.jwtLeeway (HOOKWARDEN_JWT_LEEWAY) must be whole seconds, at most 5m: a longer one keeps expired tokens working");
         }
         let d = &self.delivery;
         if d.workers == 0 || d.batch_size == 0 || d.max_in_flight == 0 || d.per_endpoint_concurrency == 0 {
@@ -495,6 +532,22 @@ mod tests {
     fn unknown_file_fields_are_rejected_with_their_name() {
         let err = parse_file_config("lisen: x\n").unwrap_err();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn the_jwt_leeway_is_read_from_the_file_and_bounded() {
+        let file = parse_file_config("auth: {jwtLeeway: 30s}\n").unwrap();
+        let mut config = Config::default();
+        assert_eq!(config.auth.jwt_leeway, Duration::from_secs(5), "the documented default");
+        config.apply_file(file);
+        assert_eq!(config.auth.jwt_leeway, Duration::from_secs(30));
+        assert!(config.validate().is_ok());
+        for refused in [Duration::from_secs(301), Duration::from_millis(1500)] {
+            config.apply_overrides(Overrides { jwt_leeway: Some(refused), ..Default::default() });
+            assert!(config.validate().unwrap_err().to_string().contains("auth.jwtLeeway"), "{refused:?}");
+        }
+        let err = parse_file_config("auth: {jwtLeway: 5s}\n").unwrap_err();
+        assert!(err.contains("jwtLeway"), "{err}");
     }
 
     #[test]

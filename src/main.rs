@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use hookwarden::auth::Role;
+use hookwarden::auth::{Role, TokenKeys};
 use hookwarden::config::{Config, LogFormat, Overrides};
-use hookwarden::server::{token_keys, Server};
+use hookwarden::server::Server;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Run the service (embedded SQLite unless DATABASE_URL is set).
     Serve(ServeArgs),
-    /// Mint a bearer token with the configured key; prints only the token.
+    /// Mint a bearer token with the configured key, or the one `serve` generated; prints
+    /// only the token (the key's source goes to standard error).
     Token(TokenArgs),
     /// Apply resource files: created, configured, unchanged or pruned per resource.
     Apply(cli::ApplyArgs),
@@ -104,6 +105,9 @@ struct ServeArgs {
     /// Accept endpoint URLs on loopback and private addresses.
     #[arg(long, env = "HOOKWARDEN_ALLOW_PRIVATE_URLS")]
     allow_private_urls: Option<bool>,
+    /// How long after `exp` a token is still accepted (whole seconds, at most 5m).
+    #[arg(long, env = "HOOKWARDEN_JWT_LEEWAY", value_parser = hookwarden::duration::parse)]
+    jwt_leeway: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -145,6 +149,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             allow_private_urls: args.allow_private_urls,
             audit_key: std::env::var("HOOKWARDEN_AUDIT_KEY").ok(),
             jwt_secret: jwt_secret_from_env(),
+            jwt_leeway: args.jwt_leeway,
             ..Overrides::default()
         },
     )?;
@@ -182,8 +187,13 @@ async fn wait_for_signal(
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let config = load_config(args.common, Overrides { jwt_secret: jwt_secret_from_env(), ..Overrides::default() })?;
-    let keys = token_keys(&config)?;
+    let from_env = jwt_secret_from_env().filter(|v| !v.is_empty());
+    let from_environment = from_env.is_some();
+    let config_file = args.common.config.clone();
+    let config = load_config(args.common, Overrides { jwt_secret: from_env, ..Overrides::default() })?;
+    let (secret, source) = hookwarden::auth::existing_key(&config, from_environment, config_file.as_deref())?;
+    eprintln!("signed with the key from {source}");
+    let keys = TokenKeys::new(&secret);
     let namespaces = if args.namespaces.is_empty() { vec!["*".to_owned()] } else { args.namespaces };
     println!("{}", keys.mint(&args.sub, &args.roles, &namespaces, args.ttl));
     Ok(())

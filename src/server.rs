@@ -1,8 +1,10 @@
 //! Start-up and shutdown of `hookwarden serve`.
 //!
-//! [`Server::start`] does everything that can fail before traffic is accepted (open and
-//! migrate the database, load or create the token key, bind the port), so a test can learn
-//! the bound address before the first request and a misconfiguration fails at once.
+//! [`Server::start`] does everything that can fail before traffic is accepted (lock the
+//! SQLite database file, open and migrate the database, load or create the token key,
+//! bind the port), so a test can learn the bound address before the first request and a
+//! misconfiguration fails at once. A server on a SQLite file holds that file's lock until
+//! [`Server::run`] has closed the database (or the process dies): one server per file.
 //! [`Server::run`] serves until the cancellation token fires, then drains: in-flight
 //! requests finish, the ingest queue is committed, connections close.
 
@@ -29,7 +31,7 @@ use crate::controller::Controller;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::Ingestor;
 use crate::resources::validate::Checks;
-use crate::store::Store;
+use crate::store::{sqlite_file_of_url, DatabaseLock, Store};
 
 /// File name of the embedded database inside the data directory.
 pub const DATABASE_FILE: &str = "hookwarden.db";
@@ -44,6 +46,27 @@ pub struct Server {
     wake: Arc<Notify>,
     signer: CheckpointSigner,
     audit: AuditConfig,
+    /// Held while this server uses a SQLite file; `None` on PostgreSQL and in memory.
+    lock: Option<DatabaseLock>,
+}
+
+/// Takes the lock of the SQLite database file the server will open, before anything opens
+/// it: a second `serve` on the same file stops here. PostgreSQL takes many processes.
+pub fn lock_database_file(config: &Config) -> anyhow::Result<Option<DatabaseLock>> {
+    let file = match &config.database_url {
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+            config.data_dir.join(DATABASE_FILE)
+        }
+        Some(url) if url.expose().starts_with("sqlite:") => match sqlite_file_of_url(url.expose())? {
+            Some(file) => file,
+            None => return Ok(None),
+        },
+        Some(_) => return Ok(None),
+    };
+    let file = std::path::absolute(&file).unwrap_or(file);
+    Ok(Some(DatabaseLock::acquire(&file)?))
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -104,21 +127,22 @@ pub fn audit_signer(config: &Config) -> anyhow::Result<CheckpointSigner> {
     }
 }
 
-/// The HS256 key: configured, or generated once into the data directory.
+/// The HS256 key: configured, or generated once into the data directory; with the
+/// configured leeway. For `serve` only: `hookwarden token` never generates a key.
 pub fn token_keys(config: &Config) -> anyhow::Result<TokenKeys> {
     if let Some(secret) = &config.jwt_secret {
-        return Ok(TokenKeys::new(secret));
+        return Ok(TokenKeys::new(secret).with_leeway(config.auth.jwt_leeway));
     }
-    let (secret, path) = load_or_create_key(&config.data_dir)
-        .with_context(|| format!("cannot read or create the token key in {}", config.data_dir.display()))?;
+    let (secret, path) = load_or_create_key(&config.data_dir)?;
     tracing::debug!(path = %path.display(), "token key");
-    Ok(TokenKeys::new(&secret))
+    Ok(TokenKeys::new(&secret).with_leeway(config.auth.jwt_leeway))
 }
 
 impl Server {
     /// Opens and migrates the database, prepares the keys and binds the listener.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         crate::telemetry::metrics();
+        let lock = lock_database_file(config)?;
         let store = open_store(config).await?;
         store.migrate().await.context("database migration failed")?;
         let keys = token_keys(config)?;
@@ -168,6 +192,7 @@ impl Server {
             wake,
             signer,
             audit: config.audit.clone(),
+            lock,
         })
     }
 
@@ -181,7 +206,8 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker, idempotency_key_ttl, controller, dispatch, wake, signer, audit } = self;
+        let Server { listener, state, tracker, idempotency_key_ttl, controller, dispatch, wake, signer, audit, lock } =
+            self;
         tracker.spawn(controller.run(shutdown.clone()));
         tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, state.controller.clone(), shutdown.clone()));
         tracker.spawn(crate::catalog::follow::follow(
@@ -218,6 +244,8 @@ impl Server {
         tracker.close();
         tracker.wait().await;
         store.close().await;
+        // Only now may another server open the file.
+        drop(lock);
         tracing::info!("stopped");
         Ok(())
     }

@@ -101,9 +101,10 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Re-checks every stored chain page by page; names the first altered or missing record.
+/// Read-only: the database is opened so that nothing is written or created.
 async fn verify_database(url: &str, public_key: Option<&str>) -> anyhow::Result<ExitCode> {
     use hookwarden::audit::checkpoint::{self, Checkpoint};
-    let store = hookwarden::store::Store::connect(url).await.context("cannot connect to the database")?;
+    let store = hookwarden::store::Store::open_read_only(url).await.context("cannot open the database")?;
     let mut failed = false;
     for (chain, head, _) in store.audit_heads().await? {
         let mut after: Option<(i64, String)> = None;
@@ -151,5 +152,9 @@ async fn verify_database(url: &str, public_key: Option<&str>) -> anyhow::Result<
         }
     }
     store.close().await;
+    if store.read_snapshot_is_stale() {
+        eprintln!("error: a server opened the database while it was being verified, so what was read may be torn; verify again");
+        return Ok(ExitCode::from(ERROR));
+    }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

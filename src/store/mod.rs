@@ -14,8 +14,9 @@ pub mod policy;
 mod postgres;
 pub mod resources;
 mod sqlite;
+mod sqlite_file;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -30,6 +31,7 @@ pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, Request
 pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
+pub use sqlite_file::{lock_path, sqlite_file_of_url, DatabaseLock, LockError};
 
 /// Infrastructure failures of the store. Bad input never reaches here.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,10 @@ pub enum StoreError {
     NotMigrated { found: Option<i64>, needed: i64 },
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+    #[error("no database at {}", .0.display())]
+    NoDatabase(PathBuf),
+    #[error("cannot read {} without writing to it: {reason}; start `hookwarden serve` on it once to recover it", path.display())]
+    NeedsWriter { path: PathBuf, reason: &'static str },
 }
 
 /// Which database a store runs on.

@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Sqlite, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::sqlite_file::Snapshot;
 use super::{
     check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
     StoredEvent, EVENT_COLUMNS,
@@ -26,6 +27,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    /// Set when opened read-only and `immutable`: how the file looked before it was read.
+    snapshot: Option<std::sync::Arc<Snapshot>>,
 }
 
 impl SqliteStore {
@@ -55,7 +58,25 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { write, read })
+        Ok(Self { write, read, snapshot: None })
+    }
+
+    /// One read-only pool that serves as both pools: a write through it fails instead of
+    /// changing the file. `options` come read-only from [`super::Store::open_read_only`].
+    pub(super) async fn open_read_only(
+        options: SqliteConnectOptions,
+        snapshot: Option<Snapshot>,
+    ) -> Result<Self, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.busy_timeout(Duration::from_secs(10)))
+            .await?;
+        Ok(Self { write: pool.clone(), read: pool, snapshot: snapshot.map(std::sync::Arc::new) })
+    }
+
+    pub(super) fn snapshot_is_stale(&self) -> bool {
+        self.snapshot.as_ref().is_some_and(|s| s.is_stale())
     }
 
     fn write_pool(&self) -> &SqlitePool {

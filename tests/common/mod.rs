@@ -245,10 +245,24 @@ pub struct Process {
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// A `hookwarden serve` that exited before it listened: its exit code and its log.
+#[derive(Debug)]
+pub struct FailedStart {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for FailedStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server exited ({:?}) before listening:\n{}", self.code, self.stderr)
+    }
+}
+
 impl Process {
-    /// Starts the binary with `extra` arguments and waits for its "listening" log line
-    /// to learn the port.
-    pub fn start(db: &TestDb, extra: &[&str]) -> Process {
+    /// The command [`Process::start`] runs: `serve` on `db` with `extra` arguments, the
+    /// test key in the environment, JSON logs on standard error. Adjust it (environment,
+    /// working directory) and pass it to [`Process::try_start`].
+    pub fn command(db: &TestDb, extra: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_hookwarden"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -263,11 +277,30 @@ impl Process {
             TestDb::Sqlite { dir } => command.arg("--data-dir").arg(dir.path()),
             TestDb::Postgres { url, .. } => command.arg("--database-url").arg(url),
         };
-        let mut child = command.spawn().expect("start hookwarden serve");
+        command
+    }
+
+    /// Starts the binary with `extra` arguments and waits for its "listening" log line
+    /// to learn the port.
+    pub fn start(db: &TestDb, extra: &[&str]) -> Process {
+        Process::try_start(Process::command(db, extra)).unwrap_or_else(|failed| panic!("{failed}"))
+    }
+
+    /// Runs `command` (a `serve` with `--log-format json`) until it logs that it listens;
+    /// a process that exits first comes back as its exit code and everything it logged.
+    pub fn try_start(mut command: Command) -> Result<Process, FailedStart> {
+        let mut child = command.stderr(Stdio::piped()).spawn().expect("start hookwarden serve");
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        let mut log = String::new();
         let addr = loop {
-            let line = lines.next().expect("server exited before listening").expect("read log");
+            let Some(line) = lines.next() else {
+                let status = child.wait().expect("reap");
+                return Err(FailedStart { code: status.code(), stderr: log });
+            };
+            let line = line.expect("read log");
+            log.push_str(&line);
+            log.push('\n');
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             if entry["message"] == "hookwarden is listening" {
                 break entry["addr"].as_str().expect("addr field").to_owned();
@@ -281,7 +314,7 @@ impl Process {
                 kept.lock().unwrap().push(line);
             }
         });
-        Process { child, base: format!("http://{addr}"), logs }
+        Ok(Process { child, base: format!("http://{addr}"), logs })
     }
 
     /// The log lines (JSON) whose `message` is `message`.
@@ -293,9 +326,39 @@ impl Process {
             .collect()
     }
 
+    /// Runs `command`, which must fail to start; a server that starts anyway is killed
+    /// and the test fails with `why`.
+    pub fn start_must_fail(command: Command, why: &str) -> FailedStart {
+        match Process::try_start(command) {
+            Ok(started) => {
+                started.kill();
+                panic!("the server started: {why}");
+            }
+            Err(failed) => failed,
+        }
+    }
+
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for the graceful stop.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("send SIGTERM");
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill();
+                panic!("the server did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
