@@ -108,6 +108,16 @@ impl Principal {
         }
     }
 
+    /// The namespaces the token may touch, for listings across namespaces: `None` when it
+    /// may touch every one (`"*"`).
+    pub fn namespace_scope(&self) -> Option<&[String]> {
+        if self.namespaces.iter().any(|n| n == "*") {
+            None
+        } else {
+            Some(&self.namespaces)
+        }
+    }
+
     /// Whether the token's namespaces include `namespace`.
     pub fn may_access(&self, namespace: &str) -> bool {
         self.namespaces.iter().any(|n| n == "*" || n == namespace)

@@ -224,7 +224,7 @@ impl Server {
             state.status_changed.clone(),
             shutdown.clone(),
         ));
-        tracker.spawn(expire_approvals(store_of(&state), wake.clone(), shutdown.clone()));
+        tracker.spawn(crate::approvals::expiry::expire_due_requests(store_of(&state), wake.clone(), shutdown.clone()));
         Dispatcher::start(store_of(&state), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let store = state.store.clone();
         let draining = state.shutdown.clone();
@@ -347,29 +347,6 @@ async fn forward_notifications(
                     }
                 },
             }
-        }
-    }
-}
-
-/// Applies each pending approval's expiry outcome once its deadline passed. Deadlines are
-/// stored, so a restart does not forget them. Harmless in every process (rows are locked).
-async fn expire_approvals(store: Store, wake: Arc<Notify>, shutdown: CancellationToken) {
-    loop {
-        match store.expire_approvals(chrono::Utc::now()).await {
-            Ok(expired) if !expired.is_empty() => {
-                for (approval, delivery) in &expired {
-                    tracing::info!(approval_id = %approval, delivery_id = %delivery, "approval request expired");
-                }
-                metrics::counter!("hookwarden_policy_approvals_total", "outcome" => "expired")
-                    .increment(expired.len() as u64);
-                wake.notify_one();
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not expire approval requests"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }

@@ -1,40 +1,53 @@
 //! `GET /v1/approvals`, `GET /v1/approvals/{id}`, `POST /v1/approvals/{id}/grant|deny`.
 //!
-//! Votes need the role the holding rule names (`approver` by default) in the namespace;
-//! the subject that submitted the event cannot vote on it; the first final decision wins
-//! and every later vote gets 409.
+//! Thin: parse the input, call the use case in [`crate::approvals`] (which authorizes
+//! against the request's namespace and role), map its answer. Checks come in the order
+//! `openapi.yaml` documents: query shape, role and namespace, then the values.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, FieldError};
 use super::extract::{parse_object_at, read_json_body, ApiQuery};
 use super::AppState;
-use crate::auth::{AuthError, Principal, Role};
-use crate::store::policy::{ApprovalRecord, VoteOutcome};
+use crate::approvals::view::ApprovalView;
+use crate::approvals::{self, ApprovalError, VoteResult, STATES};
+use crate::auth::{Principal, Role};
+
+impl From<ApprovalError> for ApiError {
+    fn from(e: ApprovalError) -> Self {
+        match e {
+            ApprovalError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            ApprovalError::Forbidden(auth) => ApiError::Forbidden(auth),
+            ApprovalError::Closed { .. } | ApprovalError::AlreadyVoted { .. } => ApiError::Conflict(e.to_string()),
+            ApprovalError::Store(store) => store.into(),
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
+    /// One namespace; without it, every namespace the token may see.
     namespace: Option<String>,
     state: Option<String>,
     limit: Option<u32>,
 }
-
-const STATES: [&str; 4] = ["pending", "granted", "denied", "expired"];
 
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let namespace = params.namespace.unwrap_or_else(|| "default".to_owned());
-    principal.authorize(Role::Approver, &namespace)?;
+    // The role (and namespace) first, so a caller without it learns nothing from the values.
+    match &params.namespace {
+        Some(namespace) => principal.authorize(Role::Approver, namespace)?,
+        None => principal.require_role(Role::Approver)?,
+    }
     let mut errors = Vec::new();
     if let Some(s) = &params.state {
         if !STATES.contains(&s.as_str()) {
@@ -48,30 +61,17 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let items = state.store.list_approvals(&namespace, params.state.as_deref(), limit).await?;
+    let items =
+        approvals::list(&state.store, &principal, params.namespace.as_deref(), params.state.as_deref(), limit).await?;
     Ok(Json(json!({ "items": items, "next_cursor": null })))
-}
-
-async fn find(state: &AppState, principal: &Principal, id: &str) -> Result<(ApprovalRecord, Value), ApiError> {
-    let not_found = || ApiError::NotFound(format!("no approval request `{id}`"));
-    let (approval, votes) = state.store.get_approval(id).await?.ok_or_else(not_found)?;
-    if !principal.may_access(&approval.namespace) {
-        return Err(not_found());
-    }
-    let votes = json!(votes);
-    Ok((approval, votes))
 }
 
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (approval, votes) = find(&state, &principal, &id).await?;
-    principal.authorize(Role::Approver, &approval.namespace)?;
-    let mut body = json!(approval);
-    body["votes"] = votes;
-    Ok(Json(body))
+) -> Result<Json<ApprovalView>, ApiError> {
+    Ok(Json(approvals::show(&state.store, &state.catalog.current(), &principal, &id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +86,7 @@ pub async fn grant(
     id: Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VoteResult>, ApiError> {
     vote(state, principal, id, headers, body, true).await
 }
 
@@ -96,7 +96,7 @@ pub async fn deny(
     id: Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VoteResult>, ApiError> {
     vote(state, principal, id, headers, body, false).await
 }
 
@@ -107,44 +107,12 @@ async fn vote(
     headers: HeaderMap,
     body: Body,
     grant: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VoteResult>, ApiError> {
     let bytes = read_json_body(&headers, body, 16 * 1024).await?;
     let input: VoteIn = parse_object_at(&bytes, "")?;
-    if input.reason.trim().is_empty() {
+    let reason = input.reason.trim();
+    if reason.is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new("reason", "a reason is required")]));
     }
-    let (approval, _) = find(&state, &principal, &id).await?;
-    let role = match approval.role.as_str() {
-        "admin" => Role::Admin,
-        "operator" => Role::Operator,
-        _ => Role::Approver,
-    };
-    principal.authorize(role, &approval.namespace)?;
-    if principal.subject == approval.requested_by {
-        return Err(ApiError::Forbidden(AuthError::SelfApproval));
-    }
-    let outcome = state.store.vote_on_approval(&id, &principal.subject, grant, input.reason.trim(), Utc::now()).await?;
-    let verb = if grant { "grant" } else { "deny" };
-    tracing::info!(approval_id = %id, voter = %principal.subject, vote = verb, outcome = ?outcome, "approval vote");
-    match outcome {
-        VoteOutcome::Counted { grants, quorum } => {
-            Ok(Json(json!({ "id": id, "state": "pending", "grants": grants, "quorum": quorum })))
-        }
-        VoteOutcome::Decided(decided) => {
-            let outcome = if grant { "granted" } else { "denied" };
-            metrics::counter!("hookwarden_policy_approvals_total", "outcome" => outcome).increment(1);
-            let waited = (Utc::now() - approval.created_at).num_milliseconds().max(0) as f64 / 1000.0;
-            metrics::histogram!("hookwarden_policy_approval_seconds", "outcome" => outcome).record(waited);
-            if grant {
-                state.wake.notify_one();
-                let _ = state.store.notify_work().await;
-            }
-            Ok(Json(json!({ "id": id, "state": decided })))
-        }
-        VoteOutcome::Closed(closed) => Err(ApiError::Conflict(format!("approval request `{id}` is already {closed}"))),
-        VoteOutcome::AlreadyVoted => {
-            Err(ApiError::Conflict(format!("`{}` already voted on `{id}`", principal.subject)))
-        }
-        VoteOutcome::NotFound => Err(ApiError::NotFound(format!("no approval request `{id}`"))),
-    }
+    Ok(Json(approvals::vote(&state.store, &state.wake, &principal, &id, grant, reason).await?))
 }

@@ -2,14 +2,14 @@
 //! (`--server`, `--token`), except `validate`, `schema`, `policy test` and
 //! `audit verify`, which need no server.
 
+mod approvals;
 mod audit;
 mod operations;
 mod resources;
 
+pub use approvals::{approvals, ApprovalsCommand};
 pub use audit::{audit, AuditCommand};
-pub use operations::{
-    approvals, deliveries, endpoints, events, ApprovalsCommand, DeliveriesCommand, EndpointsCommand, EventsCommand,
-};
+pub use operations::{deliveries, endpoints, events, DeliveriesCommand, EndpointsCommand, EventsCommand};
 pub use resources::{
     apply, delete, diff, get, policy_test, schema, validate_files, ApplyArgs, DeleteArgs, DiffArgs, FilesArgs, GetArgs,
 };

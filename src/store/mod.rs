@@ -437,13 +437,12 @@ impl Store {
         dispatch!(self, s => s.hold_delivery(id, lease_token, decision, approval, now).await)
     }
 
+    /// Approval requests newest first; see [`policy::ApprovalQuery`].
     pub async fn list_approvals(
         &self,
-        namespace: &str,
-        state: Option<&str>,
-        limit: u32,
+        query: &policy::ApprovalQuery,
     ) -> Result<Vec<policy::ApprovalRecord>, StoreError> {
-        dispatch!(self, s => s.list_approvals(namespace, state, limit).await)
+        dispatch!(self, s => s.list_approvals(query).await)
     }
 
     pub async fn get_approval(
@@ -465,12 +464,13 @@ impl Store {
         dispatch!(self, s => s.vote_on_approval(id, voter, grant, reason, now).await)
     }
 
-    /// Applies the expiry outcome of every pending approval past its deadline.
     /// Approval requests still waiting for a decision.
     pub async fn count_pending_approvals(&self) -> Result<i64, StoreError> {
         dispatch!(self, s => s.count_pending_approvals().await)
     }
 
+    /// Applies the expiry outcome of every pending approval past its deadline; returns
+    /// `(approval, delivery)` of each request it closed.
     pub async fn expire_approvals(&self, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
         dispatch!(self, s => s.expire_approvals(now).await)
     }

@@ -5,7 +5,9 @@
 //!   key (PostgreSQL: a transaction-scoped advisory lock; SQLite: its single writer), so
 //!   concurrent deliveries can never together exceed a limit;
 //! - reservations are committed when their delivery is delivered and released when it ends
-//!   failed, dead or denied;
+//!   failed, dead or denied (by the gate, an approver or an expiry);
+//! - a held delivery that an approval request ends `denied` gets its `delivery.denied`
+//!   audit record in the same transaction, like every other final outcome;
 //! - the first final decision on an approval wins; one vote per subject.
 
 use chrono::{DateTime, Utc};
@@ -282,31 +284,24 @@ macro_rules! policy_methods {
 
             pub(super) async fn list_approvals(
                 &self,
-                namespace: &str,
-                state: Option<&str>,
-                limit: u32,
+                query: &$crate::store::policy::ApprovalQuery,
             ) -> Result<Vec<$crate::store::policy::ApprovalRecord>, $crate::store::StoreError> {
-                Ok(sqlx::query_as(&$sql(
-                    "SELECT id, namespace, delivery_id, event_id, endpoint, rule, reason, action_hash, role, quorum, on_expiry, \
-                     expires_at, requested_by, state, created_at, decided_at, decided_reason FROM approvals \
-                     WHERE namespace = ? AND (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?",
-                ))
-                .bind(namespace)
-                .bind(state)
-                .bind(state)
-                .bind(i64::from(limit))
-                .fetch_all(self.read_pool())
-                .await?)
+                if query.namespaces.as_ref().is_some_and(Vec::is_empty) {
+                    return Ok(Vec::new());
+                }
+                let mut builder = sqlx::QueryBuilder::<<$store as $crate::store::policy::HasDatabase>::Db>::new("");
+                $crate::store::policy::push_approval_query(&mut builder, query);
+                Ok(builder.build_query_as().fetch_all(self.read_pool()).await?)
             }
 
             pub(super) async fn get_approval(
                 &self,
                 id: &str,
             ) -> Result<Option<($crate::store::policy::ApprovalRecord, Vec<$crate::store::policy::VoteRecord>)>, $crate::store::StoreError> {
-                let approval: Option<$crate::store::policy::ApprovalRecord> = sqlx::query_as(&$sql(
-                    "SELECT id, namespace, delivery_id, event_id, endpoint, rule, reason, action_hash, role, quorum, on_expiry, \
-                     expires_at, requested_by, state, created_at, decided_at, decided_reason FROM approvals WHERE id = ?",
-                ))
+                let approval: Option<$crate::store::policy::ApprovalRecord> = sqlx::query_as(&$sql(&format!(
+                    "SELECT {} FROM approvals WHERE id = ?",
+                    $crate::store::policy::APPROVAL_COLUMNS
+                )))
                 .bind(id)
                 .fetch_optional(self.read_pool())
                 .await?;
@@ -432,16 +427,27 @@ macro_rules! policy_methods {
                     .execute(&mut **tx)
                     .await?;
                 } else {
-                    sqlx::query(&$sql(
+                    let error = format!("approval {state}: {reason}");
+                    let ended: Option<(String, i32)> = sqlx::query_as(&$sql(
                         "UPDATE deliveries SET state = 'denied', last_error = ?, completed_at = ?, updated_at = ? \
-                         WHERE id = ? AND state = 'held'",
+                         WHERE id = ? AND state = 'held' RETURNING endpoint, attempts",
                     ))
-                    .bind(format!("approval {state}: {reason}"))
+                    .bind(&error)
                     .bind(now)
                     .bind(now)
                     .bind(delivery)
-                    .execute(&mut **tx)
+                    .fetch_optional(&mut **tx)
                     .await?;
+                    // The delivery's final outcome, as every other final state gets one; and
+                    // any reservation of an earlier allow goes back to the budget.
+                    if let Some((endpoint, attempts)) = ended {
+                        sqlx::query(&$sql("UPDATE spend_ledger SET state = 'released' WHERE delivery_id = ? AND state = 'reserved'"))
+                            .bind(delivery)
+                            .execute(&mut **tx)
+                            .await?;
+                        let outcome = $crate::store::policy::denied_by_approval_record(&namespace, delivery, &endpoint, attempts, &error);
+                        Self::append_audit_in(tx, &[outcome]).await?;
+                    }
                 }
                 Ok(state.to_owned())
             }
@@ -498,6 +504,63 @@ impl HasDatabase for super::SqliteStore {
 
 impl HasDatabase for super::PgStore {
     type Db = sqlx::Postgres;
+}
+
+/// The columns of an [`ApprovalRecord`], in its field order.
+pub(super) const APPROVAL_COLUMNS: &str =
+    "id, namespace, delivery_id, event_id, endpoint, rule, reason, action_hash, role, \
+     quorum, on_expiry, expires_at, requested_by, state, created_at, decided_at, decided_reason";
+
+/// Which approval requests `list_approvals` returns: newest first, at most `limit`.
+#[derive(Clone, Debug)]
+pub struct ApprovalQuery {
+    /// Only these namespaces; `None` for every namespace (a token for `*`). An empty list
+    /// matches nothing.
+    pub namespaces: Option<Vec<String>>,
+    /// Only requests in this state (`pending`, `granted`, `denied`, `expired`).
+    pub state: Option<String>,
+    pub limit: u32,
+}
+
+/// Builds the `list_approvals` query, identical on both backends but for placeholders.
+pub(super) fn push_approval_query<'q, DB: sqlx::Database>(
+    builder: &mut sqlx::QueryBuilder<'q, DB>,
+    query: &'q ApprovalQuery,
+) where
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    builder.push("SELECT ").push(APPROVAL_COLUMNS).push(" FROM approvals WHERE 1 = 1");
+    if let Some(namespaces) = &query.namespaces {
+        builder.push(" AND namespace IN (");
+        let mut list = builder.separated(", ");
+        for namespace in namespaces {
+            list.push_bind(namespace.as_str());
+        }
+        builder.push(")");
+    }
+    if let Some(state) = &query.state {
+        builder.push(" AND state = ").push_bind(state.as_str());
+    }
+    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+}
+
+/// The `delivery.denied` record of a held delivery that an approver's denial or an expiry
+/// ended, shaped like the outcome records of completed attempts.
+pub(super) fn denied_by_approval_record(
+    namespace: &str,
+    delivery: &str,
+    endpoint: &str,
+    attempts: i32,
+    error: &str,
+) -> crate::audit::NewAuditRecord {
+    crate::audit::NewAuditRecord::new(
+        "system",
+        "delivery.denied",
+        namespace,
+        format!("delivery/{delivery}"),
+        serde_json::json!({"endpoint": endpoint, "attempt": attempts, "status": null, "error": error}),
+    )
 }
 
 /// The hash an approval is bound to: the canonical event, the endpoint and the amounts,
