@@ -253,7 +253,8 @@ async fn follow_resources(store: Store, catalog: CatalogHandle, shutdown: Cancel
 }
 
 /// Samples the delivery backlog once a second, for ingest's backpressure and the gauges
-/// (queue depth and age, deliveries by state, open breakers, pending approvals).
+/// (queue depth and age, deliveries by state, open breakers and disabled endpoints apart,
+/// pending approvals).
 async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
     loop {
         match store.queue_depth().await {
@@ -272,8 +273,9 @@ async fn sample_backlog(store: Store, backlog: Arc<AtomicU64>, shutdown: Cancell
                 metrics::gauge!("hookwarden_deliveries", "state" => state.as_str()).set(count as f64);
             }
         }
-        if let Ok(open) = store.open_breakers(chrono::Utc::now()).await {
-            metrics::gauge!("hookwarden_delivery_breakers_open").set(open as f64);
+        if let Ok(blocked) = store.count_blocked_endpoints(chrono::Utc::now()).await {
+            metrics::gauge!("hookwarden_delivery_breakers_open").set(blocked.breakers_open as f64);
+            metrics::gauge!("hookwarden_delivery_endpoints_disabled").set(blocked.disabled as f64);
         }
         if let Ok(pending) = store.count_pending_approvals().await {
             metrics::gauge!("hookwarden_policy_approvals_pending").set(pending as f64);

@@ -219,6 +219,11 @@ impl Catalog {
         self.policies.get(namespace).cloned().unwrap_or_default()
     }
 
+    /// The names of the AgentRules in force, in every namespace (a name may repeat).
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.policies.values().flat_map(|p| p.rules.iter()).map(|r| r.name.as_str())
+    }
+
     pub fn endpoint(&self, namespace: &str, name: &str) -> Option<Arc<EndpointEntry>> {
         self.by_namespace.get(namespace)?.iter().find(|e| e.name == name).cloned()
     }
@@ -348,6 +353,7 @@ impl CatalogHandle {
     }
 
     /// Rebuilds from the store when the stored resources changed; returns whether it did.
+    /// The decision counters of the AgentRules it loads exist (at 0) from then on.
     pub async fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
         let resources = store.list_resources(None, None).await?;
         let fingerprint = resources
@@ -359,6 +365,7 @@ impl CatalogHandle {
             return Ok(false);
         }
         let catalog = Catalog::build(&resources, fingerprint);
+        crate::telemetry::register_rules(catalog.rule_names());
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
         Ok(true)
     }
