@@ -275,7 +275,7 @@ fn store_of(state: &AppState) -> Store {
 
 /// Samples the delivery backlog once a second, for ingest's backpressure and the gauges
 /// (queue depth and age, waiting deliveries by why they wait, deliveries by state, open
-/// breakers, pending approvals).
+/// breakers and disabled endpoints apart, pending approvals).
 async fn sample_backlog(store: Store, catalog: CatalogHandle, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
     loop {
         match store.waiting_by_endpoint().await {
@@ -300,8 +300,9 @@ async fn sample_backlog(store: Store, catalog: CatalogHandle, backlog: Arc<Atomi
                 metrics::gauge!("hookwarden_deliveries", "state" => state.as_str()).set(count as f64);
             }
         }
-        if let Ok(open) = store.open_breakers(chrono::Utc::now()).await {
-            metrics::gauge!("hookwarden_delivery_breakers_open").set(open as f64);
+        if let Ok(blocked) = store.count_blocked_endpoints(chrono::Utc::now()).await {
+            metrics::gauge!("hookwarden_delivery_breakers_open").set(blocked.breakers_open as f64);
+            metrics::gauge!("hookwarden_delivery_endpoints_disabled").set(blocked.disabled as f64);
         }
         if let Ok(pending) = store.count_pending_approvals().await {
             metrics::gauge!("hookwarden_policy_approvals_pending").set(pending as f64);

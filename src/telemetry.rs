@@ -4,8 +4,18 @@
 //!
 //! Metrics: the `metrics` facade with a Prometheus recorder, rendered by `GET /metrics`.
 //! Names are `hookwarden_<subsystem>_<name>_{total,seconds}`; labels come from bounded
-//! sets only (route templates, outcome and state names, endpoint names from resources).
+//! sets only (route templates, outcome and state names, endpoint and rule names from
+//! resources).
+//!
+//! Invariants, which `promtool check metrics` and `tests/metrics.rs` hold us to:
+//! - every family the code emits is listed once in [`FAMILIES`], with its kind, unit and
+//!   help text, and so has a `# HELP` line;
+//! - counters end in `_total`, nothing else does; durations are in seconds and say so;
+//! - the counters' known label sets exist at 0 from start-up (and those of AgentRules
+//!   from when the rule is loaded), so that `increase()` counts the first event after a
+//!   restart instead of taking it for the series' first sample.
 
+use metrics::Unit;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -21,7 +31,179 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The process's Prometheus recorder, installed on first use.
+/// The Prometheus type of a family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// The word `# TYPE` lines use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A label set, as `(label, value)` pairs.
+pub type Labels = &'static [(&'static str, &'static str)];
+
+/// One metric family: what `# HELP` says of it, and which of its series exist from start-up.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Unit,
+    pub help: &'static str,
+    /// Counter series registered at 0 when the recorder is installed. Only label sets
+    /// that are known before any traffic: outcome names, never values from requests.
+    pub zeros: &'static [Labels],
+}
+
+const fn family(name: &'static str, kind: Kind, unit: Unit, help: &'static str) -> Family {
+    Family { name, kind, unit, help, zeros: &[] }
+}
+
+const fn counter(name: &'static str, help: &'static str, zeros: &'static [Labels]) -> Family {
+    Family { name, kind: Kind::Counter, unit: Unit::Count, help, zeros }
+}
+
+/// Outcomes of a policy decision, as the `outcome` label of `hookwarden_policy_decisions_total`.
+pub const DECISION_OUTCOMES: [&str; 3] = ["allow", "hold", "deny"];
+
+/// Every metric family Hookwarden emits. `tests/metrics.rs` fails when code emits a
+/// family that is missing here.
+pub const FAMILIES: &[Family] = &[
+    // HTTP
+    counter(
+        "hookwarden_http_requests_total",
+        "HTTP requests answered, by route template, method and status code.",
+        &[],
+    ),
+    family(
+        "hookwarden_http_request_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time to answer an HTTP request, in seconds, by route template.",
+    ),
+    // Ingest and fan-out
+    counter(
+        "hookwarden_ingest_events_total",
+        "Events ingested, by outcome: accepted (stored, fanned out) or duplicate (a repeated source and id or idempotency key; nothing new fanned out).",
+        &[&[("outcome", "accepted")], &[("outcome", "duplicate")]],
+    ),
+    counter(
+        "hookwarden_fanout_errors_total",
+        "Events whose fan-out to an endpoint could not be decided, by namespace and endpoint: a Filter that failed (the endpoint was skipped) or an ordering key that failed (sent in the (no key) lane).",
+        &[],
+    ),
+    // Delivery
+    counter(
+        "hookwarden_delivery_attempts_total",
+        "Delivery attempts made, by outcome: delivered, retry, failed or dead.",
+        &[&[("outcome", "delivered")], &[("outcome", "retry")], &[("outcome", "failed")], &[("outcome", "dead")]],
+    ),
+    family(
+        "hookwarden_delivery_attempt_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "Duration of a delivery attempt, in seconds, from sending the request to reading the answer, by outcome.",
+    ),
+    counter("hookwarden_delivery_retries_total", "Delivery attempts that failed and were scheduled for a retry.", &[&[]]),
+    counter(
+        "hookwarden_delivery_dead_letters_total",
+        "Deliveries that became dead: out of attempts, older than deadLetterAfter, or over the endpoint's retriesPerHour.",
+        &[&[]],
+    ),
+    family(
+        "hookwarden_delivery_queue_depth",
+        Kind::Gauge,
+        Unit::Count,
+        "Deliveries waiting to be sent (pending or retrying).",
+    ),
+    family(
+        "hookwarden_delivery_oldest_pending_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "Age in seconds of the oldest delivery waiting to be sent; 0 when none waits.",
+    ),
+    family(
+        "hookwarden_deliveries",
+        Kind::Gauge,
+        Unit::Count,
+        "Deliveries in each state that is still moving: pending, delivering, retrying, held.",
+    ),
+    family(
+        "hookwarden_delivery_waiting",
+        Kind::Gauge,
+        Unit::Count,
+        "Deliveries waiting (pending or retrying), by why: scheduled (due at their time), paused, disabled, breaker_open, secret_unavailable, reference_not_found, endpoint_deleted.",
+    ),
+    family(
+        "hookwarden_delivery_breakers_open",
+        Kind::Gauge,
+        Unit::Count,
+        "Endpoints whose circuit breaker is open now (disabled endpoints are counted by hookwarden_delivery_endpoints_disabled instead).",
+    ),
+    family(
+        "hookwarden_delivery_endpoints_disabled",
+        Kind::Gauge,
+        Unit::Count,
+        "Endpoints disabled because they answered 410 Gone; each is enabled again when its spec changes.",
+    ),
+    // Policy gate and approvals
+    counter(
+        "hookwarden_policy_decisions_total",
+        "Policy decisions on agent deliveries, by outcome (allow, hold, deny) and deciding rule.",
+        &[&[("outcome", "deny"), ("rule", "(default)")], &[("outcome", "allow"), ("rule", "(approved)")], &[
+            ("outcome", "deny"),
+            ("rule", "(spend contention)"),
+        ]],
+    ),
+    counter("hookwarden_policy_holds_total", "Agent deliveries held for human approval.", &[&[]]),
+    counter(
+        "hookwarden_policy_approvals_total",
+        "Approval requests closed, by outcome: granted, denied or expired.",
+        &[&[("outcome", "granted")], &[("outcome", "denied")], &[("outcome", "expired")]],
+    ),
+    family(
+        "hookwarden_policy_approvals_pending",
+        Kind::Gauge,
+        Unit::Count,
+        "Approval requests waiting for a decision.",
+    ),
+    family(
+        "hookwarden_policy_approval_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time in seconds from an approval request to its decision, by outcome.",
+    ),
+    counter(
+        "hookwarden_policy_spend_allowed_total",
+        "Spend reserved by allowed agent deliveries, in minor units of the currency, by namespace, agent endpoint and currency.",
+        &[],
+    ),
+    // Audit
+    family(
+        "hookwarden_audit_chain_length",
+        Kind::Gauge,
+        Unit::Count,
+        "Records in each audit chain (its head's sequence number), published by the leader.",
+    ),
+];
+
+/// The family called `name`, if Hookwarden emits one.
+pub fn family_named(name: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == name)
+}
+
+/// The process's Prometheus recorder, installed on first use, with every family described
+/// and the known counter series at 0.
 pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -38,6 +220,34 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may already be installed (tests): then ours only renders zeros.
         let _ = metrics::set_global_recorder(recorder);
+        describe_families();
         handle
     })
+}
+
+/// Describes every family and registers the known counter series at 0.
+fn describe_families() {
+    for family in FAMILIES {
+        match family.kind {
+            Kind::Counter => metrics::describe_counter!(family.name, family.unit, family.help),
+            Kind::Gauge => metrics::describe_gauge!(family.name, family.unit, family.help),
+            Kind::Histogram => metrics::describe_histogram!(family.name, family.unit, family.help),
+        }
+        for labels in family.zeros {
+            // `increment(0)` registers the series without touching a value it already has.
+            metrics::counter!(family.name, *labels).increment(0);
+        }
+    }
+}
+
+/// Registers `hookwarden_policy_decisions_total` at 0 for every outcome of each of `rules`
+/// (AgentRule names), so that a rule's first decision after a restart or an apply is seen
+/// by `increase()`. Harmless to call again for rules already registered.
+pub fn register_rules<'a>(rules: impl IntoIterator<Item = &'a str>) {
+    for rule in rules {
+        for outcome in DECISION_OUTCOMES {
+            metrics::counter!("hookwarden_policy_decisions_total", "outcome" => outcome, "rule" => rule.to_owned())
+                .increment(0);
+        }
+    }
 }

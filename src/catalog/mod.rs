@@ -206,6 +206,11 @@ impl Catalog {
         self.policies.get(namespace).cloned().unwrap_or_default()
     }
 
+    /// The names of the AgentRules in force, in every namespace (a name may repeat).
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.policies.values().flat_map(|p| p.rules.iter()).map(|r| r.name.as_str())
+    }
+
     pub fn endpoint(&self, namespace: &str, name: &str) -> Option<Arc<EndpointEntry>> {
         self.by_namespace.get(namespace)?.iter().find(|e| e.name == name).cloned()
     }
@@ -361,7 +366,8 @@ impl CatalogHandle {
     }
 
     /// Rebuilds from the store when the stored resources moved past the catalog's
-    /// revision; returns whether it did.
+    /// revision; returns whether it did. The decision counters of the AgentRules it loads
+    /// exist (at 0) from then on.
     pub async fn refresh(&self, store: &Store) -> Result<bool, CatalogError> {
         // The revision first: the resources read after it are at least that new, so the
         // catalog is never labelled newer than what it holds.
@@ -373,6 +379,7 @@ impl CatalogHandle {
         let catalog = tokio::task::spawn_blocking(move || Catalog::build(&resources, Some(revision)))
             .await
             .map_err(|e| CatalogError::Build(e.to_string()))?;
+        crate::telemetry::register_rules(catalog.rule_names());
         Ok(self.install(catalog))
     }
 

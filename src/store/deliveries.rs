@@ -424,6 +424,14 @@ pub(super) fn claimable(index_hint: &str) -> String {
     )
 }
 
+/// Endpoints that nothing is sent to now. A disabled endpoint counts as disabled only,
+/// whatever its breaker says, as its health does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedEndpoints {
+    pub breakers_open: i64,
+    pub disabled: i64,
+}
+
 /// How far ahead a disabled endpoint's deliveries are parked; re-enabling it makes them
 /// due at once, in the same transaction.
 const DISABLED_PARK: chrono::Duration = chrono::Duration::hours(1);
@@ -937,17 +945,19 @@ macro_rules! delivery_methods {
                 Ok((count.max(0) as u64, oldest))
             }
 
-            /// Endpoints whose breaker is open now, or that are disabled.
-            pub(super) async fn open_breakers(
+            /// Endpoints whose breaker is open now, and (apart) those that are disabled.
+            pub(super) async fn count_blocked_endpoints(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<i64, $crate::store::StoreError> {
-                Ok(sqlx::query_scalar(&$sql(
-                    "SELECT COUNT(*) FROM endpoint_state WHERE breaker_open_until > ? OR disabled_reason IS NOT NULL",
+            ) -> Result<$crate::store::deliveries::BlockedEndpoints, $crate::store::StoreError> {
+                let (breakers_open, disabled): (i64, i64) = sqlx::query_as(&$sql(
+                    "SELECT COUNT(*) FILTER (WHERE disabled_reason IS NULL AND breaker_open_until > ?), \
+                     COUNT(*) FILTER (WHERE disabled_reason IS NOT NULL) FROM endpoint_state",
                 ))
                 .bind(now)
                 .fetch_one(self.read_pool())
-                .await?)
+                .await?;
+                Ok($crate::store::deliveries::BlockedEndpoints { breakers_open, disabled })
             }
 
             /// Counts of deliveries in the states that are still moving. Final states grow

@@ -24,7 +24,8 @@ use serde::Serialize;
 use crate::ids::EventId;
 
 pub use deliveries::{
-    Attempt, AttemptStats, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery, DeliveryRecord, DeliveryState,
+    Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery, DeliveryRecord,
+    DeliveryState,
     EndpointState, NewDelivery,
 };
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
@@ -390,8 +391,9 @@ impl Store {
         dispatch!(self, s => s.queue_depth().await)
     }
 
-    pub async fn open_breakers(&self, now: DateTime<Utc>) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.open_breakers(now).await)
+    /// Endpoints whose breaker is open now, and those disabled by a 410, counted apart.
+    pub async fn count_blocked_endpoints(&self, now: DateTime<Utc>) -> Result<BlockedEndpoints, StoreError> {
+        dispatch!(self, s => s.count_blocked_endpoints(now).await)
     }
 
     pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
