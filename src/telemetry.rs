@@ -184,8 +184,13 @@ pub const FAMILIES: &[Family] = &[
         "Time in seconds from an approval request to its decision, by outcome.",
     ),
     counter(
-        "hookwarden_policy_spend_allowed_total",
-        "Spend reserved by allowed agent deliveries, in minor units of the currency, by namespace, agent endpoint and currency.",
+        "hookwarden_policy_spend_reserved_total",
+        "Spend reserved by allow decisions, in minor units of the currency, by namespace, agent endpoint and currency; a delivery allowed again after a retry reserves again.",
+        &[],
+    ),
+    counter(
+        "hookwarden_policy_spend_committed_total",
+        "Spend committed in the ledger (the delivery was delivered), in minor units of the currency, by namespace, agent endpoint and currency.",
         &[],
     ),
     // Audit

@@ -134,7 +134,7 @@ async fn every_family_on_a_live_metrics_page_has_help_text(db: TestDb) {
     eventually(Duration::from_secs(30), "delivered, retried and dead-lettered", || async {
         metric(base, "hookwarden_delivery_attempts_total", &[("outcome", "delivered")]).await >= Some(2.0)
             && metric(base, "hookwarden_delivery_dead_letters_total", &[]).await >= Some(1.0)
-            && metric(base, "hookwarden_policy_spend_allowed_total", &[("agent", "agent")]).await >= Some(5.0)
+            && metric(base, "hookwarden_policy_spend_reserved_total", &[("agent", "agent")]).await >= Some(5.0)
     })
     .await;
 

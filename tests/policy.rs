@@ -73,7 +73,7 @@ async fn concurrent_deliveries_never_exceed_the_spend_limit(db: TestDb) {
     assert!(reason.contains("over the spend limit"), "{reason}");
     // Spend by agent: at least what this test allowed (tests share the process's metrics).
     let spent = [("agent", "refund-agent"), ("currency", "USD")];
-    let allowed = metric(&app.base, "hookwarden_policy_spend_allowed_total", &spent).await.unwrap_or(0.0);
+    let allowed = metric(&app.base, "hookwarden_policy_spend_reserved_total", &spent).await.unwrap_or(0.0);
     assert!(allowed >= 55_000.0, "spend allowed: {allowed}");
     let decided = metric(&app.base, "hookwarden_policy_decisions_total", &[("outcome", "deny"), ("rule", "cap")]).await;
     assert!(decided.unwrap_or(0.0) >= 1.0, "denials by the cap: {decided:?}");
@@ -321,4 +321,52 @@ async fn an_expensive_rule_is_refused_at_apply_time_with_a_clear_reason() {
         assert_eq!(error["path"], "spec.match");
         assert!(error["message"].as_str().unwrap().contains(expected), "{body}");
     }
+}
+
+/// Retried deliveries are allowed (and reserve) again; what the ledger commits is counted
+/// apart, exactly once per delivered action. A process of its own: metrics are per process.
+#[tokio::test]
+async fn committed_spend_is_counted_once_however_often_a_delivery_was_allowed() {
+    let db = TestDb::sqlite();
+    // Each action's first attempt fails (the five go out before any retry), then succeeds.
+    let receiver =
+        TestReceiver::start(
+            Arc::new(|_: &str, n: usize| (if n < 5 { 503u16 } else { 200 }, None, Duration::ZERO)) as Script
+        )
+        .await;
+    let server = Process::start(&db, &["--allow-private-urls", "true"]);
+    let admin = token("admin", &[Role::Admin], &["*"]);
+    let client = reqwest::Client::new();
+    let budget = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: soon}\nspec:\n  maxAttempts: 5\n  backoff: {base: 500ms, max: 500ms, jitter: none}\n";
+    let agent = agent(&receiver.url("/agent")).replace("  agent: true\n", "  agent: true\n  retryBudgetRef: soon\n");
+    let yaml = format!("{budget}---\n{agent}---\n{}", CAP.replace("LIMIT", "1000000"));
+    let applied = client
+        .post(format!("{}/v1/apply", server.base))
+        .bearer_auth(&admin)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    let mut sent = tokio::task::JoinSet::new();
+    for n in 0..5 {
+        let (client, base, admin) = (client.clone(), server.base.clone(), admin.clone());
+        let event = json!({"id": format!("c-{n}"), "source": "shop", "type": "refund.requested", "data": {"amount_cents": 1000}});
+        sent.spawn(async move {
+            client.post(format!("{base}/v1/events")).bearer_auth(admin).json(&event).send().await.unwrap().status()
+        });
+    }
+    while let Some(status) = sent.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    let labels = [("agent", "refund-agent"), ("currency", "USD")];
+    eventually(Duration::from_secs(20), "five actions delivered and committed", || async {
+        metric(&server.base, "hookwarden_policy_spend_committed_total", &labels).await == Some(5000.0)
+    })
+    .await;
+    let reserved = metric(&server.base, "hookwarden_policy_spend_reserved_total", &labels).await.unwrap_or(0.0);
+    assert_eq!(reserved, 10_000.0, "each action was allowed twice: before its failed attempt and its retry");
+    assert_eq!(receiver.on("/agent").iter().filter(|r| r.answered == 200).count(), 5);
+    server.kill();
 }

@@ -652,6 +652,11 @@ async fn write_completions(
                             "attempt results dropped: their lease had expired and another worker owns them"
                         );
                     }
+                    for spend in &report.committed_spend {
+                        metrics::counter!("hookwarden_policy_spend_committed_total", "namespace" => spend.namespace.clone(),
+                            "agent" => spend.endpoint.clone(), "currency" => spend.currency.clone())
+                        .increment(spend.amount.max(0) as u64);
+                    }
                     if report.endpoints_changed {
                         status_changed.notify_one();
                         let _ = store.notify_status().await;
@@ -702,10 +707,12 @@ fn count_decision(outcome: &'static str, rule: &str) {
         .increment(1);
 }
 
-/// Spend allowed (reserved) per agent endpoint and currency, in minor units.
+/// Spend reserved per agent endpoint and currency, in minor units: every reservation an
+/// allow made, so a delivery allowed again after a retry counts again. What the ledger
+/// committed is `hookwarden_policy_spend_committed_total`.
 fn count_spend(delivery: &ClaimedDelivery, reservations: &[SpendReservation]) {
     for r in reservations {
-        metrics::counter!("hookwarden_policy_spend_allowed_total", "namespace" => delivery.namespace.clone(),
+        metrics::counter!("hookwarden_policy_spend_reserved_total", "namespace" => delivery.namespace.clone(),
             "agent" => delivery.endpoint.clone(), "currency" => r.currency.clone())
         .increment(r.amount.max(0) as u64);
     }

@@ -181,12 +181,25 @@ pub struct DeliveryQuery {
 }
 
 /// What writing a batch of completions did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompletionReport {
     /// Completions dropped because their lease had expired and another worker owns them.
     pub lost: u64,
     /// An endpoint's breaker opened or a 410 disabled it: its status changed.
     pub endpoints_changed: bool,
+    /// Spend reservations the batch committed (its deliveries were delivered).
+    pub committed_spend: Vec<CommittedSpend>,
+}
+
+/// Spend that moved from reserved to committed in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedSpend {
+    pub namespace: String,
+    /// The agent endpoint.
+    pub endpoint: String,
+    pub currency: String,
+    /// Minor units.
+    pub amount: i64,
 }
 
 /// What the engine knows of an endpoint at run time.
@@ -600,7 +613,7 @@ macro_rules! delivery_methods {
                 let kept: Vec<&$crate::store::deliveries::Completion> =
                     completions.iter().zip(&applied).filter(|(_, applied)| **applied).map(|(c, _)| c).collect();
                 let lost = (completions.len() - kept.len()) as u64;
-                let mut report = CompletionReport { lost, endpoints_changed: false };
+                let mut report = CompletionReport { lost, ..CompletionReport::default() };
                 if kept.is_empty() {
                     tx.commit().await?;
                     return Ok(report);
@@ -611,7 +624,16 @@ macro_rules! delivery_methods {
                     .filter_map(|c| $crate::store::policy::ledger_state_for(c.state).map(|s| (c.id.as_str(), s)))
                     .collect();
                 if !settled.is_empty() {
-                    Self::settle_spend_in(&mut tx, &settled).await?;
+                    for (id, currency, amount) in Self::settle_spend_in(&mut tx, &settled).await? {
+                        if let Some(c) = kept.iter().find(|c| c.id.as_str() == id) {
+                            report.committed_spend.push($crate::store::deliveries::CommittedSpend {
+                                namespace: c.namespace.clone(),
+                                endpoint: c.endpoint.clone(),
+                                currency,
+                                amount,
+                            });
+                        }
+                    }
                 }
                 for delta in health_deltas(&kept) {
                     let open_until: Option<chrono::DateTime<chrono::Utc>> =

@@ -24,9 +24,8 @@ use serde::Serialize;
 use crate::ids::EventId;
 
 pub use deliveries::{
-    Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery, DeliveryRecord,
-    DeliveryState,
-    EndpointState, NewDelivery,
+    Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, CommittedSpend, Completion, CompletionReport,
+    DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
 };
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use postgres::{Notice, PgStore, WorkListener};

@@ -450,16 +450,20 @@ impl PgStore {
     async fn settle_spend_in(
         tx: &mut Transaction<'static, Postgres>,
         settled: &[(&str, &'static str)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
         let (ids, states): (Vec<&str>, Vec<&str>) = settled.iter().copied().unzip();
-        sqlx::query(
+        let committed: Vec<(String, String, i64)> = sqlx::query_as(
             "UPDATE spend_ledger l SET state = t.state FROM UNNEST($1::text[], $2::text[]) AS t(id, state) \
-             WHERE l.delivery_id = t.id AND l.state = 'reserved'",
+             WHERE l.delivery_id = t.id AND l.state = 'reserved' \
+             RETURNING l.delivery_id, l.currency, CASE WHEN l.state = 'committed' THEN l.amount ELSE NULL END",
         )
         .bind(&ids)
         .bind(&states)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .filter_map(|(id, currency, amount): (String, String, Option<i64>)| amount.map(|a| (id, currency, a)))
+        .collect();
+        Ok(committed)
     }
 }

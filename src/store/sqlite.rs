@@ -378,17 +378,25 @@ impl SqliteStore {
     }
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
+    /// Returns what was committed: `(delivery, currency, amount)`.
     async fn settle_spend_in(
         tx: &mut Transaction<'static, Sqlite>,
         settled: &[(&str, &'static str)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut committed = Vec::new();
         for (id, state) in settled {
-            sqlx::query("UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved'")
-                .bind(*state)
-                .bind(*id)
-                .execute(&mut **tx)
-                .await?;
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                "UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved' \
+                 RETURNING delivery_id, currency, amount",
+            )
+            .bind(*state)
+            .bind(*id)
+            .fetch_all(&mut **tx)
+            .await?;
+            if *state == "committed" {
+                committed.extend(rows);
+            }
         }
-        Ok(())
+        Ok(committed)
     }
 }
