@@ -430,3 +430,50 @@ async fn an_apply_through_one_process_is_seen_at_once_by_another() {
     a.kill();
     b.kill();
 }
+
+/// `hookwarden get endpoints` shows readiness, delivery state and breaker in aligned columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_endpoints_shows_ready_state_and_breaker_in_aligned_columns() {
+    let db = TestDb::sqlite();
+    let receiver = TestReceiver::start(gone_once()).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    app.apply_yaml(
+        &[
+            endpoint("gone", &receiver.url("/gone"), &inline(), ""),
+            endpoint("waiting-for-its-secret", &receiver.url("/w"), &from_file(&dir.path().join("nope")), ""),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    post_event(&app.base, &app.admin, order(0)).await;
+    until_condition(&app, "gone", "Delivering", "Disabled").await;
+    until_condition(&app, "waiting-for-its-secret", "Ready", "SecretUnavailable").await;
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+            .args(["get", "endpoints"])
+            .env("HOOKWARDEN_SERVER", &app.base)
+            .env("HOOKWARDEN_TOKEN", &app.admin)
+            .output()
+            .unwrap()
+    });
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let out = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let header = lines[0];
+    for column in ["NAMESPACE", "NAME", "GENERATION", "READY", "STATE", "BREAKER"] {
+        assert!(header.contains(column), "{out}");
+    }
+    // Every column starts where its header does.
+    let at = |column: &str| header.find(column).unwrap();
+    let cell = |line: &str, column: &str| line[at(column)..].split_whitespace().next().unwrap_or("").to_owned();
+    let gone = lines.iter().find(|l| l.contains(" gone ")).expect("the gone row");
+    assert_eq!(
+        (cell(gone, "READY"), cell(gone, "STATE"), cell(gone, "BREAKER")),
+        ("True".into(), "Disabled".into(), "Closed".into()),
+        "{out}"
+    );
+    let waiting = lines.iter().find(|l| l.contains("waiting-for-its-secret")).unwrap();
+    assert_eq!((cell(waiting, "READY"), cell(waiting, "STATE")), ("False".into(), "SecretUnavailable".into()), "{out}");
+}
