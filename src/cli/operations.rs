@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use hookwarden::outln;
 use serde_json::json;
 
 use super::{print_error, show, Client, ClientArgs};
@@ -93,9 +94,9 @@ pub async fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
                 print_error(status, &body);
                 return Ok(ExitCode::from(1));
             }
-            println!("{:<32} {:<9} {:<20} {:<24} {:>6}  REASON", "ID", "STATE", "ENDPOINT", "EXPIRES", "QUORUM");
+            outln!("{:<32} {:<9} {:<20} {:<24} {:>6}  REASON", "ID", "STATE", "ENDPOINT", "EXPIRES", "QUORUM")?;
             for a in body["items"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:<32} {:<9} {:<20} {:<24} {:>6}  {}",
                     a["id"].as_str().unwrap_or(""),
                     a["state"].as_str().unwrap_or(""),
@@ -103,7 +104,7 @@ pub async fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
                     a["expires_at"].as_str().unwrap_or(""),
                     a["quorum"],
                     a["reason"].as_str().unwrap_or("")
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }

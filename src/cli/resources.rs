@@ -11,6 +11,7 @@ use super::{print_error, Client, ClientArgs, ERROR};
 use hookwarden::controller::apply::read_resource_files;
 use hookwarden::resources::validate::{validate, Checks};
 use hookwarden::resources::{parse_files, Kind};
+use hookwarden::{errln, out, outln};
 
 #[derive(Args)]
 pub struct FilesArgs {
@@ -131,7 +132,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     let suffix = if args.dry_run { " (dry run)" } else { "" };
     for r in body["results"].as_array().into_iter().flatten() {
-        println!("{} {}{suffix}", resource_name(r), r["action"].as_str().unwrap_or("?"));
+        outln!("{} {}{suffix}", resource_name(r), r["action"].as_str().unwrap_or("?"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -141,7 +142,7 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
     let files = match read_files(&args.files) {
         Ok(files) => files,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             return Ok(ExitCode::from(ERROR));
         }
     };
@@ -158,9 +159,9 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         differences = true;
-        println!("{} ({action})", resource_name(r));
+        outln!("{} ({action})", resource_name(r))?;
         for line in r["diff"].as_array().into_iter().flatten() {
-            println!("  {}", line.as_str().unwrap_or(""));
+            outln!("  {}", line.as_str().unwrap_or(""))?;
         }
     }
     Ok(if differences { ExitCode::from(1) } else { ExitCode::SUCCESS })
@@ -208,30 +209,30 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     match args.output {
         Some(OutputFormat::Json) => {
             let out = if args.name.is_some() { items[0].clone() } else { json!({ "items": items }) };
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?)?;
         }
         Some(OutputFormat::Yaml) => {
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    println!("---");
+                    outln!("---")?;
                 }
-                print!("{}", yaml_serde::to_string(item)?);
+                out!("{}", yaml_serde::to_string(item)?)?;
             }
         }
         None => {
-            println!("{:<16} {:<32} {:>10}  READY", "NAMESPACE", "NAME", "GENERATION");
+            outln!("{:<16} {:<32} {:>10}  READY", "NAMESPACE", "NAME", "GENERATION")?;
             for item in &items {
                 let ready = item["status"]["conditions"]
                     .as_array()
                     .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
                     .and_then(|c| c["status"].as_str())
                     .unwrap_or("Unknown");
-                println!(
+                outln!(
                     "{:<16} {:<32} {:>10}  {ready}",
                     item["metadata"]["namespace"].as_str().unwrap_or(""),
                     item["metadata"]["name"].as_str().unwrap_or(""),
                     item["metadata"]["generation"]
-                );
+                )?;
             }
         }
     }
@@ -247,12 +248,12 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
         print_error(status, &body);
         return Ok(ExitCode::from(1));
     }
-    println!("{} deleted", resource_name(&body));
+    outln!("{} deleted", resource_name(&body))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn schema() -> anyhow::Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?);
+    outln!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -261,17 +262,17 @@ pub fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let results = match hookwarden::policy::testing::run(dir) {
         Ok(results) => results,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Ok(ExitCode::from(ERROR));
         }
     };
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
     for r in &results {
         match &r.failure {
-            None => println!("ok    {}: {}", r.folder.display(), r.name),
-            Some(why) => println!("FAIL  {}: {}: {why}", r.folder.display(), r.name),
+            None => outln!("ok    {}: {}", r.folder.display(), r.name)?,
+            Some(why) => outln!("FAIL  {}: {}: {why}", r.folder.display(), r.name)?,
         }
     }
-    println!("{} passed, {failed} failed", results.len() - failed);
+    outln!("{} passed, {failed} failed", results.len() - failed)?;
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
