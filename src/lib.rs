@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod duration;
 pub mod ids;
 pub mod ingest;
+pub mod messages;
 pub mod output;
 pub mod policy;
 pub mod resources;

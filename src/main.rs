@@ -118,7 +118,7 @@ struct TokenArgs {
     #[arg(long = "namespace", short = 'n')]
     namespaces: Vec<String>,
     /// How long the token is valid, e.g. 30m, 12h, 30d.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = hookwarden::duration::parse)]
     ttl: Duration,
 }
 

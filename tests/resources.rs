@@ -146,6 +146,55 @@ fn duplicate_of_good() -> String {
     budget("standard", "default", "2m")
 }
 
+/// Specs stored by an older build wrote durations the way `humantime` does (`1day`,
+/// `3days`, `1m 30s`); this build writes `24h`, `72h`, `90s`.
+async fn durations_stored_by_an_older_build_read_as_this_build_writes_them(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let old_spec = serde_json::json!({
+        "maxAttempts": 5,
+        "backoff": {"base": "1m 30s", "max": "1h", "jitter": "full"},
+        "deadLetterAfter": "3days",
+        "circuitBreaker": {"consecutiveFailures": 3, "openFor": "1day"},
+    });
+    let key = hookwarden::resources::ResourceKey {
+        kind: hookwarden::resources::Kind::RetryBudget,
+        namespace: "default".into(),
+        name: "old".into(),
+    };
+    let written = app
+        .store
+        .apply_resources(&hookwarden::store::ApplyRequest {
+            resources: vec![hookwarden::store::DesiredResource {
+                key,
+                labels: Default::default(),
+                annotations: Default::default(),
+                spec: old_spec,
+            }],
+            actor: "older-build".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(written[0].action, hookwarden::store::ApplyAction::Created);
+    let same = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: old}\nspec:\n  maxAttempts: 5\n  backoff: {base: 90s, max: 1h}\n  deadLetterAfter: 72h\n  circuitBreaker: {consecutiveFailures: 3, openFor: 24h}\n";
+    for _ in 0..2 {
+        let (status, body) = apply(&app, &app.admin, same, "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(actions(&body), [("old".into(), "unchanged".into())], "{body}");
+    }
+    let shown = resource(&app, "RetryBudget", "default", "old").await.unwrap();
+    assert_eq!(shown["spec"]["deadLetterAfter"], "72h", "{shown}");
+    assert_eq!(shown["spec"]["circuitBreaker"]["openFor"], "24h", "{shown}");
+    assert_eq!(shown["spec"]["backoff"]["base"], "90s", "{shown}");
+    assert_eq!(shown["metadata"]["generation"], 1);
+    // A real change shows in the diff, in this build's words only.
+    let (_, body) = apply(&app, &app.admin, &same.replace("deadLetterAfter: 72h", "deadLetterAfter: 96h"), "").await;
+    assert_eq!(actions(&body), [("old".into(), "configured".into())], "{body}");
+    let diff = body["results"][0]["diff"].as_array().unwrap();
+    assert_eq!(diff.len(), 1, "{body}");
+    assert_eq!(diff[0], r#"~ spec.deadLetterAfter: "72h" → "96h""#, "{body}");
+}
+
 async fn a_dry_run_writes_nothing(db: TestDb) {
     let app = spawn_app(&db).await;
     let (status, body) = apply(&app, &app.admin, &budget("standard", "default", "1m"), "?dryRun=true").await;
@@ -192,6 +241,7 @@ macro_rules! on_both_databases {
 on_both_databases!(
     applying_the_same_files_twice_changes_nothing,
     an_invalid_apply_writes_nothing_and_names_every_error,
+    durations_stored_by_an_older_build_read_as_this_build_writes_them,
     a_dry_run_writes_nothing,
     prune_removes_only_members_of_the_named_set_that_left,
 );
@@ -339,6 +389,21 @@ fn validate_catches_the_same_mistakes_offline() {
             budget("a", "default", "1m").replace("base: 1s", "base: 2m"),
             "spec.backoff.max: must be >= spec.backoff.base",
         ),
+        (
+            "ill-typed.yaml",
+            budget("a", "default", "1m").replace("maxAttempts: 5", "maxAttempts: x"),
+            "ill-typed.yaml (document 0, line 5): spec.maxAttempts: must be a whole number from 0 to 4294967295, not a text",
+        ),
+        (
+            "missing.yaml",
+            budget("a", "default", "1m").replace("  maxAttempts: 5\n", ""),
+            "spec.maxAttempts: is required",
+        ),
+        (
+            "secret-as-text.yaml",
+            endpoint("hooks", "default", "missing", "10s").replace(&format!("[{{value: {SECRET}}}]"), &format!("[{SECRET}]")),
+            "spec.secrets[0]: must be a mapping with `value` or `valueFrom`, not a text",
+        ),
     ];
     for (name, yaml, expected) in cases {
         let case = tempfile::tempdir().unwrap();
@@ -347,6 +412,7 @@ fn validate_catches_the_same_mistakes_offline() {
         let (code, out) = run(&path);
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(expected) && out.contains(name), "{name}: expected `{expected}` in {out}");
+        assert!(!out.contains("whsec_") && !out.contains("expected u32"), "{name}: {out}");
     }
 }
 

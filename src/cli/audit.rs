@@ -117,7 +117,7 @@ async fn verify_database(url: &str, public_key: Option<&str>) -> anyhow::Result<
             let page = store.audit_records(&chain, from, i64::MAX, 1000).await?;
             let Some(last) = page.last() else { break };
             if let Err(e) = hookwarden::audit::verify_chain(&page, after.clone()) {
-                broken = Some(format!("seq {}: {}", e.seq.unwrap_or(0), e.reason));
+                broken = Some(format!("record {}: {}", e.seq, e.reason));
                 break;
             }
             if let Some((seq, _, _)) = &latest {

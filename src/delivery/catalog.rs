@@ -153,7 +153,7 @@ fn types_match(globs: &[String], event_type: &str) -> bool {
 pub fn eval_bool(program: &CompiledExpr, event: &Value) -> Result<bool, String> {
     match eval(program, event)? {
         cel::Value::Bool(b) => Ok(b),
-        other => Err(format!("expected a bool, got {other:?}")),
+        other => Err(format!("expected a bool, got {}", expr::describe(&other))),
     }
 }
 

@@ -168,6 +168,25 @@ pub fn value_text(value: &cel::Value) -> String {
     }
 }
 
+/// A value for messages: its CEL type, with the value of a number or a bool (`the int
+/// 1`, `a string`), never Rust's debug form.
+pub fn describe(value: &cel::Value) -> String {
+    match value {
+        cel::Value::Int(i) => format!("the int {i}"),
+        cel::Value::UInt(u) => format!("the uint {u}"),
+        cel::Value::Float(f) => format!("the double {f}"),
+        cel::Value::Bool(b) => format!("the bool {b}"),
+        cel::Value::String(_) => "a string".to_owned(),
+        cel::Value::Bytes(_) => "bytes".to_owned(),
+        cel::Value::List(_) => "a list".to_owned(),
+        cel::Value::Map(_) => "a map".to_owned(),
+        cel::Value::Null => "null".to_owned(),
+        cel::Value::Duration(_) => "a duration".to_owned(),
+        cel::Value::Timestamp(_) => "a timestamp".to_owned(),
+        other => format!("a value of type {}", other.type_of()),
+    }
+}
+
 /// Deepest nesting of brackets outside string literals.
 fn text_nesting(source: &str) -> usize {
     let (mut depth, mut max, mut unary_run) = (0usize, 0usize, 0usize);
