@@ -170,18 +170,19 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
 /// Offline: every check that needs no server.
 pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     let files = read_files(&args)?;
-    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
     let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
     let checks = Checks { allow_private_urls, read_secret_sources: false };
-    errors.extend(validate(&resources, &Default::default(), checks));
+    let (resources, mut errors) = (parsed.resources, parsed.errors);
+    errors.extend(validate(&resources, &parsed.unparsed, checks));
     if errors.is_empty() {
-        println!("{} resources in {} files are valid", resources.len(), files.len());
+        outln!("{} resources in {} files are valid", resources.len(), files.len())?;
         return Ok(ExitCode::SUCCESS);
     }
     for e in &errors {
-        eprintln!("{e}");
+        errln!("{e}");
     }
-    eprintln!("{} errors", errors.len());
+    errln!("{} error{}", errors.len(), if errors.len() == 1 { "" } else { "s" });
     Ok(ExitCode::from(1))
 }
 

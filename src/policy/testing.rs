@@ -113,7 +113,8 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
         }
     }
     files.sort();
-    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let (resources, mut errors) = (parsed.resources, parsed.errors);
     // The endpoints the cases name stand in for stored ones.
     let endpoints: HashSet<ResourceKey> = resources
         .iter()
@@ -126,6 +127,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
                 name: c.endpoint.name.clone(),
             })
         })
+        .chain(parsed.unparsed)
         .collect();
     errors.extend(validate(&resources, &endpoints, Checks { allow_private_urls: true, read_secret_sources: false }));
     if !errors.is_empty() {

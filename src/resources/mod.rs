@@ -9,7 +9,7 @@ pub mod diff;
 pub mod kinds;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use schemars::JsonSchema;
@@ -242,16 +242,26 @@ impl fmt::Display for ResourceError {
     }
 }
 
+/// What reading resource files gave: the documents that parsed, the errors of those that
+/// did not, and the keys those name.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub resources: Vec<Located>,
+    pub errors: Vec<ResourceError>,
+    /// Kind, namespace and name of documents that did not parse but say them: references
+    /// to them are not reported as missing (the document's own error says what is wrong).
+    pub unparsed: HashSet<ResourceKey>,
+}
+
 /// Parses every document of a multi-document YAML text. Empty documents are skipped.
-pub fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<ResourceError>) {
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
+pub fn parse_file(file: &str, text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
     for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let origin = Origin { file: file.to_owned(), document: index };
         let value = match yaml_serde::Value::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
-                errors.push(yaml_error(&origin, String::new(), &e));
+                parsed.errors.push(yaml_error(&origin, String::new(), &e));
                 // A syntax error ends the stream: later documents cannot be read.
                 break;
             }
@@ -260,11 +270,26 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<ResourceError>) 
             continue;
         }
         match parse_document(&origin, text, index, &value) {
-            Ok(resource) => resources.push(Located { origin, resource }),
-            Err(e) => errors.push(e),
+            Ok(resource) => parsed.resources.push(Located { origin, resource }),
+            Err(e) => {
+                parsed.errors.push(e);
+                parsed.unparsed.extend(named_key(&value));
+            }
         }
     }
-    (resources, errors)
+    parsed
+}
+
+/// The key a document that did not parse names, if it names one.
+fn named_key(value: &yaml_serde::Value) -> Option<ResourceKey> {
+    let kind = Kind::ALL.into_iter().find(|k| value.get("kind").and_then(|v| v.as_str()) == Some(k.as_str()))?;
+    let metadata = value.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?.to_owned();
+    let namespace = match metadata.get("namespace") {
+        None => DEFAULT_NAMESPACE.to_owned(),
+        Some(namespace) => namespace.as_str()?.to_owned(),
+    };
+    Some(ResourceKey { kind, namespace, name })
 }
 
 /// A YAML library error as a resource error at `path`, in plain words (see
@@ -375,15 +400,15 @@ fn refine_line(text: &str, reported: usize, path: &str) -> usize {
 }
 
 /// Parses several named texts; errors of all of them are returned together.
-pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> (Vec<Located>, Vec<ResourceError>) {
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
+pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> Parsed {
+    let mut all = Parsed::default();
     for (name, text) in files {
-        let (r, e) = parse_file(name, text);
-        resources.extend(r);
-        errors.extend(e);
+        let parsed = parse_file(name, text);
+        all.resources.extend(parsed.resources);
+        all.errors.extend(parsed.errors);
+        all.unparsed.extend(parsed.unparsed);
     }
-    (resources, errors)
+    all
 }
 
 /// The JSON Schema of every kind: a `oneOf` keyed by `kind`, definitions shared at the root.
@@ -422,9 +447,9 @@ mod tests {
     const BUDGET: &str = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: standard}\nspec:\n  maxAttempts: 5\n  backoff: {base: 1s, max: 1m}\n";
 
     fn only_error(yaml: &str) -> ResourceError {
-        let (_, errors) = parse_file("f.yaml", yaml);
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        errors[0].clone()
+        let parsed = parse_file("f.yaml", yaml);
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+        parsed.errors[0].clone()
     }
 
     #[test]
@@ -463,5 +488,12 @@ mod tests {
             "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e}}\nspec:\n  url: https://e.example.com\n  secrets: [{secret}]\n"
         ));
         assert_eq!(error.message, "must be a mapping with `value` or `valueFrom`, not a text");
+    }
+
+    #[test]
+    fn documents_that_do_not_parse_still_say_what_they_name() {
+        let parsed = parse_file("f.yaml", &BUDGET.replace("maxAttempts: 5", "maxAttempts: x"));
+        let key = ResourceKey { kind: Kind::RetryBudget, namespace: "default".into(), name: "standard".into() };
+        assert_eq!(parsed.unparsed, HashSet::from([key]));
     }
 }
