@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::auth::{Role, TokenKeys};
 use crate::config::Secret;
+use crate::outln;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -257,23 +258,25 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let (_, peak_rss) = server.memory_kib()?;
     latencies.sort();
     let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
-    println!(
+    outln!(
         "bench ingest: database={database} events={} concurrency={} body≈{}B",
-        args.events, args.concurrency, args.size
-    );
-    println!(
+        args.events,
+        args.concurrency,
+        args.size
+    )?;
+    outln!(
         "  throughput   {:.0} events/s ({:.2} s)",
         args.events as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
-    );
-    println!("  latency p50  {:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1e3);
-    println!("  latency p99  {:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
-    println!("  latency max  {:.2} ms", latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3);
-    println!(
+    )?;
+    outln!("  latency p50  {:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1e3)?;
+    outln!("  latency p99  {:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3)?;
+    outln!("  latency max  {:.2} ms", latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3)?;
+    outln!(
         "  server RSS   idle {:.1} MiB, peak under load {:.1} MiB",
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
-    );
+    )?;
     Ok(())
 }
 
@@ -374,14 +377,14 @@ async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
         let cpu = server.cpu_time()? - cpu_before;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let appended = chain_length(&client, &server.base).await? - audit_before;
-        println!("bench deliver: database={database} backlog={backlog} audited outcomes={audited}");
-        println!(
+        outln!("bench deliver: database={database} backlog={backlog} audited outcomes={audited}")?;
+        outln!(
             "  drained      {backlog} deliveries in {:.2} s: {:.0} deliveries/s",
             elapsed.as_secs_f64(),
             backlog as f64 / elapsed.as_secs_f64()
-        );
-        println!("  server CPU   {:.3} ms per delivery", cpu.as_secs_f64() * 1e3 / backlog as f64);
-        println!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64());
+        )?;
+        outln!("  server CPU   {:.3} ms per delivery", cpu.as_secs_f64() * 1e3 / backlog as f64)?;
+        outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
         return Ok(());
     }
 
@@ -421,28 +424,28 @@ async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
     }
     let delivered = latencies.len();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
+    outln!(
         "bench deliver: database={database} rate={} seconds={} concurrency={} timing-out endpoint={} audited outcomes={audited}",
         args.rate, args.seconds, args.concurrency, args.with_timing_out_endpoint
-    );
-    println!("  offered      {offered} events, delivered {delivered} to the healthy endpoint");
-    println!(
+    )?;
+    outln!("  offered      {offered} events, delivered {delivered} to the healthy endpoint")?;
+    outln!(
         "  throughput   {:.0} deliveries/s (first send to last 2xx, {:.1} s)",
         delivered as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
-    );
-    println!(
+    )?;
+    outln!(
         "  enqueue→2xx  p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         ms(percentile(&latencies, 0.50)),
         ms(percentile(&latencies, 0.95)),
         ms(percentile(&latencies, 0.99)),
         ms(*latencies.last().unwrap_or(&Duration::ZERO))
-    );
-    println!(
+    )?;
+    outln!(
         "  server CPU   {:.2} ms per delivered event (ingest included)",
         cpu.as_secs_f64() * 1e3 / delivered as f64
-    );
-    println!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64());
+    )?;
+    outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
 }
 
@@ -565,14 +568,14 @@ fn policy(args: PolicyArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     latencies.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!("bench policy: {} rules selecting the endpoint, {} decisions, one thread", args.rules, args.decisions);
-    println!("  outcome      {:?}", outcome);
-    println!("  throughput   {:.0} decisions/s", args.decisions as f64 / elapsed.as_secs_f64());
-    println!(
+    outln!("bench policy: {} rules selecting the endpoint, {} decisions, one thread", args.rules, args.decisions)?;
+    outln!("  outcome      {:?}", outcome)?;
+    outln!("  throughput   {:.0} decisions/s", args.decisions as f64 / elapsed.as_secs_f64())?;
+    outln!(
         "  per decision p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         us(percentile(&latencies, 0.50)),
         us(percentile(&latencies, 0.99)),
         us(*latencies.last().unwrap_or(&Duration::ZERO))
-    );
+    )?;
     Ok(())
 }

@@ -485,16 +485,10 @@ fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
     parse_file_config(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
 }
 
-/// Parses the config file's text; errors name the field path and the line.
+/// Parses the config file's text; errors name the field path and the line, in plain
+/// words (see [`crate::messages`]).
 fn parse_file_config(text: &str) -> Result<FileConfig, String> {
-    serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(text)).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            e.into_inner().to_string()
-        } else {
-            format!("{path}: {}", e.into_inner())
-        }
-    })
+    serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(text)).map_err(crate::messages::yaml_error)
 }
 
 #[cfg(test)]
@@ -526,6 +520,24 @@ mod tests {
         let err = parse_file_config("listen: 127.0.0.1:1\ningest:\n  idempotencyKeyTtl: soon\n").unwrap_err();
         assert!(err.starts_with("ingest.idempotencyKeyTtl: "), "{err}");
         assert!(err.contains("soon") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn ill_typed_settings_are_told_in_plain_words() {
+        let err = parse_file_config("ingest:\n  maxBodyBytes: lots\n").unwrap_err();
+        assert_eq!(
+            err,
+            "ingest.maxBodyBytes: must be a whole number from 0 to 18446744073709551615, not a text (line 2)"
+        );
+        let err = parse_file_config("delivery:\n  workers: 2\n  leaseMargin: 30\n").unwrap_err();
+        assert_eq!(err, "delivery.leaseMargin: `30` is not a duration like 30s, 5m or 24h (line 3)");
+        let err = parse_file_config("controller: [resync]\n").unwrap_err();
+        assert_eq!(err, "controller: must be a mapping, not a list (line 1)");
+        // A secret in the wrong shape is never repeated.
+        let err = parse_file_config("jwtSecret: [s3cret-s3cret-s3cret-s3cret-s3cret-s3cret]\n").unwrap_err();
+        assert_eq!(err, "jwtSecret: must be a text, not a list (line 1)");
+        let err = parse_file_config("jwtSecret: {value: s3cret}\n").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]

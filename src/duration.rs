@@ -1,5 +1,6 @@
 //! Durations written as text in resources and configuration: `500ms`, `30s`, `5m`, `24h`,
-//! `1h 30m`. Read with `humantime`, written back in the same form.
+//! `1h 30m`. Read with `humantime`; written in one canonical form (see [`DurationText`]'s
+//! `Display`), the form stored specs are compared in, so one duration has one text.
 
 use std::fmt;
 use std::time::Duration;
@@ -10,9 +11,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DurationText(pub Duration);
 
+/// What a duration looks like, for messages.
+const EXPECTED: &str = "a duration like 30s, 5m or 24h";
+
 /// Parses `30s`, `5m`, `24h`; the error says what was expected.
 pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration like 30s, 5m or 24h ({e})"))
+    humantime::parse_duration(text.trim()).map_err(|_| format!("`{text}` is not {EXPECTED}"))
 }
 
 impl DurationText {
@@ -21,16 +25,49 @@ impl DurationText {
     }
 }
 
+/// The canonical text: whole minutes in hours and minutes (`5m`, `24h`, `72h`, `1h 30m`),
+/// anything finer in one unit (`90s`, `500ms`, `250us`). Never days, whose length people
+/// read differently; always readable by [`parse`].
 impl fmt::Display for DurationText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        let d = self.0;
+        let nanos = d.subsec_nanos();
+        let secs = d.as_secs();
+        if nanos == 0 && secs.is_multiple_of(60) && secs > 0 {
+            let (hours, minutes) = (secs / 3600, secs / 60 % 60);
+            return match (hours, minutes) {
+                (0, m) => write!(f, "{m}m"),
+                (h, 0) => write!(f, "{h}h"),
+                (h, m) => write!(f, "{h}h {m}m"),
+            };
+        }
+        if nanos == 0 {
+            return write!(f, "{secs}s");
+        }
+        let total = d.as_nanos();
+        match (total % 1_000_000, total % 1_000) {
+            (0, _) => write!(f, "{}ms", total / 1_000_000),
+            (_, 0) => write!(f, "{}us", total / 1_000),
+            _ => write!(f, "{total}ns"),
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse(&text).map(DurationText).map_err(serde::de::Error::custom)
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = DurationText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<DurationText, E> {
+                parse(text).map(DurationText).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Text)
     }
 }
 
@@ -84,8 +121,35 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_written_in_their_shortest_common_form() {
+        let cases = [
+            (Duration::from_secs(86_400), "24h"),
+            (Duration::from_secs(3 * 86_400), "72h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(5_400), "1h 30m"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(3_630), "3630s"),
+            (Duration::from_millis(1_500), "1500ms"),
+            (Duration::from_micros(250), "250us"),
+            (Duration::from_nanos(7), "7ns"),
+            (Duration::ZERO, "0s"),
+        ];
+        for (duration, text) in cases {
+            assert_eq!(DurationText(duration).to_string(), text);
+            assert_eq!(parse(text), Ok(duration), "{text} reads back");
+        }
+        // What an older build wrote still reads, and is written the new way.
+        for (old, new) in [("1day", "24h"), ("3days", "72h"), ("1m 30s", "90s"), ("1h 30m", "1h 30m")] {
+            assert_eq!(DurationText(parse(old).unwrap()).to_string(), new);
+        }
+    }
+
+    #[test]
     fn a_bad_duration_says_what_was_expected() {
-        let err = serde_json::from_value::<DurationText>(serde_json::json!("soon")).unwrap_err().to_string();
-        assert!(err.contains("`soon` is not a duration"), "{err}");
+        let err = serde_json::from_value::<DurationText>(serde_json::json!("ten seconds")).unwrap_err().to_string();
+        assert_eq!(err, "`ten seconds` is not a duration like 30s, 5m or 24h");
+        let err = serde_json::from_value::<DurationText>(serde_json::json!(10)).unwrap_err().to_string();
+        assert_eq!(err, "invalid type: integer `10`, expected a duration like 30s, 5m or 24h");
     }
 }

@@ -16,6 +16,8 @@ pub mod delivery;
 pub mod duration;
 pub mod ids;
 pub mod ingest;
+pub mod messages;
+pub mod output;
 pub mod policy;
 pub mod resources;
 pub mod server;

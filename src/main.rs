@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use hookwarden::auth::{Role, TokenKeys};
 use hookwarden::config::{Config, LogFormat, Overrides};
 use hookwarden::server::Server;
+use hookwarden::{errln, outln};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -124,7 +125,7 @@ struct TokenArgs {
     #[arg(long = "namespace", short = 'n')]
     namespaces: Vec<String>,
     /// How long the token is valid, e.g. 30m, 12h, 30d.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = hookwarden::duration::parse)]
     ttl: Duration,
 }
 
@@ -192,19 +193,26 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
     let config_file = args.common.config.clone();
     let config = load_config(args.common, Overrides { jwt_secret: from_env, ..Overrides::default() })?;
     let (secret, source) = hookwarden::auth::existing_key(&config, from_environment, config_file.as_deref())?;
-    eprintln!("signed with the key from {source}");
+    errln!("signed with the key from {source}");
     let keys = TokenKeys::new(&secret);
     let namespaces = if args.namespaces.is_empty() { vec!["*".to_owned()] } else { args.namespaces };
-    println!("{}", keys.mint(&args.sub, &args.roles, &namespaces, args.ttl));
+    outln!("{}", keys.mint(&args.sub, &args.roles, &namespaces, args.ttl))?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help, the version and usage errors; a closed pipe must not make them panic.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -228,8 +236,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`| head`): the command ends quietly, as `cat` would.
+        Err(e) if e.chain().any(|c| matches!(c.downcast_ref(), Some(hookwarden::output::OutputError::Closed))) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::from(2)
         }
     }

@@ -79,8 +79,8 @@ async fn a_batch_is_written_in_one_piece_with_a_result_per_item() {
     let bad = json!([order("b-3"), {"source": "shop", "data": {}}]);
     let (code, details) = error_of(app.post_json("/v1/events/batch", &app.admin, bad.to_string()).await, 400).await;
     assert_eq!(code, "validation_failed");
-    assert_eq!(first_path(&details), "[1]");
-    assert!(details[0]["message"].as_str().unwrap().contains("type"));
+    assert_eq!(first_path(&details), "[1].type");
+    assert_eq!(details[0]["message"], "is required");
     let page = json_with_status(app.get("/v1/events?limit=100", &app.admin).await, 200).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 3, "b-3 must not have been written");
 
@@ -100,7 +100,8 @@ async fn bad_input_gets_its_status_and_a_precise_message() {
     let post = |body: String| app.post_json("/v1/events", &admin, body);
 
     let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
-        ("missing source", json!({"type": "a", "data": {}}).to_string(), "validation_failed", Some("(body)")),
+        ("missing source", json!({"type": "a", "data": {}}).to_string(), "validation_failed", Some("source")),
+        ("missing type", json!({"source": "s", "data": {}}).to_string(), "validation_failed", Some("type")),
         (
             "ill-typed source",
             json!({"source": 5, "type": "a", "data": {}}).to_string(),
@@ -119,7 +120,7 @@ async fn bad_input_gets_its_status_and_a_precise_message() {
             "validation_failed",
             Some("tyep"),
         ),
-        ("missing data", json!({"source": "s", "type": "a"}).to_string(), "validation_failed", Some("(body)")),
+        ("missing data", json!({"source": "s", "type": "a"}).to_string(), "validation_failed", Some("data")),
         ("empty type", json!({"source": "s", "type": "", "data": {}}).to_string(), "validation_failed", Some("type")),
         (
             "bad time",
@@ -185,6 +186,20 @@ async fn bad_input_gets_its_status_and_a_precise_message() {
     let bad_item = json!([order("5"), {"source": "s", "type": 7, "data": {}}]).to_string();
     let (_, details) = error_of(app.post_json("/v1/events/batch", &admin, bad_item).await, 400).await;
     assert_eq!(first_path(&details), "[1].type");
+    assert_eq!(details[0]["message"], "must be a text, not a whole number");
+    let missing_type = json!([order("6"), {"source": "s", "data": {}}]).to_string();
+    let (_, details) = error_of(app.post_json("/v1/events/batch", &admin, missing_type).await, 400).await;
+    assert_eq!((first_path(&details), details[0]["message"].as_str()), ("[1].type", Some("is required")));
+
+    // Messages speak plainly and never repeat a value of the wrong type.
+    let (_, details) =
+        error_of(post(json!({"source": "s3cret-source", "type": ["a"], "data": {}}).to_string()).await, 400).await;
+    assert_eq!(details[0]["message"], "must be a text, not a list");
+    let (_, details) =
+        error_of(post(json!({"source": {"k": "s3cret"}, "type": "a", "data": {}}).to_string()).await, 400).await;
+    assert_eq!(details[0]["message"], "must be a text, not a mapping");
+    let (_, details) = error_of(post(json!({"source": "s", "type": "a"}).to_string()).await, 400).await;
+    assert_eq!(details[0]["message"], "is required");
 
     // Bad Idempotency-Key header.
     let response = app

@@ -311,6 +311,36 @@ async fn a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted(db: Te
         .await;
 }
 
+/// JSON integers are CEL `int`s: arithmetic with integer literals works in a Filter.
+async fn a_filter_computes_with_the_numbers_of_event_data(db: TestDb) {
+    let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let filter = "apiVersion: hookwarden/v1\nkind: Filter\nmetadata: {name: even-above-five}\nspec:\n  expression: \"event.data.total % 2 == 0 && event.data.total - 5 > 0 && event.data.total * 3 / 2 <= 30 && event.data.total + -1 != 7\"\n";
+    app.apply_yaml(
+        &[filter.to_owned(), endpoint("even", &receiver.url("/even"), "order.*", "  filterRefs: [even-above-five]\n")]
+            .join("---\n"),
+    )
+    .await;
+    let mut fanned_out = Vec::new();
+    for total in [4, 5, 6, 7, 8, 20, 22, -6] {
+        let event =
+            post_event(&app, json!({"source": "shop", "type": "order.created", "data": {"total": total}})).await;
+        if !event["deliveries"].as_array().unwrap().is_empty() {
+            fanned_out.push(total);
+        }
+    }
+    // 4: not above five; 5, 7: odd; 8: 8 - 1 == 7; 22: 22 * 3 / 2 > 30; -6: below five.
+    assert_eq!(fanned_out, [6, 20]);
+    eventually(Duration::from_secs(10), "two deliveries", || async { receiver.on("/even").len() >= 2 }).await;
+    let totals: Vec<i64> = receiver
+        .on("/even")
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["data"]["total"].as_i64().unwrap())
+        .collect();
+    assert_eq!(totals.len(), 2);
+    assert!(totals.contains(&6) && totals.contains(&20), "{totals:?}");
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -327,4 +357,5 @@ on_both_databases!(
     each_status_class_is_retried_or_not_as_documented,
     ordered_lanes_arrive_in_order_despite_failures,
     a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted,
+    a_filter_computes_with_the_numbers_of_event_data,
 );

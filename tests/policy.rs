@@ -292,7 +292,19 @@ fn a_wrong_expectation_fails_the_policy_tests() {
     .unwrap();
     let (code, out) = policy_test(dir.path());
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("FAIL") && out.contains("outcome Allow, expected Deny"), "{out}");
+    assert!(out.contains("FAIL") && out.contains("outcome allow, expected deny"), "{out}");
+
+    std::fs::write(
+        dir.path().join("tests.yaml"),
+        "cases:\n  - name: a spend total that is not a number\n    endpoint: {name: a}\n    event: {type: t, data: {}}\n    spend: {allow-all: lots}\n    expect: {outcome: deny}\n",
+    )
+    .unwrap();
+    let (code, out) = policy_test(dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("tests.yaml: cases[0].spend.allow-all: must be a whole number from -9223372036854775808 to 9223372036854775807, not a text (line 5)"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

@@ -96,10 +96,15 @@ async fn an_invalid_apply_writes_nothing_and_names_every_error(db: TestDb) {
     let good = budget("standard", "default", "1m");
     let unknown_field = good.replace("maxAttempts", "maxAttempt");
     let bad_duration = budget("other", "default", "soon");
+    let ill_typed = budget("typed", "default", "1m").replace("maxAttempts: 5", "maxAttempts: x");
     let dangling = endpoint("hooks", "default", "missing-budget", "10s");
+    // It refers to a document that is in the apply but does not parse: that document's
+    // own error says what is wrong, the reference is not reported as missing.
+    let refers_to_unparsed = endpoint("typed-hooks", "default", "typed", "10s");
     let bad_cel = filter("broken", "default", "event.data.total >= ");
     let duplicate = budget("standard", "default", "2m");
-    let yaml = docs(&[good.clone(), unknown_field, bad_duration, dangling, bad_cel, duplicate]);
+    // Parse errors and validation errors come back together, in one answer.
+    let yaml = docs(&[good, unknown_field, bad_duration, ill_typed, dangling, refers_to_unparsed, bad_cel, duplicate]);
     let (status, body) = apply(&app, &app.admin, &yaml, "").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_resources");
@@ -119,31 +124,63 @@ async fn an_invalid_apply_writes_nothing_and_names_every_error(db: TestDb) {
     let has =
         |doc: u64, path: &str, text: &str| errors.iter().any(|(d, p, m)| *d == doc && p == path && m.contains(text));
     assert!(has(1, "spec.maxAttempt", "unknown field"), "{errors:#?}");
-    assert!(has(2, "spec.backoff.max", "`soon` is not a duration"), "{errors:#?}");
-    // Parse errors stop the apply before references are checked; check those separately.
-    let yaml = docs(&[good.clone(), dangling_and_more(), duplicate_of_good()]);
-    let (status, body) = apply(&app, &app.admin, &yaml, "").await;
-    assert_eq!(status, 422, "{body}");
-    let errors = body["errors"].to_string();
-    for expected in [
-        "spec.retryBudgetRef",
-        "RetryBudget `missing-budget` not found",
-        "spec.expression",
-        "is not valid CEL",
-        "duplicate RetryBudget `standard`",
-    ] {
-        assert!(errors.contains(expected), "missing {expected} in {errors}");
-    }
+    assert!(has(2, "spec.backoff.max", "`soon` is not a duration like 30s, 5m or 24h"), "{errors:#?}");
+    assert!(has(3, "spec.maxAttempts", "must be a whole number from 0 to 4294967295, not a text"), "{errors:#?}");
+    assert!(has(4, "spec.retryBudgetRef", "RetryBudget `missing-budget` not found"), "{errors:#?}");
+    assert!(has(6, "spec.expression", "is not valid CEL"), "{errors:#?}");
+    assert!(has(7, "metadata.name", "duplicate RetryBudget `standard`"), "{errors:#?}");
+    assert_eq!(errors.len(), 6, "one error per bad document, none for the reference to `typed`: {errors:#?}");
     let listed = app.get("/v1/resources/RetryBudget", &app.admin).await.json::<Value>().await.unwrap();
     assert_eq!(listed["items"].as_array().unwrap().len(), 0, "nothing was written");
 }
 
-fn dangling_and_more() -> String {
-    docs(&[endpoint("hooks", "default", "missing-budget", "10s"), filter("broken", "default", "event.data.total >= ")])
-}
-
-fn duplicate_of_good() -> String {
-    budget("standard", "default", "2m")
+/// Specs stored by an older build wrote durations the way `humantime` does (`1day`,
+/// `3days`, `1m 30s`); this build writes `24h`, `72h`, `90s`.
+async fn durations_stored_by_an_older_build_read_as_this_build_writes_them(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let old_spec = serde_json::json!({
+        "maxAttempts": 5,
+        "backoff": {"base": "1m 30s", "max": "1h", "jitter": "full"},
+        "deadLetterAfter": "3days",
+        "circuitBreaker": {"consecutiveFailures": 3, "openFor": "1day"},
+    });
+    let key = hookwarden::resources::ResourceKey {
+        kind: hookwarden::resources::Kind::RetryBudget,
+        namespace: "default".into(),
+        name: "old".into(),
+    };
+    let written = app
+        .store
+        .apply_resources(&hookwarden::store::ApplyRequest {
+            resources: vec![hookwarden::store::DesiredResource {
+                key,
+                labels: Default::default(),
+                annotations: Default::default(),
+                spec: old_spec,
+            }],
+            actor: "older-build".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(written[0].action, hookwarden::store::ApplyAction::Created);
+    let same = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: old}\nspec:\n  maxAttempts: 5\n  backoff: {base: 90s, max: 1h}\n  deadLetterAfter: 72h\n  circuitBreaker: {consecutiveFailures: 3, openFor: 24h}\n";
+    for _ in 0..2 {
+        let (status, body) = apply(&app, &app.admin, same, "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(actions(&body), [("old".into(), "unchanged".into())], "{body}");
+    }
+    let shown = resource(&app, "RetryBudget", "default", "old").await.unwrap();
+    assert_eq!(shown["spec"]["deadLetterAfter"], "72h", "{shown}");
+    assert_eq!(shown["spec"]["circuitBreaker"]["openFor"], "24h", "{shown}");
+    assert_eq!(shown["spec"]["backoff"]["base"], "90s", "{shown}");
+    assert_eq!(shown["metadata"]["generation"], 1);
+    // A real change shows in the diff, in this build's words only.
+    let (_, body) = apply(&app, &app.admin, &same.replace("deadLetterAfter: 72h", "deadLetterAfter: 96h"), "").await;
+    assert_eq!(actions(&body), [("old".into(), "configured".into())], "{body}");
+    let diff = body["results"][0]["diff"].as_array().unwrap();
+    assert_eq!(diff.len(), 1, "{body}");
+    assert_eq!(diff[0], r#"~ spec.deadLetterAfter: "72h" → "96h""#, "{body}");
 }
 
 async fn a_dry_run_writes_nothing(db: TestDb) {
@@ -178,6 +215,40 @@ async fn prune_removes_only_members_of_the_named_set_that_left(db: TestDb) {
     assert_eq!(status, 400, "prune needs an apply set: {body}");
 }
 
+async fn a_watched_directory_reports_every_error_of_a_bad_change_at_once(db: TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("budget.yaml"),
+        budget("standard", "default", "1m").replace("maxAttempts: 5", "maxAttempts: x"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("endpoint.yaml"), endpoint("hooks", "default", "missing-budget", "10s")).unwrap();
+    std::fs::write(dir.path().join("filter.yaml"), filter("broken", "default", "event.data.total >= ")).unwrap();
+    let mut config = db.config();
+    config.controller.resources_dir = Some(dir.path().to_owned());
+    let app = spawn_app_with(config).await;
+    let last_error = || async {
+        let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        ready["controller"]["lastError"].as_str().unwrap_or_default().to_owned()
+    };
+    eventually(Duration::from_secs(10), "the directory's error in /readyz", || async {
+        !last_error().await.is_empty()
+    })
+    .await;
+    let last_error = last_error().await;
+    for expected in [
+        "budget.yaml (document 0, line 5): spec.maxAttempts: must be a whole number from 0 to 4294967295, not a text",
+        "endpoint.yaml (document 0): spec.retryBudgetRef: RetryBudget `missing-budget` not found",
+        "filter.yaml (document 0): spec.expression: is not valid CEL",
+    ] {
+        assert!(last_error.contains(expected), "missing `{expected}` in {last_error}");
+    }
+    for kind in ["RetryBudget", "Endpoint", "Filter"] {
+        let listed: Value = app.get(&format!("/v1/resources/{kind}"), &app.admin).await.json().await.unwrap();
+        assert_eq!(listed["items"].as_array().unwrap().len(), 0, "nothing was written: {listed}");
+    }
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -192,6 +263,8 @@ macro_rules! on_both_databases {
 on_both_databases!(
     applying_the_same_files_twice_changes_nothing,
     an_invalid_apply_writes_nothing_and_names_every_error,
+    durations_stored_by_an_older_build_read_as_this_build_writes_them,
+    a_watched_directory_reports_every_error_of_a_bad_change_at_once,
     a_dry_run_writes_nothing,
     prune_removes_only_members_of_the_named_set_that_left,
 );
@@ -339,6 +412,21 @@ fn validate_catches_the_same_mistakes_offline() {
             budget("a", "default", "1m").replace("base: 1s", "base: 2m"),
             "spec.backoff.max: must be >= spec.backoff.base",
         ),
+        (
+            "ill-typed.yaml",
+            budget("a", "default", "1m").replace("maxAttempts: 5", "maxAttempts: x"),
+            "ill-typed.yaml (document 0, line 5): spec.maxAttempts: must be a whole number from 0 to 4294967295, not a text",
+        ),
+        (
+            "missing.yaml",
+            budget("a", "default", "1m").replace("  maxAttempts: 5\n", ""),
+            "spec.maxAttempts: is required",
+        ),
+        (
+            "secret-as-text.yaml",
+            endpoint("hooks", "default", "missing", "10s").replace(&format!("[{{value: {SECRET}}}]"), &format!("[{SECRET}]")),
+            "spec.secrets[0]: must be a mapping with `value` or `valueFrom`, not a text",
+        ),
     ];
     for (name, yaml, expected) in cases {
         let case = tempfile::tempdir().unwrap();
@@ -347,6 +435,7 @@ fn validate_catches_the_same_mistakes_offline() {
         let (code, out) = run(&path);
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(expected) && out.contains(name), "{name}: expected `{expected}` in {out}");
+        assert!(!out.contains("whsec_") && !out.contains("expected u32"), "{name}: {out}");
     }
 }
 

@@ -589,7 +589,13 @@ async fn readiness_requires_the_migrations(store: &Store) {
 
 async fn an_unmigrated_database_is_not_ready(db: &TestDb) {
     let store = Store::connect(&db.url()).await.unwrap();
-    assert!(matches!(store.check_ready().await, Err(StoreError::NotMigrated { found: None, .. })));
+    let not_ready = store.check_ready().await;
+    assert!(matches!(not_ready, Err(StoreError::NotMigrated { found: None, .. })), "{not_ready:?}");
+    let message = not_ready.unwrap_err().to_string();
+    assert!(
+        message.starts_with("the database schema is not up to date (no migration applied; this build needs version "),
+        "{message}"
+    );
     store.migrate().await.unwrap();
     store.check_ready().await.unwrap();
     // Migrating again is a no-op.

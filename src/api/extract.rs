@@ -84,18 +84,21 @@ pub fn parse_object_at<T: DeserializeOwned>(bytes: &[u8], prefix: &str) -> Resul
     parse_json_at(bytes, prefix)
 }
 
+/// A shape error names the field (a missing one by its own name) in plain words (see
+/// [`crate::messages`]); a syntax error is malformed JSON.
 fn json_error(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner();
     match inner.classify() {
         serde_json::error::Category::Data => {
             let path = match (prefix, path.as_str()) {
-                ("", ".") => "(body)".to_owned(),
                 (prefix, ".") => prefix.to_owned(),
                 ("", path) => path.to_owned(),
                 (prefix, path) => format!("{prefix}.{path}"),
             };
-            ApiError::Validation(vec![FieldError::new(path, strip_position(&inner.to_string()))])
+            let (path, message) = crate::messages::field_error(&path, &strip_position(&inner.to_string()));
+            let path = if path.is_empty() { "(body)".to_owned() } else { path };
+            ApiError::Validation(vec![FieldError::new(path, message)])
         }
         _ => ApiError::MalformedJson(inner.to_string()),
     }
@@ -143,6 +146,30 @@ mod tests {
         let err = parse_json::<Thing>(br#"{"items":[{"count":1},{"count":"x"}]}"#).unwrap_err();
         match err {
             ApiError::Validation(errors) => assert_eq!(errors[0].path, "items[1].count"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_field_is_named_by_its_own_path() {
+        let err = parse_json_at::<Thing>(br#"{"items":[{"count":1},{}]}"#, "[2]").unwrap_err();
+        match err {
+            ApiError::Validation(errors) => {
+                assert_eq!((errors[0].path.as_str(), errors[0].message.as_str()), ("[2].items[1].count", "is required"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = parse_json::<Thing>(b"{}").unwrap_err();
+        assert!(matches!(&err, ApiError::Validation(e) if e[0].path == "items"), "{err:?}");
+    }
+
+    #[test]
+    fn an_ill_typed_field_is_told_in_words_without_its_value() {
+        let err = parse_json::<Thing>(br#"{"items":[{"count":"s3cret"}]}"#).unwrap_err();
+        match err {
+            ApiError::Validation(errors) => {
+                assert_eq!(errors[0].message, "must be a whole number from 0 to 4294967295, not a text", "{errors:?}")
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

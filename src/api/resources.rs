@@ -107,11 +107,12 @@ pub async fn apply_resources(
     body: Body,
 ) -> Result<Json<ApplyResponse>, ApiError> {
     let files = read_files(&headers, body).await?;
-    let (resources, errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
-    if !errors.is_empty() {
-        return Err(ApiError::InvalidResources(errors));
-    }
-    let mut namespaces: BTreeSet<String> = resources.iter().map(|l| l.resource.metadata.namespace.clone()).collect();
+    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    // Documents that did not parse are checked no further; their errors come back with
+    // those of the others, which need the caller's rights first (they look at what is
+    // stored).
+    let mut namespaces: BTreeSet<String> =
+        parsed.resources.iter().map(|l| l.resource.metadata.namespace.clone()).collect();
     if params.prune {
         if let Some(set) = &params.applyset {
             let members = state.store.list_resources(None, None).await?;
@@ -129,7 +130,8 @@ pub async fn apply_resources(
         checks: state.checks,
         actor: principal.subject.clone(),
     };
-    let desired: Vec<(ResourceKey, Value)> = resources
+    let desired: Vec<(ResourceKey, Value)> = parsed
+        .resources
         .iter()
         .map(|l| {
             let m = &l.resource.metadata;
@@ -137,7 +139,7 @@ pub async fn apply_resources(
             (l.resource.key(), shown)
         })
         .collect();
-    let outcomes = apply(&state.store, resources, &options).await.map_err(|e| match e {
+    let outcomes = apply(&state.store, parsed, &options).await.map_err(|e| match e {
         ApplyError::Invalid(errors) => ApiError::InvalidResources(errors),
         ApplyError::Usage(message) => ApiError::Validation(vec![FieldError::new("applyset", message)]),
         ApplyError::Store(e) => e.into(),

@@ -105,14 +105,25 @@ impl AuditRecord {
     }
 }
 
-/// Where and why a chain does not verify.
+/// Where and why a chain does not verify. Shown as `record 11: …`, naming the record by
+/// its `seq`, with its place in the input when that differs (`record 4 (the 3rd in the
+/// input): …`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("record {position} (seq {seq:?}): {reason}")]
+#[error("record {seq}{}: {reason}", place(*.position, *.seq))]
 pub struct ChainError {
     /// 1-based position in the input.
     pub position: usize,
-    pub seq: Option<i64>,
+    /// The `seq` the record carries.
+    pub seq: i64,
     pub reason: String,
+}
+
+fn place(position: usize, seq: i64) -> String {
+    if usize::try_from(seq) == Ok(position) {
+        String::new()
+    } else {
+        format!(" (the {} in the input)", crate::messages::ordinal(position))
+    }
 }
 
 /// Checks hashes, links and `seq` continuity of one chain's records, in order, starting
@@ -120,7 +131,7 @@ pub struct ChainError {
 pub fn verify_chain(records: &[AuditRecord], after: Option<(i64, String)>) -> Result<(), ChainError> {
     let (mut seq, mut prev) = after.unwrap_or((0, GENESIS.to_owned()));
     for (i, record) in records.iter().enumerate() {
-        let fail = |reason: String| ChainError { position: i + 1, seq: Some(record.seq), reason };
+        let fail = |reason: String| ChainError { position: i + 1, seq: record.seq, reason };
         if record.seq != seq + 1 {
             return Err(fail(format!(
                 "seq {} follows seq {seq}: records are missing, duplicated or out of order",
@@ -189,7 +200,14 @@ mod tests {
 
         let mut swapped = chain(5);
         swapped.swap(1, 2);
-        assert_eq!(verify_chain(&swapped, None).unwrap_err().position, 2);
+        let err = verify_chain(&swapped, None).unwrap_err();
+        assert_eq!(err.position, 2);
+        assert_eq!(
+            err.to_string(),
+            "record 3 (the 2nd in the input): seq 3 follows seq 1: records are missing, duplicated or out of order"
+        );
+        let altered_err = verify_chain(&altered, None).unwrap_err().to_string();
+        assert!(altered_err.starts_with("record 3: hash "), "{altered_err}");
 
         let mut relinked = chain(3);
         relinked[1].prev_hash = GENESIS.to_owned();

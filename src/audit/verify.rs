@@ -34,6 +34,18 @@ struct CheckpointBody {
     public_key: String,
 }
 
+/// Reads a line's JSON as `T`; the error names the field, in plain words.
+fn shaped<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        match crate::messages::field_error(&path, &e.into_inner().to_string()) {
+            (path, message) if path.is_empty() => message,
+            (path, message) => format!("{path}: {message}"),
+        }
+    })
+}
+
 /// Verifies an NDJSON export. With `public_key`, the checkpoint must be signed by it.
 pub fn verify_export(text: &str, public_key: Option<&str>) -> Result<Report, String> {
     let mut records: Vec<AuditRecord> = Vec::new();
@@ -41,15 +53,13 @@ pub fn verify_export(text: &str, public_key: Option<&str>) -> Result<Report, Str
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let value: Value = serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
         if value.get("checkpoint").is_some() {
-            let parsed: CheckpointLine =
-                serde_json::from_value(value).map_err(|e| format!("line {}: bad checkpoint: {e}", i + 1))?;
+            let parsed: CheckpointLine = shaped(value).map_err(|e| format!("line {}: bad checkpoint: {e}", i + 1))?;
             checkpoint_line = Some(parsed.checkpoint);
         } else {
             if checkpoint_line.is_some() {
                 return Err(format!("line {}: a record after the checkpoint line", i + 1));
             }
-            let record: AuditRecord =
-                serde_json::from_value(value).map_err(|e| format!("line {}: not an audit record: {e}", i + 1))?;
+            let record: AuditRecord = shaped(value).map_err(|e| format!("line {}: not an audit record: {e}", i + 1))?;
             records.push(record);
         }
     }
@@ -155,13 +165,27 @@ mod tests {
         let key = signer.public_key();
         let mut changed = lines(&text);
         changed[3] = changed[3].replace("\"i\":3", "\"i\":4");
-        assert!(verify_export(&changed.join("\n"), Some(&key)).unwrap_err().starts_with("record 4 (seq Some(4))"));
+        let err = verify_export(&changed.join("\n"), Some(&key)).unwrap_err();
+        assert!(err.starts_with("record 4: hash "), "{err}");
         let mut deleted = lines(&text);
         deleted.remove(5);
-        assert!(verify_export(&deleted.join("\n"), Some(&key)).unwrap_err().contains("record 6 (seq Some(7))"));
+        let err = verify_export(&deleted.join("\n"), Some(&key)).unwrap_err();
+        assert!(err.starts_with("record 7 (the 6th in the input): seq 7 follows seq 5"), "{err}");
         let mut swapped = lines(&text);
         swapped.swap(2, 3);
-        assert!(verify_export(&swapped.join("\n"), Some(&key)).unwrap_err().starts_with("record 3 (seq Some(4))"));
+        let err = verify_export(&swapped.join("\n"), Some(&key)).unwrap_err();
+        assert!(err.starts_with("record 4 (the 3rd in the input): seq 4 follows seq 2"), "{err}");
+        let mut retyped = lines(&text);
+        retyped[1] = retyped[1].replace("\"seq\":2", "\"seq\":\"two\"");
+        let err = verify_export(&retyped.join("\n"), Some(&key)).unwrap_err();
+        assert_eq!(
+            err,
+            "line 2: not an audit record: seq: must be a whole number from -9223372036854775808 to 9223372036854775807, not a text"
+        );
+        let mut unhashed = lines(&text);
+        unhashed[0] = unhashed[0].replace("\"hash\":", "\"hush\":");
+        let err = verify_export(&unhashed.join("\n"), Some(&key)).unwrap_err();
+        assert_eq!(err, "line 1: not an audit record: hash: is required");
         let mut cut = lines(&text);
         cut.drain(6..10);
         let err = verify_export(&cut.join("\n"), Some(&key)).unwrap_err();

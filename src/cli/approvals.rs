@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
+use hookwarden::{out, outln};
 use serde_json::{json, Value};
 
 use super::resources::OutputFormat;
@@ -68,7 +69,7 @@ pub async fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
             let items = body["items"].as_array().cloned().unwrap_or_default();
             match output {
                 Some(format) => print_as(format, &json!({ "items": items }))?,
-                None => print!("{}", table(&items)),
+                None => out!("{}", table(&items))?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -81,7 +82,7 @@ pub async fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
             }
             match output {
                 Some(format) => print_as(format, &body)?,
-                None => print!("{}", describe(&body)),
+                None => out!("{}", describe(&body))?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -100,8 +101,8 @@ pub async fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
 
 fn print_as(format: OutputFormat, value: &Value) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        OutputFormat::Yaml => print!("{}", yaml_serde::to_string(value)?),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(value)?)?,
+        OutputFormat::Yaml => out!("{}", yaml_serde::to_string(value)?)?,
     }
     Ok(())
 }

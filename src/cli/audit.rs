@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use hookwarden::{errln, out, outln};
 use serde_json::Value;
 
 use super::{print_error, Client, ClientArgs, ERROR};
@@ -57,7 +58,7 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 Some(path) => {
                     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?
                 }
-                None => print!("{text}"),
+                None => out!("{text}")?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -65,27 +66,28 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             match hookwarden::audit::verify::verify_export(&text, public_key.as_deref()) {
                 Ok(report) => {
-                    println!(
+                    outln!(
                         "OK: {} records of chain `{}` (seq {}..{}) verified",
-                        report.records, report.chain, report.first_seq, report.last_seq
-                    );
+                        report.records,
+                        report.chain,
+                        report.first_seq,
+                        report.last_seq
+                    )?;
                     match report.checkpoint {
-                        Some((seq, key)) => println!(
+                        Some((seq, key)) => outln!(
                             "checkpoint at seq {seq} verified with key {key}{}",
                             if report.self_signed_only {
                                 " (the key in the export: pass --public-key to check against a key you trust)"
                             } else {
                                 ""
                             }
-                        ),
-                        None => {
-                            println!("no checkpoint in the export: nothing proves it matches what the server holds")
-                        }
+                        )?,
+                        None => outln!("no checkpoint in the export: nothing proves it matches what the server holds")?,
                     }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    println!("FAILED: {e}");
+                    outln!("FAILED: {e}")?;
                     Ok(ExitCode::from(1))
                 }
             }
@@ -94,7 +96,7 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             verify_database(&url, public_key.as_deref()).await
         }
         AuditCommand::Verify { .. } => {
-            eprintln!("error: give an export FILE or --database-url URL");
+            errln!("error: give an export FILE or --database-url URL");
             Ok(ExitCode::from(ERROR))
         }
     }
@@ -116,7 +118,7 @@ async fn verify_database(url: &str, public_key: Option<&str>) -> anyhow::Result<
             let page = store.audit_records(&chain, from, i64::MAX, 1000).await?;
             let Some(last) = page.last() else { break };
             if let Err(e) = hookwarden::audit::verify_chain(&page, after.clone()) {
-                broken = Some(format!("seq {}: {}", e.seq.unwrap_or(0), e.reason));
+                broken = Some(format!("record {}: {}", e.seq, e.reason));
                 break;
             }
             if let Some((seq, _, _)) = &latest {
@@ -144,16 +146,16 @@ async fn verify_database(url: &str, public_key: Option<&str>) -> anyhow::Result<
             }
         }
         match broken {
-            None => println!("OK: chain `{chain}`: {head} records"),
+            None => outln!("OK: chain `{chain}`: {head} records")?,
             Some(reason) => {
                 failed = true;
-                println!("FAILED: chain `{chain}`: {reason}");
+                outln!("FAILED: chain `{chain}`: {reason}")?;
             }
         }
     }
     store.close().await;
     if store.read_snapshot_is_stale() {
-        eprintln!("error: a server opened the database while it was being verified, so what was read may be torn; verify again");
+        errln!("error: a server opened the database while it was being verified, so what was read may be torn; verify again");
         return Ok(ExitCode::from(ERROR));
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
+use hookwarden::{errln, outln};
 use serde_json::{json, Value};
 
 /// Where the server is and who we are.
@@ -75,7 +76,7 @@ pub(crate) fn print_error(status: u16, body: &Value) {
         for e in errors {
             let line = e.get("line").and_then(Value::as_u64).map(|l| format!(", line {l}")).unwrap_or_default();
             let path = e["path"].as_str().filter(|p| !p.is_empty()).map(|p| format!("{p}: ")).unwrap_or_default();
-            eprintln!(
+            errln!(
                 "{} (document {}{line}): {path}{}",
                 e["file"].as_str().unwrap_or("?"),
                 e["document"],
@@ -85,7 +86,7 @@ pub(crate) fn print_error(status: u16, body: &Value) {
         return;
     }
     let message = body["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
-    eprintln!("error ({status}): {message}");
+    errln!("error ({status}): {message}");
 }
 
 /// Prints a JSON answer, or the error; exit 1 on an error answer.
@@ -95,6 +96,6 @@ pub(crate) async fn show(client: &Client, request: reqwest::RequestBuilder) -> a
         print_error(status, &body);
         return Ok(ExitCode::from(1));
     }
-    println!("{}", serde_json::to_string_pretty(&body)?);
+    outln!("{}", serde_json::to_string_pretty(&body)?)?;
     Ok(ExitCode::SUCCESS)
 }

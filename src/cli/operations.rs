@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use hookwarden::outln;
+
 use super::{print_error, show, Client, ClientArgs};
 
 #[derive(clap::Subcommand)]
@@ -92,9 +94,9 @@ pub async fn endpoints(command: EndpointsCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             if body["enabled"] == true {
-                println!("endpoint/{namespace}/{name} enabled");
+                outln!("endpoint/{namespace}/{name} enabled")?;
             } else {
-                println!("endpoint/{namespace}/{name} was not disabled; nothing to do");
+                outln!("endpoint/{namespace}/{name} was not disabled; nothing to do")?;
             }
             Ok(ExitCode::SUCCESS)
         }

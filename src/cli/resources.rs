@@ -11,6 +11,7 @@ use super::{print_error, Client, ClientArgs, ERROR};
 use hookwarden::controller::apply::read_resource_files;
 use hookwarden::resources::validate::{validate, Checks};
 use hookwarden::resources::{parse_files, Kind};
+use hookwarden::{errln, out, outln};
 
 #[derive(Args)]
 pub struct FilesArgs {
@@ -133,7 +134,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     for r in body["results"].as_array().into_iter().flatten() {
         let enabled =
             if r["reenabled"] == true { " (enabled again: its spec changed since it answered 410)" } else { "" };
-        println!("{} {}{suffix}{enabled}", resource_name(r), r["action"].as_str().unwrap_or("?"));
+        outln!("{} {}{suffix}{enabled}", resource_name(r), r["action"].as_str().unwrap_or("?"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -143,7 +144,7 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
     let files = match read_files(&args.files) {
         Ok(files) => files,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             return Ok(ExitCode::from(ERROR));
         }
     };
@@ -160,9 +161,9 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         differences = true;
-        println!("{} ({action})", resource_name(r));
+        outln!("{} ({action})", resource_name(r))?;
         for line in r["diff"].as_array().into_iter().flatten() {
-            println!("  {}", line.as_str().unwrap_or(""));
+            outln!("  {}", line.as_str().unwrap_or(""))?;
         }
     }
     Ok(if differences { ExitCode::from(1) } else { ExitCode::SUCCESS })
@@ -171,18 +172,19 @@ pub async fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
 /// Offline: every check that needs no server.
 pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     let files = read_files(&args)?;
-    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
     let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
     let checks = Checks { allow_private_urls };
-    errors.extend(validate(&resources, &Default::default(), checks));
+    let (resources, mut errors) = (parsed.resources, parsed.errors);
+    errors.extend(validate(&resources, &parsed.unparsed, checks));
     if errors.is_empty() {
-        println!("{} resources in {} files are valid", resources.len(), files.len());
+        outln!("{} resources in {} files are valid", resources.len(), files.len())?;
         return Ok(ExitCode::SUCCESS);
     }
     for e in &errors {
-        eprintln!("{e}");
+        errln!("{e}");
     }
-    eprintln!("{} errors", errors.len());
+    errln!("{} error{}", errors.len(), if errors.len() == 1 { "" } else { "s" });
     Ok(ExitCode::from(1))
 }
 
@@ -210,17 +212,17 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     match args.output {
         Some(OutputFormat::Json) => {
             let out = if args.name.is_some() { items[0].clone() } else { json!({ "items": items }) };
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?)?;
         }
         Some(OutputFormat::Yaml) => {
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    println!("---");
+                    outln!("---")?;
                 }
-                print!("{}", yaml_serde::to_string(item)?);
+                out!("{}", yaml_serde::to_string(item)?)?;
             }
         }
-        None => print!("{}", table(kind, &items)),
+        None => out!("{}", table(kind, &items))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -279,12 +281,12 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
         print_error(status, &body);
         return Ok(ExitCode::from(1));
     }
-    println!("{} deleted", resource_name(&body));
+    outln!("{} deleted", resource_name(&body))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn schema() -> anyhow::Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?);
+    outln!("{}", serde_json::to_string_pretty(&hookwarden::resources::json_schema())?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -293,17 +295,17 @@ pub fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let results = match hookwarden::policy::testing::run(dir) {
         Ok(results) => results,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Ok(ExitCode::from(ERROR));
         }
     };
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
     for r in &results {
         match &r.failure {
-            None => println!("ok    {}: {}", r.folder.display(), r.name),
-            Some(why) => println!("FAIL  {}: {}: {why}", r.folder.display(), r.name),
+            None => outln!("ok    {}: {}", r.folder.display(), r.name)?,
+            Some(why) => outln!("FAIL  {}: {}: {why}", r.folder.display(), r.name)?,
         }
     }
-    println!("{} passed, {failed} failed", results.len() - failed);
+    outln!("{} passed, {failed} failed", results.len() - failed)?;
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

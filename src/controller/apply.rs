@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::resources::validate::{self, Checks};
-use crate::resources::{Located, ResourceError, ResourceKey};
+use crate::resources::{Parsed, ResourceError, ResourceKey};
 use crate::store::{ApplyOutcome, ApplyRequest, DesiredResource, Store, StoreError};
 
 #[derive(Clone, Debug, Default)]
@@ -28,16 +28,15 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
-/// Validates `resources` (references may resolve to stored resources that this apply does
-/// not prune) and applies them in one transaction.
-pub async fn apply(
-    store: &Store,
-    resources: Vec<Located>,
-    options: &ApplyOptions,
-) -> Result<Vec<ApplyOutcome>, ApplyError> {
+/// Validates the documents that parsed (references may resolve to stored resources that
+/// this apply does not prune) and applies them in one transaction. The errors of the
+/// documents that did not parse are reported together with every other error, and then
+/// nothing is written.
+pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Result<Vec<ApplyOutcome>, ApplyError> {
     if options.prune && options.applyset.is_none() {
         return Err(ApplyError::Usage("prune needs an apply set name (--applyset NAME)".into()));
     }
+    let Parsed { resources, errors: mut parse_errors, unparsed } = parsed;
     let desired: HashSet<ResourceKey> = resources.iter().map(|l| l.resource.key()).collect();
     let stored = store.list_resources(None, None).await?;
     let mut errors = Vec::new();
@@ -61,10 +60,12 @@ pub async fn apply(
             !pruned
         })
         .map(|s| s.key)
+        .chain(unparsed)
         .collect();
     errors.extend(validate::validate(&resources, &known, options.checks));
-    if !errors.is_empty() {
-        return Err(ApplyError::Invalid(errors));
+    if !parse_errors.is_empty() || !errors.is_empty() {
+        parse_errors.extend(errors);
+        return Err(ApplyError::Invalid(parse_errors));
     }
     let request = ApplyRequest {
         resources: resources

@@ -176,10 +176,7 @@ impl Controller {
     async fn sync_directory(&self, dir: &std::path::Path) -> Option<String> {
         let result = async {
             let files = read_resource_files(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-            let (resources, errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
-            if !errors.is_empty() {
-                return Err(describe(&ApplyError::Invalid(errors)));
-            }
+            let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
             let options = ApplyOptions {
                 applyset: Some(self.config.applyset.clone()),
                 prune: true,
@@ -187,7 +184,7 @@ impl Controller {
                 checks: self.checks,
                 actor: "system".to_owned(),
             };
-            apply(&self.store, resources, &options).await.map_err(|e| describe(&e))
+            apply(&self.store, parsed, &options).await.map_err(|e| describe(&e))
         }
         .await;
         match result {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::expr::{self, execute as eval, value_text as as_text, CompiledExpr, Limits};
+use super::expr::{self, describe, execute as eval, value_text as as_text, CompiledExpr, Limits};
 use crate::resources::kinds::{AgentRuleSpec, Approval, Decision as RuleDecision, Enforcement, OverLimit};
 use crate::resources::validate::POLICY_VARIABLES;
 
@@ -313,7 +313,7 @@ fn evaluate(
             Ok(other) => {
                 return error_result(
                     rule,
-                    format!("spend.amount must be an integer amount of minor units, got {other:?}"),
+                    format!("spend.amount must be an integer amount of minor units, got {}", describe(&other)),
                 )
             }
             Err(e) => return error_result(rule, format!("spend.amount: {e}")),
@@ -369,7 +369,7 @@ fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<Spe
                     spend: None,
                 };
             }
-            Ok(other) => return error_result(rule, format!("match must be a bool, got {other:?}")),
+            Ok(other) => return error_result(rule, format!("match must be a bool, got {}", describe(&other))),
             Err(e) => return error_result(rule, format!("match: {e}")),
         }
     }
@@ -382,7 +382,9 @@ fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<Spe
         (Some(text), _) => text.clone(),
         (None, Some(program)) => match eval(program, context) {
             Ok(cel::Value::String(s)) => s.to_string(),
-            Ok(other) => return error_result(rule, format!("reasonExpression must be a string, got {other:?}")),
+            Ok(other) => {
+                return error_result(rule, format!("reasonExpression must be a string, got {}", describe(&other)))
+            }
             Err(e) => return error_result(rule, format!("reasonExpression: {e}")),
         },
         (None, None) => format!("rule `{}` says {}", rule.name, rule_word(outcome)),
@@ -400,14 +402,15 @@ fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<Spe
                 s.amount,
                 s.limit,
                 s.currency,
-                humantime::format_duration(s.window)
+                crate::duration::DurationText(s.window)
             );
         }
     }
     RuleResult { rule: rule.name.clone(), outcome: Some(outcome), reason, shadow: rule.shadow, error: None, spend }
 }
 
-fn rule_word(outcome: Outcome) -> &'static str {
+/// `allow`, `hold` or `deny`, as rules spell them.
+pub fn rule_word(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Allow => "allow",
         Outcome::Hold => "hold",
@@ -521,6 +524,19 @@ mod tests {
     }
 
     #[test]
+    fn a_result_of_the_wrong_type_is_named_by_its_cel_type() {
+        let not_bool = "{endpointRefs: [refund-agent], match: \"event.data.n + 1\", decision: allow}";
+        let decision = decide_for(&policy(&[("count", not_bool)]), json!({"n": 1}), 0);
+        assert_eq!(decision.reason, "rule `count` failed: match must be a bool, got the int 2");
+        let not_text = "{endpointRefs: [refund-agent], reasonExpression: \"event.data.tags\", decision: allow}";
+        let decision = decide_for(&policy(&[("tags", not_text)]), json!({"tags": ["a"]}), 0);
+        assert_eq!(decision.reason, "rule `tags` failed: reasonExpression must be a string, got a list");
+        let cents = "{endpointRefs: [refund-agent], decision: allow, spend: {amount: \"event.data.a\", currency: USD, limit: 9, window: 1h}}";
+        let reason = decide_for(&policy(&[("cap", cents)]), json!({"a": 12.5}), 0).reason;
+        assert!(reason.ends_with("minor units, got the double 12.5"), "{reason}");
+    }
+
+    #[test]
     fn shadow_rules_are_reported_but_not_enforced() {
         let audit = "{endpointRefs: [refund-agent], decision: deny, enforcement: audit, reason: would deny}";
         let decision = decide_for(&policy(&[("a", ALLOW), ("shadow", audit)]), json!({}), 0);
@@ -541,7 +557,7 @@ mod tests {
         assert_eq!(within.spend[0].amount, 1000);
         let over = decide_for(&p, json!({"amount_cents": 1001}), 49000);
         assert_eq!(over.outcome, Outcome::Hold);
-        assert!(over.reason.contains("49000 + 1001 > 50000 USD"), "{}", over.reason);
+        assert!(over.reason.ends_with("49000 + 1001 > 50000 USD per 24h"), "{}", over.reason);
         assert!(over.spend.is_empty(), "nothing is reserved for a hold");
         let bad = decide_for(&p, json!({"amount_cents": "ten"}), 0);
         assert_eq!(bad.outcome, Outcome::Deny, "{}", bad.reason);

@@ -126,18 +126,23 @@ pub fn execute(program: &CompiledExpr, context: &cel::Context<'_, '_>) -> Result
         .map_err(|e| e.to_string())
 }
 
-/// `value` as a CEL value that borrows its strings from `value`. It is what
-/// `cel::to_value` makes of it (positive integers are `uint`, negative ones `int`, other
-/// numbers `double`), without copying the text and without going through `cel::Value`,
-/// which the crate converts once more when a variable is bound.
+/// `value` as a CEL value that borrows its strings from `value`, without copying the text
+/// and without going through `cel::Value`, which the crate converts once more when a
+/// variable is bound.
+///
+/// JSON numbers written without a fraction or exponent are `int` when they fit in one
+/// (as in Kubernetes CEL and cel-python), `uint` above that, and `double` otherwise, so
+/// that `event.data.total % 2 == 0` and `event.data.total - 5 > 0` work with integer
+/// literals. (`cel::to_value` makes every positive number a `uint`, with which `2` and
+/// `5` have no overload.)
 pub fn json_val(value: &serde_json::Value) -> Box<dyn Val + '_> {
     use serde_json::Value as Json;
     match value {
         Json::Null => Box::new(CelNull),
         Json::Bool(b) => Box::new(CelBool::from(*b)),
-        Json::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => Box::new(CelUInt::from(u)),
-            (None, Some(i)) => Box::new(CelInt::from(i)),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Box::new(CelInt::from(i)),
+            (None, Some(u)) => Box::new(CelUInt::from(u)),
             (None, None) => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
         Json::String(s) => Box::new(CelString::from(s.as_str())),
@@ -160,6 +165,25 @@ pub fn value_text(value: &cel::Value) -> String {
         cel::Value::Float(f) => f.to_string(),
         cel::Value::Bool(b) => b.to_string(),
         other => format!("{other:?}"),
+    }
+}
+
+/// A value for messages: its CEL type, with the value of a number or a bool (`the int
+/// 1`, `a string`), never Rust's debug form.
+pub fn describe(value: &cel::Value) -> String {
+    match value {
+        cel::Value::Int(i) => format!("the int {i}"),
+        cel::Value::UInt(u) => format!("the uint {u}"),
+        cel::Value::Float(f) => format!("the double {f}"),
+        cel::Value::Bool(b) => format!("the bool {b}"),
+        cel::Value::String(_) => "a string".to_owned(),
+        cel::Value::Bytes(_) => "bytes".to_owned(),
+        cel::Value::List(_) => "a list".to_owned(),
+        cel::Value::Map(_) => "a map".to_owned(),
+        cel::Value::Null => "null".to_owned(),
+        cel::Value::Duration(_) => "a duration".to_owned(),
+        cel::Value::Timestamp(_) => "a timestamp".to_owned(),
+        other => format!("a value of type {}", other.type_of()),
     }
 }
 
@@ -281,8 +305,18 @@ mod tests {
         assert!(err.contains("`evnt`") && err.contains("`event`"), "{err}");
     }
 
+    /// Evaluates `source` with `event` bound as [`json_val`] binds it.
+    fn run(source: &str, event: &serde_json::Value) -> Result<cel::Value, String> {
+        let program = compile(source, EVENT, Limits::default()).unwrap();
+        with_root(|root| {
+            let mut context = root.new_inner_scope();
+            context.add_variable_as_val("event", json_val(event));
+            execute(&program, &context)
+        })
+    }
+
     #[test]
-    fn json_values_evaluate_as_cel_to_value_makes_them() {
+    fn json_values_bind_as_cel_values() {
         let event = serde_json::json!({
             "type": "refund.requested",
             "data": {"amount_cents": 2500, "delta": -3, "rate": 0.5, "ok": true, "none": null,
@@ -290,28 +324,55 @@ mod tests {
         });
         let sources = [
             "event.type.startsWith('refund.')",
-            "int(event.data.amount_cents) > 2000 && event.data.amount_cents == 2500u",
+            "int(event.data.amount_cents) > 2000 && event.data.amount_cents == 2500",
             "event.data.delta < 0 && event.data.rate == 0.5 && event.data.ok && event.data.none == null",
             "event.data.items.exists(i, i.sku == 'b' && i.qty == 1) && size(event.data.items) == 2",
             "has(event.data.tags.tier) && !has(event.data.tags.missing) && 'tier' in event.data.tags",
             "event.data.items.map(i, i.sku) == ['a', 'b']",
-            "event.data.missing > 1",
-            "event.data.amount_cents + 1",
         ];
         for source in sources {
-            let program = compile(source, EVENT, Limits::default()).unwrap();
-            let converted = with_root(|root| {
-                let mut context = root.new_inner_scope();
-                context.add_variable_from_value("event", cel::to_value(&event).unwrap());
-                execute(&program, &context)
-            });
-            let borrowed = with_root(|root| {
-                let mut context = root.new_inner_scope();
-                context.add_variable_as_val("event", json_val(&event));
-                execute(&program, &context)
-            });
-            assert_eq!(borrowed, converted, "{source}");
+            assert_eq!(run(source, &event), Ok(cel::Value::Bool(true)), "{source}");
         }
+        assert!(run("event.data.missing > 1", &event).is_err(), "a missing field is an error");
+    }
+
+    #[test]
+    fn json_integers_are_ints_larger_ones_uints_and_the_rest_doubles() {
+        let event = serde_json::json!({"data": {
+            "total": 4, "negative": -7, "zero": 0, "max": i64::MAX, "big": u64::MAX, "half": 0.5, "whole": 2.0
+        }});
+        // cel::Value's == treats 4 and 4u as equal: look at the variant itself.
+        let value = |field: &str| run(&format!("event.data.{field}"), &event).unwrap();
+        assert!(matches!(value("total"), cel::Value::Int(4)), "{:?}", value("total"));
+        assert!(matches!(value("negative"), cel::Value::Int(-7)), "{:?}", value("negative"));
+        assert!(matches!(value("zero"), cel::Value::Int(0)), "{:?}", value("zero"));
+        assert!(matches!(value("max"), cel::Value::Int(i64::MAX)), "{:?}", value("max"));
+        assert!(matches!(value("big"), cel::Value::UInt(u64::MAX)), "{:?}", value("big"));
+        assert!(matches!(value("half"), cel::Value::Float(0.5)), "{:?}", value("half"));
+        assert!(matches!(value("whole"), cel::Value::Float(2.0)), "{:?}", value("whole"));
+    }
+
+    #[test]
+    fn arithmetic_on_json_integers_works_with_integer_literals() {
+        let event = serde_json::json!({"data": {"total": 42, "count": 5, "negative": -3, "rate": 1.5,
+                                                 "big": 18_446_744_073_709_551_615u64}});
+        let sources = [
+            "event.data.total % 2 == 0",
+            "event.data.total - 5 > 0",
+            "event.data.total + 8 == 50",
+            "event.data.total * 2 == 84",
+            "event.data.total / 4 == 10",
+            "event.data.total / event.data.count == 8 && event.data.total % event.data.count == 2",
+            "event.data.negative * -1 == 3 && event.data.negative + 3 == 0",
+            "event.data.total > 41 && event.data.total >= 42 && event.data.total < 43 && event.data.total <= 42",
+            "event.data.total != 41 && event.data.negative < 0",
+            "event.data.rate * 2.0 == 3.0 && event.data.rate > 1.0",
+            "event.data.big == 18446744073709551615u && event.data.big % 2u == 1u",
+        ];
+        for source in sources {
+            assert_eq!(run(source, &event), Ok(cel::Value::Bool(true)), "{source}");
+        }
+        assert_eq!(run("event.data.total - 50", &event), Ok(cel::Value::Int(-8)), "ints go below zero");
     }
 
     #[test]

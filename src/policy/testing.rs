@@ -102,7 +102,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
     let tests_path = folder.join("tests.yaml");
     let tests: TestFile = serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(&read(&tests_path)?))
-        .map_err(|e| format!("{}: {}: {}", tests_path.display(), e.path(), e.inner()))?;
+        .map_err(|e| format!("{}: {}", tests_path.display(), crate::messages::yaml_error(e)))?;
     let mut files = Vec::new();
     for entry in std::fs::read_dir(folder).map_err(|e| e.to_string())? {
         let path = entry.map_err(|e| e.to_string())?.path();
@@ -113,7 +113,8 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
         }
     }
     files.sort();
-    let (resources, mut errors) = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let (resources, mut errors) = (parsed.resources, parsed.errors);
     // The endpoints the cases name stand in for stored ones.
     let endpoints: HashSet<ResourceKey> = resources
         .iter()
@@ -126,6 +127,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
                 name: c.endpoint.name.clone(),
             })
         })
+        .chain(parsed.unparsed)
         .collect();
     errors.extend(validate(&resources, &endpoints, Checks { allow_private_urls: true }));
     if !errors.is_empty() {
@@ -160,7 +162,8 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
             let decision = engine::decide(&policy, &case.event, endpoint, &totals, now, EvalBudget::default());
             let mut problems = Vec::new();
             if decision.outcome != case.expect.outcome {
-                problems.push(format!("outcome {:?}, expected {:?}", decision.outcome, case.expect.outcome));
+                let word = engine::rule_word;
+                problems.push(format!("outcome {}, expected {}", word(decision.outcome), word(case.expect.outcome)));
             }
             if let Some(rule) = &case.expect.rule {
                 let actual = decision.rule.as_deref().unwrap_or("none");

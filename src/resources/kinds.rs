@@ -50,7 +50,7 @@ pub struct EndpointSpec {
 
 /// A signing secret, given inline or read from the server's environment or a file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping with `value` or `valueFrom`", deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretSource {
     /// `whsec_` followed by base64 of 24 to 64 random bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,7 +61,7 @@ pub struct SecretSource {
 
 /// Exactly one of `env` or `file`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(expecting = "a mapping with `env` or `file`", deny_unknown_fields, rename_all = "camelCase")]
 pub struct ValueFrom {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
@@ -115,7 +115,7 @@ pub struct Backoff {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(expecting = "`full`, `equal` or `none`", rename_all = "lowercase")]
 pub enum Jitter {
     #[default]
     Full,
@@ -187,7 +187,7 @@ pub struct Selector {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(expecting = "`allow`, `deny` or `hold`", rename_all = "lowercase")]
 pub enum Decision {
     Allow,
     Deny,
@@ -213,7 +213,7 @@ pub struct Spend {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(expecting = "`hold` or `deny`", rename_all = "lowercase")]
 pub enum OverLimit {
     #[default]
     Hold,
@@ -248,7 +248,7 @@ fn default_expiry() -> DurationText {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(expecting = "`deny` or `allow`", rename_all = "lowercase")]
 pub enum ExpiryOutcome {
     #[default]
     Deny,
@@ -256,7 +256,7 @@ pub enum ExpiryOutcome {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(expecting = "`enforce` or `audit`", rename_all = "lowercase")]
 pub enum Enforcement {
     #[default]
     Enforce,

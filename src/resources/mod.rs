@@ -9,7 +9,7 @@ pub mod diff;
 pub mod kinds;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use schemars::JsonSchema;
@@ -146,6 +146,21 @@ impl Spec {
         value.expect("specs are plain data and always serialize")
     }
 
+    /// A stored spec in this build's canonical form: read through the current types and
+    /// written again, so that what an older build wrote (a duration as `1day`) compares
+    /// and shows as this build writes it (`24h`), and re-applying the same file stays
+    /// `unchanged`. A spec that no longer reads is returned as stored.
+    pub fn canonical_json(kind: Kind, stored: serde_json::Value) -> serde_json::Value {
+        use serde::de::Deserialize as _;
+        let canonical = match kind {
+            Kind::Endpoint => EndpointSpec::deserialize(&stored).map(Spec::Endpoint),
+            Kind::RetryBudget => RetryBudgetSpec::deserialize(&stored).map(Spec::RetryBudget),
+            Kind::Filter => FilterSpec::deserialize(&stored).map(Spec::Filter),
+            Kind::AgentRule => AgentRuleSpec::deserialize(&stored).map(Spec::AgentRule),
+        };
+        canonical.map(|spec| spec.to_json()).unwrap_or(stored)
+    }
+
     /// Reads a stored spec back.
     pub fn from_json(kind: Kind, value: serde_json::Value) -> Result<Spec, serde_json::Error> {
         Ok(match kind {
@@ -227,16 +242,26 @@ impl fmt::Display for ResourceError {
     }
 }
 
+/// What reading resource files gave: the documents that parsed, the errors of those that
+/// did not, and the keys those name.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub resources: Vec<Located>,
+    pub errors: Vec<ResourceError>,
+    /// Kind, namespace and name of documents that did not parse but say them: references
+    /// to them are not reported as missing (the document's own error says what is wrong).
+    pub unparsed: HashSet<ResourceKey>,
+}
+
 /// Parses every document of a multi-document YAML text. Empty documents are skipped.
-pub fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<ResourceError>) {
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
+pub fn parse_file(file: &str, text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
     for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let origin = Origin { file: file.to_owned(), document: index };
         let value = match yaml_serde::Value::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
-                errors.push(yaml_error(&origin, String::new(), &e));
+                parsed.errors.push(yaml_error(&origin, String::new(), &e));
                 // A syntax error ends the stream: later documents cannot be read.
                 break;
             }
@@ -245,25 +270,32 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<ResourceError>) 
             continue;
         }
         match parse_document(&origin, text, index, &value) {
-            Ok(resource) => resources.push(Located { origin, resource }),
-            Err(e) => errors.push(e),
+            Ok(resource) => parsed.resources.push(Located { origin, resource }),
+            Err(e) => {
+                parsed.errors.push(e);
+                parsed.unparsed.extend(named_key(&value));
+            }
         }
     }
-    (resources, errors)
+    parsed
 }
 
+/// The key a document that did not parse names, if it names one.
+fn named_key(value: &yaml_serde::Value) -> Option<ResourceKey> {
+    let kind = Kind::ALL.into_iter().find(|k| value.get("kind").and_then(|v| v.as_str()) == Some(k.as_str()))?;
+    let metadata = value.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?.to_owned();
+    let namespace = match metadata.get("namespace") {
+        None => DEFAULT_NAMESPACE.to_owned(),
+        Some(namespace) => namespace.as_str()?.to_owned(),
+    };
+    Some(ResourceKey { kind, namespace, name })
+}
+
+/// A YAML library error as a resource error at `path`, in plain words (see
+/// [`crate::messages`]); a missing field's name joins the path.
 fn yaml_error(origin: &Origin, path: String, e: &yaml_serde::Error) -> ResourceError {
-    let mut message = e.to_string();
-    // The line is reported separately; keep the message itself short.
-    if let Some(i) = message.find(" at line ") {
-        message.truncate(i);
-    }
-    // The YAML library prefixes its own (shorter) path; ours is more precise.
-    if let Some((prefix, rest)) = message.split_once(": ") {
-        if !prefix.contains(' ') && path.starts_with(prefix) {
-            message = rest.to_owned();
-        }
-    }
+    let (path, message) = crate::messages::field_error(&path, &crate::messages::yaml_text(&path, e));
     ResourceError {
         file: origin.file.clone(),
         document: origin.document,
@@ -335,7 +367,10 @@ fn typed_document<S: DeserializeOwned>(
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let mut error = yaml_error(origin, path, e.inner());
-        error.line = error.line.map(|line| refine_line(text, line, &error.path));
+        // A missing field has no line of its own: the enclosing mapping's is the best.
+        if error.message != crate::messages::REQUIRED {
+            error.line = error.line.map(|line| refine_line(text, line, &error.path));
+        }
         error
     })?;
     Ok((parsed.metadata, parsed.spec))
@@ -365,15 +400,15 @@ fn refine_line(text: &str, reported: usize, path: &str) -> usize {
 }
 
 /// Parses several named texts; errors of all of them are returned together.
-pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> (Vec<Located>, Vec<ResourceError>) {
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
+pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> Parsed {
+    let mut all = Parsed::default();
     for (name, text) in files {
-        let (r, e) = parse_file(name, text);
-        resources.extend(r);
-        errors.extend(e);
+        let parsed = parse_file(name, text);
+        all.resources.extend(parsed.resources);
+        all.errors.extend(parsed.errors);
+        all.unparsed.extend(parsed.unparsed);
     }
-    (resources, errors)
+    all
 }
 
 /// The JSON Schema of every kind: a `oneOf` keyed by `kind`, definitions shared at the root.
@@ -403,4 +438,62 @@ pub fn json_schema() -> serde_json::Value {
         "oneOf": kinds,
         "$defs": definitions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: &str = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: standard}\nspec:\n  maxAttempts: 5\n  backoff: {base: 1s, max: 1m}\n";
+
+    fn only_error(yaml: &str) -> ResourceError {
+        let parsed = parse_file("f.yaml", yaml);
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+        parsed.errors[0].clone()
+    }
+
+    #[test]
+    fn ill_typed_fields_are_told_in_plain_words_at_their_line() {
+        let error = only_error(&BUDGET.replace("maxAttempts: 5", "maxAttempts: x"));
+        assert_eq!(
+            error.to_string(),
+            "f.yaml (document 0, line 5): spec.maxAttempts: must be a whole number from 0 to 4294967295, not a text"
+        );
+        let error = only_error(&BUDGET.replace("base: 1s", "base: ten seconds"));
+        assert_eq!(
+            error.to_string(),
+            "f.yaml (document 0, line 6): spec.backoff.base: `ten seconds` is not a duration like 30s, 5m or 24h"
+        );
+        let error = only_error(&BUDGET.replace("backoff: {base: 1s, max: 1m}", "backoff: [1s, 1m]"));
+        assert_eq!((error.path.as_str(), error.message.as_str()), ("spec.backoff", "must be a mapping, not a list"));
+    }
+
+    #[test]
+    fn a_missing_field_is_named_by_its_path() {
+        let error = only_error(&BUDGET.replace("  maxAttempts: 5\n", ""));
+        assert_eq!((error.path.as_str(), error.message.as_str()), ("spec.maxAttempts", "is required"));
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_shape_is_never_repeated() {
+        let secret = "whsec_Ck9AklJSG5QVLLuQdjzCqGP9EFGUiEHP";
+        for secrets in [format!("[{secret}]"), format!("[{{value: [{secret}]}}]"), format!("[{{valueFrom: {secret}}}]")]
+        {
+            let yaml = format!("apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e}}\nspec:\n  url: https://e.example.com\n  secrets: {secrets}\n");
+            let error = only_error(&yaml);
+            assert!(!error.to_string().contains("whsec_"), "{error}");
+            assert!(error.path.starts_with("spec.secrets[0]"), "{error}");
+        }
+        let error = only_error(&format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e}}\nspec:\n  url: https://e.example.com\n  secrets: [{secret}]\n"
+        ));
+        assert_eq!(error.message, "must be a mapping with `value` or `valueFrom`, not a text");
+    }
+
+    #[test]
+    fn documents_that_do_not_parse_still_say_what_they_name() {
+        let parsed = parse_file("f.yaml", &BUDGET.replace("maxAttempts: 5", "maxAttempts: x"));
+        let key = ResourceKey { kind: Kind::RetryBudget, namespace: "default".into(), name: "standard".into() };
+        assert_eq!(parsed.unparsed, HashSet::from([key]));
+    }
 }

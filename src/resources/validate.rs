@@ -396,9 +396,9 @@ mod tests {
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn errors_of(yaml: &str, checks: Checks) -> Vec<ResourceError> {
-        let (resources, mut errors) = parse_file("test.yaml", yaml);
-        errors.extend(validate(&resources, &HashSet::new(), checks));
-        errors
+        let mut parsed = parse_file("test.yaml", yaml);
+        parsed.errors.extend(validate(&parsed.resources, &parsed.unparsed, checks));
+        parsed.errors
     }
 
     fn paths(errors: &[ResourceError]) -> Vec<(usize, String)> {

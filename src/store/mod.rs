@@ -40,7 +40,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("the database schema is not up to date (at version {found:?}, this build needs {needed})")]
+    #[error("the database schema is not up to date ({}; this build needs version {needed})", match .found {
+        Some(version) => format!("at version {version}"),
+        None => "no migration applied".to_owned(),
+    })]
     NotMigrated { found: Option<i64>, needed: i64 },
     #[error("stored data is not readable: {0}")]
     Corrupt(String),

@@ -5,7 +5,9 @@
 //!
 //! Invariants: one apply is one transaction (all of it lands or none); `generation` is
 //! bumped only when `spec` changes; prune deletes only rows of the named apply set that
-//! the apply did not name.
+//! the apply did not name. A stored spec is read in this build's canonical form, so a
+//! change in how a value is written (a duration an older build wrote as `1day`) is never
+//! a change of `spec`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::StoreError;
-use crate::resources::{Kind, ResourceKey};
+use crate::resources::{Kind, ResourceKey, Spec};
 
 /// A resource as the apply wants it.
 #[derive(Clone, Debug)]
@@ -109,7 +111,8 @@ impl TryFrom<ResourceRow> for StoredResource {
             generation: row.generation,
             labels: serde_json::from_str(&row.labels).map_err(|e| corrupt("labels", e))?,
             annotations: serde_json::from_str(&row.annotations).map_err(|e| corrupt("annotations", e))?,
-            spec: serde_json::from_str(&row.spec).map_err(|e| corrupt("spec", e))?,
+            // Compared and shown in this build's form, whoever wrote it (see `canonical_json`).
+            spec: Spec::canonical_json(kind, serde_json::from_str(&row.spec).map_err(|e| corrupt("spec", e))?),
             applyset: row.applyset,
             status: row.status.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("status", e))?,
             created_at: row.created_at,
