@@ -16,6 +16,8 @@ pub struct ApplyOptions {
     pub checks: Checks,
     /// Who applies, for the audit log.
     pub actor: String,
+    /// The leader's term, when the leader applies (the watched directory): fenced by it.
+    pub leader: Option<crate::store::Term>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ pub async fn apply(
         prune: options.prune,
         dry_run: options.dry_run,
         actor: options.actor.clone(),
+        leader: options.leader,
     };
     Ok(store.apply_resources(&request).await?)
 }
