@@ -66,10 +66,8 @@ impl PgCluster {
             run(Command::new("chown").args(["postgres:postgres"]).arg(&data), "chown the data directory");
         }
         let cluster = PgCluster { bin, dir, data, port: free_port(), as_postgres };
-        cluster.run_pg(
-            "initdb",
-            &["-D", path(&cluster.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-        );
+        cluster
+            .run_pg("initdb", &["-D", path(&cluster.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]);
         let socket_dir = cluster.data.display().to_string();
         let settings = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{socket_dir}'\n\
