@@ -59,6 +59,7 @@ pub struct Config {
     pub jwt_secret: Option<Secret>,
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
+    pub database: DatabaseConfig,
     /// Accept endpoint URLs on loopback, private and link-local addresses.
     pub allow_private_urls: bool,
     pub controller: ControllerConfig,
@@ -87,6 +88,10 @@ pub struct ControllerConfig {
     /// How often a follower tries to take over leadership.
     #[serde(with = "crate::duration::text")]
     pub leader_retry: Duration,
+    /// How often the leader checks its lock's connection; a check that fails, or takes
+    /// longer than this, ends its term at once.
+    #[serde(with = "crate::duration::text")]
+    pub leader_check: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -97,7 +102,24 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(30),
             debounce: Duration::from_millis(300),
             leader_retry: Duration::from_secs(5),
+            leader_check: Duration::from_secs(1),
         }
+    }
+}
+
+/// Connections to PostgreSQL.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DatabaseConfig {
+    /// The longest a request waits for a connection (connecting included) before it is
+    /// answered `503`: while the server is away, requests fail fast instead of hanging.
+    #[serde(with = "crate::duration::text")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { acquire_timeout: Duration::from_secs(2) }
     }
 }
 
@@ -222,6 +244,10 @@ pub struct IngestConfig {
     /// How long an `Idempotency-Key` is remembered (e.g. `24h`).
     #[serde(with = "crate::duration::text")]
     pub idempotency_key_ttl: Duration,
+    /// The longest a request waits for its events to commit (its wait in the queue
+    /// included) before it is answered `503`; a commit that takes longer is abandoned.
+    #[serde(with = "crate::duration::text")]
+    pub commit_timeout: Duration,
 }
 
 impl Default for IngestConfig {
@@ -233,6 +259,7 @@ impl Default for IngestConfig {
             max_commit_events: 1000,
             writers: 0,
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
+            commit_timeout: Duration::from_millis(2500),
         }
     }
 }
@@ -246,6 +273,7 @@ impl Default for Config {
             jwt_secret: None,
             log_format: LogFormat::Human,
             ingest: IngestConfig::default(),
+            database: DatabaseConfig::default(),
             allow_private_urls: false,
             controller: ControllerConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -266,6 +294,7 @@ pub struct FileConfig {
     pub jwt_secret: Option<Secret>,
     pub log_format: Option<LogFormat>,
     pub ingest: Option<IngestConfig>,
+    pub database: Option<DatabaseConfig>,
     pub allow_private_urls: Option<bool>,
     pub controller: Option<ControllerConfig>,
     pub delivery: Option<DeliveryConfig>,
@@ -323,6 +352,7 @@ impl Config {
             jwt_secret,
             log_format,
             ingest,
+            database,
             allow_private_urls,
             controller,
             delivery,
@@ -331,6 +361,9 @@ impl Config {
         } = file;
         if let Some(v) = auth {
             self.auth = v;
+        }
+        if let Some(v) = database {
+            self.database = v;
         }
         if let Some(v) = audit {
             self.audit = v;
@@ -424,6 +457,9 @@ impl Config {
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
         }
+        if i.commit_timeout < Duration::from_millis(100) || self.database.acquire_timeout < Duration::from_millis(100) {
+            return invalid("ingest.commitTimeout and database.acquireTimeout must be at least 100ms");
+        }
         if self.audit.checkpoint_every < 1 || self.audit.checkpoint_interval < Duration::from_millis(100) {
             return invalid("audit.checkpointEvery must be at least 1 and audit.checkpointInterval at least 100ms");
         }
@@ -451,8 +487,12 @@ impl Config {
         if c.applyset.is_empty() || c.applyset.len() > 253 {
             return invalid("controller.applyset must be 1 to 253 characters");
         }
-        if c.resync < Duration::from_millis(100) || c.debounce.is_zero() || c.leader_retry < Duration::from_millis(50) {
-            return invalid("controller.resync must be at least 100ms, controller.debounce above 0 and controller.leaderRetry at least 50ms");
+        if c.resync < Duration::from_millis(100)
+            || c.debounce.is_zero()
+            || c.leader_retry < Duration::from_millis(50)
+            || c.leader_check < Duration::from_millis(50)
+        {
+            return invalid("controller.resync must be at least 100ms, controller.debounce above 0, controller.leaderRetry and controller.leaderCheck at least 50ms");
         }
         if let Some(dir) = &c.resources_dir {
             if !dir.is_dir() {
@@ -492,79 +532,4 @@ fn parse_file_config(text: &str) -> Result<FileConfig, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_are_redacted_in_debug_output() {
-        let config = Config { jwt_secret: Some(Secret::new("x".repeat(40))), ..Config::default() };
-        assert!(!format!("{config:?}").contains("xxxx"));
-    }
-
-    #[test]
-    fn overrides_win_over_the_file_and_the_file_over_defaults() {
-        let mut config = Config::default();
-        let file: FileConfig = yaml_serde::from_str("listen: 127.0.0.1:9000\ningest: {maxBodyBytes: 4096}\n").unwrap();
-        config.apply_file(file);
-        assert_eq!(config.listen.port(), 9000);
-        assert_eq!(config.ingest.max_body_bytes, 4096);
-        config.apply_overrides(Overrides { listen: Some("127.0.0.1:9100".parse().unwrap()), ..Default::default() });
-        assert_eq!(config.listen.port(), 9100);
-        assert_eq!(config.ingest.max_body_bytes, 4096);
-    }
-
-    #[test]
-    fn durations_are_read_from_text_and_bad_ones_named() {
-        let file = parse_file_config("ingest: {idempotencyKeyTtl: 2h}\n").unwrap();
-        assert_eq!(file.ingest.unwrap().idempotency_key_ttl, Duration::from_secs(7200));
-        let err = parse_file_config("listen: 127.0.0.1:1\ningest:\n  idempotencyKeyTtl: soon\n").unwrap_err();
-        assert!(err.starts_with("ingest.idempotencyKeyTtl: "), "{err}");
-        assert!(err.contains("soon") && err.contains("line 3"), "{err}");
-    }
-
-    #[test]
-    fn ill_typed_settings_are_told_in_plain_words() {
-        let err = parse_file_config("ingest:\n  maxBodyBytes: lots\n").unwrap_err();
-        assert_eq!(
-            err,
-            "ingest.maxBodyBytes: must be a whole number from 0 to 18446744073709551615, not a text (line 2)"
-        );
-        let err = parse_file_config("delivery:\n  workers: 2\n  leaseMargin: 30\n").unwrap_err();
-        assert_eq!(err, "delivery.leaseMargin: `30` is not a duration like 30s, 5m or 24h (line 3)");
-        let err = parse_file_config("controller: [resync]\n").unwrap_err();
-        assert_eq!(err, "controller: must be a mapping, not a list (line 1)");
-        // A secret in the wrong shape is never repeated.
-        let err = parse_file_config("jwtSecret: [s3cret-s3cret-s3cret-s3cret-s3cret-s3cret]\n").unwrap_err();
-        assert_eq!(err, "jwtSecret: must be a text, not a list (line 1)");
-        let err = parse_file_config("jwtSecret: {value: s3cret}\n").unwrap_err();
-        assert!(!err.contains("s3cret"), "{err}");
-    }
-
-    #[test]
-    fn unknown_file_fields_are_rejected_with_their_name() {
-        let err = parse_file_config("lisen: x\n").unwrap_err();
-        assert!(err.contains("lisen"), "{err}");
-    }
-
-    #[test]
-    fn the_jwt_leeway_is_read_from_the_file_and_bounded() {
-        let file = parse_file_config("auth: {jwtLeeway: 30s}\n").unwrap();
-        let mut config = Config::default();
-        assert_eq!(config.auth.jwt_leeway, Duration::from_secs(5), "the documented default");
-        config.apply_file(file);
-        assert_eq!(config.auth.jwt_leeway, Duration::from_secs(30));
-        assert!(config.validate().is_ok());
-        for refused in [Duration::from_secs(301), Duration::from_millis(1500)] {
-            config.apply_overrides(Overrides { jwt_leeway: Some(refused), ..Default::default() });
-            assert!(config.validate().unwrap_err().to_string().contains("auth.jwtLeeway"), "{refused:?}");
-        }
-        let err = parse_file_config("auth: {jwtLeway: 5s}\n").unwrap_err();
-        assert!(err.contains("jwtLeway"), "{err}");
-    }
-
-    #[test]
-    fn postgres_without_a_shared_jwt_secret_is_refused() {
-        let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));
-    }
-}
+mod tests;

@@ -7,6 +7,9 @@
 //! [`Server::run`] has closed the database (or the process dies): one server per file.
 //! [`Server::run`] serves until the cancellation token fires, then drains: in-flight
 //! requests finish, the ingest queue is committed, connections close.
+//!
+//! Leader-only jobs here (checkpoint signing and the key it publishes) act only during
+//! this process's term and write fenced by it (see [`crate::controller::leadership`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,11 +30,12 @@ use crate::audit::checkpoint::{Checkpoint, CheckpointSigner};
 use crate::catalog::CatalogHandle;
 use crate::config::AuditConfig;
 use crate::config::Config;
+use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::Ingestor;
 use crate::resources::validate::Checks;
-use crate::store::{sqlite_file_of_url, DatabaseLock, Store};
+use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, Store, Term};
 
 /// File name of the embedded database inside the data directory.
 pub const DATABASE_FILE: &str = "hookwarden.db";
@@ -46,6 +50,7 @@ pub struct Server {
     wake: Arc<Notify>,
     signer: CheckpointSigner,
     audit: AuditConfig,
+    campaign: CampaignSettings,
     /// Held while this server uses a SQLite file; `None` on PostgreSQL and in memory.
     lock: Option<DatabaseLock>,
 }
@@ -72,7 +77,9 @@ pub fn lock_database_file(config: &Config) -> anyhow::Result<Option<DatabaseLock
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = match &config.database_url {
-        Some(url) => Store::connect(url.expose()).await.context("cannot connect to DATABASE_URL")?,
+        Some(url) => Store::connect_with(url.expose(), config.database.acquire_timeout)
+            .await
+            .context("cannot connect to DATABASE_URL")?,
         None => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -145,6 +152,9 @@ impl Server {
         let lock = lock_database_file(config)?;
         let store = open_store(config).await?;
         store.migrate().await.context("database migration failed")?;
+        let health = DatabaseHealth::default();
+        // `/readyz` answers from the first probe on; a failed one is logged and retried.
+        let _ = health.probe(&store).await;
         let keys = token_keys(config)?;
         let signer = audit_signer(config)?;
         tracing::info!(public_key = %signer.public_key(), "audit checkpoints are signed with this key");
@@ -157,8 +167,15 @@ impl Server {
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
         let checks = Checks { allow_private_urls: config.allow_private_urls };
         let status_changed = Arc::new(Notify::new());
-        let (controller, controller_status) =
-            Controller::new(store.clone(), config.controller.clone(), checks, catalog.clone(), status_changed.clone());
+        let leadership = Leadership::default();
+        let (controller, controller_status) = Controller::new(
+            store.clone(),
+            config.controller.clone(),
+            checks,
+            catalog.clone(),
+            status_changed.clone(),
+            leadership.clone(),
+        );
         let state = AppState {
             store,
             ingestor,
@@ -171,6 +188,8 @@ impl Server {
             shutdown: CancellationToken::new(),
             checks,
             controller: controller_status,
+            leadership,
+            health,
             catalog,
             wake: wake.clone(),
             audit_public_key: Arc::new(signer.public_key()),
@@ -192,6 +211,11 @@ impl Server {
             wake,
             signer,
             audit: config.audit.clone(),
+            campaign: CampaignSettings {
+                retry: config.controller.leader_retry,
+                check: config.controller.leader_check,
+                attempt: config.database.acquire_timeout.max(config.controller.leader_check),
+            },
             lock,
         })
     }
@@ -206,10 +230,24 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains and closes the database.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state, tracker, idempotency_key_ttl, controller, dispatch, wake, signer, audit, lock } =
-            self;
+        let Server {
+            listener,
+            state,
+            tracker,
+            idempotency_key_ttl,
+            controller,
+            dispatch,
+            wake,
+            signer,
+            audit,
+            campaign,
+            lock,
+        } = self;
+        let leadership = state.leadership.clone();
+        tracker.spawn(leadership::campaign(store_of(&state), leadership.clone(), campaign, shutdown.clone()));
+        tracker.spawn(crate::store::watch_health(store_of(&state), state.health.clone(), shutdown.clone()));
         tracker.spawn(controller.run(shutdown.clone()));
-        tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, state.controller.clone(), shutdown.clone()));
+        tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, leadership.clone(), shutdown.clone()));
         tracker.spawn(crate::catalog::follow::follow(
             store_of(&state),
             state.catalog.clone(),
@@ -224,7 +262,12 @@ impl Server {
             state.status_changed.clone(),
             shutdown.clone(),
         ));
-        tracker.spawn(crate::approvals::expiry::expire_due_requests(store_of(&state), wake.clone(), shutdown.clone()));
+        tracker.spawn(crate::approvals::expiry::expire_due_requests(
+            store_of(&state),
+            leadership,
+            wake.clone(),
+            shutdown.clone(),
+        ));
         Dispatcher::start(store_of(&state), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let store = state.store.clone();
         let draining = state.shutdown.clone();
@@ -353,8 +396,9 @@ async fn forward_notifications(
 }
 
 /// Records the checkpoint key in the cluster-wide chain, once per key: reviewers learn
-/// from the chain itself which keys signed its checkpoints, and since when.
-async fn publish_key(store: &Store, signer: &CheckpointSigner) -> Result<(), crate::store::StoreError> {
+/// from the chain itself which keys signed its checkpoints, and since when. Fenced by
+/// `term`.
+async fn publish_key(store: &Store, signer: &CheckpointSigner, term: Term) -> Result<(), crate::store::StoreError> {
     use crate::audit::{NewAuditRecord, CLUSTER_CHAIN};
     const ACTION: &str = "audit.key_published";
     let key = signer.public_key();
@@ -369,7 +413,8 @@ async fn publish_key(store: &Store, signer: &CheckpointSigner) -> Result<(), cra
         format!("key/{}", signer.name),
         serde_json::json!({ "public_key": key }),
     );
-    store.append_audit(&[record]).await?;
+    store.append_audit_as_leader(term, &[record]).await?;
+    Leadership::wrote(term, "checkpoint key");
     tracing::info!(public_key = %key, "checkpoint key recorded in the _cluster audit chain");
     Ok(())
 }
@@ -381,7 +426,7 @@ async fn sign_checkpoints(
     store: Store,
     signer: CheckpointSigner,
     config: AuditConfig,
-    controller: crate::controller::SharedStatus,
+    leadership: Leadership,
     shutdown: CancellationToken,
 ) {
     let mut last_signed: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
@@ -392,13 +437,11 @@ async fn sign_checkpoints(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let leader = controller.lock().map(|s| s.leader).unwrap_or(false);
-        if !leader {
-            continue;
-        }
+        let Some(term) = leadership.term() else { continue };
         if !published {
-            match publish_key(&store, &signer).await {
+            match publish_key(&store, &signer, term).await {
                 Ok(()) => published = true,
+                Err(e) if leadership.fenced(term, &e) => continue,
                 Err(e) => tracing::warn!(error = %e, "cannot record the checkpoint key in the audit chain"),
             }
         }
@@ -420,12 +463,17 @@ async fn sign_checkpoints(
             if seq <= signed_seq || !due {
                 continue;
             }
+            if !leadership.holds(term) {
+                break;
+            }
             let checkpoint = Checkpoint { origin: Checkpoint::origin_for(&chain), seq, hash: hash.clone() };
             match signer.sign(&checkpoint) {
-                Ok(note) => match store.save_checkpoint(&chain, seq, &hash, &note).await {
+                Ok(note) => match store.save_checkpoint(term, &chain, seq, &hash, &note).await {
                     Ok(()) => {
+                        Leadership::wrote(term, "checkpoint");
                         last_signed.insert(chain, std::time::Instant::now());
                     }
+                    Err(e) if leadership.fenced(term, &e) => break,
                     Err(e) => tracing::warn!(error = %e, "cannot save an audit checkpoint"),
                 },
                 Err(e) => tracing::error!(error = %e, chain = %chain, "cannot sign an audit checkpoint"),

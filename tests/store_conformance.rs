@@ -515,12 +515,13 @@ async fn resources_apply_atomically_and_keep_status_per_generation(store: &Store
     let key = outcomes[0].key.clone();
 
     // Status is written for the generation it describes, and not for an older one.
+    let term = store.try_lead().await.unwrap().expect("the only store leads").term();
     let status = serde_json::json!({"observedGeneration": 1});
-    assert!(store.update_resource_status(&key, 1, &status).await.unwrap());
+    assert!(store.update_resource_status(term, &key, 1, &status).await.unwrap());
     let changed =
         ApplyRequest { resources: vec![desired("a", serde_json::json!({"expression": "false"}))], ..request.clone() };
     assert_eq!(store.apply_resources(&changed).await.unwrap()[0].generation, 2);
-    assert!(!store.update_resource_status(&key, 1, &status).await.unwrap(), "stale status refused");
+    assert!(!store.update_resource_status(term, &key, 1, &status).await.unwrap(), "stale status refused");
     assert_eq!(store.get_resource(&key).await.unwrap().unwrap().status, Some(status));
 
     // A dry-run prune reports, and keeps, what a real one deletes.
@@ -547,6 +548,82 @@ async fn leadership_is_exclusive(store: &Store) {
             assert!(store.try_lead().await.unwrap().is_some(), "released leadership can be taken");
         }
     }
+}
+
+/// A pending approval request whose deadline has passed, for `expire_approvals`.
+async fn an_overdue_approval(store: &Store) -> String {
+    use hookwarden::store::policy::NewApproval;
+    let e = fanned_out("overdue", &["agent"], None);
+    store.accept_events(&[request(vec![e.clone()])]).await.unwrap();
+    let claim = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap().remove(0);
+    let approval = NewApproval {
+        id: "apr_overdue".into(),
+        namespace: "default".into(),
+        event_id: e.id.to_string(),
+        endpoint: "agent".into(),
+        rule: Some("hold-all".into()),
+        reason: "held".into(),
+        action_hash: "0".repeat(64),
+        role: "approver".into(),
+        quorum: 1,
+        on_expiry: "deny".into(),
+        expires_at: Utc::now() - chrono::Duration::seconds(1),
+        requested_by: "tester".into(),
+    };
+    let now = Utc::now();
+    assert!(store.hold_delivery(&claim.id, &claim.lease_token, "{}", &approval, now).await.unwrap());
+    approval.id
+}
+
+/// Every leader-only write names its term; once a newer term began, the store refuses the
+/// old term's writes (`StoreError::Fenced`) and none of them lands.
+async fn leader_only_writes_of_an_ended_term_are_refused(store: &Store) {
+    use hookwarden::audit::NewAuditRecord;
+    let spec = serde_json::json!({"expression": "true"});
+    let first = store.try_lead().await.unwrap().expect("nobody else leads");
+    let old = first.term();
+    let applied = ApplyRequest { resources: vec![desired("a", spec.clone())], leader: Some(old), ..Default::default() };
+    let key = store.apply_resources(&applied).await.unwrap()[0].key.clone();
+    let status = serde_json::json!({"observedGeneration": 1});
+    assert!(store.update_resource_status(old, &key, 1, &status).await.unwrap());
+    store.save_checkpoint(old, "default", 1, &"a".repeat(64), "note 1").await.unwrap();
+    let approval = an_overdue_approval(store).await;
+
+    // A new term begins (on PostgreSQL, once the old leader's lock is gone).
+    first.release().await;
+    let new = store.try_lead().await.unwrap().expect("the released lock can be taken").term();
+    assert!(new.epoch() > old.epoch(), "epochs grow: {old:?} then {new:?}");
+    let fenced = |result: Result<(), StoreError>, what: &str| match result {
+        Err(StoreError::Fenced { term, current }) => {
+            assert_eq!((term, current), (old.epoch(), new.epoch()), "{what}");
+        }
+        other => panic!("{what}: a stale leader's write must be refused, got {other:?}"),
+    };
+    let changed = serde_json::json!({"observedGeneration": 1, "stale": true});
+    fenced(store.update_resource_status(old, &key, 1, &changed).await.map(drop), "status");
+    fenced(store.save_checkpoint(old, "default", 2, &"b".repeat(64), "note 2").await, "checkpoint");
+    fenced(store.expire_approvals(old, Utc::now()).await.map(drop), "expiry");
+    let more = ApplyRequest { resources: vec![desired("b", spec.clone())], ..applied.clone() };
+    fenced(store.apply_resources(&more).await.map(drop), "directory apply");
+    let record = NewAuditRecord::new("system", "audit.key_published", "_cluster", "key/x", serde_json::json!({}));
+    fenced(store.append_audit_as_leader(old, std::slice::from_ref(&record)).await.map(drop), "key record");
+
+    // Nothing of it landed.
+    assert_eq!(store.get_resource(&key).await.unwrap().unwrap().status, Some(status));
+    assert_eq!(store.latest_checkpoint("default").await.unwrap().map(|c| c.0), Some(1));
+    let (pending, _) = store.get_approval(&approval).await.unwrap().unwrap();
+    assert_eq!(pending.state, "pending");
+    assert_eq!(store.list_resources(None, None).await.unwrap().len(), 1);
+    assert!(store.audit_records("_cluster", 1, i64::MAX, 10).await.unwrap().is_empty());
+
+    // The new term writes all of it.
+    assert!(store.update_resource_status(new, &key, 1, &changed).await.unwrap());
+    store.save_checkpoint(new, "default", 2, &"b".repeat(64), "note 2").await.unwrap();
+    assert_eq!(store.expire_approvals(new, Utc::now()).await.unwrap().len(), 1);
+    store.apply_resources(&ApplyRequest { leader: Some(new), ..more }).await.unwrap();
+    store.append_audit_as_leader(new, &[record]).await.unwrap();
+    // Any process may still apply without a term.
+    store.apply_resources(&ApplyRequest { resources: vec![desired("c", spec)], ..Default::default() }).await.unwrap();
 }
 
 async fn concurrent_audit_appends_keep_each_chain_gapless_and_linked(store: &Store) {
@@ -648,6 +725,7 @@ conformance!(
     readiness_requires_the_migrations,
     resources_apply_atomically_and_keep_status_per_generation,
     leadership_is_exclusive,
+    leader_only_writes_of_an_ended_term_are_refused,
     fan_out_is_written_with_the_event_and_claimed_once,
     an_expired_lease_makes_the_delivery_claimable_again,
     an_ordered_lane_releases_one_delivery_at_a_time,

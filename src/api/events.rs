@@ -199,6 +199,9 @@ async fn submit(state: &AppState, request: IngestRequest) -> Result<Accepted, Ap
         IngestError::ResourcesChanging => {
             ApiError::Unavailable("the resources kept changing while the events were stored; retry".into())
         }
+        IngestError::TimedOut => {
+            ApiError::Unavailable("the events were not stored in time; retry later (with the same ids)".into())
+        }
         // The writer logged the cause.
         IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
     })

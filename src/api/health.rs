@@ -10,16 +10,16 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when not shutting down and the database answers with every migration applied.
+/// Ready when not shutting down and the database answered its last probe with every
+/// migration applied. Answers at once: the probe runs in the background (see
+/// [`crate::store::DatabaseHealth`]), so a database that hangs cannot hang this.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("the server is shutting down".into()));
     }
-    state.store.check_ready().await.map_err(|e| {
-        tracing::warn!(error = %e, "not ready");
-        ApiError::Unavailable(format!("not ready: {e}"))
-    })?;
-    let controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
+    state.health.current().map_err(|why| ApiError::Unavailable(format!("not ready: {why}")))?;
+    let mut controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
+    controller.leader = state.leadership.is_leader();
     // Endpoints this process cannot send to (their deliveries wait): ready, but say so.
     let catalog = state.catalog.current();
     let blocked: Vec<Value> = catalog

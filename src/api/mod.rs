@@ -48,6 +48,10 @@ pub struct AppState {
     /// Where validation runs (private URLs allowed? secret sources readable?).
     pub checks: crate::resources::validate::Checks,
     pub controller: crate::controller::SharedStatus,
+    /// Whether this process leads now (shown by `/readyz`).
+    pub leadership: crate::controller::leadership::Leadership,
+    /// The database's health as last probed (`/readyz` answers from it at once).
+    pub health: crate::store::DatabaseHealth,
     /// The endpoints and filters in force, for fan-out.
     pub catalog: crate::catalog::CatalogHandle,
     /// Wakes the delivery workers (new or replayed work).

@@ -129,6 +129,7 @@ pub async fn apply_resources(
         dry_run: params.dry_run,
         checks: state.checks,
         actor: principal.subject.clone(),
+        leader: None,
     };
     let desired: Vec<(ResourceKey, Value)> = parsed
         .resources

@@ -16,6 +16,8 @@ pub struct ApplyOptions {
     pub checks: Checks,
     /// Who applies, for the audit log.
     pub actor: String,
+    /// The leader's term, when the leader applies (the watched directory): fenced by it.
+    pub leader: Option<crate::store::Term>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,7 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
         prune: options.prune,
         dry_run: options.dry_run,
         actor: options.actor.clone(),
+        leader: options.leader,
     };
     Ok(store.apply_resources(&request).await?)
 }

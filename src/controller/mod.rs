@@ -2,15 +2,17 @@
 //! `status` true to what is stored and to what the engine knows of each endpoint.
 //!
 //! Exactly one process leads (on PostgreSQL, whoever holds the advisory lock; on SQLite,
-//! the only process). The leader reconciles on file events (debounced), at once when any
-//! process signals a change (an apply, a delete, an enable, a breaker opening, a 410, a
-//! secret appearing: see `status_changed`), when a reconcile asked to be requeued (an
-//! open breaker closes), and on a periodic resync, since signals can be missed.
+//! the only process; see [`leadership`]), and only during its term: every write it makes
+//! here is fenced by that term. The leader reconciles on file events (debounced), at once
+//! when any process signals a change (an apply, a delete, an enable, a breaker opening, a
+//! 410, a secret appearing: see `status_changed`), when a reconcile asked to be requeued
+//! (an open breaker closes), and on a periodic resync, since signals can be missed.
 //! Reconciling is idempotent: it acts on current state only. An invalid directory is
 //! rejected as a whole; the last good state stays in force and the error shows in the
 //! logs, in `/readyz` and in the resources' status.
 
 pub mod apply;
+pub mod leadership;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -23,16 +25,18 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use self::apply::{apply, read_resource_files, ApplyError, ApplyOptions};
+use self::leadership::Leadership;
 use crate::catalog::{CatalogHandle, Sendability};
 use crate::config::ControllerConfig;
 use crate::resources::validate::{self, Checks};
 use crate::resources::{parse_files, Kind, Located, Metadata, Origin, Resource, ResourceKey, Spec};
-use crate::store::{ApplyAction, Store, StoredResource};
+use crate::store::{ApplyAction, Store, StoreError, StoredResource, Term};
 
 /// What `/readyz` shows of the controller.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ControllerStatus {
+    /// Filled in from [`Leadership`] when shown.
     pub leader: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resources_dir: Option<String>,
@@ -54,6 +58,7 @@ pub struct Controller {
     catalog: CatalogHandle,
     /// Signalled when resources or endpoint state changed: status is due now.
     status_changed: Arc<Notify>,
+    leadership: Leadership,
 }
 
 /// What a reconcile asks for next, besides the periodic resync (kube-runtime's `Action`).
@@ -72,12 +77,13 @@ impl Controller {
         checks: Checks,
         catalog: CatalogHandle,
         status_changed: Arc<Notify>,
+        leadership: Leadership,
     ) -> (Controller, SharedStatus) {
         let status = Arc::new(Mutex::new(ControllerStatus {
             resources_dir: config.resources_dir.as_ref().map(|d| d.display().to_string()),
             ..ControllerStatus::default()
         }));
-        (Controller { store, config, checks, status: status.clone(), catalog, status_changed }, status)
+        (Controller { store, config, checks, status: status.clone(), catalog, status_changed, leadership }, status)
     }
 
     fn update(&self, f: impl FnOnce(&mut ControllerStatus)) {
@@ -85,35 +91,24 @@ impl Controller {
         f(&mut status);
     }
 
-    /// Campaigns for leadership and leads while it can, until `shutdown`.
+    /// Leads whenever this process holds a term (see [`leadership::campaign`]), until
+    /// `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let lease = tokio::select! {
+            let term = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                lease = self.store.try_lead() => lease,
+                term = self.leadership.acquired() => term,
             };
-            match lease {
-                Ok(Some(lease)) => {
-                    tracing::info!("became leader: running the resource controller");
-                    self.update(|s| s.leader = true);
-                    self.lead(lease, &shutdown).await;
-                    self.update(|s| s.leader = false);
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    tracing::warn!("lost leadership");
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "could not campaign for leadership"),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.config.leader_retry) => {}
+            tracing::info!(epoch = term.epoch(), "running the resource controller");
+            self.lead(term, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
             }
         }
     }
 
-    async fn lead(&self, mut lease: crate::store::LeaderLease, shutdown: &CancellationToken) {
+    /// Reconciles until `term` ends (or `shutdown`).
+    async fn lead(&self, term: Term, shutdown: &CancellationToken) {
         let (changes, mut changed) = mpsc::channel::<()>(1);
         // Keep the watcher alive for as long as we lead.
         let _watcher = self.config.resources_dir.as_ref().and_then(|dir| match watch(dir, changes) {
@@ -123,7 +118,7 @@ impl Controller {
                 None
             }
         });
-        let mut next = self.reconcile().await;
+        let mut next = self.reconcile(term).await;
         let mut resync = tokio::time::interval(self.config.resync);
         resync.tick().await;
         loop {
@@ -133,37 +128,33 @@ impl Controller {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = self.leadership.ended(term) => break,
                 Some(()) = changed.recv() => {
                     // Let a burst of writes (an editor's save, a git checkout) settle.
                     while let Ok(Some(())) = tokio::time::timeout(self.config.debounce, changed.recv()).await {}
-                    next = self.reconcile().await;
+                    next = self.reconcile(term).await;
                 }
-                _ = self.status_changed.notified() => next = self.reconcile_status_now().await,
-                _ = tokio::time::sleep(requeue) => next = self.reconcile_status_now().await,
-                _ = resync.tick() => {
-                    if !lease.is_held().await {
-                        return;
-                    }
-                    next = self.reconcile().await;
-                }
+                _ = self.status_changed.notified() => next = self.reconcile_status_now(term).await,
+                _ = tokio::time::sleep(requeue) => next = self.reconcile_status_now(term).await,
+                _ = resync.tick() => next = self.reconcile(term).await,
             }
         }
-        lease.release().await;
     }
 
     /// One pass: apply the directory (if any), then bring every status up to date.
-    pub async fn reconcile(&self) -> Action {
+    pub async fn reconcile(&self, term: Term) -> Action {
         if let Some(dir) = &self.config.resources_dir {
-            self.sync_directory(dir).await;
+            self.sync_directory(dir, term).await;
         }
-        self.reconcile_status_now().await
+        self.reconcile_status_now(term).await
     }
 
     /// Brings every status up to date (the directory's last sync result included).
-    async fn reconcile_status_now(&self) -> Action {
+    async fn reconcile_status_now(&self, term: Term) -> Action {
         let sync_error = self.status.lock().ok().and_then(|s| s.last_error.clone());
-        match self.reconcile_status(sync_error.as_deref()).await {
+        match self.reconcile_status(term, sync_error.as_deref()).await {
             Ok(action) => action,
+            Err(e) if self.leadership.fenced(term, &e) => Action::AwaitChange,
             // The error policy: try again soon, not at the next resync.
             Err(e) => {
                 tracing::warn!(error = %e, "could not reconcile resource status; retrying");
@@ -173,9 +164,12 @@ impl Controller {
     }
 
     /// Applies the directory with prune; returns the error that rejected it, if any.
-    async fn sync_directory(&self, dir: &std::path::Path) -> Option<String> {
+    async fn sync_directory(&self, dir: &std::path::Path, term: Term) -> Option<String> {
+        if !self.leadership.holds(term) {
+            return None;
+        }
         let result = async {
-            let files = read_resource_files(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            let files = read_resource_files(dir).map_err(|e| Some(format!("cannot read {}: {e}", dir.display())))?;
             let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
             let options = ApplyOptions {
                 applyset: Some(self.config.applyset.clone()),
@@ -183,12 +177,21 @@ impl Controller {
                 dry_run: false,
                 checks: self.checks,
                 actor: "system".to_owned(),
+                leader: Some(term),
             };
-            apply(&self.store, parsed, &options).await.map_err(|e| describe(&e))
+            apply(&self.store, parsed, &options).await.map_err(|e| match e {
+                ApplyError::Store(e) if self.leadership.fenced(term, &e) => None,
+                e => Some(describe(&e)),
+            })
         }
         .await;
         match result {
+            // The term is over: not this process's business any more.
+            Err(None) => None,
             Ok(outcomes) => {
+                if outcomes.iter().any(|o| o.action != ApplyAction::Unchanged) {
+                    Leadership::wrote(term, "directory");
+                }
                 for o in outcomes.iter().filter(|o| o.action != ApplyAction::Unchanged) {
                     tracing::info!(resource = %o.key, action = ?o.action, generation = o.generation, "resource applied from directory");
                 }
@@ -198,7 +201,7 @@ impl Controller {
                 });
                 None
             }
-            Err(message) => {
+            Err(Some(message)) => {
                 let changed = self.status.lock().map(|s| s.last_error.as_deref() != Some(&message)).unwrap_or(true);
                 if changed {
                     tracing::error!(dir = %dir.display(), error = %message, "resources directory rejected; the last good state stays in force");
@@ -211,7 +214,7 @@ impl Controller {
 
     /// Writes `status` (observedGeneration, conditions, an endpoint's delivery state) on
     /// every resource where it changed; asks to be requeued when an open breaker closes.
-    async fn reconcile_status(&self, sync_error: Option<&str>) -> Result<Action, crate::store::StoreError> {
+    async fn reconcile_status(&self, term: Term, sync_error: Option<&str>) -> Result<Action, StoreError> {
         let stored = self.store.list_resources(None, None).await?;
         let states = self.store.list_endpoint_states().await?;
         let catalog = self.catalog.current();
@@ -246,8 +249,12 @@ impl Controller {
             }
             status["conditions"] = json!(conditions);
             if !same_status(resource.status.as_ref(), &status) {
+                if !self.leadership.holds(term) {
+                    return Ok(Action::AwaitChange);
+                }
                 let status = stamp(resource.status.as_ref(), status);
-                self.store.update_resource_status(&resource.key, resource.generation, &status).await?;
+                self.store.update_resource_status(term, &resource.key, resource.generation, &status).await?;
+                Leadership::wrote(term, "status");
             }
         }
         Ok(next)

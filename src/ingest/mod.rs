@@ -5,7 +5,9 @@
 //! [`Ingestor`] and wait. Fan-out is decided here, by the catalog in force; the writer
 //! (see [`writer`]) commits it only if the stored resources are still at the revision it
 //! was decided by, and decides it again otherwise. Invariants:
-//! - a request is answered `Ok` only after its events are committed;
+//! - a request is answered `Ok` only after its events are committed, and is answered
+//!   within `ingest.commitTimeout` either way (a database that is away or hangs costs a
+//!   `503`, never an unbounded wait);
 //! - an event accepted after an apply returned (by any process) fans out by what that
 //!   apply wrote (read-your-writes through the resource revision);
 //! - where fan-out could not decide for an endpoint, the answer says so; nothing is left
@@ -32,8 +34,24 @@ pub enum IngestError {
     ShuttingDown,
     #[error("the resources kept changing while the events were being stored")]
     ResourcesChanging,
+    /// Not committed within `ingest.commitTimeout` (the database is slow or away). The
+    /// events may still have been written: a retry with the same ids is a duplicate.
+    #[error("the events were not committed in time")]
+    TimedOut,
     #[error("could not store the events")]
     Store(#[source] Arc<StoreError>),
+}
+
+impl IngestError {
+    /// Whether the database could not be reached (or did not answer in time): nothing
+    /// about the request itself was refused.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            IngestError::TimedOut => true,
+            IngestError::Store(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
 }
 
 /// What a committed request did.
@@ -67,6 +85,14 @@ struct FannedOut {
     /// The resource revision the fan-out was decided by.
     revision: Option<i64>,
     reply: oneshot::Sender<Result<Accepted, IngestError>>,
+}
+
+impl Job {
+    /// The handler stopped waiting (it answered 503 at its deadline, or the client left):
+    /// nobody would learn of this job's commit.
+    fn abandoned(&self) -> bool {
+        self.fan_out.reply.is_closed()
+    }
 }
 
 impl FannedOut {
@@ -118,6 +144,8 @@ fn fan_out(catalog: &Catalog, event: &mut NewEvent) -> Vec<FanOutError> {
 pub struct Ingestor {
     queue: mpsc::Sender<Job>,
     catalog: CatalogHandle,
+    /// How long [`Ingestor::submit`] waits for the commit.
+    commit_timeout: std::time::Duration,
 }
 
 impl Ingestor {
@@ -131,11 +159,11 @@ impl Ingestor {
         wake: Arc<Notify>,
     ) -> Ingestor {
         let queue = writer::start(store, catalog.clone(), config, tracker, wake);
-        Ingestor { queue, catalog }
+        Ingestor { queue, catalog, commit_timeout: config.commit_timeout }
     }
 
     /// Decides the fan-out of `request`, queues it, and waits until it is committed (or
-    /// refused).
+    /// refused), at most `ingest.commitTimeout`.
     pub async fn submit(&self, request: IngestRequest) -> Result<Accepted, IngestError> {
         let (reply, answer) = oneshot::channel();
         let mut job = Job { request, fan_out: FannedOut { errors: Vec::new(), revision: None, reply } };
@@ -144,6 +172,10 @@ impl Ingestor {
             mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => IngestError::ShuttingDown,
         })?;
-        answer.await.unwrap_or(Err(IngestError::ShuttingDown))
+        match tokio::time::timeout(self.commit_timeout, answer).await {
+            Ok(answer) => answer.unwrap_or(Err(IngestError::ShuttingDown)),
+            // Dropping `answer` tells the writer nobody waits for the job any more.
+            Err(_) => Err(IngestError::TimedOut),
+        }
     }
 }

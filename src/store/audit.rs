@@ -165,13 +165,17 @@ macro_rules! audit_methods {
                 Ok(heads)
             }
 
+            /// Fenced: refused once `term` is over.
             pub(super) async fn save_checkpoint(
                 &self,
+                term: $crate::store::Term,
                 chain: &str,
                 seq: i64,
                 hash: &str,
                 note: &str,
             ) -> Result<(), $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                Self::hold_term_in(&mut tx, term).await?;
                 sqlx::query(&$sql(
                     "INSERT INTO audit_checkpoints (chain, seq, hash, note, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 ))
@@ -180,8 +184,9 @@ macro_rules! audit_methods {
                 .bind(hash)
                 .bind(note)
                 .bind(chrono::Utc::now())
-                .execute(self.write_pool())
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(())
             }
 

@@ -8,50 +8,36 @@
 //!   (until it is cleaned up), and is never bound to a different request body.
 
 mod audit;
+mod availability;
 pub mod deliveries;
+mod error;
 mod ingest;
+mod leadership;
 pub mod policy;
 mod postgres;
 pub mod resources;
 mod sqlite;
 mod sqlite_file;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::ids::EventId;
 
+pub use availability::{watch_health, DatabaseHealth};
 pub use deliveries::{
     Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, CommittedSpend, Completion, CompletionReport,
     DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
 };
+pub use error::StoreError;
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
+pub use leadership::{LeaderLease, Term};
 pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
 pub use sqlite_file::{lock_path, sqlite_file_of_url, DatabaseLock, LockError};
-
-/// Infrastructure failures of the store. Bad input never reaches here.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error")]
-    Database(#[from] sqlx::Error),
-    #[error("database migration failed")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("the database schema is not up to date ({}; this build needs version {needed})", match .found {
-        Some(version) => format!("at version {version}"),
-        None => "no migration applied".to_owned(),
-    })]
-    NotMigrated { found: Option<i64>, needed: i64 },
-    #[error("stored data is not readable: {0}")]
-    Corrupt(String),
-    #[error("no database at {}", .0.display())]
-    NoDatabase(PathBuf),
-    #[error("cannot read {} without writing to it: {reason}; start `hookwarden serve` on it once to recover it", path.display())]
-    NeedsWriter { path: PathBuf, reason: &'static str },
-}
 
 /// Which database a store runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -206,15 +192,6 @@ impl Store {
         dispatch!(self, s => s.delete_idempotency_keys_before(cutoff).await)
     }
 
-    /// Tries to become the leader; `None` while another process leads. On the embedded
-    /// database there is only one process, which always leads.
-    pub async fn try_lead(&self) -> Result<Option<LeaderLease>, StoreError> {
-        match self {
-            Store::Sqlite(_) => Ok(Some(LeaderLease::Embedded)),
-            Store::Postgres(s) => Ok(s.try_lead().await?.map(LeaderLease::Postgres)),
-        }
-    }
-
     /// Wakes idle delivery workers of every process (PostgreSQL `NOTIFY`); on the
     /// embedded database the in-process signal is enough and this does nothing.
     pub async fn notify_work(&self) -> Result<(), StoreError> {
@@ -242,7 +219,7 @@ impl Store {
         }
     }
 
-    /// Applies resources atomically; see [`ApplyRequest`].
+    /// Applies resources atomically; see [`ApplyRequest`] (its `leader` fences the apply).
     pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
         dispatch!(self, s => s.apply_resources(request).await)
     }
@@ -272,14 +249,16 @@ impl Store {
         dispatch!(self, s => s.delete_resource(key, actor).await)
     }
 
-    /// Writes a resource's status if its generation is still `generation`.
+    /// Writes a resource's status if its generation is still `generation`; a leader-only
+    /// write, refused ([`StoreError::Fenced`]) once `term` is over.
     pub async fn update_resource_status(
         &self,
+        term: Term,
         key: &crate::resources::ResourceKey,
         generation: i64,
         status: &serde_json::Value,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.update_resource_status(key, generation, status).await)
+        dispatch!(self, s => s.update_resource_status(term, key, generation, status).await)
     }
 
     /// Claims up to `limit` due deliveries for `lease`.
@@ -474,9 +453,10 @@ impl Store {
     }
 
     /// Applies the expiry outcome of every pending approval past its deadline; returns
-    /// `(approval, delivery)` of each request it closed.
-    pub async fn expire_approvals(&self, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
-        dispatch!(self, s => s.expire_approvals(now).await)
+    /// `(approval, delivery)` of each request it closed. A leader-only write, refused
+    /// ([`StoreError::Fenced`]) once `term` is over.
+    pub async fn expire_approvals(&self, term: Term, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
+        dispatch!(self, s => s.expire_approvals(term, now).await)
     }
 
     /// Appends audit records in a transaction of their own.
@@ -503,8 +483,25 @@ impl Store {
         dispatch!(self, s => s.audit_heads().await)
     }
 
-    pub async fn save_checkpoint(&self, chain: &str, seq: i64, hash: &str, note: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.save_checkpoint(chain, seq, hash, note).await)
+    /// Appends records as the leader of `term` (refused once it is over).
+    pub async fn append_audit_as_leader(
+        &self,
+        term: Term,
+        records: &[crate::audit::NewAuditRecord],
+    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        dispatch!(self, s => s.append_audit_as_leader(term, records).await)
+    }
+
+    /// Stores a signed checkpoint; a leader-only write, refused once `term` is over.
+    pub async fn save_checkpoint(
+        &self,
+        term: Term,
+        chain: &str,
+        seq: i64,
+        hash: &str,
+        note: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.save_checkpoint(term, chain, seq, hash, note).await)
     }
 
     /// The latest signed checkpoint of `chain`: `(seq, hash, note)`.
@@ -515,31 +512,6 @@ impl Store {
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
-    }
-}
-
-/// Leadership, held while this value lives.
-pub enum LeaderLease {
-    Embedded,
-    /// The connection holding the PostgreSQL advisory lock.
-    Postgres(sqlx::PgConnection),
-}
-
-impl LeaderLease {
-    /// Whether leadership is still held (the lock's connection still answers).
-    pub async fn is_held(&mut self) -> bool {
-        match self {
-            LeaderLease::Embedded => true,
-            LeaderLease::Postgres(connection) => sqlx::query("SELECT 1").execute(connection).await.is_ok(),
-        }
-    }
-
-    /// Gives leadership up at once.
-    pub async fn release(self) {
-        if let LeaderLease::Postgres(connection) = self {
-            use sqlx::Connection as _;
-            let _ = connection.close().await;
-        }
     }
 }
 
@@ -617,23 +589,5 @@ fn check_migrated(found: Option<i64>, migrator: &sqlx::migrate::Migrator) -> Res
     match found {
         Some(v) if v >= needed => Ok(()),
         _ => Err(StoreError::NotMigrated { found, needed }),
-    }
-}
-
-impl StoreError {
-    /// Whether retrying later may succeed (connection trouble, a busy database).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Database(e) => {
-                matches!(
-                    e,
-                    sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::Io(_)
-                        | sqlx::Error::WorkerCrashed
-                ) || e.as_database_error().is_some()
-            }
-            _ => false,
-        }
     }
 }

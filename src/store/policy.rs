@@ -461,6 +461,7 @@ macro_rules! policy_methods {
             /// Applies the expiry outcome to every pending request past its deadline.
             pub(super) async fn expire_approvals(
                 &self,
+                term: $crate::store::Term,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<(String, String)>, $crate::store::StoreError> {
                 let due: Vec<(String, String, String)> = sqlx::query_as(&$sql(
@@ -472,6 +473,7 @@ macro_rules! policy_methods {
                 let mut expired = Vec::new();
                 for (id, delivery, on_expiry) in due {
                     let mut tx = self.begin_write().await?;
+                    Self::hold_term_in(&mut tx, term).await?;
                     let still: Option<String> = sqlx::query_scalar(&$sql(&format!("SELECT state FROM approvals WHERE id = ?{}", $row_lock)))
                         .bind(&id)
                         .fetch_optional(&mut *tx)

@@ -26,10 +26,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 pub struct PgStore {
     pool: PgPool,
     /// For the leader's own connection, outside the pool.
-    options: Arc<PgConnectOptions>,
+    pub(super) options: Arc<PgConnectOptions>,
     /// This process's name in work notifications, so that its listener skips its own
     /// (the in-process signal already woke its workers).
-    instance: Arc<str>,
+    pub(super) instance: Arc<str>,
 }
 
 /// The notification channel that wakes idle delivery workers.
@@ -64,36 +64,26 @@ impl WorkListener {
     }
 }
 
-/// The advisory lock whose holder leads (runs the controller and periodic jobs).
-const LEADER_LOCK: i64 = 0x486f_6f6b_7761_7264;
-
 impl PgStore {
+    /// Connects with the default `database.acquireTimeout`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, crate::config::DatabaseConfig::default().acquire_timeout).await
+    }
+
+    /// A pool whose every wait for a connection (connecting included) ends after
+    /// `acquire_timeout`, so that a request is answered in bounded time while the server
+    /// is away. Idle connections are tested before use, so the pool heals by itself
+    /// once the server is back.
+    pub async fn connect_with(url: &str, acquire_timeout: Duration) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("hookwarden");
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(acquire_timeout)
+            .test_before_acquire(true)
             .connect_with(options.clone())
             .await?;
         Ok(Self { pool, options: Arc::new(options), instance: ulid::Ulid::new().to_string().into() })
-    }
-
-    /// Takes the leader lock on a connection of its own, kept outside the pool: the lock
-    /// is held exactly as long as that connection lives, so a dead leader's lock goes
-    /// with its connection.
-    pub(super) async fn try_lead(&self) -> Result<Option<sqlx::PgConnection>, StoreError> {
-        use sqlx::ConnectOptions as _;
-        let mut connection = self.options.connect().await?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut connection).await?;
-        if locked {
-            Ok(Some(connection))
-        } else {
-            use sqlx::Connection as _;
-            connection.close().await.ok();
-            Ok(None)
-        }
     }
 
     /// Tells every process listening that deliveries are due (see [`Self::listen_for_work`]).
@@ -120,7 +110,7 @@ impl PgStore {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
     }
 

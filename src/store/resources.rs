@@ -78,6 +78,9 @@ pub struct ApplyRequest {
     pub dry_run: bool,
     /// Who applies (the token subject, or `system` for the directory controller).
     pub actor: String,
+    /// Set by the leader (the directory controller): the apply is refused once its term is
+    /// over. `None` for applies any process may make.
+    pub leader: Option<super::Term>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -185,6 +188,9 @@ macro_rules! resource_methods {
                 let now = chrono::Utc::now();
                 let applyset = request.applyset.as_deref();
                 let mut tx = self.begin_write().await?;
+                if let Some(term) = request.leader {
+                    Self::hold_term_in(&mut tx, term).await?;
+                }
                 let mut outcomes = Vec::with_capacity(request.resources.len());
                 for desired in &request.resources {
                     let key = &desired.key;
@@ -408,12 +414,16 @@ macro_rules! resource_methods {
             }
 
             /// Writes `status` when the resource is still at `generation`; false otherwise.
+            /// Fenced: refused once `term` is over.
             pub(super) async fn update_resource_status(
                 &self,
+                term: $crate::store::Term,
                 key: &$crate::resources::ResourceKey,
                 generation: i64,
                 status: &serde_json::Value,
             ) -> Result<bool, $crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                Self::hold_term_in(&mut tx, term).await?;
                 let updated = sqlx::query(&$sql(
                     "UPDATE resources SET status = ? WHERE kind = ? AND namespace = ? AND name = ? AND generation = ?",
                 ))
@@ -422,9 +432,10 @@ macro_rules! resource_methods {
                 .bind(&key.namespace)
                 .bind(&key.name)
                 .bind(generation)
-                .execute(self.write_pool())
+                .execute(&mut *tx)
                 .await?
                 .rows_affected();
+                tx.commit().await?;
                 Ok(updated == 1)
             }
         }

@@ -79,14 +79,14 @@ impl SqliteStore {
         self.snapshot.as_ref().is_some_and(|s| s.is_stale())
     }
 
-    fn write_pool(&self) -> &SqlitePool {
+    pub(super) fn write_pool(&self) -> &SqlitePool {
         &self.write
     }
 
     /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`): one that
     /// read first and wrote later would fail at once with `SQLITE_BUSY` when another
     /// connection held the lock meanwhile, instead of waiting for it.
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.write.begin_with("BEGIN IMMEDIATE").await
     }
 

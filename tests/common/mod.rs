@@ -6,6 +6,7 @@
 //! with `HOOKWARDEN_TEST_REQUIRE_POSTGRES=1` (set by `.ci/run`) a missing URL fails.
 #![allow(dead_code)]
 
+pub mod pg_cluster;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -241,7 +242,7 @@ pub async fn json_with_status(response: reqwest::Response, status: u16) -> serde
 pub struct Process {
     pub child: Child,
     pub base: String,
-    /// Every log line it wrote after "listening" (JSON), in order.
+    /// Every log line it wrote (JSON), in order, from its start.
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -293,6 +294,7 @@ impl Process {
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let mut log = String::new();
+        let mut early = Vec::new();
         let addr = loop {
             let Some(line) = lines.next() else {
                 let status = child.wait().expect("reap");
@@ -301,13 +303,14 @@ impl Process {
             let line = line.expect("read log");
             log.push_str(&line);
             log.push('\n');
+            early.push(line.clone());
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             if entry["message"] == "hookwarden is listening" {
                 break entry["addr"].as_str().expect("addr field").to_owned();
             }
         };
         // Keep draining the logs so the server never blocks on a full pipe.
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(early));
         let kept = logs.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {

@@ -1,0 +1,95 @@
+//! Unit tests of configuration loading: layering, durations, bounds, named errors.
+
+use super::*;
+
+#[test]
+fn secrets_are_redacted_in_debug_output() {
+    let config = Config { jwt_secret: Some(Secret::new("x".repeat(40))), ..Config::default() };
+    assert!(!format!("{config:?}").contains("xxxx"));
+}
+
+#[test]
+fn overrides_win_over_the_file_and_the_file_over_defaults() {
+    let mut config = Config::default();
+    let file: FileConfig = yaml_serde::from_str("listen: 127.0.0.1:9000\ningest: {maxBodyBytes: 4096}\n").unwrap();
+    config.apply_file(file);
+    assert_eq!(config.listen.port(), 9000);
+    assert_eq!(config.ingest.max_body_bytes, 4096);
+    config.apply_overrides(Overrides { listen: Some("127.0.0.1:9100".parse().unwrap()), ..Default::default() });
+    assert_eq!(config.listen.port(), 9100);
+    assert_eq!(config.ingest.max_body_bytes, 4096);
+}
+
+#[test]
+fn durations_are_read_from_text_and_bad_ones_named() {
+    let file = parse_file_config("ingest: {idempotencyKeyTtl: 2h}\n").unwrap();
+    assert_eq!(file.ingest.unwrap().idempotency_key_ttl, Duration::from_secs(7200));
+    let err = parse_file_config("listen: 127.0.0.1:1\ningest:\n  idempotencyKeyTtl: soon\n").unwrap_err();
+    assert!(err.starts_with("ingest.idempotencyKeyTtl: "), "{err}");
+    assert!(err.contains("soon") && err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn ill_typed_settings_are_told_in_plain_words() {
+    let err = parse_file_config("ingest:\n  maxBodyBytes: lots\n").unwrap_err();
+    assert_eq!(
+        err,
+        "ingest.maxBodyBytes: must be a whole number from 0 to 18446744073709551615, not a text (line 2)"
+    );
+    let err = parse_file_config("delivery:\n  workers: 2\n  leaseMargin: 30\n").unwrap_err();
+    assert_eq!(err, "delivery.leaseMargin: `30` is not a duration like 30s, 5m or 24h (line 3)");
+    let err = parse_file_config("controller: [resync]\n").unwrap_err();
+    assert_eq!(err, "controller: must be a mapping, not a list (line 1)");
+    // A secret in the wrong shape is never repeated.
+    let err = parse_file_config("jwtSecret: [s3cret-s3cret-s3cret-s3cret-s3cret-s3cret]\n").unwrap_err();
+    assert_eq!(err, "jwtSecret: must be a text, not a list (line 1)");
+    let err = parse_file_config("jwtSecret: {value: s3cret}\n").unwrap_err();
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[test]
+fn unknown_file_fields_are_rejected_with_their_name() {
+    let err = parse_file_config("lisen: x\n").unwrap_err();
+    assert!(err.contains("lisen"), "{err}");
+}
+
+#[test]
+fn the_jwt_leeway_is_read_from_the_file_and_bounded() {
+    let file = parse_file_config("auth: {jwtLeeway: 30s}\n").unwrap();
+    let mut config = Config::default();
+    assert_eq!(config.auth.jwt_leeway, Duration::from_secs(5), "the documented default");
+    config.apply_file(file);
+    assert_eq!(config.auth.jwt_leeway, Duration::from_secs(30));
+    assert!(config.validate().is_ok());
+    for refused in [Duration::from_secs(301), Duration::from_millis(1500)] {
+        config.apply_overrides(Overrides { jwt_leeway: Some(refused), ..Default::default() });
+        assert!(config.validate().unwrap_err().to_string().contains("auth.jwtLeeway"), "{refused:?}");
+    }
+    let err = parse_file_config("auth: {jwtLeway: 5s}\n").unwrap_err();
+    assert!(err.contains("jwtLeway"), "{err}");
+}
+
+#[test]
+fn outage_bounds_are_read_from_the_file_and_too_small_ones_refused() {
+    let config = Config::default();
+    assert_eq!(config.database.acquire_timeout, Duration::from_secs(2), "the documented default");
+    assert_eq!(config.ingest.commit_timeout, Duration::from_millis(2500), "the documented default");
+    assert_eq!(config.controller.leader_check, Duration::from_secs(1), "the documented default");
+    let mut config = Config::default();
+    config.apply_file(
+        parse_file_config("database: {acquireTimeout: 500ms}\ncontroller: {leaderCheck: 200ms}\n").unwrap(),
+    );
+    assert_eq!(config.database.acquire_timeout, Duration::from_millis(500));
+    assert_eq!(config.controller.leader_check, Duration::from_millis(200));
+    assert!(config.validate().is_ok());
+    config.database.acquire_timeout = Duration::from_millis(10);
+    assert!(config.validate().unwrap_err().to_string().contains("database.acquireTimeout"));
+    let err = parse_file_config("database: {acquireTimeout: soon}\n").unwrap_err();
+    assert!(err.starts_with("database.acquireTimeout: ") && err.contains("line 1"), "{err}");
+}
+
+#[test]
+fn postgres_without_a_shared_jwt_secret_is_refused() {
+    let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
+    assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));
+}
