@@ -15,6 +15,7 @@ mod postgres;
 pub mod resources;
 mod sqlite;
 mod sqlite_file;
+mod sqlite_write;
 
 use std::path::{Path, PathBuf};
 
@@ -24,9 +25,8 @@ use serde::Serialize;
 use crate::ids::EventId;
 
 pub use deliveries::{
-    Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery, DeliveryRecord,
-    DeliveryState,
-    EndpointState, NewDelivery,
+    Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, Completion, CompletionReport, DeliveryQuery,
+    DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
 };
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use postgres::{Notice, PgStore, WorkListener};
@@ -45,6 +45,8 @@ pub enum StoreError {
     NotMigrated { found: Option<i64>, needed: i64 },
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+    #[error("writes to the database fail: {reason}")]
+    WritesFailing { reason: String },
     #[error("no database at {}", .0.display())]
     NoDatabase(PathBuf),
     #[error("cannot read {} without writing to it: {reason}; start `hookwarden serve` on it once to recover it", path.display())]
@@ -132,7 +134,8 @@ pub enum Store {
 macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
-            Store::Sqlite($s) => $call,
+            // Failures of the database itself are remembered for `/readyz`.
+            Store::Sqlite($s) => $s.observe($call),
             Store::Postgres($s) => $call,
         }
     };
@@ -512,7 +515,10 @@ impl Store {
 
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
-        dispatch!(self, s => s.close().await)
+        match self {
+            Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
+        }
     }
 }
 
@@ -631,6 +637,7 @@ impl StoreError {
                         | sqlx::Error::WorkerCrashed
                 ) || e.as_database_error().is_some()
             }
+            StoreError::WritesFailing { .. } => true,
             _ => false,
         }
     }
