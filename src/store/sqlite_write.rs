@@ -128,6 +128,10 @@ impl WriteHealth {
 /// `user_version` (which Hookwarden does not use) to the value it has, which SQLite writes
 /// out anyway, so the commit must append to the log like any other (an `UPDATE` to the
 /// same value writes nothing and would commit on a full disk).
+///
+/// A probe is small: on a nearly full disk it can fit where a larger write did not (in
+/// log pages a failed commit took, say), so readiness may come and go until space
+/// returns; every failed write marks it not ready again.
 async fn probe(write: &SqlitePool) -> Result<(), sqlx::Error> {
     let mut tx = write.begin_with("BEGIN IMMEDIATE").await?;
     let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await?;
