@@ -17,7 +17,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("the server is shutting down".into()));
     }
+    // The background probe's verdict, and (at once, between probes) a write that failed for
+    // a reason of the database itself.
     state.health.current().map_err(|why| ApiError::Unavailable(format!("not ready: {why}")))?;
+    if let Some(why) = state.store.writes_failing() {
+        return Err(ApiError::Unavailable(format!("not ready: writes to the database fail: {why}")));
+    }
     let mut controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
     controller.leader = state.leadership.is_leader();
     // Endpoints this process cannot send to (their deliveries wait): ready, but say so.

@@ -17,6 +17,8 @@ pub enum StoreError {
     NotMigrated { found: Option<i64>, needed: i64 },
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+    #[error("writes to the database fail: {reason}")]
+    WritesFailing { reason: String },
     #[error("no database at {}", .0.display())]
     NoDatabase(PathBuf),
     #[error("cannot read {} without writing to it: {reason}; start `hookwarden serve` on it once to recover it", path.display())]
@@ -39,6 +41,7 @@ impl StoreError {
                         | sqlx::Error::WorkerCrashed
                 ) || e.as_database_error().is_some()
             }
+            StoreError::WritesFailing { .. } => true,
             _ => false,
         }
     }

@@ -18,6 +18,7 @@ mod postgres;
 pub mod resources;
 mod sqlite;
 mod sqlite_file;
+mod sqlite_write;
 
 use std::path::Path;
 
@@ -120,7 +121,8 @@ pub enum Store {
 macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
-            Store::Sqlite($s) => $call,
+            // Failures of the database itself are remembered for `/readyz`.
+            Store::Sqlite($s) => $s.observe($call),
             Store::Postgres($s) => $call,
         }
     };
@@ -151,6 +153,17 @@ impl Store {
     /// Applies the migrations this build carries that the database has not seen.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Why writes to the database fail now, as last observed, at once and without asking
+    /// the database: on SQLite a full disk or an I/O error, until a probe write commits
+    /// again ([`Store::check_ready`] runs it). Always `None` on PostgreSQL, whose server
+    /// answers for itself.
+    pub fn writes_failing(&self) -> Option<String> {
+        match self {
+            Store::Sqlite(s) => s.writes_failing(),
+            Store::Postgres(_) => None,
+        }
     }
 
     /// Succeeds when the database answers and carries every migration of this build.
@@ -511,7 +524,10 @@ impl Store {
 
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
-        dispatch!(self, s => s.close().await)
+        match self {
+            Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
+        }
     }
 }
 

@@ -3,6 +3,22 @@
 //! SQLite allows one writer at a time, so writes go through a pool of exactly one
 //! connection (no `SQLITE_BUSY` between our own writers) and reads through a separate
 //! read-only pool that WAL lets run beside the writer.
+//!
+//! A write that fails must not poison the writes after it. On `SQLITE_FULL` (and
+//! `SQLITE_IOERR`, …) SQLite may roll the whole transaction back by itself, and always does
+//! when `COMMIT` fails that way. sqlx-sqlite 0.8 does not notice: it keeps its own
+//! transaction depth and lowers it only when its `ROLLBACK` succeeds, which it then does
+//! not ("no transaction is active"), so the connection goes back to the pool at depth 1
+//! with SQLite in autocommit. From then on a plain `begin()` sends `SAVEPOINT` (which opens
+//! a real transaction) and its commit `RELEASE SAVEPOINT`; after one more failed statement
+//! whose `ROLLBACK TO` leaves that savepoint open, every later transaction is a savepoint
+//! nested in one that is never committed: commits answer `Ok`, nothing reaches the file,
+//! and a restart loses it all (the issue's lost `202`s). With `begin_with("BEGIN
+//! IMMEDIATE")` sqlx refuses instead, and every write fails until a restart. So the write
+//! pool checks its connection on every release and closes it when sqlx and SQLite
+//! disagree, and [`begin_write`](SqliteStore::begin_write) always starts at depth 0; see
+//! [`super::sqlite_write`]. Every write transaction goes through `begin_write`, and every
+//! write through the one write pool.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -15,6 +31,7 @@ use sqlx::{Sqlite, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
 use super::sqlite_file::Snapshot;
+use super::sqlite_write::{write_pool_options, WriteHealth};
 use super::{
     check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
     StoredEvent, EVENT_COLUMNS,
@@ -29,6 +46,8 @@ pub struct SqliteStore {
     read: SqlitePool,
     /// Set when opened read-only and `immutable`: how the file looked before it was read.
     snapshot: Option<std::sync::Arc<Snapshot>>,
+    /// Whether writes work; `None` on a read-only store, which never writes.
+    health: Option<std::sync::Arc<WriteHealth>>,
 }
 
 impl SqliteStore {
@@ -47,18 +66,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
-            .await?;
+        let write = write_pool_options().acquire_timeout(Duration::from_secs(30)).connect_with(options.clone()).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { write, read, snapshot: None })
+        Ok(Self { write, read, snapshot: None, health: Some(Default::default()) })
     }
 
     /// One read-only pool that serves as both pools: a write through it fails instead of
@@ -72,7 +86,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.busy_timeout(Duration::from_secs(10)))
             .await?;
-        Ok(Self { write: pool.clone(), read: pool, snapshot: snapshot.map(std::sync::Arc::new) })
+        Ok(Self { write: pool.clone(), read: pool, snapshot: snapshot.map(std::sync::Arc::new), health: None })
     }
 
     pub(super) fn snapshot_is_stale(&self) -> bool {
@@ -86,6 +100,10 @@ impl SqliteStore {
     /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`): one that
     /// read first and wrote later would fail at once with `SQLITE_BUSY` when another
     /// connection held the lock meanwhile, instead of waiting for it.
+    ///
+    /// Always a top-level transaction: sqlx refuses a custom `BEGIN` at a depth above 0
+    /// rather than turning it into a savepoint, and the pool never hands out a connection
+    /// whose depth or SQLite state says a transaction is still open (see the module docs).
     pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.write.begin_with("BEGIN IMMEDIATE").await
     }
@@ -104,7 +122,27 @@ impl SqliteStore {
             .fetch_one(&self.read)
             .await
             .or_else(|e| if is_missing_table(&e) { Ok(None) } else { Err(e) })?;
-        check_migrated(found, &MIGRATOR)
+        check_migrated(found, &MIGRATOR)?;
+        match &self.health {
+            Some(health) => health.check(&self.write).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Why writes fail now (a full disk, an I/O error), as last observed; cleared once a
+    /// probe write commits (see [`SqliteStore::check_ready`]).
+    pub(super) fn writes_failing(&self) -> Option<String> {
+        self.health.as_ref().and_then(|h| h.failing())
+    }
+
+    /// Passes `result` through, remembering a failure of the database itself for
+    /// [`SqliteStore::check_ready`]. Every dispatched [`super::Store`] call on SQLite goes
+    /// through it.
+    pub(super) fn observe<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let (Err(e), Some(health)) = (&result, &self.health) {
+            health.observe(e);
+        }
+        result
     }
 
     pub(super) async fn accept_events(
