@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::resources::secret_sources::SecretsConfig;
+
 /// A secret value whose `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -68,6 +70,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Ed25519 seed (base64) of the checkpoint key; generated into the data dir when unset.
     pub audit_key: Option<Secret>,
+    /// Which `valueFrom` secret sources each namespace may name.
+    pub secrets: SecretsConfig,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -280,6 +284,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             auth: AuthConfig::default(),
             audit_key: None,
+            secrets: SecretsConfig::default(),
         }
     }
 }
@@ -300,6 +305,7 @@ pub struct FileConfig {
     pub delivery: Option<DeliveryConfig>,
     pub audit: Option<AuditConfig>,
     pub auth: Option<AuthConfig>,
+    pub secrets: Option<SecretsConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -316,6 +322,8 @@ pub struct Overrides {
     pub applyset: Option<String>,
     pub audit_key: Option<String>,
     pub jwt_leeway: Option<Duration>,
+    pub secrets_file_root: Option<PathBuf>,
+    pub secrets_env_prefix: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +366,11 @@ impl Config {
             delivery,
             audit,
             auth,
+            secrets,
         } = file;
+        if let Some(v) = secrets {
+            self.secrets = v;
+        }
         if let Some(v) = auth {
             self.auth = v;
         }
@@ -431,6 +443,12 @@ impl Config {
         if let Some(v) = o.jwt_leeway {
             self.auth.jwt_leeway = v;
         }
+        if let Some(v) = o.secrets_file_root {
+            self.secrets.file_root = Some(v);
+        }
+        if let Some(v) = o.secrets_env_prefix {
+            self.secrets.env_prefix = v;
+        }
     }
 
     /// Refuses settings that cannot work, naming the setting.
@@ -494,6 +512,7 @@ impl Config {
         {
             return invalid("controller.resync must be at least 100ms, controller.debounce above 0, controller.leaderRetry and controller.leaderCheck at least 50ms");
         }
+        self.secrets.validate().map_err(ConfigError::Invalid)?;
         if let Some(dir) = &c.resources_dir {
             if !dir.is_dir() {
                 return Err(ConfigError::Invalid(format!("the resources directory {} does not exist", dir.display())));

@@ -109,6 +109,12 @@ struct ServeArgs {
     /// How long after `exp` a token is still accepted (whole seconds, at most 5m).
     #[arg(long, env = "HOOKWARDEN_JWT_LEEWAY", value_parser = hookwarden::duration::parse)]
     jwt_leeway: Option<Duration>,
+    /// Directory of one subdirectory per namespace holding its `valueFrom: {file}` secrets.
+    #[arg(long, env = "HOOKWARDEN_SECRETS_FILE_ROOT")]
+    secrets_file_root: Option<PathBuf>,
+    /// Start of the variables a namespace may name in `valueFrom: {env}` (then NAMESPACE__).
+    #[arg(long, env = "HOOKWARDEN_SECRETS_ENV_PREFIX")]
+    secrets_env_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -151,6 +157,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             audit_key: std::env::var("HOOKWARDEN_AUDIT_KEY").ok(),
             jwt_secret: jwt_secret_from_env(),
             jwt_leeway: args.jwt_leeway,
+            secrets_file_root: args.secrets_file_root,
+            secrets_env_prefix: args.secrets_env_prefix,
             ..Overrides::default()
         },
     )?;

@@ -7,10 +7,13 @@
 //! reader of resource files, the config file, API bodies and audit exports says the same
 //! thing the same way.
 //!
-//! Invariant: a rewritten type or value error never repeats the offending value. A value
-//! written in the wrong place may be a secret (`secrets: [whsec_…]`, a string where a
-//! mapping is expected), so it is described by its kind only ("a text", "a whole number").
-//! Texts this module does not recognise are passed on unchanged.
+//! Invariant: a rewritten type, value or unknown-variant error never repeats the offending
+//! value. A value written in the wrong place may be a secret (`secrets: [whsec_…]`, a
+//! string where a mapping is expected), so it is described by its kind only ("a text", "a
+//! whole number"), or by what is allowed instead. An unknown key is named (a typo is
+//! found by its name) only when it reads as a field name ([`reads_as_a_field_name`]):
+//! a secret written where a key goes (`{whsec_…: x}`) is not repeated, in the message or
+//! in the path. Texts this module does not recognise are passed on unchanged.
 
 /// The message of a missing field, whose name [`field_error`] moves into the path.
 pub const REQUIRED: &str = "is required";
@@ -23,7 +26,45 @@ pub fn field_error(path: &str, message: &str) -> (String, String) {
         let path = if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") };
         return (path, REQUIRED.to_owned());
     }
+    if let Some(key) = message.strip_prefix("duplicate entry with key \"").and_then(|k| k.strip_suffix('"')) {
+        if !reads_as_a_field_name(key) {
+            return (path.to_owned(), "has a key given twice (not repeated: it may be a secret)".to_owned());
+        }
+    }
+    if unknown_field(message).is_some_and(|(key, _)| !reads_as_a_field_name(key)) {
+        if let Some(hidden) = hide_unknown_field(path, message) {
+            return hidden;
+        }
+    }
     (path.to_owned(), plain(message))
+}
+
+/// serde's "unknown field" text about the key at the end of `path`, with the key left
+/// out of both (the path ends with the key too); `None` for other texts.
+pub fn hide_unknown_field(path: &str, message: &str) -> Option<(String, String)> {
+    let (key, expected) = unknown_field(message)?;
+    let parent = path.strip_suffix(key).map(|p| p.strip_suffix('.').unwrap_or(p)).unwrap_or(path);
+    Some((parent.to_owned(), format!("has an unknown field (not repeated: it may be a secret); {expected}")))
+}
+
+/// The key and the expectation (`expected …`) of serde's "unknown field" text.
+fn unknown_field(message: &str) -> Option<(&str, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    if let Some(key) = rest.strip_suffix("`, there are no fields") {
+        return Some((key, "no fields are expected here".to_owned()));
+    }
+    // The expectation comes from our types and is last; the key may hold anything.
+    rest.rsplit_once("`, expected ").map(|(key, expected)| (key, format!("expected {expected}")))
+}
+
+/// Whether an unknown key reads as a mistyped field name and may be named back (a typo
+/// is found by its name): at most 40 letters, `_` and `-`, as every field name is. Any
+/// other key (digits, base64, `whsec_…`) may be a secret written where a key goes.
+pub fn reads_as_a_field_name(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 40
+        && !key.starts_with("whsec_")
+        && key.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-')
 }
 
 /// Rewrites serde's error text (see [`field_error`]) where there is no path to move a
@@ -35,6 +76,12 @@ pub fn plain(message: &str) -> String {
         (Mismatch::Value, rest)
     } else if let Some(field) = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`')) {
         return format!("the field `{field}` is required");
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        // The allowed values come from our types and are last; the value may be anything.
+        return match rest.rsplit_once("`, expected ") {
+            Some((_, expected)) => format!("must be {expected}"),
+            None => "is not one of the allowed values".to_owned(),
+        };
     } else {
         return message.to_owned();
     };
@@ -196,11 +243,36 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_variant_is_answered_with_the_allowed_values_only() {
+        assert_eq!(
+            plain("unknown variant `whsec_abc`, expected one of `full`, `equal`, `none`"),
+            "must be one of `full`, `equal`, `none`"
+        );
+        assert_eq!(plain("unknown variant `a`, expected `x`, expected `hold` or `deny`"), "must be `hold` or `deny`");
+    }
+
+    #[test]
     fn a_missing_field_becomes_the_path() {
         assert_eq!(field_error("", "missing field `type`"), ("type".into(), "is required".into()));
         assert_eq!(field_error("[1]", "missing field `type`"), ("[1].type".into(), "is required".into()));
         assert_eq!(field_error("spec", "missing field `url`"), ("spec.url".into(), "is required".into()));
         assert_eq!(plain("missing field `hash`"), "the field `hash` is required");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_only_when_it_reads_as_a_field_name() {
+        let typo = "unknown field `maxAttempt`, expected one of `maxAttempts`, `backoff`";
+        assert_eq!(field_error("spec.maxAttempt", typo), ("spec.maxAttempt".into(), typo.into()));
+        for key in ["whsec_Ck9AklJSG5QVLLuQdjzCqGP9EFGUiEHP", "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "a.b`, expected `x"] {
+            let serde = format!("unknown field `{key}`, expected `value` or `valueFrom`");
+            let (path, message) = field_error(&format!("spec.secrets[0].{key}"), &serde);
+            assert_eq!(path, "spec.secrets[0]", "{key}");
+            assert!(!message.contains(key) && message.ends_with("; expected `value` or `valueFrom`"), "{message}");
+        }
+        let twice = field_error("spec", "duplicate entry with key \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"");
+        assert_eq!(twice, ("spec".into(), "has a key given twice (not repeated: it may be a secret)".into()));
+        let (path, message) = field_error("x1", "unknown field `x1`, there are no fields");
+        assert_eq!((path.as_str(), message.contains("x1")), ("", false), "{message}");
     }
 
     #[test]

@@ -162,16 +162,16 @@ impl Server {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let catalog = CatalogHandle::default();
+        let catalog = CatalogHandle::new(config.secrets.clone());
         catalog.refresh(&store).await.context("cannot load the resources")?;
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
-        let checks = Checks { allow_private_urls: config.allow_private_urls };
+        let checks = Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone() };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
         let (controller, controller_status) = Controller::new(
             store.clone(),
             config.controller.clone(),
-            checks,
+            checks.clone(),
             catalog.clone(),
             status_changed.clone(),
             leadership.clone(),

@@ -29,8 +29,17 @@ fn endpoint(name: &str, url: &str, secret: &str, extra: &str) -> String {
     )
 }
 
-fn from_file(path: &std::path::Path) -> String {
-    format!("{{valueFrom: {{file: {}}}}}", path.display())
+/// A secrets file root (`secrets.fileRoot`) and the `default` namespace's directory in it.
+fn secret_files() -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("default");
+    std::fs::create_dir(&dir).unwrap();
+    (root, dir)
+}
+
+/// A secret read from the file `name` of the namespace's directory.
+fn from_file(name: &str) -> String {
+    format!("{{valueFrom: {{file: {name}}}}}")
 }
 
 fn inline() -> String {
@@ -78,17 +87,25 @@ async fn deliveries_of(app: &TestApp, endpoint: &str) -> Vec<Value> {
 
 async fn an_endpoint_whose_secret_file_is_missing_keeps_its_deliveries_until_it_appears(db: TestDb) {
     let receiver = TestReceiver::start(ok()).await;
-    let app = spawn_app_with(config_for(&db)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("warehouse-secret");
-    app.apply_yaml(&endpoint("warehouse", &receiver.url("/w"), &from_file(&path), "")).await;
+    let (root, dir) = secret_files();
+    let mut config = config_for(&db);
+    config.secrets.file_root = Some(root.path().to_owned());
+    let app = spawn_app_with(config).await;
+    let path = dir.join("warehouse-secret");
+    app.apply_yaml(&endpoint("warehouse", &receiver.url("/w"), &from_file("warehouse-secret"), "")).await;
 
     until_condition(&app, "warehouse", "Ready", "SecretUnavailable").await;
     until_condition(&app, "warehouse", "Delivering", "SecretUnavailable").await;
+    let message = condition(&endpoint_doc(&app, "warehouse").await, "Ready").unwrap()["message"].clone();
+    assert!(message.as_str().unwrap().contains("`warehouse-secret`"), "the status names the reference: {message}");
+    // Unauthenticated, /readyz says which endpoint waits and why, not what it refers to.
     let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
-    let blocked = &ready["endpoints"]["blocked"][0];
-    assert_eq!((&blocked["name"], &blocked["reason"]), (&json!("warehouse"), &json!("SecretUnavailable")), "{ready}");
-    assert!(blocked["message"].as_str().unwrap().contains("warehouse-secret"), "{ready}");
+    let blocked = &ready["endpoints"]["blocked"];
+    assert_eq!(
+        blocked,
+        &json!([{"namespace": "default", "name": "warehouse", "reason": "SecretUnavailable"}]),
+        "{ready}"
+    );
 
     for n in 0..20 {
         let accepted = post_event(&app.base, &app.admin, order(n)).await;
@@ -122,12 +139,12 @@ async fn an_endpoint_whose_secret_file_is_missing_keeps_its_deliveries_until_it_
 async fn a_missing_variable_is_fixed_by_a_re_apply(db: TestDb) {
     let receiver = TestReceiver::start(ok()).await;
     let app = spawn_app_with(config_for(&db)).await;
-    let missing = "{valueFrom: {env: HOOKWARDEN_TEST_NEVER_SET_SECRET}}";
+    let missing = "{valueFrom: {env: HOOKWARDEN_SECRET_DEFAULT__NEVER_SET}}";
     app.apply_yaml(&endpoint("billing", &receiver.url("/b"), missing, "")).await;
     until_condition(&app, "billing", "Ready", "SecretUnavailable").await;
     let doc = endpoint_doc(&app, "billing").await;
     let message = condition(&doc, "Ready").unwrap()["message"].as_str().unwrap();
-    assert!(message.contains("HOOKWARDEN_TEST_NEVER_SET_SECRET") && message.contains("not set"), "{message}");
+    assert!(message.contains("HOOKWARDEN_SECRET_DEFAULT__NEVER_SET") && message.contains("not set"), "{message}");
     for n in 0..3 {
         post_event(&app.base, &app.admin, order(n)).await;
     }
@@ -344,14 +361,16 @@ on_both_databases!(
 async fn a_blocked_endpoint_is_logged_once_and_its_waiting_deliveries_counted() {
     let db = TestDb::sqlite();
     let receiver = TestReceiver::start(ok()).await;
-    let server = Process::start(&db, &["--allow-private-urls", "true"]);
+    let (root, dir) = secret_files();
+    let mut command = Process::command(&db, &["--allow-private-urls", "true"]);
+    command.env("HOOKWARDEN_SECRETS_FILE_ROOT", root.path());
+    let server = Process::try_start(command).unwrap_or_else(|failed| panic!("{failed}"));
     let admin = common::token("admin", &[hookwarden::auth::Role::Admin], &["*"]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("secret");
+    let path = dir.join("secret");
     let filter = "apiVersion: hookwarden/v1\nkind: Filter\nmetadata: {name: big}\nspec:\n  expression: \"event.data.total >= 1000\"\n";
     let yaml = [
         filter.to_owned(),
-        endpoint("warehouse", &receiver.url("/w"), &from_file(&path), ""),
+        endpoint("warehouse", &receiver.url("/w"), &from_file("secret"), ""),
         endpoint("filtered", &receiver.url("/f"), &inline(), "  filterRefs: [big]\n"),
     ]
     .join("---\n");
@@ -437,11 +456,11 @@ async fn get_endpoints_shows_ready_state_and_breaker_in_aligned_columns() {
     let db = TestDb::sqlite();
     let receiver = TestReceiver::start(gone_once()).await;
     let app = spawn_app_with(config_for(&db)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let unset = "{valueFrom: {env: HOOKWARDEN_SECRET_DEFAULT__NEVER_SET}}";
     app.apply_yaml(
         &[
             endpoint("gone", &receiver.url("/gone"), &inline(), ""),
-            endpoint("waiting-for-its-secret", &receiver.url("/w"), &from_file(&dir.path().join("nope")), ""),
+            endpoint("waiting-for-its-secret", &receiver.url("/w"), unset, ""),
         ]
         .join("---\n"),
     )

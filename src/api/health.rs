@@ -1,4 +1,7 @@
 //! `GET /healthz` (the process answers) and `GET /readyz` (it can do its work).
+//!
+//! Both are unauthenticated: they say whether the process works, never anything about a
+//! namespace's secret references (whether they can be read, what they name).
 
 use axum::extract::State;
 use axum::Json;
@@ -26,11 +29,13 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let mut controller = state.controller.lock().map(|s| s.clone()).unwrap_or_default();
     controller.leader = state.leadership.is_leader();
     // Endpoints this process cannot send to (their deliveries wait): ready, but say so.
+    // Not why in words: the message names the endpoint's secret references, which are
+    // for its namespace's viewers (its status), not for anyone who can reach this route.
     let catalog = state.catalog.current();
     let blocked: Vec<Value> = catalog
         .blocked()
         .into_iter()
-        .map(|(e, b)| json!({ "namespace": e.namespace, "name": e.name, "reason": b.reason.as_str(), "message": b.message }))
+        .map(|(e, b)| json!({ "namespace": e.namespace, "name": e.name, "reason": b.reason.as_str() }))
         .collect();
     Ok(Json(json!({
         "status": "ready",

@@ -3,7 +3,8 @@
 //!
 //! Applying needs `operator` on every namespace the apply touches (pruned resources
 //! included); reading needs `viewer`. Secret values never leave the server: every spec
-//! shown is redacted, every diff too.
+//! shown is redacted (signing secrets, and header values not listed in `plainHeaders`),
+//! every diff too.
 
 use std::collections::BTreeSet;
 
@@ -127,7 +128,7 @@ pub async fn apply_resources(
         applyset: params.applyset,
         prune: params.prune,
         dry_run: params.dry_run,
-        checks: state.checks,
+        checks: state.checks.clone(),
         actor: principal.subject.clone(),
         leader: None,
     };
@@ -166,17 +167,17 @@ pub async fn apply_resources(
 
 /// `desired` is `{"metadata": {"labels", "annotations"}, "spec"}` as applied.
 fn result(outcome: &ApplyOutcome, desired: Option<&Value>) -> ApplyResult {
-    let mut lines = Vec::new();
+    let kind = outcome.key.kind;
     let before = outcome
         .previous
         .as_ref()
         .map(|p| json!({"metadata": {"labels": p.labels, "annotations": p.annotations}, "spec": p.spec}));
-    match (outcome.action, before, desired) {
-        (ApplyAction::Pruned, Some(before), _) => diff(&before, &json!({}), "", &mut lines),
-        (ApplyAction::Created, _, Some(after)) => diff(&json!({}), after, "", &mut lines),
-        (ApplyAction::Configured, Some(before), Some(after)) => diff(&before, after, "", &mut lines),
-        _ => {}
-    }
+    let lines = match (outcome.action, before, desired) {
+        (ApplyAction::Pruned, Some(before), _) => diff(kind, &before, &json!({})),
+        (ApplyAction::Created, _, Some(after)) => diff(kind, &json!({}), after),
+        (ApplyAction::Configured, Some(before), Some(after)) => diff(kind, &before, after),
+        _ => Vec::new(),
+    };
     ApplyResult {
         kind: outcome.key.kind,
         namespace: outcome.key.namespace.clone(),

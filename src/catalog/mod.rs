@@ -28,6 +28,7 @@ use crate::delivery::retry::Backoff;
 use crate::policy::engine::{CompiledRule, PolicySet};
 use crate::policy::expr::{self, CompiledExpr, Limits};
 use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, RetryBudgetSpec};
+use crate::resources::secret_sources::SecretsConfig;
 use crate::resources::validate::EVENT_VARIABLES;
 use crate::resources::{Kind, Spec};
 use crate::store::{Store, StoreError, StoredResource};
@@ -77,7 +78,9 @@ impl From<&RetryBudgetSpec> for Budget {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Blocked {
     pub reason: BlockReason,
-    /// What is missing, naming the reference, never a secret's value.
+    /// What is missing, naming the reference, never a secret's value. For the
+    /// namespace's viewers (its status) and the log; unauthenticated `/readyz` leaves it
+    /// out.
     pub message: String,
 }
 
@@ -215,9 +218,9 @@ impl Catalog {
         self.by_namespace.get(namespace)?.iter().find(|e| e.name == name).cloned()
     }
 
-    /// Builds the catalog from the resources stored at `revision`. Reads secret sources:
-    /// call it off the async workers.
-    pub fn build(resources: &[StoredResource], revision: Option<i64>) -> Catalog {
+    /// Builds the catalog from the resources stored at `revision`, reading the secret
+    /// sources `secrets` allows. Reads files: call it off the async workers.
+    pub fn build(resources: &[StoredResource], revision: Option<i64>, secrets: &SecretsConfig) -> Catalog {
         let spec_of = |kind: Kind, namespace: &str, name: &str| {
             resources
                 .iter()
@@ -227,7 +230,7 @@ impl Catalog {
         let mut by_namespace: HashMap<String, Vec<Arc<EndpointEntry>>> = HashMap::new();
         for resource in resources.iter().filter(|r| r.key.kind == Kind::Endpoint) {
             let (namespace, name) = (&resource.key.namespace, &resource.key.name);
-            match Self::entry(resource, &spec_of) {
+            match Self::entry(resource, &spec_of, secrets) {
                 Ok(entry) => by_namespace.entry(namespace.clone()).or_default().push(Arc::new(entry)),
                 // Only a stored spec that no longer reads (corrupt data) gets here.
                 Err(error) => tracing::error!(endpoint = %name, %namespace, %error, "endpoint cannot be read"),
@@ -264,6 +267,7 @@ impl Catalog {
     fn entry(
         resource: &StoredResource,
         spec_of: &impl Fn(Kind, &str, &str) -> Option<Result<Spec, serde_json::Error>>,
+        secrets: &SecretsConfig,
     ) -> Result<EndpointEntry, String> {
         let namespace = &resource.key.namespace;
         let Ok(Spec::Endpoint(spec)) = Spec::from_json(Kind::Endpoint, resource.spec.clone()) else {
@@ -304,7 +308,7 @@ impl Catalog {
             ordering,
             spec,
         };
-        entry.resolve_secrets();
+        entry.resolve_secrets(secrets);
         Ok(entry)
     }
 }
@@ -312,8 +316,9 @@ impl Catalog {
 impl EndpointEntry {
     /// Reads the signing secrets; when one cannot be had the endpoint is blocked (unless
     /// something else blocks it already). Reads files: off the async workers.
-    fn resolve_secrets(&mut self) {
-        match self.spec.secrets.iter().map(secrets::resolve).collect::<Result<Vec<_>, String>>() {
+    fn resolve_secrets(&mut self, config: &SecretsConfig) {
+        let keys = self.spec.secrets.iter().map(|source| secrets::resolve(config, &self.namespace, source));
+        match keys.collect::<Result<Vec<_>, String>>() {
             Ok(keys) => self.secrets = keys,
             Err(message) => {
                 self.secrets.clear();
@@ -347,6 +352,8 @@ pub struct Transition {
 
 #[derive(Default)]
 struct Shared {
+    /// Where `valueFrom` sources may be read from.
+    secrets: SecretsConfig,
     current: RwLock<Arc<Catalog>>,
     /// Transitions not yet acted on (see [`follow::follow`]).
     transitions: std::sync::Mutex<Vec<Transition>>,
@@ -361,6 +368,11 @@ struct Shared {
 pub struct CatalogHandle(Arc<Shared>);
 
 impl CatalogHandle {
+    /// An empty catalog that reads the secret sources `secrets` allows.
+    pub fn new(secrets: SecretsConfig) -> CatalogHandle {
+        CatalogHandle(Arc::new(Shared { secrets, ..Shared::default() }))
+    }
+
     pub fn current(&self) -> Arc<Catalog> {
         self.0.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -376,7 +388,8 @@ impl CatalogHandle {
             return Ok(false);
         }
         let resources = store.list_resources(None, None).await?;
-        let catalog = tokio::task::spawn_blocking(move || Catalog::build(&resources, Some(revision)))
+        let shared = self.0.clone();
+        let catalog = tokio::task::spawn_blocking(move || Catalog::build(&resources, Some(revision), &shared.secrets))
             .await
             .map_err(|e| CatalogError::Build(e.to_string()))?;
         crate::telemetry::register_rules(catalog.rule_names());
@@ -392,6 +405,7 @@ impl CatalogHandle {
         if !current.endpoints().any(|e| waiting(e)) {
             return Ok(false);
         }
+        let shared = self.0.clone();
         let rechecked = tokio::task::spawn_blocking(move || {
             let mut changed = false;
             let mut by_namespace = HashMap::with_capacity(current.by_namespace.len());
@@ -403,7 +417,7 @@ impl CatalogHandle {
                             return entry.clone();
                         }
                         let mut again = EndpointEntry { blocked: None, ..(**entry).clone() };
-                        again.resolve_secrets();
+                        again.resolve_secrets(&shared.secrets);
                         changed |= again.blocked != entry.blocked;
                         Arc::new(again)
                     })

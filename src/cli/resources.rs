@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{print_error, Client, ClientArgs, ERROR};
 use hookwarden::controller::apply::read_resource_files;
+use hookwarden::resources::secret_sources::SecretsConfig;
 use hookwarden::resources::validate::{validate, Checks};
 use hookwarden::resources::{parse_files, Kind};
 use hookwarden::{errln, out, outln};
@@ -174,9 +175,17 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     let files = read_files(&args)?;
     let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
     let allow_private_urls = std::env::var("HOOKWARDEN_ALLOW_PRIVATE_URLS").is_ok_and(|v| v == "true" || v == "1");
-    let checks = Checks { allow_private_urls };
+    // The server's secret settings, as far as this shell knows them (its environment).
+    let mut secrets = SecretsConfig {
+        file_root: std::env::var_os("HOOKWARDEN_SECRETS_FILE_ROOT").map(PathBuf::from),
+        ..SecretsConfig::default()
+    };
+    if let Ok(prefix) = std::env::var("HOOKWARDEN_SECRETS_ENV_PREFIX") {
+        secrets.env_prefix = prefix;
+    }
+    let checks = Checks { allow_private_urls, secrets };
     let (resources, mut errors) = (parsed.resources, parsed.errors);
-    errors.extend(validate(&resources, &parsed.unparsed, checks));
+    errors.extend(validate(&resources, &parsed.unparsed, &checks));
     if errors.is_empty() {
         outln!("{} resources in {} files are valid", resources.len(), files.len())?;
         return Ok(ExitCode::SUCCESS);

@@ -64,7 +64,7 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
         .map(|s| s.key)
         .chain(unparsed)
         .collect();
-    errors.extend(validate::validate(&resources, &known, options.checks));
+    errors.extend(validate::validate(&resources, &known, &options.checks));
     if !parse_errors.is_empty() || !errors.is_empty() {
         parse_errors.extend(errors);
         return Err(ApplyError::Invalid(parse_errors));

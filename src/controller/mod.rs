@@ -175,7 +175,7 @@ impl Controller {
                 applyset: Some(self.config.applyset.clone()),
                 prune: true,
                 dry_run: false,
-                checks: self.checks,
+                checks: self.checks.clone(),
                 actor: "system".to_owned(),
                 leader: Some(term),
             };
@@ -223,7 +223,7 @@ impl Controller {
         let mut next = Action::AwaitChange;
         for resource in &stored {
             let mut status = json!({ "observedGeneration": resource.generation });
-            let mut conditions = vec![ready_condition(resource, &keys, self.checks)];
+            let mut conditions = vec![ready_condition(resource, &keys, &self.checks)];
             if resource.key.kind == Kind::Endpoint {
                 let (namespace, name) = (&resource.key.namespace, &resource.key.name);
                 let entry = catalog.endpoint(namespace, name);
@@ -340,10 +340,14 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str) -> Value {
 
 /// Ready when the stored spec still validates against what is stored now (references
 /// may have been deleted since it was applied).
-fn ready_condition(resource: &StoredResource, keys: &HashSet<ResourceKey>, checks: Checks) -> Value {
+fn ready_condition(resource: &StoredResource, keys: &HashSet<ResourceKey>, checks: &Checks) -> Value {
     let spec = match Spec::from_json(resource.key.kind, resource.spec.clone()) {
         Ok(spec) => spec,
-        Err(e) => return condition("Ready", false, "Unreadable", &format!("stored spec cannot be read: {e}")),
+        // In plain words, which never repeat a value (it may be a secret).
+        Err(e) => {
+            let message = format!("stored spec cannot be read: {}", crate::messages::plain(&e.to_string()));
+            return condition("Ready", false, "Unreadable", &message);
+        }
     };
     let located = Located {
         origin: Origin { file: "(stored)".into(), document: 0 },

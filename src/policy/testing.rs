@@ -129,7 +129,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
         })
         .chain(parsed.unparsed)
         .collect();
-    errors.extend(validate(&resources, &endpoints, Checks { allow_private_urls: true }));
+    errors.extend(validate(&resources, &endpoints, &Checks { allow_private_urls: true, ..Checks::default() }));
     if !errors.is_empty() {
         return Err(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
     }

@@ -40,15 +40,20 @@ pub struct EndpointSpec {
     /// Time allowed for one attempt (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationText>,
-    /// Extra request headers.
+    /// Extra request headers. Their values may be credentials: GET and diffs show them as
+    /// `(redacted)` unless the header is listed in `plainHeaders`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Names of `headers` (any case) whose values are not secret and are shown as set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plain_headers: Vec<String>,
     /// Paused endpoints keep their deliveries queued.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
 }
 
-/// A signing secret, given inline or read from the server's environment or a file.
+/// A signing secret, given inline or read from the server's environment or a file (only
+/// those the server allows the namespace: see [`super::secret_sources`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(expecting = "a mapping with `value` or `valueFrom`", deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretSource {
@@ -59,7 +64,8 @@ pub struct SecretSource {
     pub value_from: Option<ValueFrom>,
 }
 
-/// Exactly one of `env` or `file`.
+/// Exactly one of `env` (`HOOKWARDEN_SECRET_<NAMESPACE>__<NAME>`) or `file` (a path
+/// relative to the namespace's secret directory).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(expecting = "a mapping with `env` or `file`", deny_unknown_fields, rename_all = "camelCase")]
 pub struct ValueFrom {

@@ -5,8 +5,10 @@
 //! `apiVersion: hookwarden/v1`, `kind`, `metadata` (`name`, `namespace`, `labels`), `spec`,
 //! and a `status` that only the controller writes (ignored on apply).
 
+mod conceal;
 pub mod diff;
 pub mod kinds;
+pub mod secret_sources;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashSet};
@@ -293,9 +295,23 @@ fn named_key(value: &yaml_serde::Value) -> Option<ResourceKey> {
 }
 
 /// A YAML library error as a resource error at `path`, in plain words (see
-/// [`crate::messages`]); a missing field's name joins the path.
+/// [`crate::messages`]); a missing field's name joins the path. Within `spec.secrets`
+/// what the types do not know is never repeated (see [`conceal::conceal_in_secrets`]).
 fn yaml_error(origin: &Origin, path: String, e: &yaml_serde::Error) -> ResourceError {
-    let (path, message) = crate::messages::field_error(&path, &crate::messages::yaml_text(&path, e));
+    let mut text = crate::messages::yaml_text(&path, e);
+    let mut path = path;
+    // Where we know no path (a duplicate key, found while reading the document), the
+    // library names one itself: `spec.secrets[0]: duplicate entry with key "…"`.
+    if path.is_empty() {
+        let named = text
+            .split_once(": ")
+            .filter(|(p, _)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b)));
+        if let Some((named, rest)) = named {
+            (path, text) = (named.to_owned(), rest.to_owned());
+        }
+    }
+    let (path, message) = crate::messages::field_error(&path, &text);
+    let (path, message) = conceal::conceal_in_secrets(path, message);
     ResourceError {
         file: origin.file.clone(),
         document: origin.document,

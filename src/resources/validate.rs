@@ -3,8 +3,10 @@
 //! Every problem is reported, each naming its file, document and field path. What needs
 //! no database (ranges, names, CEL, references within the applied set) runs the same in
 //! `hookwarden validate` and on the server; the server adds the resources already stored
-//! to the set references may resolve to. Secret sources are checked for their form only:
-//! whether one can be read is learnt by the catalog and shown in the endpoint's status.
+//! to the set references may resolve to. Secret sources are checked for their form only
+//! (a `valueFrom` must name a source of its namespace's allowed set, see
+//! [`super::secret_sources`]): whether one can be read is learnt by the catalog and shown
+//! in the endpoint's status.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 
 use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, FilterSpec, RetryBudgetSpec, SecretSource};
+use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
 use crate::policy::expr::{self, Limits};
 
@@ -21,14 +24,16 @@ pub const EVENT_VARIABLES: &[&str] = &["event"];
 pub const POLICY_VARIABLES: &[&str] = &["event", "endpoint", "agent", "spend", "now"];
 
 /// Checks that depend on where validation runs.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Checks {
     /// Accept endpoint URLs on loopback, private and link-local addresses.
     pub allow_private_urls: bool,
+    /// The secret sources each namespace may name.
+    pub secrets: SecretsConfig,
 }
 
 /// Validates `resources`; references may resolve to them or to `stored`.
-pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: Checks) -> Vec<ResourceError> {
+pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: &Checks) -> Vec<ResourceError> {
     let mut errors = Vec::new();
     let mut seen: HashMap<ResourceKey, &Origin> = HashMap::new();
     for located in resources {
@@ -65,7 +70,7 @@ pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: Ch
         };
         match &located.resource.spec {
             Spec::Endpoint(spec) => {
-                v.endpoint(spec);
+                v.endpoint(namespace, spec);
                 for (i, name) in spec.filter_refs.iter().enumerate() {
                     reference(&mut v, &format!("spec.filterRefs[{i}]"), Kind::Filter, name);
                 }
@@ -102,7 +107,7 @@ const DNS_LABEL_RULE: &str =
 struct Validator<'a> {
     origin: &'a Origin,
     errors: &'a mut Vec<ResourceError>,
-    checks: Checks,
+    checks: &'a Checks,
 }
 
 impl Validator<'_> {
@@ -156,13 +161,13 @@ impl Validator<'_> {
         }
     }
 
-    fn endpoint(&mut self, spec: &EndpointSpec) {
+    fn endpoint(&mut self, namespace: &str, spec: &EndpointSpec) {
         self.url(&spec.url);
         if spec.secrets.is_empty() {
             self.error("spec.secrets", "at least one signing secret is required");
         }
         for (i, secret) in spec.secrets.iter().enumerate() {
-            self.secret(&format!("spec.secrets[{i}]"), secret);
+            self.secret(&format!("spec.secrets[{i}]"), namespace, secret);
         }
         self.event_type_globs("spec.eventTypes", &spec.event_types);
         if let Some(ordering) = &spec.ordering {
@@ -194,6 +199,14 @@ impl Validator<'_> {
             if axum::http::HeaderValue::from_str(value).is_err() {
                 self.error(&path, "is not a valid HTTP header value");
             }
+            if value == super::diff::REDACTED {
+                self.error(&path, "is `(redacted)`, which is shown in place of a header value not listed in `plainHeaders`: give the real value");
+            }
+        }
+        for (i, name) in spec.plain_headers.iter().enumerate() {
+            if !spec.headers.keys().any(|header| header.eq_ignore_ascii_case(name)) {
+                self.error(&format!("spec.plainHeaders[{i}]"), "names no header of `spec.headers`");
+            }
         }
     }
 
@@ -217,7 +230,7 @@ impl Validator<'_> {
         }
     }
 
-    fn secret(&mut self, path: &str, secret: &SecretSource) {
+    fn secret(&mut self, path: &str, namespace: &str, secret: &SecretSource) {
         match (&secret.value, &secret.value_from) {
             (Some(value), None) => {
                 if let Err(message) = check_whsec(value) {
@@ -228,16 +241,13 @@ impl Validator<'_> {
             // to report in the endpoint's status), not an apply's.
             (None, Some(from)) => match (&from.env, &from.file) {
                 (Some(var), None) => {
-                    if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                        self.error(
-                            &format!("{path}.valueFrom.env"),
-                            "must be an environment variable name: letters, digits and '_'",
-                        );
+                    if let Err(message) = self.checks.secrets.check_env(namespace, var) {
+                        self.error(&format!("{path}.valueFrom.env"), message);
                     }
                 }
                 (None, Some(file)) => {
-                    if file.is_empty() || file.contains('\0') {
-                        self.error(&format!("{path}.valueFrom.file"), "must be a file path");
+                    if let Err(message) = self.checks.secrets.check_file(namespace, file) {
+                        self.error(&format!("{path}.valueFrom.file"), message);
                     }
                 }
                 _ => self.error(&format!("{path}.valueFrom"), "must have exactly one of `env` or `file`"),
@@ -397,7 +407,7 @@ mod tests {
 
     fn errors_of(yaml: &str, checks: Checks) -> Vec<ResourceError> {
         let mut parsed = parse_file("test.yaml", yaml);
-        parsed.errors.extend(validate(&parsed.resources, &parsed.unparsed, checks));
+        parsed.errors.extend(validate(&parsed.resources, &parsed.unparsed, &checks));
         parsed.errors
     }
 

@@ -59,11 +59,15 @@ impl LeaderLease {
         fenced(self.term, epoch)
     }
 
-    /// Gives leadership up at once (the lock goes with its connection).
+    /// Gives leadership up at once: the lock is released before its connection closes,
+    /// so another process can take it as soon as this returns (a closed connection's lock
+    /// goes only when its server backend has exited, a little later).
     pub async fn release(self) {
-        if let Some(connection) = self.connection {
+        if let Some(mut connection) = self.connection {
             use sqlx::Connection as _;
-            // A dead server may never answer the goodbye; dropping closes the socket anyway.
+            // A dead server may never answer; dropping closes the socket anyway.
+            let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(&mut connection);
+            let _ = tokio::time::timeout(CLOSE_WITHIN, unlock).await;
             let _ = tokio::time::timeout(CLOSE_WITHIN, connection.close()).await;
         }
     }
