@@ -67,6 +67,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Ed25519 seed (base64) of the checkpoint key; generated into the data dir when unset.
     pub audit_key: Option<Secret>,
+    /// Bounds on `POST /v1/apply` and the resource YAML it reads.
+    pub apply: crate::resources::ApplyLimits,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -222,6 +224,8 @@ pub struct IngestConfig {
     /// How long an `Idempotency-Key` is remembered (e.g. `24h`).
     #[serde(with = "crate::duration::text")]
     pub idempotency_key_ttl: Duration,
+    /// Deepest nesting of arrays and objects in one event, the event itself at depth 1.
+    pub max_json_depth: usize,
 }
 
 impl Default for IngestConfig {
@@ -233,6 +237,7 @@ impl Default for IngestConfig {
             max_commit_events: 1000,
             writers: 0,
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
+            max_json_depth: 64,
         }
     }
 }
@@ -252,6 +257,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             auth: AuthConfig::default(),
             audit_key: None,
+            apply: crate::resources::ApplyLimits::default(),
         }
     }
 }
@@ -271,6 +277,7 @@ pub struct FileConfig {
     pub delivery: Option<DeliveryConfig>,
     pub audit: Option<AuditConfig>,
     pub auth: Option<AuthConfig>,
+    pub apply: Option<crate::resources::ApplyLimits>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -328,7 +335,11 @@ impl Config {
             delivery,
             audit,
             auth,
+            apply,
         } = file;
+        if let Some(v) = apply {
+            self.apply = v;
+        }
         if let Some(v) = auth {
             self.auth = v;
         }
@@ -424,6 +435,10 @@ impl Config {
         if i.writers > 64 {
             return invalid("ingest.writers must be at most 64");
         }
+        if !(2..=100).contains(&i.max_json_depth) {
+            return invalid("ingest.maxJsonDepth must be from 2 (an event with an object in it) to 100");
+        }
+        self.apply.validate().map_err(ConfigError::Invalid)?;
         if self.audit.checkpoint_every < 1 || self.audit.checkpoint_interval < Duration::from_millis(100) {
             return invalid("audit.checkpointEvery must be at least 1 and audit.checkpointInterval at least 100ms");
         }
@@ -560,6 +575,19 @@ mod tests {
         }
         let err = parse_file_config("auth: {jwtLeway: 5s}\n").unwrap_err();
         assert!(err.contains("jwtLeway"), "{err}");
+    }
+
+    #[test]
+    fn the_input_limits_are_read_from_the_file_and_checked() {
+        let mut config = Config::default();
+        config.apply_file(parse_file_config("apply: {maxNodes: 5000}\ningest: {maxJsonDepth: 10}\n").unwrap());
+        let read = (config.apply.max_nodes, config.apply.max_documents, config.ingest.max_json_depth);
+        assert_eq!(read, (5000, 1000, 10));
+        config.ingest.max_json_depth = 101;
+        assert!(config.validate().unwrap_err().to_string().contains("ingest.maxJsonDepth"));
+        config.ingest.max_json_depth = 64;
+        config.apply.max_depth = 200;
+        assert!(config.validate().unwrap_err().to_string().contains("apply.maxDepth"));
     }
 
     #[test]
