@@ -14,6 +14,7 @@ pub mod events;
 pub mod extract;
 mod health;
 pub mod resources;
+pub mod strict_json;
 
 use std::sync::Arc;
 
@@ -34,6 +35,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub max_batch_items: usize,
     pub max_backlog: u64,
+    /// Deepest nesting of one event's JSON (see [`strict_json`]).
+    pub max_json_depth: usize,
+    pub apply: crate::resources::ApplyLimits,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -59,6 +63,9 @@ pub struct AppState {
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,
+    /// Permits to read apply bodies on the blocking pool; see
+    /// [`resources::reading_slots`].
+    pub reading: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {

@@ -4,8 +4,15 @@
 //! Applying needs `operator` on every namespace the apply touches (pruned resources
 //! included); reading needs `viewer`. Secret values never leave the server: every spec
 //! shown is redacted, every diff too.
+//!
+//! An apply body is not read at all unless the caller holds `operator` somewhere, and is
+//! read only up to `apply.maxBodyBytes`; its documents are then read on the blocking pool,
+//! one apply at a time per [`reading_slots`] permit, within [`ApplyLimits`]. So neither a
+//! token without the role nor a hostile body can stall the async workers (`/healthz`,
+//! ingest) or hold more than the limits allow.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -20,11 +27,16 @@ use super::AppState;
 use crate::auth::{Principal, Role};
 use crate::controller::apply::{apply, ApplyError, ApplyOptions};
 use crate::resources::diff::{diff, redact};
-use crate::resources::{parse_files, Kind, ResourceKey, API_VERSION};
+use crate::resources::{parse_files_within, ApplyLimits, Kind, Parsed, ResourceKey, API_VERSION};
 use crate::store::{ApplyAction, ApplyOutcome, StoredResource};
 
-/// Largest apply body: resource sets are bigger than events.
-const MAX_APPLY_BYTES: usize = 4 * 1024 * 1024;
+/// The permits of [`AppState::reading`]: half the cores, at least one. Reading YAML is
+/// CPU-bound, and each read may hold up to its limits in memory, so more reads at once
+/// would only take the cores from ingest and delivery and multiply the memory.
+pub fn reading_slots() -> Arc<tokio::sync::Semaphore> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1)))
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -77,8 +89,15 @@ fn media_type(headers: &HeaderMap) -> String {
     value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
-/// Reads the apply body: multi-document YAML, or JSON `{"files": [{"name", "content"}]}`.
-async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, ApiError> {
+/// The apply body, read but not yet parsed.
+enum ApplyBody {
+    Yaml(bytes::Bytes),
+    Json(bytes::Bytes),
+}
+
+/// Reads the apply body (multi-document YAML, or JSON `{"files": [{"name", "content"}]}`)
+/// up to `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<ApplyBody, ApiError> {
     let media = media_type(headers);
     let yaml = matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml");
     let json = media == "application/json";
@@ -89,14 +108,38 @@ async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, Stri
     }
     let mut json_headers = headers.clone();
     json_headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    let bytes = super::extract::read_json_body(&json_headers, body, MAX_APPLY_BYTES).await?;
-    if json {
-        let files: ApplyFiles = parse_json(&bytes)?;
-        return Ok(files.files.into_iter().map(|f| (f.name, f.content)).collect());
-    }
-    let text = String::from_utf8(bytes.to_vec())
-        .map_err(|_| ApiError::Validation(vec![FieldError::new("(body)", "YAML must be UTF-8 text")]))?;
-    Ok(vec![("(body)".to_owned(), text)])
+    let bytes = super::extract::read_json_body(&json_headers, body, limit).await?;
+    Ok(if json { ApplyBody::Json(bytes) } else { ApplyBody::Yaml(bytes) })
+}
+
+/// The documents of the body, within `limits`. Runs on the blocking pool.
+fn parse_body(body: ApplyBody, limits: &ApplyLimits) -> Result<Parsed, ApiError> {
+    let files: Vec<(String, String)> = match body {
+        ApplyBody::Json(bytes) => {
+            let files: ApplyFiles = parse_json(&bytes)?;
+            files.files.into_iter().map(|f| (f.name, f.content)).collect()
+        }
+        ApplyBody::Yaml(bytes) => {
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| ApiError::Validation(vec![FieldError::new("(body)", "YAML must be UTF-8 text")]))?;
+            vec![("(body)".to_owned(), text)]
+        }
+    };
+    Ok(parse_files_within(files.iter().map(|(n, t)| (n.as_str(), t.as_str())), limits))
+}
+
+/// Reads the documents of the body off the async workers, one read per permit of
+/// [`AppState::reading`]. The permit goes with the read: a client that hangs up does not
+/// free it before the read has finished.
+async fn read_documents(state: &AppState, body: ApplyBody) -> Result<Parsed, ApiError> {
+    let permit = state.reading.clone().acquire_owned().await.map_err(|e| ApiError::Internal(e.into()))?;
+    let limits = state.config.apply.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        parse_body(body, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
 }
 
 pub async fn apply_resources(
@@ -106,8 +149,11 @@ pub async fn apply_resources(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ApplyResponse>, ApiError> {
-    let files = read_files(&headers, body).await?;
-    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    // Before a byte of the body is read: the role somewhere (the namespaces are known only
+    // once the documents are), then the size.
+    principal.require_role(Role::Operator)?;
+    let body = read_body(&headers, body, state.config.apply.max_body_bytes).await?;
+    let parsed = read_documents(&state, body).await?;
     // Documents that did not parse are checked no further; their errors come back with
     // those of the others, which need the caller's rights first (they look at what is
     // stored).
