@@ -170,7 +170,7 @@ impl Server {
                 max_json_depth: config.ingest.max_json_depth,
                 apply: config.apply.clone(),
             }),
-            reading: api::resources::reading_slots(),
+            reading: api::reading::Readers::for_this_machine(),
             shutdown: CancellationToken::new(),
             checks,
             controller: controller_status,

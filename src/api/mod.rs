@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+pub mod reading;
 pub mod resources;
 pub mod strict_json;
 
@@ -63,9 +64,8 @@ pub struct AppState {
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,
-    /// Permits to read apply bodies on the blocking pool; see
-    /// [`resources::reading_slots`].
-    pub reading: Arc<tokio::sync::Semaphore>,
+    /// The threads that read apply bodies.
+    pub reading: reading::Readers,
 }
 
 impl AppState {

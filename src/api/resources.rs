@@ -6,13 +6,12 @@
 //! shown is redacted, every diff too.
 //!
 //! An apply body is not read at all unless the caller holds `operator` somewhere, and is
-//! read only up to `apply.maxBodyBytes`; its documents are then read on the blocking pool,
-//! one apply at a time per [`reading_slots`] permit, within [`ApplyLimits`]. So neither a
-//! token without the role nor a hostile body can stall the async workers (`/healthz`,
-//! ingest) or hold more than the limits allow.
+//! read only up to `apply.maxBodyBytes`; its documents are then read on a reader thread
+//! (see [`super::reading`]), within [`ApplyLimits`]. So neither a token without the role
+//! nor a hostile body can stall the async workers (`/healthz`, ingest) or hold more than
+//! the limits allow.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -29,14 +28,6 @@ use crate::controller::apply::{apply, ApplyError, ApplyOptions};
 use crate::resources::diff::{diff, redact};
 use crate::resources::{parse_files_within, ApplyLimits, Kind, Parsed, ResourceKey, API_VERSION};
 use crate::store::{ApplyAction, ApplyOutcome, StoredResource};
-
-/// The permits of [`AppState::reading`]: half the cores, at least one. Reading YAML is
-/// CPU-bound, and each read may hold up to its limits in memory, so more reads at once
-/// would only take the cores from ingest and delivery and multiply the memory.
-pub fn reading_slots() -> Arc<tokio::sync::Semaphore> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1)))
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -128,18 +119,10 @@ fn parse_body(body: ApplyBody, limits: &ApplyLimits) -> Result<Parsed, ApiError>
     Ok(parse_files_within(files.iter().map(|(n, t)| (n.as_str(), t.as_str())), limits))
 }
 
-/// Reads the documents of the body off the async workers, one read per permit of
-/// [`AppState::reading`]. The permit goes with the read: a client that hangs up does not
-/// free it before the read has finished.
+/// Reads the documents of the body on a reader thread (see [`super::reading`]).
 async fn read_documents(state: &AppState, body: ApplyBody) -> Result<Parsed, ApiError> {
-    let permit = state.reading.clone().acquire_owned().await.map_err(|e| ApiError::Internal(e.into()))?;
     let limits = state.config.apply.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        parse_body(body, &limits)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?
+    state.reading.run(move || parse_body(body, &limits)).await.map_err(|e| ApiError::Internal(e.into()))?
 }
 
 pub async fn apply_resources(
