@@ -72,6 +72,8 @@ pub struct Config {
     pub audit_key: Option<Secret>,
     /// Which `valueFrom` secret sources each namespace may name.
     pub secrets: SecretsConfig,
+    /// Bounds on `POST /v1/apply` and the resource YAML it reads.
+    pub apply: crate::resources::ApplyLimits,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -252,6 +254,8 @@ pub struct IngestConfig {
     /// included) before it is answered `503`; a commit that takes longer is abandoned.
     #[serde(with = "crate::duration::text")]
     pub commit_timeout: Duration,
+    /// Deepest nesting of arrays and objects in one event, the event itself at depth 1.
+    pub max_json_depth: usize,
 }
 
 impl Default for IngestConfig {
@@ -264,6 +268,7 @@ impl Default for IngestConfig {
             writers: 0,
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             commit_timeout: Duration::from_millis(2500),
+            max_json_depth: 64,
         }
     }
 }
@@ -285,6 +290,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             audit_key: None,
             secrets: SecretsConfig::default(),
+            apply: crate::resources::ApplyLimits::default(),
         }
     }
 }
@@ -306,6 +312,7 @@ pub struct FileConfig {
     pub audit: Option<AuditConfig>,
     pub auth: Option<AuthConfig>,
     pub secrets: Option<SecretsConfig>,
+    pub apply: Option<crate::resources::ApplyLimits>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -367,9 +374,13 @@ impl Config {
             audit,
             auth,
             secrets,
+            apply,
         } = file;
         if let Some(v) = secrets {
             self.secrets = v;
+        }
+        if let Some(v) = apply {
+            self.apply = v;
         }
         if let Some(v) = auth {
             self.auth = v;
@@ -478,6 +489,10 @@ impl Config {
         if i.commit_timeout < Duration::from_millis(100) || self.database.acquire_timeout < Duration::from_millis(100) {
             return invalid("ingest.commitTimeout and database.acquireTimeout must be at least 100ms");
         }
+        if !(2..=100).contains(&i.max_json_depth) {
+            return invalid("ingest.maxJsonDepth must be from 2 (an event with an object in it) to 100");
+        }
+        self.apply.validate().map_err(ConfigError::Invalid)?;
         if self.audit.checkpoint_every < 1 || self.audit.checkpoint_interval < Duration::from_millis(100) {
             return invalid("audit.checkpointEvery must be at least 1 and audit.checkpointInterval at least 100ms");
         }

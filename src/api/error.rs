@@ -31,6 +31,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("{}", summarize(.0))]
     Validation(Vec<FieldError>),
+    #[error("{}: the key appears more than once in its object", .0.path)]
+    DuplicateKey(FieldError),
     #[error("{0}")]
     BadRequest(String),
     #[error("the request body is larger than the limit of {limit} bytes")]
@@ -74,6 +76,7 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::Validation(_) => "validation_failed",
+            ApiError::DuplicateKey(_) => "duplicate_key",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -93,7 +96,10 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MalformedJson(_) | ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::MalformedJson(_)
+            | ApiError::Validation(_)
+            | ApiError::DuplicateKey(_)
+            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -110,6 +116,7 @@ impl ApiError {
     fn details(&self) -> Value {
         match self {
             ApiError::Validation(errors) => json!(errors),
+            ApiError::DuplicateKey(error) => json!([error]),
             ApiError::InvalidResources(errors) => json!(errors),
             ApiError::PayloadTooLarge { limit } => json!({ "limit": limit }),
             _ => Value::Null,

@@ -15,7 +15,8 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, FieldError};
-use super::extract::{parse_object_at, read_json_body, ApiQuery};
+use super::extract::{parse_json, parse_object_at, read_json_body, ApiQuery};
+use super::strict_json::{self, Problem};
 use super::AppState;
 use crate::auth::{Principal, Role};
 use crate::catalog::FanOutError;
@@ -270,6 +271,24 @@ fn status(created: bool) -> StatusCode {
     }
 }
 
+/// Applies the field rules to the events read from a request (every problem at once),
+/// then checks that `principal` may ingest into their namespaces.
+pub fn validate_events(
+    events: Vec<(String, EventIn)>,
+    principal: &Principal,
+    trace_id: &str,
+) -> Result<Vec<NewEvent>, ApiError> {
+    let ctx = Context { principal, trace_id, received_at: Utc::now() };
+    let mut errors = Vec::new();
+    let events: Vec<NewEvent> =
+        events.into_iter().filter_map(|(prefix, e)| e.into_new_event(&prefix, &ctx, &mut errors)).collect();
+    validation(errors)?;
+    for event in &events {
+        principal.authorize(Role::Ingest, &event.namespace)?;
+    }
+    Ok(events)
+}
+
 /// Validates the events, checks the caller may ingest into their namespaces, and queues them.
 async fn ingest(
     state: &AppState,
@@ -284,14 +303,7 @@ async fn ingest(
     }
     let idempotency = idempotency_key(headers, principal, route, body)?;
     let trace = trace_id(headers);
-    let ctx = Context { principal, trace_id: &trace, received_at: Utc::now() };
-    let mut errors = Vec::new();
-    let events: Vec<NewEvent> =
-        events.into_iter().filter_map(|(prefix, e)| e.into_new_event(&prefix, &ctx, &mut errors)).collect();
-    validation(errors)?;
-    for event in &events {
-        principal.authorize(Role::Ingest, &event.namespace)?;
-    }
+    let events = validate_events(events, principal, &trace)?;
     let fields: Vec<LogFields> = events
         .iter()
         .map(|e| LogFields {
@@ -324,6 +336,53 @@ async fn ingest(
     Ok((results, created))
 }
 
+/// Refuses an event's JSON (at `prefix` in the body) that repeats a key or nests too deep;
+/// see [`strict_json`].
+fn check_strict(json: &[u8], prefix: &str, max_depth: usize) -> Result<(), ApiError> {
+    strict_json::check(json, prefix, max_depth).map_err(|problem| match problem {
+        Problem::DuplicateKey { path } => ApiError::DuplicateKey(FieldError::new(
+            path,
+            "appears more than once in its object; every key may appear once, since the event is forwarded as sent",
+        )),
+        Problem::TooDeep { path, limit } => ApiError::Validation(vec![FieldError::new(
+            path,
+            format!("nests arrays and objects deeper than {limit} levels; at most {limit} are allowed (ingest.maxJsonDepth)"),
+        )]),
+    })
+}
+
+/// The body of `POST /v1/events` as an event: JSON syntax, then [`check_strict`], then
+/// the shape.
+pub fn read_event(bytes: &[u8], max_json_depth: usize) -> Result<EventIn, ApiError> {
+    parse_json::<serde::de::IgnoredAny>(bytes)?;
+    check_strict(bytes, "", max_json_depth)?;
+    parse_object_at(bytes, "")
+}
+
+/// The body of `POST /v1/events/batch` as events with their paths (`[3]`): JSON syntax,
+/// the number of items, then [`check_strict`] and the shape of each.
+pub fn read_batch(bytes: &[u8], max_items: usize, max_json_depth: usize) -> Result<Vec<(String, EventIn)>, ApiError> {
+    let items: Vec<&RawValue> = parse_json_borrowed(bytes)?;
+    if items.is_empty() {
+        return Err(ApiError::Validation(vec![FieldError::new("(body)", "the batch must hold at least one event")]));
+    }
+    if items.len() > max_items {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "(body)",
+            format!("the batch holds {} events; at most {max_items} are allowed", items.len()),
+        )]));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let prefix = format!("[{i}]");
+            check_strict(raw.get().as_bytes(), &prefix, max_json_depth)?;
+            parse_object_at::<EventIn>(raw.get().as_bytes(), &prefix).map(|e| (prefix, e))
+        })
+        .collect()
+}
+
 /// The batch body as borrowed raw items: one syntax pass, items parsed one by one after.
 fn parse_json_borrowed(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
@@ -345,7 +404,7 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let event: EventIn = parse_object_at(&bytes, "")?;
+    let event = read_event(&bytes, state.config.max_json_depth)?;
     let (mut results, created) =
         ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
     let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
@@ -359,25 +418,7 @@ pub async fn create_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let items: Vec<&RawValue> = parse_json_borrowed(&bytes)?;
-    let max = state.config.max_batch_items;
-    if items.is_empty() {
-        return Err(ApiError::Validation(vec![FieldError::new("(body)", "the batch must hold at least one event")]));
-    }
-    if items.len() > max {
-        return Err(ApiError::Validation(vec![FieldError::new(
-            "(body)",
-            format!("the batch holds {} events; at most {max} are allowed", items.len()),
-        )]));
-    }
-    let events = items
-        .iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            let prefix = format!("[{i}]");
-            parse_object_at::<EventIn>(raw.get().as_bytes(), &prefix).map(|e| (prefix, e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let events = read_batch(&bytes, state.config.max_batch_items, state.config.max_json_depth)?;
     let (results, created) = ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
     Ok((status(created), Json(BatchAccepted { results })).into_response())
 }

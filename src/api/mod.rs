@@ -13,7 +13,9 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+pub mod reading;
 pub mod resources;
+pub mod strict_json;
 
 use std::sync::Arc;
 
@@ -34,6 +36,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub max_batch_items: usize,
     pub max_backlog: u64,
+    /// Deepest nesting of one event's JSON (see [`strict_json`]).
+    pub max_json_depth: usize,
+    pub apply: crate::resources::ApplyLimits,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -63,6 +68,8 @@ pub struct AppState {
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,
+    /// The threads that read apply bodies.
+    pub reading: reading::Readers,
 }
 
 impl AppState {

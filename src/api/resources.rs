@@ -5,6 +5,12 @@
 //! included); reading needs `viewer`. Secret values never leave the server: every spec
 //! shown is redacted (signing secrets, and header values not listed in `plainHeaders`),
 //! every diff too.
+//!
+//! An apply body is not read at all unless the caller holds `operator` somewhere, and is
+//! read only up to `apply.maxBodyBytes`; its documents are then read on a reader thread
+//! (see [`super::reading`]), within [`ApplyLimits`]. So neither a token without the role
+//! nor a hostile body can stall the async workers (`/healthz`, ingest) or hold more than
+//! the limits allow.
 
 use std::collections::BTreeSet;
 
@@ -21,11 +27,8 @@ use super::AppState;
 use crate::auth::{Principal, Role};
 use crate::controller::apply::{apply, ApplyError, ApplyOptions};
 use crate::resources::diff::{diff, redact};
-use crate::resources::{parse_files, Kind, ResourceKey, API_VERSION};
+use crate::resources::{parse_files_within, ApplyLimits, Kind, Parsed, ResourceKey, API_VERSION};
 use crate::store::{ApplyAction, ApplyOutcome, StoredResource};
-
-/// Largest apply body: resource sets are bigger than events.
-const MAX_APPLY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -78,8 +81,15 @@ fn media_type(headers: &HeaderMap) -> String {
     value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
-/// Reads the apply body: multi-document YAML, or JSON `{"files": [{"name", "content"}]}`.
-async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, ApiError> {
+/// The apply body, read but not yet parsed.
+enum ApplyBody {
+    Yaml(bytes::Bytes),
+    Json(bytes::Bytes),
+}
+
+/// Reads the apply body (multi-document YAML, or JSON `{"files": [{"name", "content"}]}`)
+/// up to `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<ApplyBody, ApiError> {
     let media = media_type(headers);
     let yaml = matches!(media.as_str(), "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml");
     let json = media == "application/json";
@@ -90,14 +100,30 @@ async fn read_files(headers: &HeaderMap, body: Body) -> Result<Vec<(String, Stri
     }
     let mut json_headers = headers.clone();
     json_headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    let bytes = super::extract::read_json_body(&json_headers, body, MAX_APPLY_BYTES).await?;
-    if json {
-        let files: ApplyFiles = parse_json(&bytes)?;
-        return Ok(files.files.into_iter().map(|f| (f.name, f.content)).collect());
-    }
-    let text = String::from_utf8(bytes.to_vec())
-        .map_err(|_| ApiError::Validation(vec![FieldError::new("(body)", "YAML must be UTF-8 text")]))?;
-    Ok(vec![("(body)".to_owned(), text)])
+    let bytes = super::extract::read_json_body(&json_headers, body, limit).await?;
+    Ok(if json { ApplyBody::Json(bytes) } else { ApplyBody::Yaml(bytes) })
+}
+
+/// The documents of the body, within `limits`. Runs on the blocking pool.
+fn parse_body(body: ApplyBody, limits: &ApplyLimits) -> Result<Parsed, ApiError> {
+    let files: Vec<(String, String)> = match body {
+        ApplyBody::Json(bytes) => {
+            let files: ApplyFiles = parse_json(&bytes)?;
+            files.files.into_iter().map(|f| (f.name, f.content)).collect()
+        }
+        ApplyBody::Yaml(bytes) => {
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| ApiError::Validation(vec![FieldError::new("(body)", "YAML must be UTF-8 text")]))?;
+            vec![("(body)".to_owned(), text)]
+        }
+    };
+    Ok(parse_files_within(files.iter().map(|(n, t)| (n.as_str(), t.as_str())), limits))
+}
+
+/// Reads the documents of the body on a reader thread (see [`super::reading`]).
+async fn read_documents(state: &AppState, body: ApplyBody) -> Result<Parsed, ApiError> {
+    let limits = state.config.apply.clone();
+    state.reading.run(move || parse_body(body, &limits)).await.map_err(|e| ApiError::Internal(e.into()))?
 }
 
 pub async fn apply_resources(
@@ -107,8 +133,11 @@ pub async fn apply_resources(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ApplyResponse>, ApiError> {
-    let files = read_files(&headers, body).await?;
-    let parsed = parse_files(files.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    // Before a byte of the body is read: the role somewhere (the namespaces are known only
+    // once the documents are), then the size.
+    principal.require_role(Role::Operator)?;
+    let body = read_body(&headers, body, state.config.apply.max_body_bytes).await?;
+    let parsed = read_documents(&state, body).await?;
     // Documents that did not parse are checked no further; their errors come back with
     // those of the others, which need the caller's rights first (they look at what is
     // stored).

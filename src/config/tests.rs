@@ -89,6 +89,19 @@ fn outage_bounds_are_read_from_the_file_and_too_small_ones_refused() {
 }
 
 #[test]
+fn the_input_limits_are_read_from_the_file_and_checked() {
+    let mut config = Config::default();
+    config.apply_file(parse_file_config("apply: {maxNodes: 5000}\ningest: {maxJsonDepth: 10}\n").unwrap());
+    let read = (config.apply.max_nodes, config.apply.max_documents, config.ingest.max_json_depth);
+    assert_eq!(read, (5000, 1000, 10));
+    config.ingest.max_json_depth = 101;
+    assert!(config.validate().unwrap_err().to_string().contains("ingest.maxJsonDepth"));
+    config.ingest.max_json_depth = 64;
+    config.apply.max_depth = 200;
+    assert!(config.validate().unwrap_err().to_string().contains("apply.maxDepth"));
+}
+
+#[test]
 fn postgres_without_a_shared_jwt_secret_is_refused() {
     let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
     assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));

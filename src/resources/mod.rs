@@ -9,6 +9,7 @@ mod conceal;
 pub mod diff;
 pub mod kinds;
 pub mod secret_sources;
+pub mod limits;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashSet};
@@ -19,6 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use kinds::{AgentRuleSpec, EndpointSpec, FilterSpec, RetryBudgetSpec};
+pub use limits::ApplyLimits;
+use limits::Budget;
 
 pub const API_VERSION: &str = "hookwarden/v1";
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -255,23 +258,60 @@ pub struct Parsed {
     pub unparsed: HashSet<ResourceKey>,
 }
 
-/// Parses every document of a multi-document YAML text. Empty documents are skipped.
+/// Parses every document of a multi-document YAML text within the default
+/// [`ApplyLimits`]. Empty documents are skipped.
 pub fn parse_file(file: &str, text: &str) -> Parsed {
+    let limits = ApplyLimits::default();
     let mut parsed = Parsed::default();
+    read_text(&mut parsed, &mut Budget::new(&limits), file, text);
+    parsed
+}
+
+/// Reads the documents of one text into `parsed`, spending `budget`.
+///
+/// Each document is read twice, and nothing before it again: once into a counted value
+/// (the limits, `apiVersion` and `kind`), then into its kind's typed shape, for field
+/// paths with lines. The second reading walks a second iterator over the same text in
+/// step with the first, so a text of N documents costs two passes, not N.
+fn read_text(parsed: &mut Parsed, budget: &mut Budget<'_>, file: &str, text: &str) {
+    let limits = budget.limits();
+    if let Err(e) = limits::check_brackets(text, limits.max_brackets_per_document) {
+        let origin = Origin { file: file.to_owned(), document: e.document };
+        parsed.errors.push(ResourceError { line: Some(e.line), ..ResourceError::at(&origin, "", e.to_string()) });
+        return;
+    }
+    let mut typed = TypedDocuments { documents: yaml_serde::Deserializer::from_str(text), next: 0 };
+    let lines = LineStarts::of(text);
     for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let origin = Origin { file: file.to_owned(), document: index };
-        let value = match yaml_serde::Value::deserialize(document) {
+        if let Err(limit) = budget.take_document() {
+            parsed.errors.push(ResourceError::at(&origin, "", limit.message(limits)));
+            break;
+        }
+        let value = match budget.read_value(document) {
             Ok(value) => value,
-            Err(e) => {
-                parsed.errors.push(yaml_error(&origin, String::new(), &e));
-                // A syntax error ends the stream: later documents cannot be read.
-                break;
+            Err((e, limit)) => {
+                let mut error = yaml_error(&origin, String::new(), &e);
+                if let Some(limit) = limit {
+                    error.message = limit.message(limits);
+                }
+                parsed.errors.push(error);
+                // A syntax error ends the stream: later documents cannot be read. Neither
+                // can anything once the read's budget is spent.
+                match limit {
+                    Some(limit) if !limit.ends_the_read() => continue,
+                    _ => break,
+                }
             }
         };
         if value.is_null() {
             continue;
         }
-        match parse_document(&origin, text, index, &value) {
+        let Some(document) = typed.take(index) else {
+            parsed.errors.push(ResourceError::at(&origin, "", "document disappeared while reading"));
+            break;
+        };
+        match parse_document(&origin, text, &lines, document, &value) {
             Ok(resource) => parsed.resources.push(Located { origin, resource }),
             Err(e) => {
                 parsed.errors.push(e);
@@ -279,7 +319,41 @@ pub fn parse_file(file: &str, text: &str) -> Parsed {
             }
         }
     }
-    parsed
+}
+
+/// The documents of a text, read a second time in step with the first reading.
+struct TypedDocuments<'t> {
+    documents: yaml_serde::Deserializer<'t>,
+    /// The index of the document `documents` yields next.
+    next: usize,
+}
+
+impl<'t> TypedDocuments<'t> {
+    /// Document `index`, skipping (but not re-reading) those before it.
+    fn take(&mut self, index: usize) -> Option<yaml_serde::Deserializer<'t>> {
+        while self.next < index {
+            self.documents.next()?;
+            self.next += 1;
+        }
+        self.next += 1;
+        self.documents.next()
+    }
+}
+
+/// Where each line of a text starts, so that a line can be found without counting the
+/// lines before it again.
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn of(text: &str) -> Self {
+        Self(std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect())
+    }
+
+    /// The text from the start of `line` (from 1) on.
+    fn from<'t>(&self, text: &'t str, line: usize) -> &'t str {
+        let start = line.checked_sub(1).and_then(|i| self.0.get(i)).copied().unwrap_or(text.len());
+        &text[start..]
+    }
 }
 
 /// The key a document that did not parse names, if it names one.
@@ -324,7 +398,8 @@ fn yaml_error(origin: &Origin, path: String, e: &yaml_serde::Error) -> ResourceE
 fn parse_document(
     origin: &Origin,
     text: &str,
-    index: usize,
+    lines: &LineStarts,
+    document: yaml_serde::Deserializer<'_>,
     value: &yaml_serde::Value,
 ) -> Result<Resource, ResourceError> {
     let Some(map) = value.as_mapping() else {
@@ -352,40 +427,29 @@ fn parse_document(
             format!("unknown kind `{kind_name}`; one of Endpoint, RetryBudget, Filter, AgentRule"),
         )
     })?;
-    // Parse the document's text again into the typed shape, for field paths with lines.
-    let typed = |origin: &Origin| -> Result<Resource, ResourceError> {
-        Ok(match kind {
-            Kind::Endpoint => {
-                typed_document::<EndpointSpec>(origin, text, index).map(|(m, s)| (m, Spec::Endpoint(s)))?
-            }
-            Kind::RetryBudget => {
-                typed_document::<RetryBudgetSpec>(origin, text, index).map(|(m, s)| (m, Spec::RetryBudget(s)))?
-            }
-            Kind::Filter => typed_document::<FilterSpec>(origin, text, index).map(|(m, s)| (m, Spec::Filter(s)))?,
-            Kind::AgentRule => {
-                typed_document::<AgentRuleSpec>(origin, text, index).map(|(m, s)| (m, Spec::AgentRule(s)))?
-            }
-        })
-        .map(|(metadata, spec)| Resource { metadata, spec })
+    // The document again, in the typed shape, for field paths with lines.
+    let (metadata, spec) = match kind {
+        Kind::Endpoint => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Endpoint(s)))?,
+        Kind::RetryBudget => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::RetryBudget(s)))?,
+        Kind::Filter => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Filter(s)))?,
+        Kind::AgentRule => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::AgentRule(s)))?,
     };
-    typed(origin)
+    Ok(Resource { metadata, spec })
 }
 
 fn typed_document<S: DeserializeOwned>(
     origin: &Origin,
     text: &str,
-    index: usize,
+    lines: &LineStarts,
+    document: yaml_serde::Deserializer<'_>,
 ) -> Result<(Metadata, S), ResourceError> {
-    let document = yaml_serde::Deserializer::from_str(text)
-        .nth(index)
-        .ok_or_else(|| ResourceError::at(origin, "", "document disappeared while reading"))?;
     let parsed: Document<S> = serde_path_to_error::deserialize(document).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let mut error = yaml_error(origin, path, e.inner());
         // A missing field has no line of its own: the enclosing mapping's is the best.
         if error.message != crate::messages::REQUIRED {
-            error.line = error.line.map(|line| refine_line(text, line, &error.path));
+            error.line = error.line.map(|line| refine_line(lines.from(text, line), line, &error.path));
         }
         error
     })?;
@@ -394,14 +458,15 @@ fn typed_document<S: DeserializeOwned>(
 
 /// The YAML library reports some errors (those raised while reading a value, such as a
 /// bad duration) at the start of the enclosing mapping. Moves such a line forward to the
-/// line that holds the failing key, if one does before the document ends.
-fn refine_line(text: &str, reported: usize, path: &str) -> usize {
+/// line that holds the failing key, if one does before the document ends. `rest` is the
+/// text from the start of the reported line on.
+fn refine_line(rest: &str, reported: usize, path: &str) -> usize {
     let Some(key) = path.rsplit('.').next().map(|k| k.split('[').next().unwrap_or(k)).filter(|k| !k.is_empty()) else {
         return reported;
     };
     let needle = format!("{key}:");
-    for (i, line) in text.lines().enumerate().skip(reported.saturating_sub(1)) {
-        if line.starts_with("---") && i + 1 > reported {
+    for (i, line) in rest.lines().enumerate() {
+        if line.starts_with("---") && i > 0 {
             break;
         }
         let code = line.split(" #").next().unwrap_or(line);
@@ -409,20 +474,31 @@ fn refine_line(text: &str, reported: usize, path: &str) -> usize {
             at == 0 || !code[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         });
         if found {
-            return i + 1;
+            return reported + i;
         }
     }
     reported
 }
 
-/// Parses several named texts; errors of all of them are returned together.
+/// Parses several named texts, each within the default [`ApplyLimits`] on its own (files
+/// the operator keeps: a directory, a command line); errors of all of them are returned
+/// together.
 pub fn parse_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> Parsed {
+    let limits = ApplyLimits::default();
     let mut all = Parsed::default();
     for (name, text) in files {
-        let parsed = parse_file(name, text);
-        all.resources.extend(parsed.resources);
-        all.errors.extend(parsed.errors);
-        all.unparsed.extend(parsed.unparsed);
+        read_text(&mut all, &mut Budget::new(&limits), name, text);
+    }
+    all
+}
+
+/// Parses several named texts within one budget of `limits` for all of them together
+/// (one apply request: many files must not multiply its limits).
+pub fn parse_files_within<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>, limits: &ApplyLimits) -> Parsed {
+    let mut budget = Budget::new(limits);
+    let mut all = Parsed::default();
+    for (name, text) in files {
+        read_text(&mut all, &mut budget, name, text);
     }
     all
 }
