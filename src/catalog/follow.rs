@@ -48,19 +48,22 @@ pub async fn follow(
     }
 }
 
-/// Says what changed, once, and sends what waited for an endpoint that can be sent to now.
+/// Says what changed (a block, once), and sends what waited for an endpoint that can be
+/// sent to now (a block lifted, a pause lifted).
 async fn act_on(store: &Store, t: &Transition, wake: &Notify) {
     let (namespace, name) = (&t.namespace, &t.name);
-    match &t.after {
-        Some(b) => tracing::warn!(endpoint = %name, %namespace, reason = b.reason.as_str(), problem = %b.message,
-            "endpoint cannot be sent to; its deliveries wait until it can"),
-        None => {
-            tracing::info!(endpoint = %name, %namespace, "endpoint can be sent to again; its waiting deliveries go out now");
-            match store.resume_endpoint(namespace, name).await {
-                Ok(_) => wake.notify_one(),
-                Err(e) => tracing::warn!(error = %e, endpoint = %name, %namespace,
-                    "could not make the endpoint's waiting deliveries due; they go out at their next look"),
-            }
+    match (&t.before, &t.after) {
+        (_, Some(b)) if t.before.as_ref() != Some(b) => tracing::warn!(endpoint = %name, %namespace,
+            reason = b.reason.as_str(), problem = %b.message, "endpoint cannot be sent to; its deliveries wait until it can"),
+        (Some(_), None) => tracing::info!(endpoint = %name, %namespace,
+            "endpoint can be sent to again; its waiting deliveries go out now"),
+        _ => {}
+    }
+    if t.sendable_again {
+        match store.resume_endpoint(namespace, name).await {
+            Ok(_) => wake.notify_one(),
+            Err(e) => tracing::warn!(error = %e, endpoint = %name, %namespace,
+                "could not make the endpoint's waiting deliveries due; they go out at their next look"),
         }
     }
 }

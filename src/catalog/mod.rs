@@ -344,10 +344,21 @@ pub enum CatalogError {
 pub struct Transition {
     pub namespace: String,
     pub name: String,
-    /// What blocked it before (`None`: it was sendable, or did not exist).
+    /// What blocked it before (`None`: nothing, or it did not exist).
     pub before: Option<Blocked>,
-    /// What blocks it now (`None`: it can be sent to).
+    /// What blocks it now (`None`: nothing).
     pub after: Option<Blocked>,
+    /// It could not be sent to before (blocked or paused) and can be now: its waiting
+    /// deliveries were given back to wait, and are due at once.
+    pub sendable_again: bool,
+}
+
+impl EndpointEntry {
+    /// Whether dispatch sends to it (as far as the catalog knows: a 410 or an open breaker
+    /// is run-time state, parked in the store).
+    fn sendable(&self) -> bool {
+        !self.spec.paused && self.blocked.is_none()
+    }
 }
 
 #[derive(Default)]
@@ -442,7 +453,7 @@ impl CatalogHandle {
     }
 
     /// Swaps `catalog` in unless one built from a newer revision is in force already, and
-    /// records which endpoints' sendability it changes.
+    /// records which endpoints' sendability it changes (blocked or not, paused or not).
     fn install(&self, catalog: Catalog) -> bool {
         let mut slot = self.0.current.write().unwrap_or_else(|p| p.into_inner());
         if slot.revision > catalog.revision {
@@ -451,12 +462,15 @@ impl CatalogHandle {
         let transitions: Vec<Transition> = catalog
             .endpoints()
             .filter_map(|e| {
-                let before = slot.endpoint(&e.namespace, &e.name).and_then(|old| old.blocked.clone());
-                (before != e.blocked).then(|| Transition {
+                let old = slot.endpoint(&e.namespace, &e.name);
+                let before = old.as_ref().and_then(|old| old.blocked.clone());
+                let sendable_again = old.is_some_and(|old| !old.sendable()) && e.sendable();
+                (before != e.blocked || sendable_again).then(|| Transition {
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
                     before,
                     after: e.blocked.clone(),
+                    sendable_again,
                 })
             })
             .collect();
