@@ -171,6 +171,15 @@ impl TokenKeys {
             }
         })?;
         let claims = data.claims;
+        // The subject is stored (who ingested, voted, applied) and the namespaces are
+        // compared in queries: a NUL no database text can hold makes the token malformed.
+        let nul = |text: &String| text.contains('\0');
+        if let Some(claim) = [("sub", nul(&claims.sub)), ("roles", claims.roles.iter().any(nul)), ("namespaces", claims.namespaces.iter().any(nul))]
+            .into_iter()
+            .find_map(|(claim, bad)| bad.then_some(claim))
+        {
+            return Err(AuthError::Invalid(format!("claim `{claim}` must not contain NUL characters")));
+        }
         Ok(Principal {
             subject: claims.sub,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
@@ -361,6 +370,16 @@ mod tests {
         let expired = jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding).unwrap();
         assert_eq!(keys.authenticate(Some(&format!("Bearer {expired}"))).unwrap_err(), AuthError::Expired);
         assert_eq!(keys.authenticate(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn a_claim_holding_a_nul_character_makes_the_token_invalid() {
+        let keys = keys();
+        for (sub, namespaces) in [("a\0b", vec!["payments".to_owned()]), ("alice", vec!["pay\0ments".to_owned()])] {
+            let token = keys.mint(sub, &[Role::Admin], &namespaces, Duration::from_secs(60));
+            let err = keys.authenticate(Some(&format!("Bearer {token}"))).unwrap_err();
+            assert!(matches!(&err, AuthError::Invalid(m) if m.contains("must not contain NUL")), "{err:?}");
+        }
     }
 
     #[test]
