@@ -254,6 +254,38 @@ async fn an_apply_set_name_belongs_to_each_tenant_apart(db: TestDb) {
     assert_eq!((status, actions(&body)), (200, vec![("b1".into(), "pruned".into())]), "{body}");
 }
 
+/// The review's SSRF gaps: addresses that embed a private IPv4 address, deprecated or
+/// special-purpose blocks. Each is refused at apply, naming `spec.url`; nothing is sent
+/// anywhere (the server only classifies the URL).
+async fn endpoint_urls_that_are_not_public_are_refused_at_apply(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let hosts = [
+        "[::127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[64:ff9b::7f00:1]",
+        "[64:ff9b::a9fe:a9fe]",
+        "[2002:7f00:1::1]",
+        "[2002:a9fe:a9fe::1]",
+        "[fec0::1]",
+        "[ff02::1]",
+        "198.18.0.1",
+        "192.0.0.1",
+        "240.0.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+    ];
+    for host in hosts {
+        let yaml = format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e, namespace: default}}\nspec:\n  url: http://{host}:8080/hooks\n  secrets: [{{value: {SECRET}}}]\n"
+        );
+        let (status, body) = apply(&app, &app.admin, &yaml, "").await;
+        assert_eq!(status, 422, "{host} must be refused: {body}");
+        assert_eq!(body["errors"][0]["path"], "spec.url", "{host}: {body}");
+        assert!(body["errors"][0]["message"].as_str().unwrap().contains("private"), "{host}: {body}");
+    }
+    assert!(resource(&app, "Endpoint", "default", "e").await.is_none());
+}
+
 async fn a_watched_directory_reports_every_error_of_a_bad_change_at_once(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -307,6 +339,7 @@ on_both_databases!(
     a_dry_run_writes_nothing,
     prune_removes_only_members_of_the_named_set_that_left,
     an_apply_set_name_belongs_to_each_tenant_apart,
+    endpoint_urls_that_are_not_public_are_refused_at_apply,
 );
 
 #[tokio::test]
