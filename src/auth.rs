@@ -298,18 +298,20 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-/// Reads the generated HS256 key from `data_dir`, creating it (mode 0600) on first use.
+/// Reads the generated HS256 key from `data_dir`, creating it (mode 0600, the directory
+/// 0700) on first use; an existing key file others may read is tightened to 0600.
 /// For `serve` only: see [`existing_key`].
 pub fn load_or_create_key(data_dir: &Path) -> Result<(Secret, PathBuf), KeyError> {
     use rand::RngCore;
     use std::io::Write;
 
     let path = data_dir.join(KEY_FILE);
+    let create = |source| KeyError::Create { path: path.clone(), source };
     if let Some(secret) = read_key_file(&path)? {
+        crate::private_files::tighten(&path).map_err(create)?;
         return Ok((secret, path));
     }
-    let create = |source| KeyError::Create { path: path.clone(), source };
-    std::fs::create_dir_all(data_dir).map_err(create)?;
+    crate::private_files::create_dir(data_dir).map_err(create)?;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
