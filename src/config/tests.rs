@@ -32,10 +32,7 @@ fn durations_are_read_from_text_and_bad_ones_named() {
 #[test]
 fn ill_typed_settings_are_told_in_plain_words() {
     let err = parse_file_config("ingest:\n  maxBodyBytes: lots\n").unwrap_err();
-    assert_eq!(
-        err,
-        "ingest.maxBodyBytes: must be a whole number from 0 to 18446744073709551615, not a text (line 2)"
-    );
+    assert_eq!(err, "ingest.maxBodyBytes: must be a whole number from 0 to 18446744073709551615, not a text (line 2)");
     let err = parse_file_config("delivery:\n  workers: 2\n  leaseMargin: 30\n").unwrap_err();
     assert_eq!(err, "delivery.leaseMargin: `30` is not a duration like 30s, 5m or 24h (line 3)");
     let err = parse_file_config("controller: [resync]\n").unwrap_err();

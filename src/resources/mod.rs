@@ -8,8 +8,8 @@
 mod conceal;
 pub mod diff;
 pub mod kinds;
-pub mod secret_sources;
 pub mod limits;
+pub mod secret_sources;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashSet};
