@@ -174,9 +174,13 @@ impl TokenKeys {
         // The subject is stored (who ingested, voted, applied) and the namespaces are
         // compared in queries: a NUL no database text can hold makes the token malformed.
         let nul = |text: &String| text.contains('\0');
-        if let Some(claim) = [("sub", nul(&claims.sub)), ("roles", claims.roles.iter().any(nul)), ("namespaces", claims.namespaces.iter().any(nul))]
-            .into_iter()
-            .find_map(|(claim, bad)| bad.then_some(claim))
+        if let Some(claim) = [
+            ("sub", nul(&claims.sub)),
+            ("roles", claims.roles.iter().any(nul)),
+            ("namespaces", claims.namespaces.iter().any(nul)),
+        ]
+        .into_iter()
+        .find_map(|(claim, bad)| bad.then_some(claim))
         {
             return Err(AuthError::Invalid(format!("claim `{claim}` must not contain NUL characters")));
         }

@@ -86,8 +86,8 @@ async fn an_embedded_data_directory_and_its_files_are_private_to_their_owner() {
     expected.sort();
     assert_eq!(tightened, expected, "each file is named once");
     assert_eq!(format!("{:o}", mode(&data)), "755", "an existing directory is left as it is");
-    let warned = second
-        .logged("the data directory is open to other users; its files are not, but consider `chmod 700` on it");
+    let warned =
+        second.logged("the data directory is open to other users; its files are not, but consider `chmod 700` on it");
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert_eq!(warned[0]["mode"], "0755");
     let ready = reqwest::get(format!("{}/readyz", second.base)).await.unwrap();
@@ -102,8 +102,11 @@ fn a_sqlite_url_names_files_that_are_made_private_in_a_directory_left_alone() {
     let root = tempfile::tempdir().unwrap();
     set_mode(root.path(), 0o755);
     let url = format!("sqlite://{}", root.path().join("hooks.db").display());
-    let server = Process::try_start(serve(&["--database-url", &url, "--data-dir", root.path().join("keys").to_str().unwrap()], true))
-        .unwrap_or_else(|f| panic!("{f}"));
+    let server = Process::try_start(serve(
+        &["--database-url", &url, "--data-dir", root.path().join("keys").to_str().unwrap()],
+        true,
+    ))
+    .unwrap_or_else(|f| panic!("{f}"));
     for name in ["hooks.db", "hooks.db-wal", "hooks.db-shm", "hooks.lock"] {
         assert_eq!(format!("{:o}", mode(&root.path().join(name))), "600", "{name}");
     }

@@ -63,7 +63,10 @@ fn body_cases(template: &str) -> (&'static str, &'static str, Vec<(&'static str,
         "/v1/events/batch" => (
             "application/json",
             r#"[{"source": "shop", "type": "order.created", "data": {}}]"#,
-            vec![(r#"[{"source": "s", "type": "t", "data": {}}, {"source": "s", "type": "t\u0000", "data": {}}]"#, "[1].type")],
+            vec![(
+                r#"[{"source": "s", "type": "t", "data": {}}, {"source": "s", "type": "t\u0000", "data": {}}]"#,
+                "[1].type",
+            )],
         ),
         "/v1/deliveries/replay" => (
             "application/json",
@@ -85,7 +88,13 @@ fn body_cases(template: &str) -> (&'static str, &'static str, Vec<(&'static str,
     }
 }
 
-async fn send(app: &TestApp, method: &Method, path: &str, token: &str, body: Option<(&str, &str)>) -> reqwest::Response {
+async fn send(
+    app: &TestApp,
+    method: &Method,
+    path: &str,
+    token: &str,
+    body: Option<(&str, &str)>,
+) -> reqwest::Response {
     let mut request = app.client.request(method.clone(), app.url(path)).bearer_auth(token);
     if let Some((content_type, body)) = body {
         request = request.header("content-type", content_type).body(body.to_owned());
@@ -154,7 +163,8 @@ async fn no_route_stores_or_answers_text_it_cannot_hold(db: TestDb) {
         if template.starts_with("/v1/") {
             for (token, claim) in [(&nul_subject, "sub"), (&nul_namespace, "namespaces")] {
                 let response = send(&app, &method, &path, token, body).await;
-                let answer = refused(response, 401, "unauthenticated", None, &what(&format!("a NUL in `{claim}`"))).await;
+                let answer =
+                    refused(response, 401, "unauthenticated", None, &what(&format!("a NUL in `{claim}`"))).await;
                 let message = answer["error"]["message"].as_str().unwrap();
                 assert!(message.contains(&format!("claim `{claim}`")), "{}: {answer}", what(claim));
             }

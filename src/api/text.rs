@@ -28,8 +28,8 @@ const NOT_UTF8_MESSAGE: &str = "must be UTF-8 text once percent-decoded";
 pub async fn refuse_invalid_text(request: Request, next: Next) -> Response {
     let template = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let uri = request.uri();
-    let problem = path_problem(template.as_deref().unwrap_or(""), uri.path())
-        .or_else(|| uri.query().and_then(query_problem));
+    let problem =
+        path_problem(template.as_deref().unwrap_or(""), uri.path()).or_else(|| uri.query().and_then(query_problem));
     match problem {
         Some(error) => ApiError::Validation(vec![error]).into_response(),
         None => next.run(request).await,

@@ -219,12 +219,16 @@ mod tests {
 
     #[test]
     fn the_resolver_keeps_only_public_addresses_unless_private_ones_are_allowed() {
-        let found: Vec<SocketAddr> = ["[::127.0.0.1]:443", "[64:ff9b::7f00:1]:443", "198.18.0.1:443", "93.184.215.14:443"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
+        let found: Vec<SocketAddr> =
+            ["[::127.0.0.1]:443", "[64:ff9b::7f00:1]:443", "198.18.0.1:443", "93.184.215.14:443"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
         assert_eq!(allowed_addresses(found.clone(), false), vec!["93.184.215.14:443".parse().unwrap()]);
         assert_eq!(allowed_addresses(found.clone(), true), found);
-        assert!(allowed_addresses(found[..3].to_vec(), false).is_empty(), "a name with only private answers is refused");
+        assert!(
+            allowed_addresses(found[..3].to_vec(), false).is_empty(),
+            "a name with only private answers is refused"
+        );
     }
 }

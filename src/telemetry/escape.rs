@@ -155,14 +155,16 @@ mod tests {
 
     #[test]
     fn control_characters_in_any_field_are_escaped_and_one_event_is_one_line() {
-        let hostile = "shop\n2026-12-02T00:00:00Z  INFO forged: admin logged in\r\x1b[31mred\x1b[0m\u{2028}\u{202e}x\u{85}";
+        let hostile =
+            "shop\n2026-12-02T00:00:00Z  INFO forged: admin logged in\r\x1b[31mred\x1b[0m\u{2028}\u{202e}x\u{85}";
         let error = std::io::Error::other(hostile.to_owned());
-        let text = logged(|| {
-            tracing::info!(source = %hostile, text = hostile, debug = ?hostile, error = &error as &dyn std::error::Error, "got {hostile}")
-        });
+        let text = logged(
+            || tracing::info!(source = %hostile, text = hostile, debug = ?hostile, error = &error as &dyn std::error::Error, "got {hostile}"),
+        );
         assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
         assert!(!text.chars().any(|c| c != '\n' && needs_escape(c)), "{text:?}");
-        let escaped = r"shop\n2026-12-02T00:00:00Z  INFO forged: admin logged in\r\u{1b}[31mred\u{1b}[0m\u{2028}\u{202e}x\u{85}";
+        let escaped =
+            r"shop\n2026-12-02T00:00:00Z  INFO forged: admin logged in\r\u{1b}[31mred\u{1b}[0m\u{2028}\u{202e}x\u{85}";
         assert!(text.contains(&format!("got {escaped} source={escaped} ")), "{text}");
         assert!(text.contains(&format!("error={escaped}")), "{text}");
         // Text and Debug fields are quoted as Rust quotes them, as before.
