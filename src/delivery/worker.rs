@@ -597,7 +597,9 @@ fn transport_error(e: reqwest::Error) -> String {
     message
 }
 
-/// At most `limit` bytes of the body, as text.
+/// At most `limit` bytes of the body, as text every store can hold: bytes that are not
+/// UTF-8, and NUL characters (which PostgreSQL's `text` refuses, failing the whole batch
+/// of completions), read as U+FFFD.
 async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<String> {
     let mut bytes = Vec::new();
     while bytes.len() < limit {
@@ -606,7 +608,7 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<St
             _ => break,
         }
     }
-    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
+    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).replace('\0', "\u{fffd}"))
 }
 
 /// Writes completions in batches until every sender is gone. A batch that ends a delivery
