@@ -171,6 +171,19 @@ impl TokenKeys {
             }
         })?;
         let claims = data.claims;
+        // The subject is stored (who ingested, voted, applied) and the namespaces are
+        // compared in queries: a NUL no database text can hold makes the token malformed.
+        let nul = |text: &String| text.contains('\0');
+        if let Some(claim) = [
+            ("sub", nul(&claims.sub)),
+            ("roles", claims.roles.iter().any(nul)),
+            ("namespaces", claims.namespaces.iter().any(nul)),
+        ]
+        .into_iter()
+        .find_map(|(claim, bad)| bad.then_some(claim))
+        {
+            return Err(AuthError::Invalid(format!("claim `{claim}` must not contain NUL characters")));
+        }
         Ok(Principal {
             subject: claims.sub,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
@@ -289,18 +302,20 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-/// Reads the generated HS256 key from `data_dir`, creating it (mode 0600) on first use.
+/// Reads the generated HS256 key from `data_dir`, creating it (mode 0600, the directory
+/// 0700) on first use; an existing key file others may read is tightened to 0600.
 /// For `serve` only: see [`existing_key`].
 pub fn load_or_create_key(data_dir: &Path) -> Result<(Secret, PathBuf), KeyError> {
     use rand::RngCore;
     use std::io::Write;
 
     let path = data_dir.join(KEY_FILE);
+    let create = |source| KeyError::Create { path: path.clone(), source };
     if let Some(secret) = read_key_file(&path)? {
+        crate::private_files::tighten(&path).map_err(create)?;
         return Ok((secret, path));
     }
-    let create = |source| KeyError::Create { path: path.clone(), source };
-    std::fs::create_dir_all(data_dir).map_err(create)?;
+    crate::private_files::create_dir(data_dir).map_err(create)?;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
@@ -361,6 +376,16 @@ mod tests {
         let expired = jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding).unwrap();
         assert_eq!(keys.authenticate(Some(&format!("Bearer {expired}"))).unwrap_err(), AuthError::Expired);
         assert_eq!(keys.authenticate(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn a_claim_holding_a_nul_character_makes_the_token_invalid() {
+        let keys = keys();
+        for (sub, namespaces) in [("a\0b", vec!["payments".to_owned()]), ("alice", vec!["pay\0ments".to_owned()])] {
+            let token = keys.mint(sub, &[Role::Admin], &namespaces, Duration::from_secs(60));
+            let err = keys.authenticate(Some(&format!("Bearer {token}"))).unwrap_err();
+            assert!(matches!(&err, AuthError::Invalid(m) if m.contains("must not contain NUL")), "{err:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod messages;
 pub mod output;
 pub mod policy;
+pub mod private_files;
 pub mod resources;
 pub mod server;
 pub mod store;

@@ -34,6 +34,7 @@ use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::Ingestor;
+use crate::private_files;
 use crate::resources::validate::Checks;
 use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, Store, Term};
 
@@ -60,7 +61,7 @@ pub struct Server {
 pub fn lock_database_file(config: &Config) -> anyhow::Result<Option<DatabaseLock>> {
     let file = match &config.database_url {
         None => {
-            std::fs::create_dir_all(&config.data_dir)
+            private_files::create_dir(&config.data_dir)
                 .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
             config.data_dir.join(DATABASE_FILE)
         }
@@ -71,7 +72,11 @@ pub fn lock_database_file(config: &Config) -> anyhow::Result<Option<DatabaseLock
         Some(_) => return Ok(None),
     };
     let file = std::path::absolute(&file).unwrap_or(file);
-    Ok(Some(DatabaseLock::acquire(&file)?))
+    let lock = DatabaseLock::acquire(&file)?;
+    // Before SQLite opens it: the files it makes beside the database take its mode.
+    private_files::secure_database(&file)
+        .with_context(|| format!("cannot make the database file {} private", file.display()))?;
+    Ok(Some(lock))
 }
 
 /// Opens the configured database: `DATABASE_URL`, or the embedded SQLite file.
@@ -81,7 +86,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
             .await
             .context("cannot connect to DATABASE_URL")?,
         None => {
-            std::fs::create_dir_all(&config.data_dir)
+            private_files::create_dir(&config.data_dir)
                 .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
             let path = config.data_dir.join(DATABASE_FILE);
             let store = Store::open_sqlite_file(&path)
@@ -112,9 +117,10 @@ pub fn audit_signer(config: &Config) -> anyhow::Result<CheckpointSigner> {
     }
     let path = config.data_dir.join(AUDIT_KEY_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
+        private_files::tighten(&path).with_context(|| format!("cannot make {} private", path.display()))?;
         return Ok(CheckpointSigner::new(&config.audit.key_name, decode(&text)?));
     }
-    std::fs::create_dir_all(&config.data_dir)?;
+    private_files::create_dir(&config.data_dir)?;
     let (signer, seed) = CheckpointSigner::generate(&config.audit.key_name);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -157,6 +163,7 @@ impl Server {
         let _ = health.probe(&store).await;
         let keys = token_keys(config)?;
         let signer = audit_signer(config)?;
+        private_files::warn_if_open(&config.data_dir);
         tracing::info!(public_key = %signer.public_key(), "audit checkpoints are signed with this key");
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -1,6 +1,8 @@
 //! Logging set-up: human-readable by default, one JSON object per line with `--log-format
 //! json`; `RUST_LOG` filters (default `info`). Logs go to standard error so that commands
-//! whose output is data (`hookwarden token`) keep standard output clean.
+//! whose output is data (`hookwarden token`) keep standard output clean. In both formats
+//! one event is one line: the human format escapes control characters in field values
+//! and messages (see `escape`), as JSON does.
 //!
 //! Metrics: the `metrics` facade with a Prometheus recorder, rendered by `GET /metrics`.
 //! Names are `hookwarden_<subsystem>_<name>_{total,seconds}`; labels come from bounded
@@ -15,6 +17,8 @@
 //!   from when the rule is loaded), so that `increase()` counts the first event after a
 //!   restart instead of taking it for the series' first sample.
 
+mod escape;
+
 use metrics::Unit;
 use tracing_subscriber::EnvFilter;
 
@@ -26,7 +30,8 @@ pub fn init(format: LogFormat) {
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
+        // Field values come from requests: escaped, so that none can forge a line.
+        LogFormat::Human => builder.fmt_fields(escape::EscapedFields).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
 }

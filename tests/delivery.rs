@@ -311,6 +311,36 @@ async fn a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted(db: Te
         .await;
 }
 
+/// A receiver's answer is kept as text (its first bytes), and a NUL character in it,
+/// which PostgreSQL's `text` cannot hold, must not fail the attempt's completion (and with
+/// it the whole batch of other deliveries' completions written together).
+async fn an_answer_holding_a_nul_character_is_recorded(db: TestDb) {
+    let app_answer = axum::Router::new().fallback(|| async { (axum::http::StatusCode::OK, &b"ok\0\x1bdone"[..]) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/nul", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app_answer).await.unwrap() });
+    let other = TestReceiver::start(Arc::new(|_, _| (200, None, Duration::ZERO))).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    app.apply_yaml(&format!(
+        "{}---\n{}",
+        endpoint("nul", &url, "*", ""),
+        endpoint("plain", &other.url("/plain"), "*", "")
+    ))
+    .await;
+    let event = post_event(&app, json!({"source": "shop", "type": "order.created", "data": {}})).await;
+    let id = event["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "both delivered once", || async {
+        let mut states = delivery_states(&app, &id).await;
+        states.sort();
+        states == [("nul".to_owned(), "delivered".to_owned(), 1), ("plain".to_owned(), "delivered".to_owned(), 1)]
+    })
+    .await;
+    let event: Value = app.get(&format!("/v1/events/{id}"), &app.admin).await.json().await.unwrap();
+    let nul = event["deliveries"].as_array().unwrap().iter().find(|d| d["endpoint"] == "nul").unwrap();
+    assert_eq!(nul["attempts_detail"][0]["response"], "ok\u{fffd}\u{1b}done", "{nul}");
+    assert_eq!(other.on("/plain").len(), 1, "sent once");
+}
+
 /// JSON integers are CEL `int`s: arithmetic with integer literals works in a Filter.
 async fn a_filter_computes_with_the_numbers_of_event_data(db: TestDb) {
     let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
@@ -358,4 +388,5 @@ on_both_databases!(
     ordered_lanes_arrive_in_order_despite_failures,
     a_paused_endpoint_keeps_its_deliveries_until_the_pause_is_lifted,
     a_filter_computes_with_the_numbers_of_event_data,
+    an_answer_holding_a_nul_character_is_recorded,
 );

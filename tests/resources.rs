@@ -215,6 +215,77 @@ async fn prune_removes_only_members_of_the_named_set_that_left(db: TestDb) {
     assert_eq!(status, 400, "prune needs an apply set: {body}");
 }
 
+/// An apply set is a name within a namespace: a tenant that uses another tenant's set name
+/// neither learns that the other exists (no 403 naming its namespace) nor prunes, claims
+/// or blocks the other's resources, and the other's prunes leave it alone.
+async fn an_apply_set_name_belongs_to_each_tenant_apart(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let alice = token("alice", &[Role::Operator], &["team-a"]);
+    let bob = token("bob", &[Role::Operator], &["team-b"]);
+    let (a1, a2) = (budget("a1", "team-a", "1m"), budget("a2", "team-a", "1m"));
+    let (b1, b2) = (budget("b1", "team-b", "1m"), budget("b2", "team-b", "1m"));
+    let (status, body) = apply(&app, &alice, &docs(&[a1.clone(), a2.clone()]), "?applyset=prod").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Bob applies and prunes under the same name: his own set, in his namespace.
+    for query in ["?applyset=prod&prune=true&dryRun=true", "?applyset=prod&prune=true"] {
+        let (status, body) = apply(&app, &bob, &docs(&[b1.clone(), b2.clone()]), query).await;
+        assert_eq!(status, 200, "{query}: {body}");
+        assert_eq!(actions(&body), [("b1".into(), "created".into()), ("b2".into(), "created".into())], "{body}");
+        assert!(!body.to_string().contains("team-a"), "nothing of team-a shows: {body}");
+    }
+    let (status, body) = apply(&app, &bob, &b1, "?applyset=prod&prune=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(actions(&body), [("b1".into(), "unchanged".into()), ("b2".into(), "pruned".into())], "{body}");
+    for name in ["a1", "a2"] {
+        assert!(resource(&app, "RetryBudget", "team-a", name).await.is_some(), "bob's prune left {name} alone");
+    }
+
+    // Alice's prune of `prod` never reaches team-b, and a prune with no documents at all
+    // touches only her namespace too.
+    let (status, body) = apply(&app, &alice, &a1, "?applyset=prod&prune=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(actions(&body), [("a1".into(), "unchanged".into()), ("a2".into(), "pruned".into())], "{body}");
+    let (status, body) = apply(&app, &alice, "", "?applyset=prod&prune=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(actions(&body), [("a1".into(), "pruned".into())], "{body}");
+    assert!(resource(&app, "RetryBudget", "team-b", "b1").await.is_some(), "alice's prunes left b1 alone");
+    let (status, body) = apply(&app, &bob, "", "?applyset=prod&prune=true&dryRun=true").await;
+    assert_eq!((status, actions(&body)), (200, vec![("b1".into(), "pruned".into())]), "{body}");
+}
+
+/// The review's SSRF gaps: addresses that embed a private IPv4 address, deprecated or
+/// special-purpose blocks. Each is refused at apply, naming `spec.url`; nothing is sent
+/// anywhere (the server only classifies the URL).
+async fn endpoint_urls_that_are_not_public_are_refused_at_apply(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let hosts = [
+        "[::127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[64:ff9b::7f00:1]",
+        "[64:ff9b::a9fe:a9fe]",
+        "[2002:7f00:1::1]",
+        "[2002:a9fe:a9fe::1]",
+        "[fec0::1]",
+        "[ff02::1]",
+        "198.18.0.1",
+        "192.0.0.1",
+        "240.0.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+    ];
+    for host in hosts {
+        let yaml = format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e, namespace: default}}\nspec:\n  url: http://{host}:8080/hooks\n  secrets: [{{value: {SECRET}}}]\n"
+        );
+        let (status, body) = apply(&app, &app.admin, &yaml, "").await;
+        assert_eq!(status, 422, "{host} must be refused: {body}");
+        assert_eq!(body["errors"][0]["path"], "spec.url", "{host}: {body}");
+        assert!(body["errors"][0]["message"].as_str().unwrap().contains("private"), "{host}: {body}");
+    }
+    assert!(resource(&app, "Endpoint", "default", "e").await.is_none());
+}
+
 async fn a_watched_directory_reports_every_error_of_a_bad_change_at_once(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -267,6 +338,8 @@ on_both_databases!(
     a_watched_directory_reports_every_error_of_a_bad_change_at_once,
     a_dry_run_writes_nothing,
     prune_removes_only_members_of_the_named_set_that_left,
+    an_apply_set_name_belongs_to_each_tenant_apart,
+    endpoint_urls_that_are_not_public_are_refused_at_apply,
 );
 
 #[tokio::test]

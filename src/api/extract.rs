@@ -2,7 +2,10 @@
 //!
 //! The body is checked in this order: media type (415), size (413), JSON syntax (400
 //! `malformed_json`, with line and column), then shape (400 `validation_failed`, with the
-//! field path).
+//! field path), then text: no string or key anywhere in a JSON body holds a NUL character
+//! (400 `validation_failed`, with its path), since no database column of text can hold one.
+//! Path and query parameters are held to the same in [`super::text`], the token's claims
+//! in [`crate::auth`].
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Query};
@@ -69,6 +72,9 @@ pub fn parse_json_at<T: DeserializeOwned>(bytes: &[u8], prefix: &str) -> Result<
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| json_error(e, prefix))?;
     deserializer.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if let Some(path) = super::strict_json::find_nul(bytes, prefix) {
+        return Err(ApiError::Validation(vec![FieldError::new(path, super::text::NUL_MESSAGE)]));
+    }
     Ok(value)
 }
 

@@ -16,6 +16,7 @@ mod health;
 pub mod reading;
 pub mod resources;
 pub mod strict_json;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -142,6 +143,8 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
 pub fn router(state: AppState) -> Router {
     routes()
         .router
+        // Every route's parameters are text the stores can hold (see `text`).
+        .route_layer(axum::middleware::from_fn(text::refuse_invalid_text))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(count_requests))

@@ -2,7 +2,8 @@
 //! `DELETE /v1/resources/{kind}/{namespace}/{name}`.
 //!
 //! Applying needs `operator` on every namespace the apply touches (pruned resources
-//! included); reading needs `viewer`. Secret values never leave the server: every spec
+//! included); reading needs `viewer`. An apply set is a name within a namespace: a prune
+//! reaches its set's members in the token's namespaces only. Secret values never leave the server: every spec
 //! shown is redacted (signing secrets, and header values not listed in `plainHeaders`),
 //! every diff too.
 //!
@@ -28,6 +29,7 @@ use crate::auth::{Principal, Role};
 use crate::controller::apply::{apply, ApplyError, ApplyOptions};
 use crate::resources::diff::{diff, redact};
 use crate::resources::{parse_files_within, ApplyLimits, Kind, Parsed, ResourceKey, API_VERSION};
+use crate::store::resources::set_reaches;
 use crate::store::{ApplyAction, ApplyOutcome, StoredResource};
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,13 +143,21 @@ pub async fn apply_resources(
     // Documents that did not parse are checked no further; their errors come back with
     // those of the others, which need the caller's rights first (they look at what is
     // stored).
+    // An apply set is a name within a namespace: the caller's set is its members in the
+    // caller's namespaces, and another tenant's set of the same name is neither seen nor
+    // touched (nor named in a refusal).
+    let reach = principal.namespace_scope().map(<[String]>::to_vec);
     let mut namespaces: BTreeSet<String> =
         parsed.resources.iter().map(|l| l.resource.metadata.namespace.clone()).collect();
     if params.prune {
         if let Some(set) = &params.applyset {
             let members = state.store.list_resources(None, None).await?;
-            namespaces
-                .extend(members.into_iter().filter(|m| m.applyset.as_ref() == Some(set)).map(|m| m.key.namespace));
+            namespaces.extend(
+                members
+                    .into_iter()
+                    .filter(|m| m.applyset.as_ref() == Some(set) && set_reaches(reach.as_deref(), &m.key.namespace))
+                    .map(|m| m.key.namespace),
+            );
         }
     }
     for namespace in &namespaces {
@@ -156,6 +166,7 @@ pub async fn apply_resources(
     let options = ApplyOptions {
         applyset: params.applyset,
         prune: params.prune,
+        namespaces: reach,
         dry_run: params.dry_run,
         checks: state.checks.clone(),
         actor: principal.subject.clone(),

@@ -9,7 +9,10 @@
 //! held as raw text, which serde_json skips at any depth, but the readers after us (the
 //! fan-out's CEL values, an agent's parser) recurse.
 //!
-//! [`check`] is meant for text serde_json has accepted as JSON. On anything else it stops
+//! [`find_nul`] walks any JSON body the same way for the one thing no database column can
+//! hold: a NUL character (`\u0000`) in a string or a key, named by its path.
+//!
+//! [`check`] and [`find_nul`] are meant for text serde_json has accepted as JSON. On anything else it stops
 //! quietly at the first byte it does not expect and leaves the error to the parser; it
 //! never panics. It keeps its own stack, so nothing recurses however deep the input.
 
@@ -44,6 +47,44 @@ enum Want {
 /// `[3]` for an item of a batch): no object repeats a key, and arrays and objects nest at
 /// most `max_depth` deep (the outermost is depth 1).
 pub fn check(bytes: &[u8], prefix: &str, max_depth: usize) -> Result<(), Problem> {
+    match scan(bytes, prefix, Rules { max_depth, unique_keys: true, nul: false }) {
+        Ok(()) => Ok(()),
+        Err(Stop::Problem(problem)) => Err(problem),
+        // Not looked for under these rules.
+        Err(Stop::Nul(_)) => Ok(()),
+    }
+}
+
+/// The path of the first string or key of the JSON text `bytes` (at `prefix` in the
+/// request) that holds a NUL character, written `\u0000` in JSON (a raw NUL byte is no
+/// JSON at all). PostgreSQL's `text` cannot hold one. Cheap when there is none: the
+/// structure is only walked when the escape appears somewhere in the text.
+pub fn find_nul(bytes: &[u8], prefix: &str) -> Option<String> {
+    if !bytes.windows(6).any(|w| w == b"\\u0000") {
+        return None;
+    }
+    match scan(bytes, prefix, Rules { max_depth: usize::MAX, unique_keys: false, nul: true }) {
+        Err(Stop::Nul(path)) => Some(path),
+        _ => None,
+    }
+}
+
+/// What a scan looks for.
+struct Rules {
+    max_depth: usize,
+    unique_keys: bool,
+    nul: bool,
+}
+
+/// Why a scan stopped early.
+enum Stop {
+    Problem(Problem),
+    /// The path of a string or key holding a NUL character.
+    Nul(String),
+}
+
+fn scan(bytes: &[u8], prefix: &str, rules: Rules) -> Result<(), Stop> {
+    let max_depth = rules.max_depth;
     let mut stack: Vec<Frame> = Vec::new();
     let mut want = Want::Value;
     let mut at = 0;
@@ -55,7 +96,7 @@ pub fn check(bytes: &[u8], prefix: &str, max_depth: usize) -> Result<(), Problem
         match (want, byte) {
             (Want::Value | Want::ValueOrClose, b'{' | b'[') => {
                 if stack.len() >= max_depth {
-                    return Err(Problem::TooDeep { path: path(prefix, &stack), limit: max_depth });
+                    return Err(Stop::Problem(Problem::TooDeep { path: path(prefix, &stack), limit: max_depth }));
                 }
                 at += 1;
                 if byte == b'{' {
@@ -77,7 +118,8 @@ pub fn check(bytes: &[u8], prefix: &str, max_depth: usize) -> Result<(), Problem
             (Want::Value | Want::ValueOrClose, _) => {
                 at = match byte {
                     b'"' => match string_end(bytes, at) {
-                        Some(end) => end,
+                        Some((_, true)) if rules.nul => return Err(Stop::Nul(value_path(prefix, &stack))),
+                        Some((end, _)) => end,
                         None => return Ok(()),
                     },
                     _ => scalar_end(bytes, at),
@@ -88,13 +130,17 @@ pub fn check(bytes: &[u8], prefix: &str, max_depth: usize) -> Result<(), Problem
                 want = Want::CommaOrClose;
             }
             (Want::Key | Want::KeyOrClose, b'"') => {
-                let Some(end) = string_end(bytes, at) else { return Ok(()) };
+                let Some((end, nul)) = string_end(bytes, at) else { return Ok(()) };
                 let Some(key) = decode_key(&bytes[at..end]) else { return Ok(()) };
                 at = end;
+                if nul && rules.nul {
+                    let object = path(prefix, &stack[..stack.len().saturating_sub(1)]);
+                    return Err(Stop::Nul(join(&object, &Segment::Key(&key))));
+                }
                 if let Some(Frame::Object { keys, key: current }) = stack.last_mut() {
-                    if !keys.insert(key.clone()) {
+                    if rules.unique_keys && !keys.insert(key.clone()) {
                         let object = path(prefix, &stack[..stack.len() - 1]);
-                        return Err(Problem::DuplicateKey { path: join(&object, &Segment::Key(&key)) });
+                        return Err(Stop::Problem(Problem::DuplicateKey { path: join(&object, &Segment::Key(&key)) }));
                     }
                     *current = Some(key);
                 }
@@ -121,15 +167,28 @@ pub fn check(bytes: &[u8], prefix: &str, max_depth: usize) -> Result<(), Problem
     }
 }
 
-/// The index just past the string that starts with the quote at `start`.
-fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+/// The index just past the string that starts with the quote at `start`, and whether the
+/// string holds the escape `\u0000`.
+fn string_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
     let mut at = start + 1;
+    let mut nul = false;
     loop {
         match bytes.get(at)? {
-            b'"' => return Some(at + 1),
-            b'\\' => at += 2,
+            b'"' => return Some((at + 1, nul)),
+            b'\\' => {
+                nul |= bytes.get(at + 1..at + 6) == Some(&b"u0000"[..]);
+                at += 2;
+            }
             _ => at += 1,
         }
+    }
+}
+
+/// The path of a value inside the innermost frame of `stack`; the body itself is `(body)`.
+fn value_path(prefix: &str, stack: &[Frame]) -> String {
+    match path(prefix, stack) {
+        path if path.is_empty() => "(body)".to_owned(),
+        path => path,
     }
 }
 
@@ -216,6 +275,20 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(matches!(check(deep.as_bytes(), "", 64), Err(Problem::TooDeep { limit: 64, .. })));
+    }
+
+    #[test]
+    fn a_nul_character_is_found_by_its_path_in_values_and_keys() {
+        let nul = |json: &str| find_nul(json.as_bytes(), "");
+        assert_eq!(nul(r#"{"reason": "a\u0000b"}"#).as_deref(), Some("reason"));
+        assert_eq!(nul(r#"{"data": {"k": [1, "x", "\u0000"]}}"#).as_deref(), Some("data.k[2]"));
+        assert_eq!(nul(r#"{"data": {"a\u0000b": 1}}"#).as_deref(), Some(r#"data["a\u0000b"]"#));
+        assert_eq!(nul(r#""\u0000""#).as_deref(), Some("(body)"));
+        assert_eq!(find_nul(br#"{"type": "\u0000"}"#, "[3]").as_deref(), Some("[3].type"));
+        // An escaped backslash followed by `u0000` is text, not a NUL; nor is a `\u0001`.
+        assert_eq!(nul(r#"{"a": "\\u0000", "b": "\u0001", "c": {"x": 1}, "c2": {"x": 2}}"#), None);
+        // Repeated keys and depth are not this function's business.
+        assert_eq!(nul(r#"{"a": 1, "a": [[[[[[[[[[1]]]]]]]]]]}"#), None);
     }
 
     #[test]

@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 
 use crate::resources::validate::{self, Checks};
 use crate::resources::{Parsed, ResourceError, ResourceKey};
+use crate::store::resources::set_reaches;
 use crate::store::{ApplyOutcome, ApplyRequest, DesiredResource, Store, StoreError};
 
 #[derive(Clone, Debug, Default)]
 pub struct ApplyOptions {
     pub applyset: Option<String>,
     pub prune: bool,
+    /// The namespaces the apply set reaches, `None` for every one (see
+    /// [`ApplyRequest::namespaces`]): a token's own.
+    pub namespaces: Option<Vec<String>>,
     pub dry_run: bool,
     pub checks: Checks,
     /// Who applies, for the audit log.
@@ -58,7 +62,10 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
     let known: HashSet<ResourceKey> = stored
         .into_iter()
         .filter(|s| {
-            let pruned = options.prune && s.applyset == options.applyset && !desired.contains(&s.key);
+            let pruned = options.prune
+                && s.applyset == options.applyset
+                && set_reaches(options.namespaces.as_deref(), &s.key.namespace)
+                && !desired.contains(&s.key);
             !pruned
         })
         .map(|s| s.key)
@@ -81,6 +88,7 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
             .collect(),
         applyset: options.applyset.clone(),
         prune: options.prune,
+        namespaces: options.namespaces.clone(),
         dry_run: options.dry_run,
         actor: options.actor.clone(),
         leader: options.leader,

@@ -174,6 +174,8 @@ impl Controller {
             let options = ApplyOptions {
                 applyset: Some(self.config.applyset.clone()),
                 prune: true,
+                // The operator's directory: its set reaches every namespace.
+                namespaces: None,
                 dry_run: false,
                 checks: self.checks.clone(),
                 actor: "system".to_owned(),

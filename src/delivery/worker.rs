@@ -7,7 +7,6 @@
 //! healthy endpoints keep flowing. On shutdown, claiming stops, attempts in flight get
 //! `shutdownGrace` to finish, and whatever is left is released for another worker.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +24,6 @@ use crate::catalog::{Catalog, CatalogHandle, EndpointEntry, EventView};
 use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
-use crate::resources::validate::is_private_ip;
 use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
 
@@ -38,26 +36,6 @@ const PAUSED_RECHECK: Duration = Duration::from_secs(60);
 /// its deliveries are made due at once (see `server::follow_resources`); the recheck
 /// covers another process that could send them meanwhile.
 const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
-
-/// Resolves host names, refusing private and loopback addresses unless allowed (SSRF).
-struct GuardedResolver {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> =
-                found.into_iter().filter(|a| allow_private || !is_private_ip(a.ip())).collect();
-            if allowed.is_empty() {
-                return Err(format!("{} resolves only to private or loopback addresses", name.as_str()).into());
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
 
 /// What the dispatcher takes from the configuration.
 #[derive(Clone, Debug)]
@@ -104,7 +82,7 @@ impl Dispatcher {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("Hookwarden/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .dns_resolver(Arc::new(super::guard::GuardedResolver { allow_private }))
             .build()?;
         let (completions, pending) = mpsc::channel(8192);
         let stop_attempts = CancellationToken::new();
@@ -563,7 +541,7 @@ impl Dispatcher {
         if !self.allow_private {
             if let Ok(url) = reqwest::Url::parse(&ep.spec.url) {
                 if let Some(host) = url.host() {
-                    if crate::resources::validate::is_private_host(&host) {
+                    if super::guard::is_private_host(&host) {
                         return (
                             AttemptResult::Transport("the endpoint's address is private or loopback".into()),
                             None,
@@ -619,7 +597,9 @@ fn transport_error(e: reqwest::Error) -> String {
     message
 }
 
-/// At most `limit` bytes of the body, as text.
+/// At most `limit` bytes of the body, as text every store can hold: bytes that are not
+/// UTF-8, and NUL characters (which PostgreSQL's `text` refuses, failing the whole batch
+/// of completions), read as U+FFFD.
 async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<String> {
     let mut bytes = Vec::new();
     while bytes.len() < limit {
@@ -628,7 +608,7 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Option<St
             _ => break,
         }
     }
-    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
+    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).replace('\0', "\u{fffd}"))
 }
 
 /// Writes completions in batches until every sender is gone. A batch that ends a delivery

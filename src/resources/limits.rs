@@ -310,11 +310,13 @@ impl<'de> Visitor<'de> for Counted<'_, '_> {
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
         self.budget.spend(s.len())?;
+        no_nul(s)?;
         Ok(Value::String(s.to_owned()))
     }
 
     fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
         self.budget.spend(s.len())?;
+        no_nul(&s)?;
         Ok(Value::String(s))
     }
 
@@ -359,6 +361,16 @@ impl<'de> Visitor<'de> for Counted<'_, '_> {
         let value = contents.newtype_variant_seed(self)?;
         Ok(Value::Tagged(Box::new(TaggedValue { tag, value })))
     }
+}
+
+/// Refuses a text (a value or a key) holding a NUL character (`"\0"`, `"\x00"` or
+/// `"\u0000"` in YAML), which no database column of text can hold; like a repeated key,
+/// it is told with its line.
+fn no_nul<E: de::Error>(text: &str) -> Result<(), E> {
+    if text.contains('\0') {
+        return Err(E::custom("a text holds a NUL character (\\0); texts must not contain one"));
+    }
+    Ok(())
 }
 
 /// A mapping key as `yaml_serde` names it in its duplicate-key error.
@@ -432,6 +444,19 @@ mod tests {
         let nested = |n: usize| format!("a: {}{}\n", "[".repeat(n), "]".repeat(n));
         assert!(read(&nested(7), &limits).remove(0).is_ok(), "the document and 7 lists are 8 levels");
         assert_eq!(read(&nested(8), &limits).remove(0), Err(Some(Exceeded::Depth)));
+    }
+
+    #[test]
+    fn a_nul_character_in_a_text_or_a_key_is_refused_with_its_line() {
+        for text in ["a: b\nreason: \"x\\0y\"\n", "a: b\nreason: \"x\\x00y\"\n", "a: b\n\"k\\u0000\": 1\n"] {
+            let limits = ApplyLimits::default();
+            let mut budget = Budget::new(&limits);
+            let document = yaml_serde::Deserializer::from_str(text).next().unwrap();
+            let (e, limit) = budget.read_value(document).unwrap_err();
+            assert_eq!(limit, None, "{text}");
+            assert!(e.to_string().contains("NUL"), "{text}: {e}");
+            assert_eq!(e.location().map(|l| l.line()), Some(2), "{text}: {e}");
+        }
     }
 
     #[test]

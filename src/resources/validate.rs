@@ -9,13 +9,13 @@
 //! in the endpoint's status.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 
 use base64::Engine as _;
 
 use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, FilterSpec, RetryBudgetSpec, SecretSource};
 use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
+pub use crate::delivery::guard::{is_private_host, is_private_ip};
 use crate::policy::expr::{self, Limits};
 
 /// Variables of CEL evaluated over an event alone (filters, ordering keys).
@@ -360,44 +360,6 @@ pub fn check_whsec(value: &str) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Whether a URL host is loopback, private, link-local or otherwise not public.
-pub fn is_private_host(host: &url::Host<&str>) -> bool {
-    match host {
-        url::Host::Domain(name) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost"
-                || name.ends_with(".localhost")
-                || name.ends_with(".internal")
-                || name.ends_with(".local")
-        }
-        url::Host::Ipv4(ip) => is_private_ip(IpAddr::V4(*ip)),
-        url::Host::Ipv6(ip) => is_private_ip(IpAddr::V6(*ip)),
-    }
-}
-
-/// Addresses a webhook must not reach unless explicitly allowed (SSRF).
-pub fn is_private_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
-                || a == 0
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private_ip(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,16 +497,6 @@ spec: {{expression: "event.data.total >= "}}
         assert!(!is_dns_label("Payments"));
         assert!(!is_dns_label(""));
         assert!(!is_dns_label(&"a".repeat(64)));
-    }
-
-    #[test]
-    fn private_urls_are_refused_unless_allowed() {
-        for host in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "localhost", "192.168.0.1", "[fd00::1]"] {
-            let url = reqwest::Url::parse(&format!("http://{host}/")).unwrap();
-            assert!(is_private_host(&url.host().unwrap()), "{host}");
-        }
-        let url = reqwest::Url::parse("https://example.com/").unwrap();
-        assert!(!is_private_host(&url.host().unwrap()));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! Invariants: one apply is one transaction (all of it lands or none); `generation` is
 //! bumped only when `spec` changes; prune deletes only rows of the named apply set that
-//! the apply did not name. A stored spec is read in this build's canonical form, so a
+//! the apply did not name, in the namespaces the set reaches (an apply set is a name
+//! within a namespace). A stored spec is read in this build's canonical form, so a
 //! change in how a value is written (a duration an older build wrote as `1day`) is never
 //! a change of `spec`.
 
@@ -72,8 +73,14 @@ pub struct ApplyRequest {
     pub resources: Vec<DesiredResource>,
     /// The apply set the resources join.
     pub applyset: Option<String>,
-    /// Delete members of `applyset` that `resources` does not name.
+    /// Delete members of `applyset` that `resources` does not name, in the namespaces the
+    /// set reaches (`namespaces`).
     pub prune: bool,
+    /// The namespaces `applyset` reaches, `None` for every one. An apply set is a name
+    /// within a namespace: a tenant's `prod` and another tenant's `prod` are two sets, and
+    /// an apply (a prune above all) made with a token limited to some namespaces sees and
+    /// touches its set's members only there.
+    pub namespaces: Option<Vec<String>>,
     /// Decide everything, write nothing.
     pub dry_run: bool,
     /// Who applies (the token subject, or `system` for the directory controller).
@@ -81,6 +88,11 @@ pub struct ApplyRequest {
     /// Set by the leader (the directory controller): the apply is refused once its term is
     /// over. `None` for applies any process may make.
     pub leader: Option<super::Term>,
+}
+
+/// Whether an apply set limited to `namespaces` (`None`: every one) reaches `namespace`.
+pub fn set_reaches(namespaces: Option<&[String]>, namespace: &str) -> bool {
+    namespaces.is_none_or(|list| list.iter().any(|n| n == namespace))
 }
 
 #[derive(sqlx::FromRow)]
@@ -264,7 +276,8 @@ macro_rules! resource_methods {
                     .await?;
                     for row in rows {
                         let stored = StoredResource::try_from(row)?;
-                        if request.resources.iter().any(|d| d.key == stored.key) {
+                        let reached = $crate::store::resources::set_reaches(request.namespaces.as_deref(), &stored.key.namespace);
+                        if !reached || request.resources.iter().any(|d| d.key == stored.key) {
                             continue;
                         }
                         sqlx::query(&$sql("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ? AND applyset = ?"))

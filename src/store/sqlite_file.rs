@@ -75,8 +75,12 @@ impl DatabaseLock {
     pub fn acquire(database: &Path) -> Result<DatabaseLock, LockError> {
         let lock = lock_path(database);
         let io = |source| LockError::Io { lock: lock.clone(), source };
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).map_err(io)?;
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&lock).map_err(io)?;
+        crate::private_files::tighten(&lock).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
