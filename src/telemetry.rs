@@ -198,6 +198,12 @@ pub const FAMILIES: &[Family] = &[
         "Spend committed in the ledger (the delivery was delivered), in minor units of the currency, by namespace, agent endpoint and currency.",
         &[],
     ),
+    // Periodic jobs
+    counter(
+        "hookwarden_jobs_runs_total",
+        "Runs of the periodic jobs, by job and outcome: ok, failed (logged; the job runs again at its next period) or fenced (a leader-only write found this process's term over, and the process stepped down).",
+        &[],
+    ),
     // Audit
     family(
         "hookwarden_audit_chain_length",
