@@ -11,6 +11,7 @@ mod audit;
 mod availability;
 pub mod deliveries;
 mod error;
+mod event_deliveries;
 mod ingest;
 mod leadership;
 pub mod policy;
