@@ -7,7 +7,8 @@
 //! Metrics: the `metrics` facade with a Prometheus recorder, rendered by `GET /metrics`.
 //! Names are `hookwarden_<subsystem>_<name>_{total,seconds}`; labels come from bounded
 //! sets only (route templates, outcome and state names, endpoint and rule names from
-//! resources).
+//! resources). [`backlog`] samples the delivery backlog into its gauges, and for ingest's
+//! backpressure.
 //!
 //! Invariants, which `promtool check metrics` and `tests/metrics.rs` hold us to:
 //! - every family the code emits is listed once in [`FAMILIES`], with its kind, unit and
@@ -17,6 +18,7 @@
 //!   from when the rule is loaded), so that `increase()` counts the first event after a
 //!   restart instead of taking it for the series' first sample.
 
+pub mod backlog;
 mod escape;
 
 use metrics::Unit;

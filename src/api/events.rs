@@ -298,7 +298,7 @@ async fn ingest(
     body: &[u8],
     events: Vec<(String, EventIn)>,
 ) -> Result<(Vec<EventAccepted>, bool), ApiError> {
-    if state.backlog.load(std::sync::atomic::Ordering::Relaxed) > state.config.max_backlog {
+    if state.backlog.waiting() > state.config.max_backlog {
         return Err(ApiError::Overloaded);
     }
     let idempotency = idempotency_key(headers, principal, route, body)?;

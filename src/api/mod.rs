@@ -65,7 +65,7 @@ pub struct AppState {
     /// The checkpoint verifier key (`name+id+base64`), published with every checkpoint.
     pub audit_public_key: Arc<String>,
     /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
-    pub backlog: Arc<std::sync::atomic::AtomicU64>,
+    pub backlog: crate::telemetry::backlog::Backlog,
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,

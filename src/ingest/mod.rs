@@ -12,7 +12,10 @@
 //!   apply wrote (read-your-writes through the resource revision);
 //! - where fan-out could not decide for an endpoint, the answer says so; nothing is left
 //!   out silently.
+//!
+//! [`keys`] forgets idempotency keys after their time to live.
 
+pub mod keys;
 mod writer;
 
 use std::sync::Arc;
