@@ -36,7 +36,7 @@ use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
 use crate::ingest::keys::ForgetOldKeys;
-use crate::ingest::Ingestor;
+use crate::ingest::{IngestSettings, Ingestor};
 use crate::jobs::Jobs;
 use crate::private_files;
 use crate::resources::validate::Checks;
@@ -178,7 +178,13 @@ impl Server {
         let catalog = CatalogHandle::new(config.secrets.clone());
         catalog.refresh(&store).await.context("cannot load the resources")?;
         let backlog = Backlog::default();
-        let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
+        let ingest = IngestSettings {
+            config: &config.ingest,
+            max_backlog: config.delivery.max_backlog,
+            backlog: backlog.clone(),
+            wake: wake.clone(),
+        };
+        let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
         let checks = Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone() };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
@@ -197,7 +203,6 @@ impl Server {
             config: Arc::new(ApiConfig {
                 max_body_bytes: config.ingest.max_body_bytes,
                 max_batch_items: config.ingest.max_batch_items,
-                max_backlog: config.delivery.max_backlog,
                 max_json_depth: config.ingest.max_json_depth,
                 apply: config.apply.clone(),
             }),
@@ -210,7 +215,6 @@ impl Server {
             catalog,
             wake: wake.clone(),
             audit_public_key: Arc::new(signer.public_key()),
-            backlog: backlog.clone(),
             status_changed: status_changed.clone(),
         };
         Ok(Server {
