@@ -2,7 +2,7 @@
 //! and an answer per event.
 //!
 //! HTTP handlers ask [`Ingestor::admit`] first (backpressure), parse, validate and
-//! authorize, then hand an [`IngestRequest`] to [`Ingestor::accept`] (see [`accept`]) and
+//! authorize, then hand an [`IngestRequest`] to [`Ingestor::accept`] (in `accept.rs`) and
 //! map its [`Answer`]. Fan-out is decided here, by the catalog in force; the writer
 //! (see [`writer`]) commits it only if the stored resources are still at the revision it
 //! was decided by, and decides it again otherwise. Invariants:
