@@ -2,15 +2,15 @@
 //! deliveries of many events at once (the originals of an ingest request's duplicates),
 //! and the deliveries of one event with all their attempts (`GET /v1/events/{id}`).
 //!
-//! Each backend has its own function here, written out; the rows and their conversion
-//! are shared (`store::deliveries`).
+//! Each backend's statement is written out here, beside the other's; the rows and their
+//! conversion are shared (`store::deliveries`).
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
 use super::deliveries::{Attempt, AttemptRow, DeliveryRecord, DeliveryRow};
-use super::{PgStore, SqliteStore, Store, StoreError};
+use super::{Store, StoreError};
 use crate::ids::EventId;
 
 /// The columns of a [`DeliveryRow`], from `d`.
@@ -53,6 +53,15 @@ impl DeliveryAttemptRow {
     }
 }
 
+/// The deliveries of one event (bound at `placeholder`) with their attempts, one row per
+/// attempt (or per delivery without any), ordered for [`with_attempts`].
+fn with_attempts_sql(placeholder: &str) -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS}, {ATTEMPT_COLUMNS} FROM deliveries d \
+         LEFT JOIN delivery_attempts a ON a.delivery_id = d.id WHERE d.event_id = {placeholder} ORDER BY d.id, a.attempt"
+    )
+}
+
 /// Rows ordered by delivery, then attempt, grouped into deliveries with their attempts.
 fn with_attempts(rows: Vec<DeliveryAttemptRow>) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
     let mut deliveries: Vec<(DeliveryRecord, Vec<Attempt>)> = Vec::new();
@@ -89,10 +98,25 @@ impl Store {
         if events.is_empty() {
             return Ok(HashMap::new());
         }
-        match self {
-            Store::Sqlite(s) => s.observe(s.deliveries_of_events(events).await),
-            Store::Postgres(s) => s.deliveries_of_events(events).await,
-        }
+        let ids: Vec<&str> = events.iter().map(EventId::as_str).collect();
+        let rows: Vec<DeliveryRow> = match self {
+            Store::Sqlite(s) => {
+                // SQLite takes the ids as one JSON array.
+                let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(format!("event ids: {e}")))?;
+                let sql = format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d \
+                     WHERE d.event_id IN (SELECT value FROM json_each(?)) ORDER BY d.event_id, d.id"
+                );
+                s.observe(sqlx::query_as(&sql).bind(ids).fetch_all(s.read_pool()).await.map_err(Into::into))?
+            }
+            Store::Postgres(s) => {
+                let sql = format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.event_id = ANY($1) ORDER BY d.event_id, d.id"
+                );
+                sqlx::query_as(&sql).bind(ids).fetch_all(s.read_pool()).await?
+            }
+        };
+        by_event(rows)
     }
 
     /// The deliveries of `event` in id order, each with its attempts in order. One
@@ -101,64 +125,18 @@ impl Store {
         &self,
         event: &EventId,
     ) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.observe(s.deliveries_with_attempts(event).await),
-            Store::Postgres(s) => s.deliveries_with_attempts(event).await,
-        }
-    }
-}
-
-impl SqliteStore {
-    async fn deliveries_of_events(
-        &self,
-        events: &[EventId],
-    ) -> Result<HashMap<EventId, Vec<DeliveryRecord>>, StoreError> {
-        let ids = serde_json::to_string(&events.iter().map(EventId::as_str).collect::<Vec<_>>())
-            .map_err(|e| StoreError::Corrupt(format!("event ids as JSON: {e}")))?;
-        let sql = format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries d \
-             WHERE d.event_id IN (SELECT value FROM json_each(?)) ORDER BY d.event_id, d.id"
-        );
-        let rows: Vec<DeliveryRow> = sqlx::query_as(&sql).bind(ids).fetch_all(self.read_pool()).await?;
-        by_event(rows)
-    }
-
-    async fn deliveries_with_attempts(
-        &self,
-        event: &EventId,
-    ) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        let sql = format!(
-            "SELECT {DELIVERY_COLUMNS}, {ATTEMPT_COLUMNS} FROM deliveries d \
-             LEFT JOIN delivery_attempts a ON a.delivery_id = d.id WHERE d.event_id = ? ORDER BY d.id, a.attempt"
-        );
-        let rows: Vec<DeliveryAttemptRow> =
-            sqlx::query_as(&sql).bind(event.as_str()).fetch_all(self.read_pool()).await?;
-        with_attempts(rows)
-    }
-}
-
-impl PgStore {
-    async fn deliveries_of_events(
-        &self,
-        events: &[EventId],
-    ) -> Result<HashMap<EventId, Vec<DeliveryRecord>>, StoreError> {
-        let ids: Vec<&str> = events.iter().map(EventId::as_str).collect();
-        let sql =
-            format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.event_id = ANY($1) ORDER BY d.event_id, d.id");
-        let rows: Vec<DeliveryRow> = sqlx::query_as(&sql).bind(ids).fetch_all(self.read_pool()).await?;
-        by_event(rows)
-    }
-
-    async fn deliveries_with_attempts(
-        &self,
-        event: &EventId,
-    ) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        let sql = format!(
-            "SELECT {DELIVERY_COLUMNS}, {ATTEMPT_COLUMNS} FROM deliveries d \
-             LEFT JOIN delivery_attempts a ON a.delivery_id = d.id WHERE d.event_id = $1 ORDER BY d.id, a.attempt"
-        );
-        let rows: Vec<DeliveryAttemptRow> =
-            sqlx::query_as(&sql).bind(event.as_str()).fetch_all(self.read_pool()).await?;
+        let rows: Vec<DeliveryAttemptRow> = match self {
+            Store::Sqlite(s) => s.observe(
+                sqlx::query_as(&with_attempts_sql("?"))
+                    .bind(event.as_str())
+                    .fetch_all(s.read_pool())
+                    .await
+                    .map_err(Into::into),
+            )?,
+            Store::Postgres(s) => {
+                sqlx::query_as(&with_attempts_sql("$1")).bind(event.as_str()).fetch_all(s.read_pool()).await?
+            }
+        };
         with_attempts(rows)
     }
 }
