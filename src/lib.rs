@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod duration;
 pub mod ids;
 pub mod ingest;
+pub mod jobs;
 pub mod messages;
 pub mod output;
 pub mod policy;

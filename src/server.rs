@@ -8,8 +8,10 @@
 //! [`Server::run`] serves until the cancellation token fires, then drains: in-flight
 //! requests finish, the ingest queue is committed, connections close.
 //!
-//! Leader-only jobs here (checkpoint signing and the key it publishes) act only during
-//! this process's term and write fenced by it (see [`crate::controller::leadership`]).
+//! Wiring only: [`Server::run`] starts the leadership campaign, the controller, the
+//! periodic jobs (each in the module that owns it, all run by [`crate::jobs`]; the
+//! leader-only ones act during this process's term only, fenced by it), the notices from
+//! other processes, dispatch, and the HTTP API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,23 +22,26 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, ApiConfig, AppState};
-use crate::auth::{load_or_create_key, TokenKeys};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use tokio::sync::Notify;
 
-use crate::audit::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::api::{self, ApiConfig, AppState};
+use crate::approvals::expiry::ExpireDueRequests;
+use crate::audit::checkpoint::CheckpointSigner;
+use crate::audit::checkpoints::SignCheckpoints;
+use crate::auth::{load_or_create_key, TokenKeys};
+use crate::catalog::follow::FollowResources;
 use crate::catalog::CatalogHandle;
-use crate::config::AuditConfig;
-use crate::config::Config;
+use crate::config::{AuditConfig, Config};
 use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
 use crate::delivery::worker::{DispatchSettings, Dispatcher};
-use crate::ingest::Ingestor;
+use crate::ingest::keys::ForgetOldKeys;
+use crate::ingest::{IngestSettings, Ingestor};
+use crate::jobs::Jobs;
 use crate::private_files;
 use crate::resources::validate::Checks;
-use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, Store, Term};
+use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, ProbeDatabase, Store};
+use crate::telemetry::backlog::{Backlog, SampleBacklog};
 
 /// File name of the embedded database inside the data directory.
 pub const DATABASE_FILE: &str = "hookwarden.db";
@@ -52,6 +57,7 @@ pub struct Server {
     signer: CheckpointSigner,
     audit: AuditConfig,
     campaign: CampaignSettings,
+    backlog: Backlog,
     /// Held while this server uses a SQLite file; `None` on PostgreSQL and in memory.
     lock: Option<DatabaseLock>,
 }
@@ -171,7 +177,14 @@ impl Server {
         let wake = Arc::new(Notify::new());
         let catalog = CatalogHandle::new(config.secrets.clone());
         catalog.refresh(&store).await.context("cannot load the resources")?;
-        let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
+        let backlog = Backlog::default();
+        let ingest = IngestSettings {
+            config: &config.ingest,
+            max_backlog: config.delivery.max_backlog,
+            backlog: backlog.clone(),
+            wake: wake.clone(),
+        };
+        let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
         let checks = Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone() };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
@@ -190,7 +203,6 @@ impl Server {
             config: Arc::new(ApiConfig {
                 max_body_bytes: config.ingest.max_body_bytes,
                 max_batch_items: config.ingest.max_batch_items,
-                max_backlog: config.delivery.max_backlog,
                 max_json_depth: config.ingest.max_json_depth,
                 apply: config.apply.clone(),
             }),
@@ -203,7 +215,6 @@ impl Server {
             catalog,
             wake: wake.clone(),
             audit_public_key: Arc::new(signer.public_key()),
-            backlog: Arc::new(AtomicU64::new(0)),
             status_changed: status_changed.clone(),
         };
         Ok(Server {
@@ -226,6 +237,7 @@ impl Server {
                 check: config.controller.leader_check,
                 attempt: config.database.acquire_timeout.max(config.controller.leader_check),
             },
+            backlog,
             lock,
         })
     }
@@ -251,37 +263,33 @@ impl Server {
             signer,
             audit,
             campaign,
+            backlog,
             lock,
         } = self;
-        let leadership = state.leadership.clone();
-        tracker.spawn(leadership::campaign(store_of(&state), leadership.clone(), campaign, shutdown.clone()));
-        tracker.spawn(crate::store::watch_health(store_of(&state), state.health.clone(), shutdown.clone()));
-        tracker.spawn(controller.run(shutdown.clone()));
-        tracker.spawn(sign_checkpoints(store_of(&state), signer, audit, leadership.clone(), shutdown.clone()));
-        tracker.spawn(crate::catalog::follow::follow(
-            store_of(&state),
-            state.catalog.clone(),
-            state.status_changed.clone(),
-            wake.clone(),
-            shutdown.clone(),
-        ));
-        tracker.spawn(sample_backlog(store_of(&state), state.catalog.clone(), state.backlog.clone(), shutdown.clone()));
-        tracker.spawn(forward_notifications(
-            store_of(&state),
-            wake.clone(),
-            state.status_changed.clone(),
-            shutdown.clone(),
-        ));
-        tracker.spawn(crate::approvals::expiry::expire_due_requests(
-            store_of(&state),
-            leadership,
-            wake.clone(),
-            shutdown.clone(),
-        ));
-        Dispatcher::start(store_of(&state), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let store = state.store.clone();
+        let leadership = state.leadership.clone();
+        tracker.spawn(leadership::campaign(store.clone(), leadership.clone(), campaign, shutdown.clone()));
+        tracker.spawn(controller.run(shutdown.clone()));
+        let jobs = Jobs::new(&tracker, leadership.clone(), shutdown.clone());
+        jobs.spawn(ProbeDatabase { store: store.clone(), health: state.health.clone() });
+        jobs.spawn(SignCheckpoints::new(store.clone(), signer, audit, leadership));
+        jobs.spawn(FollowResources {
+            store: store.clone(),
+            catalog: state.catalog.clone(),
+            status_changed: state.status_changed.clone(),
+            wake: wake.clone(),
+        });
+        jobs.spawn(SampleBacklog { store: store.clone(), catalog: state.catalog.clone(), backlog });
+        jobs.spawn(ExpireDueRequests { store: store.clone(), wake: wake.clone() });
+        jobs.spawn(ForgetOldKeys { store: store.clone(), ttl: idempotency_key_ttl });
+        tracker.spawn(crate::store::forward_notices(
+            store.clone(),
+            wake.clone(),
+            state.status_changed.clone(),
+            shutdown.clone(),
+        ));
+        Dispatcher::start(store.clone(), state.catalog.clone(), dispatch, wake, &tracker, shutdown.clone())?;
         let draining = state.shutdown.clone();
-        tracker.spawn(forget_old_idempotency_keys(store.clone(), idempotency_key_ttl, shutdown.clone()));
         let app = api::router(state);
         tracing::info!(addr = %listener.local_addr()?, database = ?store.backend(), "hookwarden is listening");
         let signal = shutdown.clone();
@@ -301,193 +309,5 @@ impl Server {
         drop(lock);
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// Deletes idempotency keys older than `ttl`, a few times per `ttl`, until shutdown.
-/// Harmless to run in every process: deleting what another process deleted does nothing.
-async fn forget_old_idempotency_keys(store: Store, ttl: Duration, shutdown: CancellationToken) {
-    let period = (ttl / 4).min(Duration::from_secs(600));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let cutoff = chrono::Utc::now() - ttl;
-        match store.delete_idempotency_keys_before(cutoff).await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "forgot expired idempotency keys"),
-            Err(e) => tracing::warn!(error = %e, "could not delete expired idempotency keys"),
-        }
-    }
-}
-
-fn store_of(state: &AppState) -> Store {
-    state.store.clone()
-}
-
-/// Samples the delivery backlog once a second, for ingest's backpressure and the gauges
-/// (queue depth and age, waiting deliveries by why they wait, deliveries by state, open
-/// breakers and disabled endpoints apart, pending approvals).
-async fn sample_backlog(store: Store, catalog: CatalogHandle, backlog: Arc<AtomicU64>, shutdown: CancellationToken) {
-    loop {
-        match store.waiting_by_endpoint().await {
-            Ok(waiting) => {
-                let now = chrono::Utc::now();
-                let depth: i64 = waiting.iter().map(|w| w.2).sum();
-                backlog.store(depth.max(0) as u64, Ordering::Relaxed);
-                metrics::gauge!("hookwarden_delivery_queue_depth").set(depth as f64);
-                let oldest = waiting.iter().map(|w| w.3).min();
-                let age = oldest.map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
-                metrics::gauge!("hookwarden_delivery_oldest_pending_seconds").set(age);
-                let states = store.list_endpoint_states().await.unwrap_or_default();
-                for (reason, count) in crate::catalog::waiting_by_reason(&catalog.current(), &waiting, &states, now) {
-                    metrics::gauge!("hookwarden_delivery_waiting", "reason" => reason).set(count as f64);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not sample the delivery backlog"),
-        }
-        if let Ok(counts) = store.delivery_counts().await {
-            for state in crate::store::DeliveryState::ALL.into_iter().filter(|s| !s.is_final()) {
-                let count = counts.iter().find(|(s, _)| s == state.as_str()).map(|(_, n)| *n).unwrap_or(0);
-                metrics::gauge!("hookwarden_deliveries", "state" => state.as_str()).set(count as f64);
-            }
-        }
-        if let Ok(blocked) = store.count_blocked_endpoints(chrono::Utc::now()).await {
-            metrics::gauge!("hookwarden_delivery_breakers_open").set(blocked.breakers_open as f64);
-            metrics::gauge!("hookwarden_delivery_endpoints_disabled").set(blocked.disabled as f64);
-        }
-        if let Ok(pending) = store.count_pending_approvals().await {
-            metrics::gauge!("hookwarden_policy_approvals_pending").set(pending as f64);
-        }
-        crate::telemetry::metrics().run_upkeep();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// On PostgreSQL, wakes this process's workers when any process enqueued work, and its
-/// status reconciler when any process changed resources or endpoint state.
-async fn forward_notifications(
-    store: Store,
-    wake: Arc<Notify>,
-    status_changed: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    use crate::store::Notice;
-    loop {
-        let mut listener = match store.listen_for_work().await {
-            Ok(Some(listener)) => listener,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for notifications; workers poll meanwhile");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                }
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                received = listener.recv() => match received {
-                    Ok(Notice::Work) => wake.notify_one(),
-                    Ok(Notice::Status) => status_changed.notify_one(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "notifications interrupted; reconnecting");
-                        break;
-                    }
-                },
-            }
-        }
-    }
-}
-
-/// Records the checkpoint key in the cluster-wide chain, once per key: reviewers learn
-/// from the chain itself which keys signed its checkpoints, and since when. Fenced by
-/// `term`.
-async fn publish_key(store: &Store, signer: &CheckpointSigner, term: Term) -> Result<(), crate::store::StoreError> {
-    use crate::audit::{NewAuditRecord, CLUSTER_CHAIN};
-    const ACTION: &str = "audit.key_published";
-    let key = signer.public_key();
-    let records = store.audit_records(CLUSTER_CHAIN, 1, i64::MAX, u32::MAX).await?;
-    if records.iter().any(|r| r.action == ACTION && r.data["public_key"] == key.as_str()) {
-        return Ok(());
-    }
-    let record = NewAuditRecord::new(
-        "system",
-        ACTION,
-        CLUSTER_CHAIN,
-        format!("key/{}", signer.name),
-        serde_json::json!({ "public_key": key }),
-    );
-    store.append_audit_as_leader(term, &[record]).await?;
-    Leadership::wrote(term, "checkpoint key");
-    tracing::info!(public_key = %key, "checkpoint key recorded in the _cluster audit chain");
-    Ok(())
-}
-
-/// The leader signs a checkpoint of each chain every `checkpointEvery` records or
-/// `checkpointInterval`, whichever comes first (when the chain grew at all), and publishes
-/// each chain's length.
-async fn sign_checkpoints(
-    store: Store,
-    signer: CheckpointSigner,
-    config: AuditConfig,
-    leadership: Leadership,
-    shutdown: CancellationToken,
-) {
-    let mut last_signed: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
-    let period = (config.checkpoint_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut published = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let Some(term) = leadership.term() else { continue };
-        if !published {
-            match publish_key(&store, &signer, term).await {
-                Ok(()) => published = true,
-                Err(e) if leadership.fenced(term, &e) => continue,
-                Err(e) => tracing::warn!(error = %e, "cannot record the checkpoint key in the audit chain"),
-            }
-        }
-        let heads = match store.audit_heads().await {
-            Ok(heads) => heads,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read audit chain heads");
-                continue;
-            }
-        };
-        for (chain, seq, hash) in heads {
-            metrics::gauge!("hookwarden_audit_chain_length", "chain" => chain.clone()).set(seq as f64);
-            let signed_seq = match store.latest_checkpoint(&chain).await {
-                Ok(latest) => latest.map(|(s, _, _)| s).unwrap_or(0),
-                Err(_) => continue,
-            };
-            let due = seq - signed_seq >= config.checkpoint_every
-                || last_signed.get(&chain).is_none_or(|t| t.elapsed() >= config.checkpoint_interval);
-            if seq <= signed_seq || !due {
-                continue;
-            }
-            if !leadership.holds(term) {
-                break;
-            }
-            let checkpoint = Checkpoint { origin: Checkpoint::origin_for(&chain), seq, hash: hash.clone() };
-            match signer.sign(&checkpoint) {
-                Ok(note) => match store.save_checkpoint(term, &chain, seq, &hash, &note).await {
-                    Ok(()) => {
-                        Leadership::wrote(term, "checkpoint");
-                        last_signed.insert(chain, std::time::Instant::now());
-                    }
-                    Err(e) if leadership.fenced(term, &e) => break,
-                    Err(e) => tracing::warn!(error = %e, "cannot save an audit checkpoint"),
-                },
-                Err(e) => tracing::error!(error = %e, chain = %chain, "cannot sign an audit checkpoint"),
-            }
-        }
     }
 }

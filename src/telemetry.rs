@@ -7,7 +7,8 @@
 //! Metrics: the `metrics` facade with a Prometheus recorder, rendered by `GET /metrics`.
 //! Names are `hookwarden_<subsystem>_<name>_{total,seconds}`; labels come from bounded
 //! sets only (route templates, outcome and state names, endpoint and rule names from
-//! resources).
+//! resources). [`backlog`] samples the delivery backlog into its gauges, and for ingest's
+//! backpressure.
 //!
 //! Invariants, which `promtool check metrics` and `tests/metrics.rs` hold us to:
 //! - every family the code emits is listed once in [`FAMILIES`], with its kind, unit and
@@ -17,6 +18,7 @@
 //!   from when the rule is loaded), so that `increase()` counts the first event after a
 //!   restart instead of taking it for the series' first sample.
 
+pub mod backlog;
 mod escape;
 
 use metrics::Unit;
@@ -196,6 +198,12 @@ pub const FAMILIES: &[Family] = &[
     counter(
         "hookwarden_policy_spend_committed_total",
         "Spend committed in the ledger (the delivery was delivered), in minor units of the currency, by namespace, agent endpoint and currency.",
+        &[],
+    ),
+    // Periodic jobs
+    counter(
+        "hookwarden_jobs_runs_total",
+        "Runs of the periodic jobs, by job and outcome: ok, failed (logged; the job runs again at its next period) or fenced (a leader-only write found this process's term over, and the process stepped down).",
         &[],
     ),
     // Audit

@@ -375,6 +375,85 @@ async fn an_idempotency_key_returns_the_original_result(app: &TestApp) {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
 }
 
+/// The `(id, endpoint)` pairs of an answer's or an event's deliveries, in id order.
+fn deliveries_of(value: &Value) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = value["deliveries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no deliveries in {value}"))
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap().to_owned(), d["endpoint"].as_str().unwrap().to_owned()))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+async fn a_duplicate_is_answered_with_the_deliveries_of_its_original(db: TestDb) {
+    let mut config = db.config();
+    config.allow_private_urls = true;
+    let app = spawn_app_with(config).await;
+    // Paused: the deliveries wait, nothing is sent.
+    let endpoint = |name: &str| {
+        format!("apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: {name}}}\nspec:\n  url: http://127.0.0.1:9/{name}\n  secrets: [{{value: whsec_Ck9AklJSG5QVLLuQdjzCqGP9EFGUiEHP}}]\n  paused: true\n")
+    };
+    app.apply_yaml(&[endpoint("a"), endpoint("b")].join("---\n")).await;
+    let first = json_with_status(app.post_json("/v1/events", &app.admin, order("d-1").to_string()).await, 202).await;
+    let original = deliveries_of(&first);
+    assert_eq!(original.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+
+    // In a batch, twice, beside a new event: each copy gets the original's deliveries.
+    let batch = json!([order("d-1"), order("d-2"), order("d-1")]);
+    let body = json_with_status(app.post_json("/v1/events/batch", &app.admin, batch.to_string()).await, 202).await;
+    let results = body["results"].as_array().unwrap();
+    for duplicate in [&results[0], &results[2]] {
+        assert_eq!(duplicate["id"], first["id"]);
+        assert_eq!(deliveries_of(duplicate), original, "{duplicate}");
+    }
+    assert_eq!(results[1]["duplicate"], false);
+    let fresh = deliveries_of(&results[1]);
+    assert_eq!(fresh.len(), 2);
+    assert!(fresh.iter().all(|d| !original.contains(d)), "a new event gets deliveries of its own");
+
+    // A replay by idempotency key: every event of it is a duplicate, answered likewise.
+    let keyed = json!([order("d-3"), order("d-1")]).to_string();
+    let send = || {
+        app.client
+            .post(app.url("/v1/events/batch"))
+            .bearer_auth(&app.admin)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "dup-key")
+            .body(keyed.clone())
+            .send()
+    };
+    let once = json_with_status(send().await.unwrap(), 202).await;
+    let replayed = json_with_status(send().await.unwrap(), 200).await;
+    for (a, b) in once["results"].as_array().unwrap().iter().zip(replayed["results"].as_array().unwrap()) {
+        assert_eq!(b["id"], a["id"]);
+        assert_eq!(b["duplicate"], true);
+        assert_eq!(deliveries_of(b), deliveries_of(a), "{b}");
+    }
+
+    // The event shows the same deliveries, each with its (no) attempts.
+    let id = first["id"].as_str().unwrap();
+    let event = json_with_status(app.get(&format!("/v1/events/{id}"), &app.admin).await, 200).await;
+    assert_eq!(deliveries_of(&event), original);
+    for delivery in event["deliveries"].as_array().unwrap() {
+        assert_eq!(delivery["attempts_detail"], json!([]), "{delivery}");
+        assert_eq!(delivery["state"], "pending", "{delivery}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_answered_with_the_deliveries_of_its_original_on_sqlite() {
+    a_duplicate_is_answered_with_the_deliveries_of_its_original(TestDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_answered_with_the_deliveries_of_its_original_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    a_duplicate_is_answered_with_the_deliveries_of_its_original(db).await;
+}
+
 #[tokio::test]
 async fn fifty_concurrent_posts_of_one_event_store_it_once_on_sqlite() {
     let db = TestDb::sqlite();

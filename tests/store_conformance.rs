@@ -107,6 +107,47 @@ async fn fan_out_is_written_with_the_event_and_claimed_once(store: &Store) {
     assert!(record.completed_at.is_some());
 }
 
+/// A delivery as the API shows it, to compare what two reads returned.
+fn shown(record: &hookwarden::store::DeliveryRecord) -> serde_json::Value {
+    serde_json::to_value(record).expect("a delivery serializes")
+}
+
+async fn the_deliveries_of_many_events_and_of_one_with_its_attempts_are_read_at_once(store: &Store) {
+    let (two, one, none) =
+        (fanned_out("r-1", &["a", "b"], None), fanned_out("r-2", &["c"], None), fanned_out("r-3", &[], None));
+    store.accept_events(&[request(vec![two.clone(), one.clone(), none.clone()])]).await.unwrap();
+    assert!(store.deliveries_of_events(&[]).await.unwrap().is_empty());
+    let ids = [two.id.clone(), one.id.clone(), none.id.clone(), two.id.clone()];
+    let read = store.deliveries_of_events(&ids).await.unwrap();
+    assert_eq!(read.len(), 2, "an event without deliveries is absent");
+    for event in [&two, &one] {
+        let each: Vec<_> = store.deliveries_of_event(&event.id).await.unwrap().iter().map(shown).collect();
+        assert_eq!(read[&event.id].iter().map(shown).collect::<Vec<_>>(), each, "in id order, as read one by one");
+    }
+
+    // One delivery of `two` with two attempts, the other claimed but not attempted yet.
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    let first = claimed.iter().find(|c| c.event_id == two.id).expect("a delivery of the event");
+    let mut retry = completion(first, DeliveryState::Retrying, false);
+    retry.breaker = None;
+    store.complete_attempts(&[retry]).await.unwrap();
+    let again = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    store.complete_attempts(&[completion(&again[0], DeliveryState::Delivered, true)]).await.unwrap();
+
+    let with_attempts = store.deliveries_with_attempts(&two.id).await.unwrap();
+    assert_eq!(with_attempts.len(), 2);
+    for (record, attempts) in &with_attempts {
+        let (each, each_attempts) = store.get_delivery(&record.id).await.unwrap().unwrap();
+        assert_eq!(shown(record), shown(&each));
+        assert_eq!(attempts, &each_attempts, "the attempts of {}, in order", record.id);
+    }
+    let counts: Vec<usize> = with_attempts.iter().map(|(_, a)| a.len()).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 2);
+    assert!(counts.contains(&0), "a delivery without attempts is shown: {counts:?}");
+    assert!(store.deliveries_with_attempts(&none.id).await.unwrap().is_empty());
+}
+
 async fn an_expired_lease_makes_the_delivery_claimable_again(store: &Store) {
     store.accept_events(&[request(vec![fanned_out("f-2", &["a"], None)])]).await.unwrap();
     let claimed = store.claim_due_deliveries(Utc::now(), std::time::Duration::from_millis(1), 10).await.unwrap();
@@ -727,6 +768,7 @@ conformance!(
     leadership_is_exclusive,
     leader_only_writes_of_an_ended_term_are_refused,
     fan_out_is_written_with_the_event_and_claimed_once,
+    the_deliveries_of_many_events_and_of_one_with_its_attempts_are_read_at_once,
     an_expired_lease_makes_the_delivery_claimable_again,
     an_ordered_lane_releases_one_delivery_at_a_time,
     an_open_breaker_holds_an_endpoints_deliveries,

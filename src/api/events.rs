@@ -1,8 +1,9 @@
 //! `POST /v1/events`, `POST /v1/events/batch`, `GET /v1/events`, `GET /v1/events/{id}`.
 //!
-//! An accepted event is answered 202 only after its transaction committed (see
-//! [`crate::ingest`]). Validation happens before anything is queued, and every problem of a
-//! request is reported at once with its field path.
+//! The handlers parse, validate and authorize, then call the ingest use case
+//! ([`crate::ingest::Ingestor::accept`]) and map its answer: an accepted event is answered
+//! 202 only after its transaction committed. Validation happens before anything is queued,
+//! and every problem of a request is reported at once with its field path.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,11 +20,10 @@ use super::extract::{parse_json, parse_object_at, read_json_body, ApiQuery};
 use super::strict_json::{self, Problem};
 use super::AppState;
 use crate::auth::{Principal, Role};
-use crate::catalog::FanOutError;
-use crate::ids::{DeliveryId, EventId};
-use crate::ingest::{Accepted, EventFanOut, IngestError};
+use crate::ids::EventId;
+use crate::ingest::{AcceptError, Answer, EventAccepted, IngestError};
 use crate::resources::validate::is_dns_label;
-use crate::store::{EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewEvent, RequestOutcome, StoredEvent};
+use crate::store::{EventQuery, IdempotencyKey, IngestRequest, NewEvent, StoredEvent};
 
 /// A CloudEvents-shaped event as clients send it.
 #[derive(Debug, Deserialize)]
@@ -41,28 +41,36 @@ pub struct EventIn {
     data: Box<RawValue>,
 }
 
-/// The result of one event of a request.
-#[derive(Debug, Serialize)]
-pub struct EventAccepted {
-    pub id: EventId,
-    pub duplicate: bool,
-    /// The event's deliveries: one per endpoint it fanned out to.
-    pub deliveries: Vec<DeliverySummary>,
-    /// Endpoints whose Filter or ordering key failed on this event (left out, or sent in
-    /// the `(no key)` lane), so that nothing is skipped without a trace.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub fanout_errors: Vec<FanOutError>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct DeliverySummary {
-    pub id: DeliveryId,
-    pub endpoint: String,
-}
-
 #[derive(Debug, Serialize)]
 pub struct BatchAccepted {
     pub results: Vec<EventAccepted>,
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Overloaded => ApiError::Overloaded,
+            IngestError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
+            IngestError::ResourcesChanging => {
+                ApiError::Unavailable("the resources kept changing while the events were stored; retry".into())
+            }
+            IngestError::TimedOut => {
+                ApiError::Unavailable("the events were not stored in time; retry later (with the same ids)".into())
+            }
+            // The writer logged the cause.
+            IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
+        }
+    }
+}
+
+impl From<AcceptError> for ApiError {
+    fn from(e: AcceptError) -> Self {
+        match e {
+            AcceptError::Ingest(e) => e.into(),
+            AcceptError::KeyReused => ApiError::IdempotencyKeyReused,
+            AcceptError::Store(e) => e.into(),
+        }
+    }
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -193,76 +201,6 @@ fn validation(errors: Vec<FieldError>) -> Result<(), ApiError> {
     }
 }
 
-async fn submit(state: &AppState, request: IngestRequest) -> Result<Accepted, ApiError> {
-    state.ingestor.submit(request).await.map_err(|e| match e {
-        IngestError::Overloaded => ApiError::Overloaded,
-        IngestError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
-        IngestError::ResourcesChanging => {
-            ApiError::Unavailable("the resources kept changing while the events were stored; retry".into())
-        }
-        IngestError::TimedOut => {
-            ApiError::Unavailable("the events were not stored in time; retry later (with the same ids)".into())
-        }
-        // The writer logged the cause.
-        IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
-    })
-}
-
-/// What the "event accepted" log line says of an event, kept while the event is queued.
-struct LogFields {
-    namespace: String,
-    source: String,
-    event_type: String,
-}
-
-fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], fan_out: &[EventFanOut], trace_id: &str) {
-    let duplicates = outcomes.iter().filter(|o| o.duplicate).count() as u64;
-    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "accepted")
-        .increment(outcomes.len() as u64 - duplicates);
-    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "duplicate").increment(duplicates);
-    for ((event, outcome), fanned) in fields.iter().zip(outcomes).zip(fan_out) {
-        if outcome.duplicate {
-            continue;
-        }
-        tracing::info!(
-            event_id = %outcome.id,
-            namespace = %event.namespace,
-            source = %event.source,
-            event_type = %event.event_type,
-            trace_id = %trace_id,
-            "event accepted"
-        );
-        for error in &fanned.errors {
-            metrics::counter!("hookwarden_fanout_errors_total", "namespace" => event.namespace.clone(),
-                "endpoint" => error.endpoint.clone())
-            .increment(1);
-            tracing::warn!(
-                event_id = %outcome.id,
-                namespace = %event.namespace,
-                endpoint = %error.endpoint,
-                stage = error.stage,
-                skipped = error.skipped,
-                error = %error.message,
-                trace_id = %trace_id,
-                "fan-out failed for an endpoint"
-            );
-        }
-    }
-}
-
-/// Turns the store's answer into per-event results and whether anything new was written.
-fn results(outcome: RequestOutcome) -> Result<(Vec<EventAccepted>, bool), ApiError> {
-    let accepted = |id, duplicate| EventAccepted { id, duplicate, deliveries: Vec::new(), fanout_errors: Vec::new() };
-    match outcome {
-        RequestOutcome::Accepted(items) => {
-            let created = items.iter().any(|i| !i.duplicate);
-            Ok((items.into_iter().map(|i| accepted(i.id, i.duplicate)).collect(), created))
-        }
-        RequestOutcome::Replayed(ids) => Ok((ids.into_iter().map(|id| accepted(id, true)).collect(), false)),
-        RequestOutcome::KeyReused => Err(ApiError::IdempotencyKeyReused),
-    }
-}
-
 fn status(created: bool) -> StatusCode {
     if created {
         StatusCode::ACCEPTED
@@ -289,7 +227,8 @@ pub fn validate_events(
     Ok(events)
 }
 
-/// Validates the events, checks the caller may ingest into their namespaces, and queues them.
+/// Validates the events, checks the caller may ingest into their namespaces, and hands
+/// them to the ingest use case.
 async fn ingest(
     state: &AppState,
     principal: &Principal,
@@ -297,43 +236,12 @@ async fn ingest(
     route: &str,
     body: &[u8],
     events: Vec<(String, EventIn)>,
-) -> Result<(Vec<EventAccepted>, bool), ApiError> {
-    if state.backlog.load(std::sync::atomic::Ordering::Relaxed) > state.config.max_backlog {
-        return Err(ApiError::Overloaded);
-    }
+) -> Result<Answer, ApiError> {
+    state.ingestor.admit()?;
     let idempotency = idempotency_key(headers, principal, route, body)?;
     let trace = trace_id(headers);
     let events = validate_events(events, principal, &trace)?;
-    let fields: Vec<LogFields> = events
-        .iter()
-        .map(|e| LogFields {
-            namespace: e.namespace.clone(),
-            source: e.source.clone(),
-            event_type: e.event_type.clone(),
-        })
-        .collect();
-    let Accepted { outcome, fan_out } = submit(state, IngestRequest { idempotency, events }).await?;
-    if let RequestOutcome::Accepted(items) = &outcome {
-        log_accepted(&fields, items, &fan_out, &trace);
-    }
-    let (mut results, created) = results(outcome)?;
-    // New events: the deliveries just written. Duplicates: the original's, as stored.
-    for (result, fanned) in results.iter_mut().zip(fan_out) {
-        if result.duplicate {
-            result.deliveries = state
-                .store
-                .deliveries_of_event(&result.id)
-                .await?
-                .into_iter()
-                .map(|d| DeliverySummary { id: d.id, endpoint: d.endpoint })
-                .collect();
-        } else {
-            result.deliveries =
-                fanned.deliveries.into_iter().map(|d| DeliverySummary { id: d.id, endpoint: d.endpoint }).collect();
-            result.fanout_errors = fanned.errors;
-        }
-    }
-    Ok((results, created))
+    Ok(state.ingestor.accept(IngestRequest { idempotency, events }).await?)
 }
 
 /// Refuses an event's JSON (at `prefix` in the body) that repeats a key or nests too deep;
@@ -405,7 +313,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let event = read_event(&bytes, state.config.max_json_depth)?;
-    let (mut results, created) =
+    let Answer { mut results, created } =
         ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
     let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
     Ok((status(created), Json(result)).into_response())
@@ -419,7 +327,7 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let events = read_batch(&bytes, state.config.max_batch_items, state.config.max_json_depth)?;
-    let (results, created) = ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
+    let Answer { results, created } = ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
     Ok((status(created), Json(BatchAccepted { results })).into_response())
 }
 
@@ -491,10 +399,13 @@ pub async fn get(
     }
     principal.authorize(Role::Viewer, &stored.event.namespace)?;
     let mut out = EventOut::try_from(stored)?;
-    for record in state.store.deliveries_of_event(&out.id).await? {
-        let attempts = state.store.get_delivery(&record.id).await?.map(|(_, a)| a).unwrap_or_default();
-        out.deliveries.push(DeliveryOut { record, attempts_detail: attempts });
-    }
+    out.deliveries = state
+        .store
+        .deliveries_with_attempts(&out.id)
+        .await?
+        .into_iter()
+        .map(|(record, attempts_detail)| DeliveryOut { record, attempts_detail })
+        .collect();
     Ok(Json(out))
 }
 

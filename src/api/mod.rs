@@ -36,7 +36,6 @@ pub use error::{ApiError, FieldError};
 pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub max_batch_items: usize,
-    pub max_backlog: u64,
     /// Deepest nesting of one event's JSON (see [`strict_json`]).
     pub max_json_depth: usize,
     pub apply: crate::resources::ApplyLimits,
@@ -64,8 +63,6 @@ pub struct AppState {
     pub wake: Arc<tokio::sync::Notify>,
     /// The checkpoint verifier key (`name+id+base64`), published with every checkpoint.
     pub audit_public_key: Arc<String>,
-    /// Deliveries waiting, as last sampled; ingest answers 503 above `max_backlog`.
-    pub backlog: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,

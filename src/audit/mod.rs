@@ -6,9 +6,11 @@
 //! characters (64 zeros for `seq` 1), and the canonical JSON includes `prev_hash` too.
 //! `docs/AUDIT.md` states this precisely, so any language can verify an export.
 //!
-//! Pure: hashing, verification and checkpoints; the store appends, the API exports.
+//! Pure: hashing, verification and the checkpoint format ([`checkpoint`]); the store
+//! appends, the API exports, and the leader's job in [`checkpoints`] signs.
 
 pub mod checkpoint;
+pub mod checkpoints;
 pub mod verify;
 
 use chrono::{DateTime, SecondsFormat, Utc};

@@ -1,50 +1,57 @@
 //! Keeping the catalog true: the periodic job that follows the stored resources and the
 //! secrets the catalog could not read yet, and what to do when an endpoint becomes
-//! sendable or stops being so.
+//! sendable or stops being so. It runs in every process (each has its own catalog).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::{CatalogHandle, Transition};
-use crate::store::Store;
+use crate::jobs::{Failures, FirstRun, Job, JobError, Schedule};
+use crate::store::{Store, Term};
 
 /// How often the catalog looks for new resources and for secrets that appeared.
 pub const FOLLOW_PERIOD: Duration = Duration::from_secs(1);
 
-/// Until `shutdown`: refreshes the catalog when the resources moved (other processes apply
-/// too), reads again the secrets it could not, and for each endpoint whose sendability
-/// changed says so in the log once (not per event), makes its waiting deliveries due at
-/// once when it can be sent to again (`wake`), and wakes the status reconciler
-/// (`status_changed`).
-pub async fn follow(
-    store: Store,
-    catalog: CatalogHandle,
-    status_changed: Arc<Notify>,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        if let Err(e) = catalog.refresh(&store).await {
-            tracing::warn!(error = %e, "could not refresh the catalog");
+/// Each run refreshes the catalog when the resources moved (other processes apply too),
+/// reads again the secrets it could not, and for each endpoint whose sendability changed
+/// says so in the log once (not per event), makes its waiting deliveries due at once when
+/// it can be sent to again (`wake`), and wakes the status reconciler (`status_changed`).
+/// A transition of the catalog (an apply in this process) brings the next run forward.
+pub struct FollowResources {
+    pub store: Store,
+    pub catalog: CatalogHandle,
+    pub status_changed: Arc<Notify>,
+    pub wake: Arc<Notify>,
+}
+
+impl Job for FollowResources {
+    fn schedule(&self) -> Schedule {
+        Schedule { name: "follow_resources", period: FOLLOW_PERIOD, leader_only: false, first_run: FirstRun::AtOnce }
+    }
+
+    async fn run(&mut self, _: Option<Term>) -> Result<(), JobError> {
+        let mut failures = Failures::default();
+        if let Err(e) = self.catalog.refresh(&self.store).await {
+            failures.note(JobError::Failed(format!("could not refresh the catalog: {e}")))?;
         }
-        if let Err(e) = catalog.recheck_secrets().await {
-            tracing::warn!(error = %e, "could not read the endpoints' secrets again");
+        if let Err(e) = self.catalog.recheck_secrets().await {
+            failures.note(JobError::Failed(format!("could not read the endpoints' secrets again: {e}")))?;
         }
-        let transitions = catalog.take_transitions();
+        let transitions = self.catalog.take_transitions();
         for t in &transitions {
-            act_on(&store, t, &wake).await;
+            act_on(&self.store, t, &self.wake).await;
         }
         if !transitions.is_empty() {
-            status_changed.notify_one();
+            self.status_changed.notify_one();
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = catalog.transitioned() => {}
-            _ = tokio::time::sleep(FOLLOW_PERIOD) => {}
-        }
+        failures.result()
+    }
+
+    fn due_early(&self) -> impl std::future::Future<Output = ()> + Send {
+        let catalog = self.catalog.clone();
+        async move { catalog.transitioned().await }
     }
 }
 

@@ -366,7 +366,7 @@ struct Shared {
     /// Where `valueFrom` sources may be read from.
     secrets: SecretsConfig,
     current: RwLock<Arc<Catalog>>,
-    /// Transitions not yet acted on (see [`follow::follow`]).
+    /// Transitions not yet acted on (see [`follow::FollowResources`]).
     transitions: std::sync::Mutex<Vec<Transition>>,
     /// Signalled when `transitions` grew.
     transitioned: tokio::sync::Notify,

@@ -104,6 +104,12 @@ impl Leadership {
         tracing::debug!(target: LOG_TARGET, epoch = term.epoch(), job, "leader-only write");
     }
 
+    /// Leads in `term` without a campaign, for unit tests of leader-only code.
+    #[cfg(test)]
+    pub(crate) fn lead_for_tests(&self, term: Term) {
+        self.begin(term);
+    }
+
     fn begin(&self, term: Term) {
         self.term.send_replace(Some(term));
         tracing::info!(target: LOG_TARGET, epoch = term.epoch(), "became leader");

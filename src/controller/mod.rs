@@ -7,7 +7,10 @@
 //! when any process signals a change (an apply, a delete, an enable, a breaker opening, a
 //! 410, a secret appearing: see `status_changed`), when a reconcile asked to be requeued
 //! (an open breaker closes), and on a periodic resync, since signals can be missed.
-//! Reconciling is idempotent: it acts on current state only. An invalid directory is
+//! Reconciling is idempotent: it acts on current state only, and says what it needs next
+//! ([`Action`]: requeue after a while, or wait for a change); a reconcile that failed gets
+//! its next step from a separate error policy instead (retry soon, or stop leading after a
+//! fenced write), as kube-runtime's controllers do. An invalid directory is
 //! rejected as a whole; the last good state stays in force and the error shows in the
 //! logs, in `/readyz` and in the resources' status.
 
@@ -118,7 +121,7 @@ impl Controller {
                 None
             }
         });
-        let mut next = self.reconcile(term).await;
+        let mut next = self.act_on(term, self.reconcile(term).await);
         let mut resync = tokio::time::interval(self.config.resync);
         resync.tick().await;
         loop {
@@ -132,35 +135,39 @@ impl Controller {
                 Some(()) = changed.recv() => {
                     // Let a burst of writes (an editor's save, a git checkout) settle.
                     while let Ok(Some(())) = tokio::time::timeout(self.config.debounce, changed.recv()).await {}
-                    next = self.reconcile(term).await;
+                    next = self.act_on(term, self.reconcile(term).await);
                 }
-                _ = self.status_changed.notified() => next = self.reconcile_status_now(term).await,
-                _ = tokio::time::sleep(requeue) => next = self.reconcile_status_now(term).await,
-                _ = resync.tick() => next = self.reconcile(term).await,
+                _ = self.status_changed.notified() => next = self.act_on(term, self.reconcile_status(term).await),
+                _ = tokio::time::sleep(requeue) => next = self.act_on(term, self.reconcile_status(term).await),
+                _ = resync.tick() => next = self.act_on(term, self.reconcile(term).await),
             }
         }
     }
 
-    /// One pass: apply the directory (if any), then bring every status up to date.
-    pub async fn reconcile(&self, term: Term) -> Action {
+    /// One pass: apply the directory (if any), then bring every status up to date. A
+    /// rejected directory is not an error here: it shows in the status (`Synced`) and the
+    /// last good state stays in force.
+    pub async fn reconcile(&self, term: Term) -> Result<Action, StoreError> {
         if let Some(dir) = &self.config.resources_dir {
             self.sync_directory(dir, term).await;
         }
-        self.reconcile_status_now(term).await
+        self.reconcile_status(term).await
     }
 
-    /// Brings every status up to date (the directory's last sync result included).
-    async fn reconcile_status_now(&self, term: Term) -> Action {
-        let sync_error = self.status.lock().ok().and_then(|s| s.last_error.clone());
-        match self.reconcile_status(term, sync_error.as_deref()).await {
-            Ok(action) => action,
-            Err(e) if self.leadership.fenced(term, &e) => Action::AwaitChange,
-            // The error policy: try again soon, not at the next resync.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not reconcile resource status; retrying");
-                Action::Requeue(RETRY_AFTER_ERROR)
-            }
+    /// What to do after a reconcile: its own answer, or the error policy's.
+    fn act_on(&self, term: Term, reconciled: Result<Action, StoreError>) -> Action {
+        reconciled.unwrap_or_else(|e| self.error_policy(term, &e))
+    }
+
+    /// The error policy (kube-runtime's `error_policy`): after a write that found the term
+    /// over, wait (the term ends, and with it this leader's loop); after any other failure,
+    /// try again soon rather than at the next resync.
+    fn error_policy(&self, term: Term, error: &StoreError) -> Action {
+        if self.leadership.fenced(term, error) {
+            return Action::AwaitChange;
         }
+        tracing::warn!(error = %error, "could not reconcile resource status; retrying");
+        Action::Requeue(RETRY_AFTER_ERROR)
     }
 
     /// Applies the directory with prune; returns the error that rejected it, if any.
@@ -214,9 +221,12 @@ impl Controller {
         }
     }
 
-    /// Writes `status` (observedGeneration, conditions, an endpoint's delivery state) on
-    /// every resource where it changed; asks to be requeued when an open breaker closes.
-    async fn reconcile_status(&self, term: Term, sync_error: Option<&str>) -> Result<Action, StoreError> {
+    /// Writes `status` (observedGeneration, conditions, an endpoint's delivery state, the
+    /// directory's last sync result) on every resource where it changed; asks to be
+    /// requeued when an open breaker closes.
+    async fn reconcile_status(&self, term: Term) -> Result<Action, StoreError> {
+        let sync_error = self.status.lock().ok().and_then(|s| s.last_error.clone());
+        let sync_error = sync_error.as_deref();
         let stored = self.store.list_resources(None, None).await?;
         let states = self.store.list_endpoint_states().await?;
         let catalog = self.catalog.current();

@@ -1,8 +1,9 @@
 //! The ingest use case: validated events in, fan-out decided, committed by a group commit,
 //! and an answer per event.
 //!
-//! HTTP handlers parse, validate and authorize, then hand an [`IngestRequest`] to the
-//! [`Ingestor`] and wait. Fan-out is decided here, by the catalog in force; the writer
+//! HTTP handlers ask [`Ingestor::admit`] first (backpressure), parse, validate and
+//! authorize, then hand an [`IngestRequest`] to [`Ingestor::accept`] (in `accept.rs`) and
+//! map its [`Answer`]. Fan-out is decided here, by the catalog in force; the writer
 //! (see [`writer`]) commits it only if the stored resources are still at the revision it
 //! was decided by, and decides it again otherwise. Invariants:
 //! - a request is answered `Ok` only after its events are committed, and is answered
@@ -12,7 +13,11 @@
 //!   apply wrote (read-your-writes through the resource revision);
 //! - where fan-out could not decide for an endpoint, the answer says so; nothing is left
 //!   out silently.
+//!
+//! [`keys`] forgets idempotency keys after their time to live.
 
+mod accept;
+pub mod keys;
 mod writer;
 
 use std::sync::Arc;
@@ -24,6 +29,9 @@ use crate::catalog::{Catalog, CatalogHandle, EventView, FanOutError};
 use crate::config::IngestConfig;
 use crate::ids::DeliveryId;
 use crate::store::{IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError};
+use crate::telemetry::backlog::Backlog;
+
+pub use accept::{AcceptError, Answer, DeliverySummary, EventAccepted};
 
 /// Why a request was not written.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -146,20 +154,34 @@ pub struct Ingestor {
     catalog: CatalogHandle,
     /// How long [`Ingestor::submit`] waits for the commit.
     commit_timeout: std::time::Duration,
+    /// For the answers: the stored deliveries of duplicates.
+    store: Store,
+    /// Deliveries waiting, as last sampled; [`Ingestor::admit`] refuses above `max_backlog`.
+    backlog: Backlog,
+    max_backlog: u64,
+}
+
+/// What [`Ingestor::start`] needs besides the store and the catalog.
+pub struct IngestSettings<'a> {
+    pub config: &'a IngestConfig,
+    /// `delivery.maxBacklog`.
+    pub max_backlog: u64,
+    pub backlog: Backlog,
+    /// Signalled after a commit that created deliveries.
+    pub wake: Arc<Notify>,
 }
 
 impl Ingestor {
-    /// Starts the writer tasks on `tracker`. `wake` is signalled after a commit that
-    /// created deliveries.
+    /// Starts the writer tasks on `tracker`.
     pub fn start(
         store: Store,
         catalog: CatalogHandle,
-        config: &IngestConfig,
+        settings: IngestSettings<'_>,
         tracker: &TaskTracker,
-        wake: Arc<Notify>,
     ) -> Ingestor {
-        let queue = writer::start(store, catalog.clone(), config, tracker, wake);
-        Ingestor { queue, catalog, commit_timeout: config.commit_timeout }
+        let IngestSettings { config, max_backlog, backlog, wake } = settings;
+        let queue = writer::start(store.clone(), catalog.clone(), config, tracker, wake);
+        Ingestor { queue, catalog, commit_timeout: config.commit_timeout, store, backlog, max_backlog }
     }
 
     /// Decides the fan-out of `request`, queues it, and waits until it is committed (or

@@ -9,9 +9,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
-use super::{PgStore, SqliteStore, Store, StoreError};
+use super::{PgStore, SqliteStore, Store, StoreError, Term};
+use crate::jobs::{FirstRun, Job, JobError, Schedule};
 
 impl Store {
     /// Connects like [`Store::connect`], waiting at most `acquire_timeout` for a PostgreSQL
@@ -64,16 +63,21 @@ impl DatabaseHealth {
     }
 }
 
-/// Probes the database every [`PROBE_PERIOD`] until `shutdown`.
-pub async fn watch_health(store: Store, health: DatabaseHealth, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(PROBE_PERIOD) => {}
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = health.probe(&store) => {}
-        }
+/// Probes the database every [`PROBE_PERIOD`], in every process. A probe that fails is
+/// the job done, not a failed run: [`DatabaseHealth::probe`] records the verdict and logs
+/// when it changes.
+pub struct ProbeDatabase {
+    pub store: Store,
+    pub health: DatabaseHealth,
+}
+
+impl Job for ProbeDatabase {
+    fn schedule(&self) -> Schedule {
+        Schedule { name: "probe_database", period: PROBE_PERIOD, leader_only: false, first_run: FirstRun::AfterPeriod }
+    }
+
+    async fn run(&mut self, _: Option<Term>) -> Result<(), JobError> {
+        let _ = self.health.probe(&self.store).await;
+        Ok(())
     }
 }

@@ -11,8 +11,10 @@ mod audit;
 mod availability;
 pub mod deliveries;
 mod error;
+mod event_deliveries;
 mod ingest;
 mod leadership;
+mod notices;
 pub mod policy;
 mod postgres;
 pub mod resources;
@@ -27,7 +29,7 @@ use serde::Serialize;
 
 use crate::ids::EventId;
 
-pub use availability::{watch_health, DatabaseHealth};
+pub use availability::{DatabaseHealth, ProbeDatabase};
 pub use deliveries::{
     Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, CommittedSpend, Completion, CompletionReport,
     DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
@@ -35,6 +37,7 @@ pub use deliveries::{
 pub use error::StoreError;
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use leadership::{LeaderLease, Term};
+pub use notices::forward_notices;
 pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;

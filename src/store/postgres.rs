@@ -114,7 +114,7 @@ impl PgStore {
         self.pool.begin().await
     }
 
-    fn read_pool(&self) -> &PgPool {
+    pub(super) fn read_pool(&self) -> &PgPool {
         &self.pool
     }
 

@@ -108,7 +108,7 @@ impl SqliteStore {
         self.write.begin_with("BEGIN IMMEDIATE").await
     }
 
-    fn read_pool(&self) -> &SqlitePool {
+    pub(super) fn read_pool(&self) -> &SqlitePool {
         &self.read
     }
 

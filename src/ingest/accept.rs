@@ -1,0 +1,166 @@
+//! The ingest use case as handlers call it: a request's validated events in (see
+//! `api::events` for parsing and validation), committed with their fan-out, and an answer
+//! per event out: its deliveries (for a duplicate, the original's, as stored), and where
+//! fan-out could not decide. Also counts and logs what was accepted.
+//!
+//! Invariant: the answer costs one store read whatever the number of duplicates in it.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::{Accepted, EventFanOut, IngestError, Ingestor};
+use crate::catalog::FanOutError;
+use crate::ids::{DeliveryId, EventId};
+use crate::store::{DeliveryRecord, EventOutcome, IngestRequest, NewDelivery, RequestOutcome, StoreError};
+
+/// The result of one event of a request.
+#[derive(Debug, Serialize)]
+pub struct EventAccepted {
+    pub id: EventId,
+    pub duplicate: bool,
+    /// The event's deliveries: one per endpoint it fanned out to.
+    pub deliveries: Vec<DeliverySummary>,
+    /// Endpoints whose Filter or ordering key failed on this event (left out, or sent in
+    /// the `(no key)` lane), so that nothing is skipped without a trace.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fanout_errors: Vec<FanOutError>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliverySummary {
+    pub id: DeliveryId,
+    pub endpoint: String,
+}
+
+impl From<NewDelivery> for DeliverySummary {
+    fn from(d: NewDelivery) -> Self {
+        DeliverySummary { id: d.id, endpoint: d.endpoint }
+    }
+}
+
+impl From<&DeliveryRecord> for DeliverySummary {
+    fn from(d: &DeliveryRecord) -> Self {
+        DeliverySummary { id: d.id.clone(), endpoint: d.endpoint.clone() }
+    }
+}
+
+/// What a request did: a result per event, in order, and whether anything new was written
+/// (`202` then, `200` for a request of duplicates or a replay).
+#[derive(Debug)]
+pub struct Answer {
+    pub results: Vec<EventAccepted>,
+    pub created: bool,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// The idempotency key was used before with a different request; nothing written.
+    #[error("the idempotency key was used with a different request")]
+    KeyReused,
+    /// The request was committed, but its duplicates' deliveries could not be read.
+    #[error("cannot read the deliveries of the duplicates")]
+    Store(#[from] StoreError),
+}
+
+/// What the "event accepted" log line says of an event, kept while the event is queued.
+struct LogFields {
+    namespace: String,
+    source: String,
+    event_type: String,
+}
+
+impl Ingestor {
+    /// Refuses at once while the delivery backlog is over `delivery.maxBacklog`. Cheap:
+    /// call it before reading the request.
+    pub fn admit(&self) -> Result<(), IngestError> {
+        if self.backlog.waiting() > self.max_backlog {
+            return Err(IngestError::Overloaded);
+        }
+        Ok(())
+    }
+
+    /// Commits `request` (see [`Ingestor::submit`]) and answers per event.
+    pub async fn accept(&self, request: IngestRequest) -> Result<Answer, AcceptError> {
+        let trace_id = request.events.first().map(|e| e.trace_id.clone()).unwrap_or_default();
+        let fields: Vec<LogFields> = request
+            .events
+            .iter()
+            .map(|e| LogFields {
+                namespace: e.namespace.clone(),
+                source: e.source.clone(),
+                event_type: e.event_type.clone(),
+            })
+            .collect();
+        let Accepted { outcome, fan_out } = self.submit(request).await?;
+        let (outcomes, created) = match outcome {
+            RequestOutcome::Accepted(items) => {
+                log_accepted(&fields, &items, &fan_out, &trace_id);
+                let created = items.iter().any(|i| !i.duplicate);
+                (items, created)
+            }
+            RequestOutcome::Replayed(ids) => {
+                (ids.into_iter().map(|id| EventOutcome { id, duplicate: true }).collect(), false)
+            }
+            RequestOutcome::KeyReused => return Err(AcceptError::KeyReused),
+        };
+        // New events: the deliveries just written. Duplicates: the original's, as stored.
+        let originals: Vec<EventId> = outcomes.iter().filter(|o| o.duplicate).map(|o| o.id.clone()).collect();
+        let stored = self.store.deliveries_of_events(&originals).await?;
+        // A replay's events were not fanned out by this request: they have no fan-out.
+        let fan_out = fan_out.into_iter().chain(std::iter::repeat_with(EventFanOut::default));
+        let results =
+            outcomes.into_iter().zip(fan_out).map(|(outcome, fanned)| answer(outcome, fanned, &stored)).collect();
+        Ok(Answer { results, created })
+    }
+}
+
+fn answer(outcome: EventOutcome, fanned: EventFanOut, stored: &HashMap<EventId, Vec<DeliveryRecord>>) -> EventAccepted {
+    let EventOutcome { id, duplicate } = outcome;
+    if duplicate {
+        // A batch may hold the same duplicate twice: each gets the original's deliveries.
+        let deliveries = stored.get(&id).map(|d| d.iter().map(DeliverySummary::from).collect());
+        EventAccepted { id, duplicate, deliveries: deliveries.unwrap_or_default(), fanout_errors: Vec::new() }
+    } else {
+        let deliveries = fanned.deliveries.into_iter().map(DeliverySummary::from).collect();
+        EventAccepted { id, duplicate, deliveries, fanout_errors: fanned.errors }
+    }
+}
+
+fn log_accepted(fields: &[LogFields], outcomes: &[EventOutcome], fan_out: &[EventFanOut], trace_id: &str) {
+    let duplicates = outcomes.iter().filter(|o| o.duplicate).count() as u64;
+    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "accepted")
+        .increment(outcomes.len() as u64 - duplicates);
+    metrics::counter!("hookwarden_ingest_events_total", "outcome" => "duplicate").increment(duplicates);
+    for ((event, outcome), fanned) in fields.iter().zip(outcomes).zip(fan_out) {
+        if outcome.duplicate {
+            continue;
+        }
+        tracing::info!(
+            event_id = %outcome.id,
+            namespace = %event.namespace,
+            source = %event.source,
+            event_type = %event.event_type,
+            trace_id = %trace_id,
+            "event accepted"
+        );
+        for error in &fanned.errors {
+            metrics::counter!("hookwarden_fanout_errors_total", "namespace" => event.namespace.clone(),
+                "endpoint" => error.endpoint.clone())
+            .increment(1);
+            tracing::warn!(
+                event_id = %outcome.id,
+                namespace = %event.namespace,
+                endpoint = %error.endpoint,
+                stage = error.stage,
+                skipped = error.skipped,
+                error = %error.message,
+                trace_id = %trace_id,
+                "fan-out failed for an endpoint"
+            );
+        }
+    }
+}
