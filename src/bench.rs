@@ -557,13 +557,14 @@ fn bench_rules(count: usize) -> Vec<(String, String)> {
 }
 
 fn policy(args: PolicyArgs) -> anyhow::Result<()> {
-    use crate::policy::engine::{decide, CompiledRule, EndpointView, EvalBudget, PolicySet};
+    use crate::policy::engine::{decide, CompiledRule, EndpointView, PolicySet};
+    let limits = crate::policy::expr::Limits::default();
     let mut compiled = Vec::new();
     let mut specs = Vec::new();
     for (name, yaml) in bench_rules(args.rules) {
         let spec: crate::resources::AgentRuleSpec =
             yaml_serde::from_str(&yaml).with_context(|| format!("bench rule {yaml}"))?;
-        compiled.push(CompiledRule::compile(&name, "payments", &spec).map_err(anyhow::Error::msg)?);
+        compiled.push(CompiledRule::compile(&name, "payments", &spec, &limits).map_err(anyhow::Error::msg)?);
         specs.push((name, "payments".to_owned(), serde_json::to_value(&spec)?));
     }
     let policy = PolicySet::new(compiled, &specs);
@@ -578,12 +579,12 @@ fn policy(args: PolicyArgs) -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(args.decisions);
     let mut outcome = None;
     for _ in 0..args.decisions.min(1000) {
-        decide(&policy, &event, endpoint, &totals, chrono::Utc::now(), EvalBudget::default());
+        decide(&policy, &event, endpoint, &totals, chrono::Utc::now(), limits.budget());
     }
     let started = Instant::now();
     for _ in 0..args.decisions {
         let t = Instant::now();
-        let decision = decide(&policy, &event, endpoint, &totals, chrono::Utc::now(), EvalBudget::default());
+        let decision = decide(&policy, &event, endpoint, &totals, chrono::Utc::now(), limits.budget());
         latencies.push(t.elapsed());
         outcome = Some(decision.outcome);
     }
@@ -632,9 +633,19 @@ fn cel_attacks(args: &CelArgs) -> Vec<CelAttack> {
             expression: "event.data.p.exists(x, event.data.t.matches(x))".into(),
             data: json!({"p": patterns, "t": "text"}),
         },
-        CelAttack { name: "filter-scan-in-loop", kind: "Filter", expression: scan.into(), data: json!({"a": distinct}) },
+        CelAttack {
+            name: "filter-scan-in-loop",
+            kind: "Filter",
+            expression: scan.into(),
+            data: json!({"a": distinct}),
+        },
         CelAttack { name: "rule-nested-all", kind: "AgentRule", expression: nested.into(), data: json!({"a": equal}) },
-        CelAttack { name: "rule-scan-in-loop", kind: "AgentRule", expression: scan.into(), data: json!({"a": distinct}) },
+        CelAttack {
+            name: "rule-scan-in-loop",
+            kind: "AgentRule",
+            expression: scan.into(),
+            data: json!({"a": distinct}),
+        },
     ]
 }
 
@@ -720,7 +731,7 @@ async fn cel(args: CelArgs) -> anyhow::Result<()> {
         let answered = started.elapsed();
         let answer: serde_json::Value = response.json().await.unwrap_or_default();
         let mut settled = answered;
-        let mut outcome = String::new();
+        let outcome;
         if attack.kind == "AgentRule" {
             // The rule runs at dispatch: wait for the delivery's decision.
             let id = answer["deliveries"][0]["id"].as_str().unwrap_or_default().to_owned();

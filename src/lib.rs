@@ -24,3 +24,4 @@ pub mod resources;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod threads;

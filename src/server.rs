@@ -169,10 +169,11 @@ impl Server {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let catalog = CatalogHandle::new(config.secrets.clone());
+        let catalog = CatalogHandle::new(config.secrets.clone(), config.cel);
         catalog.refresh(&store).await.context("cannot load the resources")?;
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), &config.ingest, &tracker, wake.clone());
-        let checks = Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone() };
+        let checks =
+            Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone(), cel: config.cel };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
         let (controller, controller_status) = Controller::new(
@@ -194,7 +195,7 @@ impl Server {
                 max_json_depth: config.ingest.max_json_depth,
                 apply: config.apply.clone(),
             }),
-            reading: api::reading::Readers::for_this_machine(),
+            reading: crate::threads::Pool::start("reader", crate::threads::half_the_cores()),
             shutdown: CancellationToken::new(),
             checks,
             controller: controller_status,

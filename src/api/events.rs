@@ -205,6 +205,7 @@ async fn submit(state: &AppState, request: IngestRequest) -> Result<Accepted, Ap
         }
         // The writer logged the cause.
         IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
+        e @ IngestError::FanOut(_) => ApiError::Internal(e.into()),
     })
 }
 
