@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::policy::expr::Limits as CelLimits;
 pub use crate::resources::secret_sources::SecretsConfig;
 
 /// A secret value whose `Debug` and `Display` never show it.
@@ -74,6 +75,8 @@ pub struct Config {
     pub secrets: SecretsConfig,
     /// Bounds on `POST /v1/apply` and the resource YAML it reads.
     pub apply: crate::resources::ApplyLimits,
+    /// What CEL expressions may be, and what one evaluation may cost.
+    pub cel: CelLimits,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -291,6 +294,7 @@ impl Default for Config {
             audit_key: None,
             secrets: SecretsConfig::default(),
             apply: crate::resources::ApplyLimits::default(),
+            cel: CelLimits::default(),
         }
     }
 }
@@ -313,6 +317,7 @@ pub struct FileConfig {
     pub auth: Option<AuthConfig>,
     pub secrets: Option<SecretsConfig>,
     pub apply: Option<crate::resources::ApplyLimits>,
+    pub cel: Option<CelLimits>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -375,7 +380,11 @@ impl Config {
             auth,
             secrets,
             apply,
+            cel,
         } = file;
+        if let Some(v) = cel {
+            self.cel = v;
+        }
         if let Some(v) = secrets {
             self.secrets = v;
         }
@@ -493,6 +502,7 @@ impl Config {
             return invalid("ingest.maxJsonDepth must be from 2 (an event with an object in it) to 100");
         }
         self.apply.validate().map_err(ConfigError::Invalid)?;
+        self.cel.validate().map_err(ConfigError::Invalid)?;
         if self.audit.checkpoint_every < 1 || self.audit.checkpoint_interval < Duration::from_millis(100) {
             return invalid("audit.checkpointEvery must be at least 1 and audit.checkpointInterval at least 100ms");
         }

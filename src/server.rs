@@ -175,7 +175,7 @@ impl Server {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let catalog = CatalogHandle::new(config.secrets.clone());
+        let catalog = CatalogHandle::new(config.secrets.clone(), config.cel);
         catalog.refresh(&store).await.context("cannot load the resources")?;
         let backlog = Backlog::default();
         let ingest = IngestSettings {
@@ -185,7 +185,8 @@ impl Server {
             wake: wake.clone(),
         };
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
-        let checks = Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone() };
+        let checks =
+            Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone(), cel: config.cel };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
         let (controller, controller_status) = Controller::new(
@@ -206,7 +207,7 @@ impl Server {
                 max_json_depth: config.ingest.max_json_depth,
                 apply: config.apply.clone(),
             }),
-            reading: api::reading::Readers::for_this_machine(),
+            reading: crate::threads::Pool::start("reader", crate::threads::half_the_cores()),
             shutdown: CancellationToken::new(),
             checks,
             controller: controller_status,

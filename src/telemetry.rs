@@ -106,7 +106,7 @@ pub const FAMILIES: &[Family] = &[
     ),
     counter(
         "hookwarden_fanout_errors_total",
-        "Events whose fan-out to an endpoint could not be decided, by namespace and endpoint: a Filter that failed (the endpoint was skipped) or an ordering key that failed (sent in the (no key) lane).",
+        "Events whose fan-out to an endpoint could not be decided, by namespace and endpoint: a Filter that failed or exceeded its evaluation budget (the endpoint was skipped) or an ordering key that did (sent in the (no key) lane).",
         &[],
     ),
     // Delivery

@@ -59,6 +59,7 @@ impl From<IngestError> for ApiError {
             }
             // The writer logged the cause.
             IngestError::Store(_) => ApiError::Unavailable("the events could not be stored; retry later".into()),
+            e @ IngestError::FanOut(_) => ApiError::Internal(e.into()),
         }
     }
 }

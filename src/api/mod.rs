@@ -13,7 +13,6 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
-pub mod reading;
 pub mod resources;
 pub mod strict_json;
 pub mod text;
@@ -66,8 +65,8 @@ pub struct AppState {
     /// Wakes the status reconciler (this process's; other processes hear
     /// [`crate::store::Store::notify_status`]).
     pub status_changed: Arc<tokio::sync::Notify>,
-    /// The threads that read apply bodies.
-    pub reading: reading::Readers,
+    /// The threads that read apply bodies (see [`crate::threads`]).
+    pub reading: crate::threads::Pool,
 }
 
 impl AppState {

@@ -9,7 +9,7 @@
 //!
 //! An apply body is not read at all unless the caller holds `operator` somewhere, and is
 //! read only up to `apply.maxBodyBytes`; its documents are then read on a reader thread
-//! (see [`super::reading`]), within [`ApplyLimits`]. So neither a token without the role
+//! (see [`crate::threads`]), within [`ApplyLimits`]. So neither a token without the role
 //! nor a hostile body can stall the async workers (`/healthz`, ingest) or hold more than
 //! the limits allow.
 
@@ -122,7 +122,7 @@ fn parse_body(body: ApplyBody, limits: &ApplyLimits) -> Result<Parsed, ApiError>
     Ok(parse_files_within(files.iter().map(|(n, t)| (n.as_str(), t.as_str())), limits))
 }
 
-/// Reads the documents of the body on a reader thread (see [`super::reading`]).
+/// Reads the documents of the body on a reader thread (see [`crate::threads`]).
 async fn read_documents(state: &AppState, body: ApplyBody) -> Result<Parsed, ApiError> {
     let limits = state.config.apply.clone();
     state.reading.run(move || parse_body(body, &limits)).await.map_err(|e| ApiError::Internal(e.into()))?
@@ -185,6 +185,7 @@ pub async fn apply_resources(
         ApplyError::Invalid(errors) => ApiError::InvalidResources(errors),
         ApplyError::Usage(message) => ApiError::Validation(vec![FieldError::new("applyset", message)]),
         ApplyError::Store(e) => e.into(),
+        e @ ApplyError::Validation(_) => ApiError::Internal(e.into()),
     })?;
     if !params.dry_run && outcomes.iter().any(|o| o.action != ApplyAction::Unchanged) {
         refresh_catalog(&state).await;

@@ -4,16 +4,25 @@
 //! it names passes. Invariants:
 //! - fan-out never depends on secrets or on the endpoint being sendable now: such an
 //!   endpoint still gets its deliveries, which wait;
-//! - a Filter that cannot decide (its expression fails on this event, or it no longer
-//!   exists) skips the endpoint and is reported as a [`FanOutError`], never silently;
-//! - an ordering key that cannot be computed puts the event in the `(no key)` lane (kept
-//!   in order among themselves) and is reported too.
+//! - a Filter that cannot decide (its expression fails on this event or exceeds its
+//!   evaluation budget, or it no longer exists) skips the endpoint and is reported as a
+//!   [`FanOutError`], never silently;
+//! - an ordering key that cannot be computed (a failure or its budget exceeded) puts the
+//!   event in the `(no key)` lane (kept in order among themselves) and is reported too;
+//! - each Filter is evaluated at most once per event, however many endpoints name it;
+//!   each evaluation has a budget of its own (`cel.maxCost`, `cel.timeout`).
+//!
+//! Fan-out that evaluates CEL is CPU-bound for as long as the budgets allow: ingest runs
+//! it on the evaluation threads (see [`Catalog::evaluates_cel`]).
+
+use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{eval, Catalog, EndpointEntry, FilterRef};
 use crate::policy::expr;
+use crate::policy::meter::Budget;
 
 /// The lane of events whose ordering key could not be computed.
 pub const NO_KEY: &str = "(no key)";
@@ -96,21 +105,32 @@ pub(super) fn types_match(globs: &[String], event_type: &str) -> bool {
 }
 
 impl Catalog {
+    /// The endpoints of `namespace` whose event types match `event_type`.
+    fn candidates<'c>(&'c self, namespace: &str, event_type: &str) -> impl Iterator<Item = &'c EndpointEntry> {
+        let endpoints = self.by_namespace.get(namespace).map(Vec::as_slice).unwrap_or_default();
+        let event_type = event_type.to_owned();
+        endpoints.iter().map(|e| &**e).filter(move |e| types_match(&e.spec.event_types, &event_type))
+    }
+
+    /// Whether the fan-out of an event of `event_type` in `namespace` evaluates CEL (a
+    /// Filter's expression or an ordering key).
+    pub fn evaluates_cel(&self, namespace: &str, event_type: &str) -> bool {
+        self.candidates(namespace, event_type)
+            .any(|e| e.ordering.is_some() || e.filters.iter().any(FilterRef::needs_event))
+    }
+
     /// The endpoints `event` fans out to (namespace, type globs, filters), and where that
     /// could not be decided.
     pub fn fan_out(&self, event: &EventView<'_>) -> FanOutResult {
         let mut result = FanOutResult::default();
-        let Some(endpoints) = self.by_namespace.get(event.namespace) else { return result };
-        let candidates: Vec<&EndpointEntry> =
-            endpoints.iter().map(|e| &**e).filter(|e| types_match(&e.spec.event_types, event.event_type)).collect();
+        let candidates: Vec<&EndpointEntry> = self.candidates(event.namespace, event.event_type).collect();
         if candidates.is_empty() {
             return result;
         }
-        let needs_json =
-            candidates.iter().any(|e| e.ordering.is_some() || e.filters.iter().any(FilterRef::needs_event));
-        let json = if needs_json { event.to_json() } else { Value::Null };
+        let json = if self.evaluates_cel(event.namespace, event.event_type) { event.to_json() } else { Value::Null };
+        let mut decided = Decided { json: &json, budget: self.budget, filters: HashMap::new() };
         for endpoint in candidates {
-            match passes(endpoint, event.event_type, &json) {
+            match decided.passes(endpoint, event.event_type) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(error) => {
@@ -119,7 +139,7 @@ impl Catalog {
                 }
             }
             let ordering_key = endpoint.ordering.as_ref().map(|program| match program {
-                Ok(program) => match eval(program, &json) {
+                Ok(program) => match eval(program, &json, self.budget) {
                     Ok(value) => expr::value_text(&value),
                     Err(message) => {
                         result.errors.push(ordering_error(endpoint, message));
@@ -147,55 +167,66 @@ fn ordering_error(endpoint: &EndpointEntry, message: String) -> FanOutError {
     }
 }
 
-/// Whether every Filter of `endpoint` lets the event through; the first that cannot decide
-/// is the error.
-fn passes(endpoint: &EndpointEntry, event_type: &str, json: &Value) -> Result<bool, FanOutError> {
-    let skipped = |filter: &str, message: String| FanOutError {
-        endpoint: endpoint.name.clone(),
-        stage: "filter",
-        filter: Some(filter.to_owned()),
-        message,
-        skipped: true,
-    };
-    for filter in &endpoint.filters {
-        match filter {
-            FilterRef::Missing { name } => {
-                return Err(skipped(name, format!("Filter `{name}` does not exist; the endpoint was skipped")))
-            }
-            FilterRef::Broken { name, message } => {
-                return Err(skipped(
-                    name,
-                    format!("Filter `{name}` cannot be used ({message}); the endpoint was skipped"),
-                ))
-            }
-            FilterRef::Compiled { name, event_types, expression } => {
-                if !types_match(event_types, event_type) {
-                    return Ok(false);
+/// The Filters already evaluated for one event, by name, and what that needs.
+struct Decided<'j> {
+    json: &'j Value,
+    budget: Budget,
+    filters: HashMap<String, Result<cel::Value, String>>,
+}
+
+impl Decided<'_> {
+    /// Whether every Filter of `endpoint` lets the event through; the first that cannot
+    /// decide is the error.
+    fn passes(&mut self, endpoint: &EndpointEntry, event_type: &str) -> Result<bool, FanOutError> {
+        let skipped = |filter: &str, message: String| FanOutError {
+            endpoint: endpoint.name.clone(),
+            stage: "filter",
+            filter: Some(filter.to_owned()),
+            message,
+            skipped: true,
+        };
+        for filter in &endpoint.filters {
+            match filter {
+                FilterRef::Missing { name } => {
+                    return Err(skipped(name, format!("Filter `{name}` does not exist; the endpoint was skipped")))
                 }
-                let Some(program) = expression else { continue };
-                match eval(program, json) {
-                    Ok(cel::Value::Bool(true)) => {}
-                    Ok(cel::Value::Bool(false)) => return Ok(false),
-                    Ok(other) => {
-                        return Err(skipped(
-                            name,
-                            format!(
-                                "Filter `{name}` gave {} instead of true or false; the endpoint was skipped",
-                                expr::value_text(&other)
-                            ),
-                        ))
+                FilterRef::Broken { name, message } => {
+                    return Err(skipped(
+                        name,
+                        format!("Filter `{name}` cannot be used ({message}); the endpoint was skipped"),
+                    ))
+                }
+                FilterRef::Compiled { name, event_types, expression } => {
+                    if !types_match(event_types, event_type) {
+                        return Ok(false);
                     }
-                    Err(message) => {
-                        return Err(skipped(
-                            name,
-                            format!("Filter `{name}` failed: {message}; the endpoint was skipped"),
-                        ))
+                    let Some(program) = expression else { continue };
+                    let (json, budget) = (self.json, self.budget);
+                    let value = self.filters.entry(name.clone()).or_insert_with(|| eval(program, json, budget));
+                    match value {
+                        Ok(cel::Value::Bool(true)) => {}
+                        Ok(cel::Value::Bool(false)) => return Ok(false),
+                        Ok(other) => {
+                            return Err(skipped(
+                                name,
+                                format!(
+                                    "Filter `{name}` gave {} instead of true or false; the endpoint was skipped",
+                                    expr::value_text(other)
+                                ),
+                            ))
+                        }
+                        Err(message) => {
+                            return Err(skipped(
+                                name,
+                                format!("Filter `{name}` failed: {message}; the endpoint was skipped"),
+                            ))
+                        }
                     }
                 }
             }
         }
+        Ok(true)
     }
-    Ok(true)
 }
 
 #[cfg(test)]

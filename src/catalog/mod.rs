@@ -26,12 +26,14 @@ pub use state::{waiting_by_reason, Sendability, WAIT_REASONS};
 
 use crate::delivery::retry::Backoff;
 use crate::policy::engine::{CompiledRule, PolicySet};
-use crate::policy::expr::{self, CompiledExpr, Limits};
+use crate::policy::expr::{self, CompiledExpr, Evaluation, Limits};
+use crate::policy::meter;
 use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, RetryBudgetSpec};
 use crate::resources::secret_sources::SecretsConfig;
 use crate::resources::validate::EVENT_VARIABLES;
 use crate::resources::{Kind, Spec};
 use crate::store::{Store, StoreError, StoredResource};
+use crate::threads::{JobFailed, Pool, Priority};
 
 /// Attempt timeout when the endpoint sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,23 +168,18 @@ pub struct Catalog {
     policies: HashMap<String, Arc<PolicySet>>,
     /// The resource revision it was built from (`None`: nothing loaded yet).
     pub revision: Option<i64>,
+    /// The bounds of each evaluation: a Filter, an ordering key, a policy decision.
+    pub budget: meter::Budget,
 }
 
-/// Runs a CEL program over `event`.
-fn eval(program: &CompiledExpr, event: &Value) -> Result<cel::Value, String> {
+/// Runs a CEL program over `event`, within `budget`.
+fn eval(program: &CompiledExpr, event: &Value, budget: meter::Budget) -> Result<cel::Value, String> {
+    let evaluation = Evaluation::start(budget);
     expr::with_root(|root| {
         let mut context = root.new_inner_scope();
         context.add_variable_as_val("event", expr::json_val(event));
-        expr::execute(program, &context)
+        evaluation.execute(program, &context)
     })
-}
-
-/// Runs a boolean CEL program over `event`; anything but a bool is an error.
-pub fn eval_bool(program: &CompiledExpr, event: &Value) -> Result<bool, String> {
-    match eval(program, event)? {
-        cel::Value::Bool(b) => Ok(b),
-        other => Err(format!("expected true or false, got {}", expr::value_text(&other))),
-    }
 }
 
 impl Catalog {
@@ -219,8 +216,14 @@ impl Catalog {
     }
 
     /// Builds the catalog from the resources stored at `revision`, reading the secret
-    /// sources `secrets` allows. Reads files: call it off the async workers.
-    pub fn build(resources: &[StoredResource], revision: Option<i64>, secrets: &SecretsConfig) -> Catalog {
+    /// sources `secrets` allows and compiling CEL within `limits`. Reads files: call it
+    /// off the async workers.
+    pub fn build(
+        resources: &[StoredResource],
+        revision: Option<i64>,
+        secrets: &SecretsConfig,
+        limits: &Limits,
+    ) -> Catalog {
         let spec_of = |kind: Kind, namespace: &str, name: &str| {
             resources
                 .iter()
@@ -230,7 +233,7 @@ impl Catalog {
         let mut by_namespace: HashMap<String, Vec<Arc<EndpointEntry>>> = HashMap::new();
         for resource in resources.iter().filter(|r| r.key.kind == Kind::Endpoint) {
             let (namespace, name) = (&resource.key.namespace, &resource.key.name);
-            match Self::entry(resource, &spec_of, secrets) {
+            match Self::entry(resource, &spec_of, secrets, limits) {
                 Ok(entry) => by_namespace.entry(namespace.clone()).or_default().push(Arc::new(entry)),
                 // Only a stored spec that no longer reads (corrupt data) gets here.
                 Err(error) => tracing::error!(endpoint = %name, %namespace, %error, "endpoint cannot be read"),
@@ -240,7 +243,7 @@ impl Catalog {
         for resource in resources.iter().filter(|r| r.key.kind == Kind::AgentRule) {
             let (namespace, name) = (&resource.key.namespace, &resource.key.name);
             let compiled = match Spec::from_json(Kind::AgentRule, resource.spec.clone()) {
-                Ok(Spec::AgentRule(spec)) => CompiledRule::compile(name, namespace, &spec),
+                Ok(Spec::AgentRule(spec)) => CompiledRule::compile(name, namespace, &spec, limits),
                 _ => Err("stored spec is unreadable".to_owned()),
             };
             let entry = rules.entry(namespace.clone()).or_default();
@@ -261,13 +264,14 @@ impl Catalog {
         }
         let policies =
             rules.into_iter().map(|(ns, (compiled, specs))| (ns, Arc::new(PolicySet::new(compiled, &specs)))).collect();
-        Catalog { by_namespace, policies, revision }
+        Catalog { by_namespace, policies, revision, budget: limits.budget() }
     }
 
     fn entry(
         resource: &StoredResource,
         spec_of: &impl Fn(Kind, &str, &str) -> Option<Result<Spec, serde_json::Error>>,
         secrets: &SecretsConfig,
+        limits: &Limits,
     ) -> Result<EndpointEntry, String> {
         let namespace = &resource.key.namespace;
         let Ok(Spec::Endpoint(spec)) = Spec::from_json(Kind::Endpoint, resource.spec.clone()) else {
@@ -279,7 +283,7 @@ impl Catalog {
             .map(|name| match spec_of(Kind::Filter, namespace, name) {
                 None => FilterRef::Missing { name: name.clone() },
                 Some(Ok(Spec::Filter(FilterSpec { event_types, expression }))) => {
-                    match expression.map(|x| expr::compile(&x, EVENT_VARIABLES, Limits::default())).transpose() {
+                    match expression.map(|x| expr::compile(&x, EVENT_VARIABLES, limits)).transpose() {
                         Ok(expression) => FilterRef::Compiled { name: name.clone(), event_types, expression },
                         Err(message) => FilterRef::Broken { name: name.clone(), message },
                     }
@@ -294,7 +298,7 @@ impl Catalog {
                 _ => (default_budget(), Some(format!("RetryBudget `{name}` does not exist"))),
             },
         };
-        let ordering = spec.ordering.as_ref().map(|o| expr::compile(&o.key, EVENT_VARIABLES, Limits::default()));
+        let ordering = spec.ordering.as_ref().map(|o| expr::compile(&o.key, EVENT_VARIABLES, limits));
         let mut entry = EndpointEntry {
             namespace: namespace.clone(),
             name: resource.key.name.clone(),
@@ -361,10 +365,13 @@ impl EndpointEntry {
     }
 }
 
-#[derive(Default)]
 struct Shared {
     /// Where `valueFrom` sources may be read from.
     secrets: SecretsConfig,
+    /// What CEL may be and cost.
+    limits: Limits,
+    /// The threads CEL is evaluated on (see [`CatalogHandle::evaluate`]).
+    evaluators: Pool,
     current: RwLock<Arc<Catalog>>,
     /// Transitions not yet acted on (see [`follow::FollowResources`]).
     transitions: std::sync::Mutex<Vec<Transition>>,
@@ -375,13 +382,28 @@ struct Shared {
 /// The catalog in force, shared by ingest, dispatch and the API; swapped whole. Every
 /// swap records which endpoints became blocked or sendable, whoever made it, so that
 /// acting on it (the log line, sending what waited) never depends on when anyone looked.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CatalogHandle(Arc<Shared>);
 
 impl CatalogHandle {
-    /// An empty catalog that reads the secret sources `secrets` allows.
-    pub fn new(secrets: SecretsConfig) -> CatalogHandle {
-        CatalogHandle(Arc::new(Shared { secrets, ..Shared::default() }))
+    /// An empty catalog that reads the secret sources `secrets` allows and compiles and
+    /// evaluates CEL within `limits`, on evaluation threads of its own.
+    pub fn new(secrets: SecretsConfig, limits: Limits) -> CatalogHandle {
+        CatalogHandle(Arc::new(Shared {
+            secrets,
+            limits,
+            // Below the async workers: a heavy expression waits for the CPU, requests do not.
+            evaluators: Pool::start_with("cel", limits.thread_count(), Priority::Background),
+            current: RwLock::default(),
+            transitions: std::sync::Mutex::default(),
+            transitioned: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// Runs `work`, which evaluates CEL, on an evaluation thread: off the async workers,
+    /// and at most `cel.threads` at once whoever asks.
+    pub async fn evaluate<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, JobFailed> {
+        self.0.evaluators.run(work).await
     }
 
     pub fn current(&self) -> Arc<Catalog> {
@@ -400,9 +422,11 @@ impl CatalogHandle {
         }
         let resources = store.list_resources(None, None).await?;
         let shared = self.0.clone();
-        let catalog = tokio::task::spawn_blocking(move || Catalog::build(&resources, Some(revision), &shared.secrets))
-            .await
-            .map_err(|e| CatalogError::Build(e.to_string()))?;
+        let catalog = tokio::task::spawn_blocking(move || {
+            Catalog::build(&resources, Some(revision), &shared.secrets, &shared.limits)
+        })
+        .await
+        .map_err(|e| CatalogError::Build(e.to_string()))?;
         crate::telemetry::register_rules(catalog.rule_names());
         Ok(self.install(catalog))
     }
@@ -435,7 +459,12 @@ impl CatalogHandle {
                     .collect();
                 by_namespace.insert(namespace.clone(), entries);
             }
-            changed.then(|| Catalog { by_namespace, policies: current.policies.clone(), revision: current.revision })
+            changed.then(|| Catalog {
+                by_namespace,
+                policies: current.policies.clone(),
+                revision: current.revision,
+                budget: current.budget,
+            })
         })
         .await
         .map_err(|e| CatalogError::Build(e.to_string()))?;

@@ -183,7 +183,8 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     if let Ok(prefix) = std::env::var("HOOKWARDEN_SECRETS_ENV_PREFIX") {
         secrets.env_prefix = prefix;
     }
-    let checks = Checks { allow_private_urls, secrets };
+    // CEL within the default limits: a server configured otherwise decides by its own.
+    let checks = Checks { allow_private_urls, secrets, ..Checks::default() };
     let (resources, mut errors) = (parsed.resources, parsed.errors);
     errors.extend(validate(&resources, &parsed.unparsed, &checks));
     if errors.is_empty() {

@@ -99,6 +99,24 @@ fn the_input_limits_are_read_from_the_file_and_checked() {
 }
 
 #[test]
+fn the_cel_limits_are_read_from_the_file_and_checked() {
+    let mut config = Config::default();
+    assert_eq!((config.cel.max_cost, config.cel.max_cpu_time), (100_000, Duration::from_millis(50)));
+    config.apply_file(parse_file_config("cel: {maxCost: 5000, maxCpuTime: 20ms, regexSizeLimit: 65536}\n").unwrap());
+    let budget = config.cel.budget();
+    assert_eq!(
+        (budget.max_cost, budget.max_cpu_time, budget.regex_size_limit),
+        (5000, Duration::from_millis(20), 65536)
+    );
+    assert_eq!(config.cel.max_nodes, 500, "what the file leaves out keeps its default");
+    config.validate().unwrap();
+    config.cel.max_cpu_time = Duration::from_secs(60);
+    assert!(config.validate().unwrap_err().to_string().contains("cel.maxCpuTime"));
+    let err = parse_file_config("cel: {maxSteps: 1}\n").unwrap_err();
+    assert!(err.contains("maxSteps"), "{err}");
+}
+
+#[test]
 fn postgres_without_a_shared_jwt_secret_is_refused() {
     let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
     assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));

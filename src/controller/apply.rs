@@ -32,6 +32,9 @@ pub enum ApplyError {
     Usage(String),
     #[error("could not apply")]
     Store(#[from] StoreError),
+    /// Validation did not finish (it panicked: a bug).
+    #[error("validation did not finish")]
+    Validation(#[source] tokio::task::JoinError),
 }
 
 /// Validates the documents that parsed (references may resolve to stored resources that
@@ -71,7 +74,16 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
         .map(|s| s.key)
         .chain(unparsed)
         .collect();
-    errors.extend(validate::validate(&resources, &known, &options.checks));
+    // Validation compiles every CEL expression and its literal patterns: CPU-bound, so off
+    // the async workers.
+    let checks = options.checks.clone();
+    let (resources, invalid) = tokio::task::spawn_blocking(move || {
+        let invalid = validate::validate(&resources, &known, &checks);
+        (resources, invalid)
+    })
+    .await
+    .map_err(ApplyError::Validation)?;
+    errors.extend(invalid);
     if !parse_errors.is_empty() || !errors.is_empty() {
         parse_errors.extend(errors);
         return Err(ApplyError::Invalid(parse_errors));

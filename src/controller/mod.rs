@@ -343,6 +343,7 @@ fn describe(e: &ApplyError) -> String {
         ApplyError::Invalid(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
         ApplyError::Usage(m) => m.clone(),
         ApplyError::Store(e) => format!("database error: {e}"),
+        e @ ApplyError::Validation(_) => e.to_string(),
     }
 }
 

@@ -23,7 +23,8 @@ use super::signing;
 use crate::catalog::{Catalog, CatalogHandle, EndpointEntry, EventView};
 use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
-use crate::policy::engine::{self, EndpointView as PolicyEndpoint, EvalBudget, Outcome, SpendCheck};
+use crate::policy::engine::{self, EndpointView as PolicyEndpoint, Outcome, PolicyDecision, PolicySet, SpendCheck};
+use crate::policy::meter::Budget;
 use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState, Store};
 
@@ -374,23 +375,32 @@ impl Dispatcher {
     /// decision and its spend reservation are then committed); otherwise the delivery was
     /// denied or held here.
     async fn gate(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> bool {
-        let policy = self.catalog.current().policy(&delivery.namespace);
+        let catalog = self.catalog.current();
+        let (policy, budget) = (catalog.policy(&delivery.namespace), catalog.budget);
+        drop(catalog);
         let time = delivery.event_time.map(|t| t.to_rfc3339());
-        let event = EventView {
-            id: delivery.event_id.as_str(),
-            namespace: &delivery.namespace,
-            source: &delivery.source,
-            event_type: &delivery.event_type,
-            subject: delivery.subject.as_deref(),
-            time,
-            data: &delivery.data,
-        }
-        .to_json();
-        let endpoint = PolicyEndpoint { namespace: &ep.namespace, name: &ep.name, labels: &ep.labels };
+        let event = Arc::new(
+            EventView {
+                id: delivery.event_id.as_str(),
+                namespace: &delivery.namespace,
+                source: &delivery.source,
+                event_type: &delivery.event_type,
+                subject: delivery.subject.as_deref(),
+                time,
+                data: &delivery.data,
+            }
+            .to_json(),
+        );
+        let decide = |totals: BTreeMap<(String, String, String), i64>, now| {
+            self.decide(policy.clone(), event.clone(), ep, totals, now, budget)
+        };
         for _ in 0..3 {
             let now = Utc::now();
             // First learn which spend windows the rules look at, then read them.
-            let probe = engine::decide(&policy, &event, endpoint, &BTreeMap::new(), now, EvalBudget::default());
+            let probe = match decide(BTreeMap::new(), now).await {
+                Ok(probe) => probe,
+                Err(e) => return self.gate_failed(delivery, e).await,
+            };
             let keys: Vec<(String, String, String, Duration)> = probe
                 .rules
                 .iter()
@@ -405,7 +415,10 @@ impl Dispatcher {
                     Ok(totals) => totals,
                     Err(e) => return self.gate_failed(delivery, e).await,
                 };
-                engine::decide(&policy, &event, endpoint, &totals, now, EvalBudget::default())
+                match decide(totals, now).await {
+                    Ok(decision) => decision,
+                    Err(e) => return self.gate_failed(delivery, e).await,
+                }
             };
             let recorded = serde_json::to_string(&decision).unwrap_or_default();
             if delivery.approved {
@@ -529,7 +542,31 @@ impl Dispatcher {
     }
 
     /// The gate could not decide (database trouble): give the delivery back for later.
-    async fn gate_failed(&self, delivery: &ClaimedDelivery, error: crate::store::StoreError) -> bool {
+    /// The policy decision for `ep`, made on an evaluation thread when it runs CEL (see
+    /// [`CatalogHandle::evaluate`]).
+    async fn decide(
+        &self,
+        policy: Arc<PolicySet>,
+        event: Arc<serde_json::Value>,
+        ep: &EndpointEntry,
+        totals: BTreeMap<(String, String, String), i64>,
+        now: chrono::DateTime<Utc>,
+        budget: Budget,
+    ) -> Result<PolicyDecision, crate::threads::JobFailed> {
+        let endpoint = PolicyEndpoint { namespace: &ep.namespace, name: &ep.name, labels: &ep.labels };
+        if !policy.evaluates_cel(endpoint) {
+            return Ok(engine::decide(&policy, &event, endpoint, &totals, now, budget));
+        }
+        let (namespace, name, labels) = (ep.namespace.clone(), ep.name.clone(), ep.labels.clone());
+        self.catalog
+            .evaluate(move || {
+                let endpoint = PolicyEndpoint { namespace: &namespace, name: &name, labels: &labels };
+                engine::decide(&policy, &event, endpoint, &totals, now, budget)
+            })
+            .await
+    }
+
+    async fn gate_failed(&self, delivery: &ClaimedDelivery, error: impl std::fmt::Display) -> bool {
         tracing::warn!(delivery_id = %delivery.id, error = %error, "policy gate could not decide; retrying later");
         let later = Utc::now() + chrono::Duration::seconds(1);
         let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], later).await;

@@ -12,7 +12,9 @@
 //! - an event accepted after an apply returned (by any process) fans out by what that
 //!   apply wrote (read-your-writes through the resource revision);
 //! - where fan-out could not decide for an endpoint, the answer says so; nothing is left
-//!   out silently.
+//!   out silently;
+//! - fan-out that evaluates CEL runs on the evaluation threads
+//!   ([`CatalogHandle::evaluate`]), never on an async worker.
 //!
 //! [`keys`] forgets idempotency keys after their time to live.
 
@@ -48,6 +50,10 @@ pub enum IngestError {
     TimedOut,
     #[error("could not store the events")]
     Store(#[source] Arc<StoreError>),
+    /// The fan-out did not come back from its evaluation thread (a bug: evaluations catch
+    /// their own panics).
+    #[error(transparent)]
+    FanOut(#[from] crate::threads::JobFailed),
 }
 
 impl IngestError {
@@ -104,10 +110,19 @@ impl Job {
 }
 
 impl FannedOut {
-    /// Decides the fan-out of every event of `request` by `catalog`.
-    fn decide(&mut self, catalog: &Catalog, request: &mut IngestRequest) {
-        self.errors = request.events.iter_mut().map(|event| fan_out(catalog, event)).collect();
+    /// Decides the fan-out of every event of `request` by `catalog` (see
+    /// [`fan_out_events`]).
+    async fn decide(
+        &mut self,
+        handle: &CatalogHandle,
+        catalog: Arc<Catalog>,
+        request: &mut IngestRequest,
+    ) -> Result<(), IngestError> {
         self.revision = catalog.revision;
+        let (events, errors) = fan_out_events(handle, catalog, std::mem::take(&mut request.events)).await?;
+        request.events = events;
+        self.errors = errors;
+        Ok(())
     }
 
     /// Answers the handler with what was written.
@@ -122,6 +137,25 @@ impl FannedOut {
             Accepted { outcome, fan_out }
         });
         let _ = self.reply.send(answer);
+    }
+}
+
+/// Sets the deliveries of `events` by `catalog`; returns where that failed, per event. When
+/// any of them evaluates CEL, all are decided on an evaluation thread.
+async fn fan_out_events(
+    handle: &CatalogHandle,
+    catalog: Arc<Catalog>,
+    mut events: Vec<NewEvent>,
+) -> Result<(Vec<NewEvent>, Vec<Vec<FanOutError>>), IngestError> {
+    let evaluates_cel = events.iter().any(|e| catalog.evaluates_cel(&e.namespace, &e.event_type));
+    let decide = move || {
+        let errors = events.iter_mut().map(|event| fan_out(&catalog, event)).collect();
+        (events, errors)
+    };
+    if evaluates_cel {
+        Ok(handle.evaluate(decide).await?)
+    } else {
+        Ok(decide())
     }
 }
 
@@ -189,7 +223,7 @@ impl Ingestor {
     pub async fn submit(&self, request: IngestRequest) -> Result<Accepted, IngestError> {
         let (reply, answer) = oneshot::channel();
         let mut job = Job { request, fan_out: FannedOut { errors: Vec::new(), revision: None, reply } };
-        job.fan_out.decide(&self.catalog.current(), &mut job.request);
+        job.fan_out.decide(&self.catalog, self.catalog.current(), &mut job.request).await?;
         self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => IngestError::ShuttingDown,

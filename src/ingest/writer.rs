@@ -133,7 +133,7 @@ impl Writer {
             let catalog = self.catalog.current();
             for (request, fanned) in requests.iter_mut().zip(fanned.iter_mut()) {
                 if fanned.revision != catalog.revision {
-                    fanned.decide(&catalog, request);
+                    fanned.decide(&self.catalog, catalog.clone(), request).await?;
                 }
             }
             // A catalog that never loaded matches no revision: the commit reports the

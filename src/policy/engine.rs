@@ -4,13 +4,16 @@
 //! Pure: the caller supplies the event, the endpoint, the spend already counted in each
 //! rule's window, and the time. Invariants:
 //! - deny beats hold beats allow; an agent endpoint no enforced rule allows is denied;
-//! - a rule that fails at run time (missing field, wrong type, overflow, a budget
-//!   exceeded) denies, naming the rule and the error: an error never allows;
+//! - a rule that fails at run time (missing field, wrong type, overflow) denies, naming
+//!   the rule and the error: an error never allows;
+//! - every expression of one decision runs within one budget (see
+//!   [`super::meter`]), enforced while it runs; a decision that exceeds it is a denial
+//!   naming the bound, whatever rules were left to evaluate (shadow rules included);
 //! - a rule in `audit` enforcement is evaluated and reported, never enforced.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cel::common::types::{CelInt, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
@@ -19,7 +22,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::expr::{self, describe, execute as eval, value_text as as_text, CompiledExpr, Limits};
+use super::expr::{self, describe, value_text as as_text, CompiledExpr, Evaluation, Limits};
+use super::meter::Budget;
 use crate::resources::kinds::{AgentRuleSpec, Approval, Decision as RuleDecision, Enforcement, OverLimit};
 use crate::resources::validate::POLICY_VARIABLES;
 
@@ -64,8 +68,8 @@ pub struct CompiledRule {
 }
 
 impl CompiledRule {
-    pub fn compile(name: &str, namespace: &str, spec: &AgentRuleSpec) -> Result<CompiledRule, String> {
-        let compile = |source: &str| expr::compile(source, POLICY_VARIABLES, Limits::default());
+    pub fn compile(name: &str, namespace: &str, spec: &AgentRuleSpec, limits: &Limits) -> Result<CompiledRule, String> {
+        let compile = |source: &str| expr::compile(source, POLICY_VARIABLES, limits);
         let mentions_spend = |source: &Option<String>| source.as_deref().is_some_and(|s| s.contains("spend"));
         let uses_spend =
             spec.spend.is_some() || mentions_spend(&spec.match_expression) || mentions_spend(&spec.reason_expression);
@@ -116,6 +120,11 @@ impl CompiledRule {
             shadow: false,
             uses_spend: false,
         }
+    }
+
+    /// Whether deciding by this rule runs any CEL.
+    pub fn has_expressions(&self) -> bool {
+        self.matches.is_some() || self.spend.is_some() || self.reason_expression.is_some()
     }
 
     /// Whether the rule governs this endpoint (same namespace; by label or by name).
@@ -217,30 +226,28 @@ pub struct PolicyDecision {
     pub approval: Option<Approval>,
 }
 
-/// Bounds on evaluation: a decision that takes longer than `budget` is a denial.
-#[derive(Clone, Copy, Debug)]
-pub struct EvalBudget {
-    pub budget: Duration,
-}
-
-impl Default for EvalBudget {
-    fn default() -> Self {
-        Self { budget: Duration::from_millis(50) }
+impl PolicySet {
+    /// Whether deciding for `endpoint` runs any CEL (and so belongs on an evaluation
+    /// thread).
+    pub fn evaluates_cel(&self, endpoint: EndpointView<'_>) -> bool {
+        self.rules.iter().any(|r| r.selects(&endpoint) && r.has_expressions())
     }
 }
 
-/// Evaluates every rule of `policy` that selects `endpoint` for `event` at `now`.
+/// Evaluates every rule of `policy` that selects `endpoint` for `event` at `now`, all of
+/// them within one `budget`. CPU-bound for as long as the budget allows: call it off the
+/// async workers.
 pub fn decide(
     policy: &PolicySet,
     event: &Value,
     endpoint: EndpointView<'_>,
     totals: &dyn SpendTotals,
     now: DateTime<Utc>,
-    budget: EvalBudget,
+    budget: Budget,
 ) -> PolicyDecision {
-    let started = Instant::now();
+    let evaluation = Evaluation::start(budget);
     let endpoint_json = json!({ "name": endpoint.name, "namespace": endpoint.namespace, "labels": endpoint.labels });
-    expr::with_root(|root| decide_in(root, policy, event, &endpoint_json, endpoint, totals, now, budget, started))
+    expr::with_root(|root| decide_in(root, policy, event, &endpoint_json, endpoint, totals, now, &evaluation))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,8 +259,7 @@ fn decide_in<'v>(
     endpoint: EndpointView<'_>,
     totals: &dyn SpendTotals,
     now: DateTime<Utc>,
-    budget: EvalBudget,
-    started: Instant,
+    evaluation: &Evaluation,
 ) -> PolicyDecision {
     // The variables every rule shares are bound once per decision, borrowing the JSON.
     let mut base = root.new_inner_scope();
@@ -263,14 +269,15 @@ fn decide_in<'v>(
     base.add_variable_from_value("now", cel::Value::Timestamp(now.fixed_offset()));
     let mut results = Vec::new();
     for rule in policy.rules.iter().filter(|r| r.selects(&endpoint)) {
-        results.push(evaluate(rule, base.new_inner_scope(), endpoint, totals));
-        if started.elapsed() > budget.budget {
+        results.push(evaluate(rule, evaluation, base.new_inner_scope(), endpoint, totals));
+        // Fail closed: the rules left unevaluated might have denied.
+        if let Some(exceeded) = evaluation.exceeded() {
             results.push(RuleResult {
                 rule: rule.name.clone(),
                 outcome: Some(Outcome::Deny),
-                reason: format!("policy evaluation exceeded its budget of {:?}", budget.budget),
+                reason: format!("policy evaluation stopped at rule `{}`: {exceeded}", rule.name),
                 shadow: false,
-                error: Some("evaluation budget exceeded".into()),
+                error: Some(exceeded),
                 spend: None,
             });
             break;
@@ -292,11 +299,13 @@ fn error_result(rule: &CompiledRule, error: String) -> RuleResult {
 
 fn evaluate(
     rule: &CompiledRule,
+    evaluation: &Evaluation,
     mut context: cel::Context<'_, '_>,
     endpoint: EndpointView<'_>,
     totals: &dyn SpendTotals,
 ) -> RuleResult {
     // Spend first: `spend` is a variable of every expression of the rule.
+    let eval = |program: &CompiledExpr, context: &cel::Context<'_, '_>| evaluation.execute(program, context);
     let mut spend = None;
     if let Some(clause) = &rule.spend {
         let key = match &clause.per {
@@ -333,7 +342,7 @@ fn evaluate(
     if rule.uses_spend {
         context.add_variable_as_val("spend", spend_val(spend.as_ref()));
     }
-    finish(rule, &context, spend)
+    finish(rule, evaluation, &context, spend)
 }
 
 /// The `spend` variable: the figures of the rule's spend clause as `int`s (minor units)
@@ -355,9 +364,15 @@ fn spend_val(spend: Option<&SpendCheck>) -> Box<dyn Val> {
 }
 
 /// The rule's match, decision, reason and spend check, with every variable in `context`.
-fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<SpendCheck>) -> RuleResult {
+fn finish(
+    rule: &CompiledRule,
+    evaluation: &Evaluation,
+    context: &cel::Context<'_, '_>,
+    spend: Option<SpendCheck>,
+) -> RuleResult {
+    let eval = |program: &CompiledExpr| evaluation.execute(program, context);
     if let Some(matches) = &rule.matches {
-        match eval(matches, context) {
+        match eval(matches) {
             Ok(cel::Value::Bool(true)) => {}
             Ok(cel::Value::Bool(false)) => {
                 return RuleResult {
@@ -380,7 +395,7 @@ fn finish(rule: &CompiledRule, context: &cel::Context<'_, '_>, spend: Option<Spe
     };
     let mut reason = match (&rule.reason, &rule.reason_expression) {
         (Some(text), _) => text.clone(),
-        (None, Some(program)) => match eval(program, context) {
+        (None, Some(program)) => match eval(program) {
             Ok(cel::Value::String(s)) => s.to_string(),
             Ok(other) => {
                 return error_result(rule, format!("reasonExpression must be a string, got {}", describe(&other)))
@@ -467,7 +482,7 @@ mod tests {
 
     fn rule(name: &str, yaml: &str) -> (CompiledRule, (String, String, Value)) {
         let spec: AgentRuleSpec = yaml_serde::from_str(yaml).unwrap();
-        let compiled = CompiledRule::compile(name, "payments", &spec).unwrap();
+        let compiled = CompiledRule::compile(name, "payments", &spec, &Limits::default()).unwrap();
         (compiled, (name.to_owned(), "payments".to_owned(), serde_json::to_value(&spec).unwrap()))
     }
 
@@ -484,7 +499,7 @@ mod tests {
         for r in &policy.rules {
             totals.insert((r.name.clone(), "refund-agent".to_owned(), "USD".to_owned()), spent);
         }
-        decide(policy, &event, endpoint, &totals, Utc::now(), EvalBudget::default())
+        decide(policy, &event, endpoint, &totals, Utc::now(), Budget::default())
     }
 
     const ALLOW: &str = "{endpointRefs: [refund-agent], decision: allow}";
@@ -584,10 +599,29 @@ mod tests {
         let labels = BTreeMap::new();
         let endpoint = EndpointView { namespace: "payments", name: "refund-agent", labels: &labels };
         let event = json!({"type": "refund.requested", "data": {}});
-        let decision =
-            decide(&p, &event, endpoint, &BTreeMap::new(), Utc::now(), EvalBudget { budget: Duration::ZERO });
+        let budget = Budget { max_cpu_time: Duration::ZERO, ..Budget::default() };
+        let decision = decide(&p, &event, endpoint, &BTreeMap::new(), Utc::now(), budget);
         assert_eq!(decision.outcome, Outcome::Deny);
-        assert!(decision.reason.contains("exceeded its budget"), "{}", decision.reason);
+        assert!(decision.reason.contains("used more than its 0s of CPU time (cel.maxCpuTime)"), "{}", decision.reason);
+    }
+
+    #[test]
+    fn a_decision_over_its_cost_budget_is_a_denial_even_when_a_shadow_rule_spent_it() {
+        let heavy = "{endpointRefs: [refund-agent], match: \"event.data.a.all(x, x >= 0)\", decision: allow, enforcement: audit}";
+        let p = policy(&[("a", ALLOW), ("heavy", heavy)]);
+        let labels = BTreeMap::new();
+        let endpoint = EndpointView { namespace: "payments", name: "refund-agent", labels: &labels };
+        let event = json!({"type": "refund.requested", "data": {"a": vec![0; 1000]}});
+        let budget = Budget { max_cost: 100, ..Budget::default() };
+        let decision = decide(&p, &event, endpoint, &BTreeMap::new(), Utc::now(), budget);
+        assert_eq!(decision.outcome, Outcome::Deny);
+        assert_eq!(
+            decision.reason,
+            "policy evaluation stopped at rule `heavy`: the expression exceeded its budget of 100 cost units (cel.maxCost)"
+        );
+        // Within the budget the shadow rule is only reported.
+        let decision = decide(&p, &event, endpoint, &BTreeMap::new(), Utc::now(), Budget::default());
+        assert_eq!(decision.outcome, Outcome::Allow, "{}", decision.reason);
     }
 
     #[test]

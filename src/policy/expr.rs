@@ -1,39 +1,121 @@
 //! CEL expressions: compiled once (at apply time), bounded in what they can cost.
 //!
-//! The `cel` crate has no cost limit of its own, so what can be written is bounded here,
-//! before anything runs: source length, nesting depth (checked on the text *before* the
-//! parser sees it, so a pathological input cannot exhaust the parser's stack), number of
-//! AST nodes and comprehension nesting. Every variable an expression names must be one
-//! the engine provides where the expression runs.
+//! What can be written is bounded before anything runs: source length, nesting depth
+//! (checked on the text *before* the parser sees it, so a pathological input cannot
+//! exhaust the parser's stack), terms, comprehension nesting, and comprehensions nested
+//! over input data (see [`super::cost`]). Every variable an expression names must be one
+//! the engine provides where the expression runs; every literal pattern of `matches()` is
+//! compiled here, within `cel.regexSizeLimit`. What one evaluation may cost is bounded
+//! while it runs, by [`super::meter`].
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
-use cel::common::ast::{EntryExpr, Expr};
+use cel::common::ast::{Expr, LiteralValue};
 use cel::common::types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt};
 use cel::common::value::Val;
 use cel::{IdedExpr, Program};
+use serde::Deserialize;
 
-/// Limits on what an expression may be.
-#[derive(Clone, Copy, Debug)]
+use super::cost::{self, Shape};
+use super::meter::{self, Budget, Patterns};
+pub use super::meter::{with_root, Evaluation};
+
+/// The `cel` section of the configuration: what an expression may be (checked when it is
+/// applied, and again when the server loads it) and what one evaluation may cost
+/// (enforced while it runs). The defaults fit hand-written filters and rules with room
+/// to spare; see `docs/SECURITY.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Limits {
+    /// Longest expression, in bytes of source.
     pub max_source_bytes: usize,
+    /// Deepest nesting of brackets, operators and calls.
     pub max_nesting: usize,
+    /// Most terms (nodes of the parsed expression).
     pub max_nodes: usize,
+    /// Most comprehension loops (`all`, `exists`, `exists_one`, `map`, `filter`) inside
+    /// one another.
     pub max_comprehension_nesting: usize,
+    /// Most distinct literal patterns of `matches()` in one expression.
+    pub max_patterns: usize,
+    /// Largest compiled form of a pattern, in bytes (the regex crate's `size_limit`, and
+    /// its `dfa_size_limit` for the lazy DFA's cache).
+    pub regex_size_limit: usize,
+    /// Cost units one evaluation may spend (see [`super::meter`]).
+    pub max_cost: u64,
+    /// CPU time one evaluation may use: a Filter, an ordering key, or all the AgentRules
+    /// of one policy decision.
+    #[serde(with = "crate::duration::text")]
+    pub max_cpu_time: Duration,
+    /// Threads that run evaluations, off the async workers (0: half the cores, at least 1).
+    pub threads: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_source_bytes: 4096, max_nesting: 32, max_nodes: 500, max_comprehension_nesting: 2 }
+        let budget = Budget::default();
+        Self {
+            max_source_bytes: 4096,
+            max_nesting: 32,
+            max_nodes: 500,
+            max_comprehension_nesting: 2,
+            max_patterns: 8,
+            regex_size_limit: budget.regex_size_limit,
+            max_cost: budget.max_cost,
+            max_cpu_time: budget.max_cpu_time,
+            threads: 0,
+        }
     }
 }
 
-/// A compiled expression. Cheap to clone.
+impl Limits {
+    /// The bounds of one evaluation.
+    pub fn budget(&self) -> Budget {
+        Budget { max_cost: self.max_cost, max_cpu_time: self.max_cpu_time, regex_size_limit: self.regex_size_limit }
+    }
+
+    /// The evaluation threads to start.
+    pub fn thread_count(&self) -> usize {
+        match self.threads {
+            0 => crate::threads::half_the_cores(),
+            n => n,
+        }
+    }
+
+    /// Refuses limits that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_source_bytes < 64 || self.max_nodes < 10 || self.max_nesting < 4 {
+            return Err(
+                "cel.maxSourceBytes must be at least 64, cel.maxNodes at least 10, cel.maxNesting at least 4".into()
+            );
+        }
+        // The parser is recursive: deeper nesting than this could exhaust its stack.
+        if self.max_nesting > 100 {
+            return Err("cel.maxNesting must be at most 100".into());
+        }
+        let cpu = self.max_cpu_time;
+        if self.max_cost < 100 || cpu < Duration::from_millis(1) || cpu > Duration::from_secs(10) {
+            return Err("cel.maxCost must be at least 100 and cel.maxCpuTime from 1ms to 10s".into());
+        }
+        if self.regex_size_limit < 1024 {
+            return Err("cel.regexSizeLimit must be at least 1024".into());
+        }
+        if self.threads > 64 {
+            return Err("cel.threads must be at most 64".into());
+        }
+        Ok(())
+    }
+}
+
+/// A compiled expression, with its cost checkpoints and its literal patterns. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct CompiledExpr {
     source: Arc<str>,
-    program: Arc<Program>,
+    /// The parsed expression with the checkpoints of [`cost::instrument`].
+    pub(super) expr: Arc<IdedExpr>,
+    pub(super) patterns: Arc<Patterns>,
 }
 
 impl std::fmt::Debug for CompiledExpr {
@@ -46,45 +128,62 @@ impl CompiledExpr {
     pub fn source(&self) -> &str {
         &self.source
     }
-
-    pub fn program(&self) -> &Program {
-        &self.program
-    }
 }
 
 /// Compiles `source`, allowing only the variables in `variables`.
-pub fn compile(source: &str, variables: &[&str], limits: Limits) -> Result<CompiledExpr, String> {
+pub fn compile(source: &str, variables: &[&str], limits: &Limits) -> Result<CompiledExpr, String> {
     if source.trim().is_empty() {
         return Err("must not be empty".into());
     }
     if source.len() > limits.max_source_bytes {
         return Err(format!(
-            "is {} bytes long; expressions are limited to {} bytes",
+            "is {} bytes long; expressions are limited to {} bytes (cel.maxSourceBytes)",
             source.len(),
             limits.max_source_bytes
         ));
     }
     let nesting = text_nesting(source);
     if nesting > limits.max_nesting {
-        return Err(format!("nests {nesting} levels deep; expressions are limited to {}", limits.max_nesting));
+        return Err(format!(
+            "nests {nesting} levels deep; expressions are limited to {} (cel.maxNesting)",
+            limits.max_nesting
+        ));
     }
     // The parser is third-party code: a panic in it is a refusal, not a crash.
-    let program = std::panic::catch_unwind(AssertUnwindSafe(|| Program::compile(source)))
+    let program = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Program::compile(source)))
         .map_err(|_| "could not be parsed".to_owned())?
         .map_err(|e| format!("is not valid CEL: {}", e.to_string().trim()))?;
 
-    let mut shape = Shape::default();
-    shape.walk(program.expression(), 0, 0);
+    let shape = Shape::of(program.expression());
     if shape.nodes > limits.max_nodes {
-        return Err(format!("has {} terms; expressions are limited to {}", shape.nodes, limits.max_nodes));
+        return Err(format!(
+            "has {} terms; expressions are limited to {} (cel.maxNodes)",
+            shape.nodes, limits.max_nodes
+        ));
     }
     if shape.depth > limits.max_nesting {
-        return Err(format!("nests {} levels deep; expressions are limited to {}", shape.depth, limits.max_nesting));
-    }
-    if shape.comprehensions > limits.max_comprehension_nesting {
         return Err(format!(
-            "nests {} comprehensions (all, exists, map, filter); at most {} are allowed",
-            shape.comprehensions, limits.max_comprehension_nesting
+            "nests {} levels deep; expressions are limited to {} (cel.maxNesting)",
+            shape.depth, limits.max_nesting
+        ));
+    }
+    if shape.loops > limits.max_comprehension_nesting {
+        return Err(format!(
+            "nests {} comprehensions (all, exists, exists_one, map, filter); at most {} are allowed (cel.maxComprehensionNesting)",
+            shape.loops, limits.max_comprehension_nesting
+        ));
+    }
+    if let Some((id, read)) = shape.nested_over_input.first() {
+        let at = program
+            .source_info()
+            .offset_for(*id)
+            .map(|(start, _)| format!(" (at character {})", start + 1))
+            .unwrap_or_default();
+        return Err(format!(
+            "runs a comprehension over {} inside another comprehension{at}: it would run once for every element of the \
+             outer one, at a cost that grows with the square of the input; iterate over a part of the outer element \
+             instead (`items.all(i, i.tags.exists(t, ...))`), or move it out of the loop",
+            read.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
         ));
     }
     let references = program.references();
@@ -103,27 +202,45 @@ pub fn compile(source: &str, variables: &[&str], limits: Limits) -> Result<Compi
             variables.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok(CompiledExpr { source: source.into(), program: Arc::new(program) })
+    let patterns = literal_patterns(program.expression(), limits)?;
+    let mut expr = program.expression().clone();
+    cost::instrument(&mut expr);
+    Ok(CompiledExpr { source: source.into(), expr: Arc::new(expr), patterns: Arc::new(patterns) })
 }
 
-thread_local! {
-    /// The standard functions, registered once per thread: building them is most of the
-    /// cost of a fresh `cel::Context`. Evaluations work in inner scopes of it.
-    static ROOT: cel::Context<'static, 'static> = cel::Context::default();
+/// The literal patterns of the `matches()` calls in `e`, compiled.
+fn literal_patterns(e: &IdedExpr, limits: &Limits) -> Result<Patterns, String> {
+    let mut texts = Vec::new();
+    collect_patterns(e, &mut texts);
+    texts.sort_unstable();
+    texts.dedup();
+    if texts.len() > limits.max_patterns {
+        return Err(format!(
+            "has {} different patterns in matches(); at most {} are allowed (cel.maxPatterns)",
+            texts.len(),
+            limits.max_patterns
+        ));
+    }
+    texts
+        .into_iter()
+        .map(|text| match meter::compile_pattern(text, limits.regex_size_limit) {
+            Ok(regex) => Ok((text.to_owned(), regex)),
+            Err(message) => Err(format!("the pattern `{text}` of matches() {message}")),
+        })
+        .collect()
 }
 
-/// Runs `f` with this thread's root context (standard functions, no variables), for
-/// inner scopes whose variables may borrow for `'v` (see [`json_val`]).
-pub fn with_root<'v, R>(f: impl FnOnce(&cel::Context<'v, 'v>) -> R) -> R {
-    ROOT.with(|root| f(root))
-}
-
-/// Runs `program` in `context`. The interpreter is third-party code: a panic in it is an
-/// error, never a crash.
-pub fn execute(program: &CompiledExpr, context: &cel::Context<'_, '_>) -> Result<cel::Value, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| program.program().execute(context)))
-        .map_err(|_| "the expression panicked".to_owned())?
-        .map_err(|e| e.to_string())
+fn collect_patterns<'e>(e: &'e IdedExpr, out: &mut Vec<&'e str>) {
+    if let Expr::Call(call) = &e.expr {
+        let pattern = match (&call.target, call.args.as_slice()) {
+            (Some(_), [pattern]) | (None, [_, pattern]) if call.func_name == "matches" => Some(pattern),
+            _ => None,
+        };
+        if let Some(IdedExpr { expr: Expr::Literal(LiteralValue::String(text)), .. }) = pattern {
+            out.push(text.inner());
+        }
+    }
+    cost::for_each_child(e, |part| collect_patterns(part, out));
 }
 
 /// `value` as a CEL value that borrows its strings from `value`, without copying the text
@@ -224,63 +341,6 @@ fn text_nesting(source: &str) -> usize {
     max
 }
 
-#[derive(Default)]
-struct Shape {
-    nodes: usize,
-    depth: usize,
-    comprehensions: usize,
-    /// Variables bound by comprehensions (`x` in `list.all(x, …)`).
-    bound: Vec<String>,
-}
-
-impl Shape {
-    fn walk(&mut self, e: &IdedExpr, depth: usize, comprehensions: usize) {
-        self.nodes += 1;
-        self.depth = self.depth.max(depth);
-        self.comprehensions = self.comprehensions.max(comprehensions);
-        let next = depth + 1;
-        match &e.expr {
-            Expr::Call(call) => {
-                if let Some(target) = &call.target {
-                    self.walk(target, next, comprehensions);
-                }
-                for arg in &call.args {
-                    self.walk(arg, next, comprehensions);
-                }
-            }
-            Expr::Comprehension(c) => {
-                self.bound.push(c.iter_var.clone());
-                self.bound.push(c.accu_var.clone());
-                for part in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
-                    self.walk(part, next, comprehensions + 1);
-                }
-            }
-            Expr::List(list) => {
-                for element in &list.elements {
-                    self.walk(element, next, comprehensions);
-                }
-            }
-            Expr::Map(map) => {
-                for entry in &map.entries {
-                    if let EntryExpr::MapEntry(m) = &entry.expr {
-                        self.walk(&m.key, next, comprehensions);
-                        self.walk(&m.value, next, comprehensions);
-                    }
-                }
-            }
-            Expr::Struct(s) => {
-                for entry in &s.entries {
-                    if let EntryExpr::StructField(f) = &entry.expr {
-                        self.walk(&f.value, next, comprehensions);
-                    }
-                }
-            }
-            Expr::Select(select) => self.walk(&select.operand, next, comprehensions),
-            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,29 +349,30 @@ mod tests {
 
     #[test]
     fn a_valid_expression_compiles() {
-        compile("event.data.total >= 1000 && event.type.startsWith('order.')", EVENT, Limits::default()).unwrap();
+        compile("event.data.total >= 1000 && event.type.startsWith('order.')", EVENT, &Limits::default()).unwrap();
     }
 
     #[test]
     fn comprehension_variables_are_not_unknown() {
-        compile("event.data.items.exists(i, i.price > 10)", EVENT, Limits::default()).unwrap();
+        compile("event.data.items.exists(i, i.price > 10)", EVENT, &Limits::default()).unwrap();
     }
 
     #[test]
     fn syntax_errors_and_unknown_variables_are_named() {
-        let err = compile("event.data.total >= ", EVENT, Limits::default()).unwrap_err();
+        let err = compile("event.data.total >= ", EVENT, &Limits::default()).unwrap_err();
         assert!(err.starts_with("is not valid CEL"), "{err}");
-        let err = compile("evnt.data.total > 1", EVENT, Limits::default()).unwrap_err();
+        let err = compile("evnt.data.total > 1", EVENT, &Limits::default()).unwrap_err();
         assert!(err.contains("`evnt`") && err.contains("`event`"), "{err}");
     }
 
     /// Evaluates `source` with `event` bound as [`json_val`] binds it.
     fn run(source: &str, event: &serde_json::Value) -> Result<cel::Value, String> {
-        let program = compile(source, EVENT, Limits::default()).unwrap();
+        let program = compile(source, EVENT, &Limits::default()).unwrap();
+        let evaluation = Evaluation::start(Budget::default());
         with_root(|root| {
             let mut context = root.new_inner_scope();
             context.add_variable_as_val("event", json_val(event));
-            execute(&program, &context)
+            evaluation.execute(&program, &context)
         })
     }
 
@@ -376,18 +437,29 @@ mod tests {
     }
 
     #[test]
+    fn a_comprehension_nested_over_the_input_is_refused_naming_what_it_reads() {
+        let err = compile("event.data.a.all(x, event.data.a.all(y, x == y))", EVENT, &Limits::default()).unwrap_err();
+        assert!(
+            err.starts_with("runs a comprehension over `event` inside another comprehension (at character "),
+            "{err}"
+        );
+        assert!(err.contains("grows with the square of the input"), "{err}");
+        compile("event.data.items.all(i, i.tags.exists(t, t == 'x'))", EVENT, &Limits::default()).unwrap();
+    }
+
+    #[test]
     fn expensive_expressions_are_refused_before_parsing() {
         let deep = format!("{}1{}", "(".repeat(5000), ")".repeat(5000));
-        assert!(compile(&deep, EVENT, Limits { max_source_bytes: 100_000, ..Limits::default() })
+        assert!(compile(&deep, EVENT, &Limits { max_source_bytes: 100_000, ..Limits::default() })
             .unwrap_err()
             .contains("levels deep"));
         let long = vec!["event.data.a == 1"; 400].join(" || ");
-        assert!(compile(&long, EVENT, Limits::default()).unwrap_err().contains("bytes"));
+        assert!(compile(&long, EVENT, &Limits::default()).unwrap_err().contains("bytes"));
         let wide = vec!["1"; 600].join(" + ");
-        assert!(compile(&wide, EVENT, Limits::default()).unwrap_err().contains("terms"));
+        assert!(compile(&wide, EVENT, &Limits::default()).unwrap_err().contains("terms"));
         let nested = "event.data.a.all(x, x.all(y, y.all(z, z > 0)))";
-        assert!(compile(nested, EVENT, Limits::default()).unwrap_err().contains("comprehensions"));
+        assert!(compile(nested, EVENT, &Limits::default()).unwrap_err().contains("comprehensions"));
         let negations = format!("{}true", "!".repeat(100));
-        assert!(compile(&negations, EVENT, Limits::default()).is_err());
+        assert!(compile(&negations, EVENT, &Limits::default()).is_err());
     }
 }

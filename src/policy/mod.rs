@@ -1,6 +1,8 @@
 //! The policy engine: CEL expressions compiled once, checked for cost and for the
-//! variables they may use.
+//! variables they may use, and evaluated within a budget enforced while they run.
 
+pub mod cost;
 pub mod engine;
 pub mod expr;
+pub mod meter;
 pub mod testing;

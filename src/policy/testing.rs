@@ -20,7 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::engine::{self, CompiledRule, EndpointView, EvalBudget, Outcome, PolicySet};
+use super::engine::{self, CompiledRule, EndpointView, Outcome, PolicySet};
+use super::expr::Limits;
 use crate::resources::validate::{validate, Checks};
 use crate::resources::{parse_files, Kind, ResourceKey, Spec};
 
@@ -139,7 +140,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
     for located in &resources {
         let m = &located.resource.metadata;
         if let Spec::AgentRule(spec) = &located.resource.spec {
-            compiled.push(CompiledRule::compile(&m.name, &m.namespace, spec)?);
+            compiled.push(CompiledRule::compile(&m.name, &m.namespace, spec, &Limits::default())?);
             specs.push((m.name.clone(), m.namespace.clone(), located.resource.spec.to_json()));
             namespace = m.namespace.clone();
         }
@@ -159,7 +160,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
                 }
             }
             let now = case.now.unwrap_or_else(Utc::now);
-            let decision = engine::decide(&policy, &case.event, endpoint, &totals, now, EvalBudget::default());
+            let decision = engine::decide(&policy, &case.event, endpoint, &totals, now, Limits::default().budget());
             let mut problems = Vec::new();
             if decision.outcome != case.expect.outcome {
                 let word = engine::rule_word;

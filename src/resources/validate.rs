@@ -30,6 +30,8 @@ pub struct Checks {
     pub allow_private_urls: bool,
     /// The secret sources each namespace may name.
     pub secrets: SecretsConfig,
+    /// What CEL may be (`cel` in the configuration).
+    pub cel: Limits,
 }
 
 /// Validates `resources`; references may resolve to them or to `stored`.
@@ -116,7 +118,7 @@ impl Validator<'_> {
     }
 
     fn cel(&mut self, path: &str, source: &str, variables: &[&str]) {
-        if let Err(message) = expr::compile(source, variables, Limits::default()) {
+        if let Err(message) = expr::compile(source, variables, &self.checks.cel) {
             self.error(path, message);
         }
     }
