@@ -320,8 +320,8 @@ impl Dispatcher {
                     }
                 }
             }
-            drop(turn);
-            // One release per due time, not per delivery.
+            // One release per due time, not per delivery; before the next claim, so that
+            // it finds them in their places.
             let mut by_time: BTreeMap<chrono::DateTime<Utc>, Vec<(&DeliveryId, &str)>> = BTreeMap::new();
             for (delivery, why) in &give_back {
                 metrics::counter!("hookwarden_delivery_given_back_total", "reason" => why.label()).increment(1);
@@ -333,6 +333,7 @@ impl Dispatcher {
                 }
             }
             self.resume_if_sendable_meanwhile(&catalog, &give_back).await;
+            drop(turn);
         }
     }
 

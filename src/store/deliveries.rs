@@ -535,8 +535,10 @@ macro_rules! delivery_methods {
                 .rows_affected())
             }
 
-            /// Makes an endpoint's waiting deliveries due `now` (its pause was lifted, or it
-            /// was re-enabled), parked ones and later retries alike.
+            /// Makes an endpoint's waiting deliveries due (its pause was lifted, or it was
+            /// re-enabled), parked ones and later retries alike: those never attempted at
+            /// their place in the queue (due when they were created, before what came
+            /// since), retries `now`.
             pub(super) async fn resume_in(
                 tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
                 namespace: &str,
@@ -544,8 +546,8 @@ macro_rules! delivery_methods {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
                 Ok(sqlx::query(&$sql(
-                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
-                     AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
+                    "UPDATE deliveries SET next_attempt_at = CASE WHEN attempts = 0 THEN created_at ELSE ? END \
+                     WHERE namespace = ? AND endpoint = ? AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
                 ))
                 .bind(now)
                 .bind(namespace)
