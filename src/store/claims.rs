@@ -13,7 +13,8 @@
 //!   failures reached the threshold and its open period is over): a claim takes the probe
 //!   with a conditional update of `endpoint_state` (its lease token, until its lease ends)
 //!   and then one delivery of the endpoint; without the probe it takes none. The probe's
-//!   completion or release clears it, and a crashed holder's expires with its lease;
+//!   completion or release clears it; a crashed holder's, or one held for approval,
+//!   expires with its lease;
 //! - `retriesPerHour`: a retry is granted only while fewer than that many were granted to
 //!   the endpoint in the last hour, counted in the database under a lock (PostgreSQL: the
 //!   endpoint's advisory lock; SQLite: the one writer), so the bound holds for all

@@ -676,6 +676,14 @@ macro_rules! delivery_methods {
                         report.endpoints_changed = true;
                     }
                 }
+                // Half-open probes end with their attempt (its endpoint state is locked above).
+                // Only endpoints with a breaker have probes; an attempt at one says so.
+                let tokens: Vec<(&$crate::ids::DeliveryId, &str)> = kept
+                    .iter()
+                    .filter(|c| c.breaker.is_some() || c.success.is_none())
+                    .map(|c| (&c.id, c.lease_token.as_str()))
+                    .collect();
+                Self::release_probes_in(&mut tx, &tokens).await?;
                 for c in &kept {
                     if let Some((reason, generation)) = &c.disable {
                         sqlx::query(&$sql(
@@ -697,8 +705,6 @@ macro_rules! delivery_methods {
                 if !records.is_empty() {
                     Self::append_audit_in(&mut tx, &records).await?;
                 }
-                let tokens: Vec<(&$crate::ids::DeliveryId, &str)> = kept.iter().map(|c| (&c.id, c.lease_token.as_str())).collect();
-                Self::release_probes_in(&mut tx, &tokens).await?;
                 // Last, after the audit appends (the lock order of `super::lanes`).
                 let ended: Vec<&str> = kept.iter().filter(|c| c.ordered && c.state.is_final()).map(|c| c.id.as_str()).collect();
                 Self::end_lane_heads_in(&mut tx, &ended).await?;
