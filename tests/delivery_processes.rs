@@ -74,6 +74,33 @@ async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// Posts probe events to the process at `base` until one fans out to an endpoint (a second
+/// process learns of an applied endpoint by its periodic catalog refresh); returns how many
+/// deliveries the probes made.
+async fn wait_until_it_fans_out(base: &str) -> usize {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = json!({"source": "probe", "type": "t", "data": {}});
+        let r: Value = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(admin())
+            .json(&probe)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let fanned_out = r["deliveries"].as_array().unwrap().len();
+        if fanned_out > 0 {
+            return fanned_out;
+        }
+        assert!(Instant::now() < deadline, "the second process never saw the endpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn every_delivery_arrives_after_a_sigkill_mid_delivery(db: TestDb) {
     const EVENTS: usize = 300;
     // Slow answers keep attempts in flight when the process dies.
@@ -126,27 +153,7 @@ async fn two_processes_on_one_postgres_deliver_everything_exactly_once() {
     let args = ["--config", config.to_str().unwrap()];
     let (one, two) = (Process::start(&db, &args), Process::start(&db, &args));
     apply(&one.base, &endpoint(&receiver.url("/sink"))).await;
-    // The second process learns of the endpoint by its periodic catalog refresh.
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let probe = json!({"source": "probe", "type": "t", "data": {}});
-        let r: Value = client
-            .post(format!("{}/v1/events", two.base))
-            .bearer_auth(admin())
-            .json(&probe)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !r["deliveries"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the second process never saw the endpoint");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_it_fans_out(&two.base).await;
     let base = receiver.on("/sink").len();
     let (a, b) = tokio::join!(post_events(&one.base, 0, EVENTS / 2), post_events(&two.base, EVENTS / 2, EVENTS / 2));
     let ids: Vec<String> = a.into_iter().chain(b).collect();
@@ -204,4 +211,85 @@ async fn sigterm_finishes_or_releases_attempts_in_flight() {
         receiver.on("/sink")[3..].iter().map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned()).collect();
     assert_eq!(resent.len(), 3);
     again.kill();
+}
+
+/// The sink with the RetryBudget whose spec lines are `budget`.
+fn endpoint_with_budget(url: &str, budget: &str) -> String {
+    format!(
+        "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {{name: shared}}\nspec:\n{budget}---\n{}  retryBudgetRef: shared\n",
+        endpoint(url)
+    )
+}
+
+/// Two processes on one database with the endpoint `yaml` applied, both sending to it.
+async fn two_processes_with(db: &TestDb, yaml: &str) -> (Process, Process, tempfile::TempDir, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookwarden.yaml");
+    std::fs::write(
+        &config,
+        "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 1s, perEndpointConcurrency: 4}\n",
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let (one, two) = (Process::start(db, &args), Process::start(db, &args));
+    apply(&one.base, yaml).await;
+    let probes = wait_until_it_fans_out(&two.base).await;
+    (one, two, dir, probes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_the_hourly_retry_budget() {
+    let Some(db) = TestDb::postgres().await else { return };
+    const EVENTS: usize = 40;
+    const BUDGET: usize = 5;
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (500u16, None, Duration::ZERO)) as Script).await;
+    let budget =
+        format!("  maxAttempts: 50\n  backoff: {{base: 20ms, max: 50ms, jitter: none}}\n  retriesPerHour: {BUDGET}\n");
+    let (one, two, _dir, probes) =
+        two_processes_with(&db, &endpoint_with_budget(&receiver.url("/sink"), &budget)).await;
+    let (a, b) = tokio::join!(post_events(&one.base, 0, EVENTS / 2), post_events(&two.base, EVENTS / 2, EVENTS / 2));
+    let deliveries = a.len() + b.len() + probes;
+    let store = db.store().await;
+    let dead = hookwarden::store::DeliveryQuery {
+        namespace: "default".into(),
+        state: Some(hookwarden::store::DeliveryState::Dead),
+        limit: 1000,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.list_deliveries(&dead).await.unwrap().len() < deliveries {
+        assert!(Instant::now() < deadline, "the deliveries did not all end dead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every delivery's first attempt, and the budget's retries: across both processes.
+    assert_eq!(receiver.on("/sink").len(), deliveries + BUDGET, "retries beyond {BUDGET} per hour in all");
+    one.kill();
+    two.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_send_one_half_open_probe_at_a_time() {
+    let Some(db) = TestDb::postgres().await else { return };
+    const ANSWER: Duration = Duration::from_millis(300);
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (500u16, None, ANSWER)) as Script).await;
+    let budget = "  maxAttempts: 100\n  backoff: {base: 20ms, max: 50ms, jitter: none}\n  circuitBreaker: {consecutiveFailures: 3, openFor: 1s}\n";
+    let (one, two, _dir, _) = two_processes_with(&db, &endpoint_with_budget(&receiver.url("/sink"), budget)).await;
+    tokio::join!(post_events(&one.base, 0, 20), post_events(&two.base, 20, 20));
+    let store = db.store().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.endpoint_state("default", "sink").await.unwrap().breaker_open_until.is_none() {
+        assert!(Instant::now() < deadline, "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // What was sent before the breaker opened has been answered by then.
+    let half_open_from = Instant::now() + ANSWER + Duration::from_millis(100);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let probes: Vec<Instant> = receiver.on("/sink").iter().map(|r| r.at).filter(|at| *at >= half_open_from).collect();
+    assert!(probes.len() >= 2, "the half-open endpoint was probed {} times", probes.len());
+    for pair in probes.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= ANSWER, "a probe went out {gap:?} after another, which was still in flight");
+    }
+    one.kill();
+    two.kill();
 }

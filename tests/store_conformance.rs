@@ -9,9 +9,11 @@ use common::TestDb;
 use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
 use hookwarden::resources::{Kind, ResourceKey};
+use hookwarden::store::policy::NewApproval;
 use hookwarden::store::{
     ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
-    EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError,
+    EndpointQuota, EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome,
+    Store, StoreError,
 };
 
 fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
@@ -328,6 +330,175 @@ async fn final_deliveries_can_be_replayed_and_released_ones_keep_their_count(sto
         .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(store.queue_depth().await.unwrap().0, 0);
+}
+
+/// What the dispatcher's claim may take: `(endpoint, cap)` in namespace `default`.
+fn quotas(caps: &[(&str, u32)], threshold: Option<u32>) -> Vec<EndpointQuota> {
+    caps.iter()
+        .map(|(endpoint, cap)| EndpointQuota {
+            namespace: "default".into(),
+            endpoint: endpoint.to_string(),
+            cap: *cap,
+            breaker_threshold: threshold,
+        })
+        .collect()
+}
+
+async fn claim_of(store: &Store, caps: &[(&str, u32)], limit: u32) -> Vec<ClaimedDelivery> {
+    store.claim_endpoint_deliveries(Utc::now(), LEASE, limit, &quotas(caps, None)).await.unwrap()
+}
+
+fn events_of(claimed: &[ClaimedDelivery]) -> Vec<EventId> {
+    claimed.iter().map(|c| c.event_id.clone()).collect()
+}
+
+/// The lane's head stays the head when given back; the next one goes when it ends, by
+/// a completion or by an approver's denial; a replayed earlier one goes before the rest.
+async fn a_lane_keeps_its_order_through_release_denial_and_replay(store: &Store) {
+    let lane: Vec<NewEvent> = (1..=4).map(|n| fanned_out(&format!("l-{n}"), &["a"], Some("k"))).collect();
+    store.accept_events(&[request(lane[..2].to_vec())]).await.unwrap();
+    store.accept_events(&[request(lane[2..].to_vec())]).await.unwrap();
+    let head = claim_of(store, &[("a", 10)], 10).await;
+    assert_eq!(events_of(&head), [lane[0].id.clone()], "one at a time, the first");
+    store.release_deliveries(&[(&head[0].id, head[0].lease_token.as_str())], head[0].due_at).await.unwrap();
+    let again = claim_of(store, &[("a", 10)], 10).await;
+    assert_eq!(events_of(&again), [lane[0].id.clone()], "given back, it is still the head");
+    store.complete_attempts(&[completion(&again[0], DeliveryState::Dead, false)]).await.unwrap();
+
+    // The second is held, then denied: the third goes.
+    let second = claim_of(store, &[("a", 10)], 10).await;
+    assert_eq!(events_of(&second), [lane[1].id.clone()]);
+    let approval = NewApproval {
+        id: "apr_lane".into(),
+        namespace: "default".into(),
+        event_id: lane[1].id.to_string(),
+        endpoint: "a".into(),
+        rule: None,
+        reason: "hold".into(),
+        action_hash: "h".into(),
+        role: "approver".into(),
+        quorum: 1,
+        on_expiry: "deny".into(),
+        expires_at: Utc::now() + chrono::Duration::hours(1),
+        requested_by: "tester".into(),
+    };
+    assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, "{}", &approval, Utc::now()).await.unwrap());
+    assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "a held head holds its lane");
+    store.vote_on_approval("apr_lane", "approver-1", false, "no", Utc::now()).await.unwrap();
+    let third = claim_of(store, &[("a", 10)], 10).await;
+    assert_eq!(events_of(&third), [lane[2].id.clone()], "the denial ended the head");
+
+    // The dead first one is replayed while the third is in flight: it goes before the fourth.
+    assert_eq!(store.replay_deliveries(&[again[0].id.clone()], "operator").await.unwrap().len(), 1);
+    let replayed = claim_of(store, &[("a", 10)], 10).await;
+    assert_eq!(events_of(&replayed), [lane[0].id.clone()], "the replayed one, before the fourth");
+    store.complete_attempts(&[completion(&third[0], DeliveryState::Delivered, true)]).await.unwrap();
+    assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "the fourth waits behind the replayed one");
+    store.complete_attempts(&[completion(&replayed[0], DeliveryState::Delivered, true)]).await.unwrap();
+    let last = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(events_of(&last), [lane[3].id.clone()]);
+}
+
+/// A claim takes at most each endpoint's cap of its deliveries, oldest due first (then
+/// by id), and none of an endpoint it was not given.
+async fn claims_take_at_most_each_endpoints_cap_oldest_first(store: &Store) {
+    let mut all = Vec::new();
+    for n in 0..6 {
+        let mut e = fanned_out(&format!("c-{n}"), &["busy", "calm", "unnamed"], None);
+        // Older first; the last two tie on their due time.
+        e.received_at = Utc::now() - chrono::Duration::seconds(60 - n.min(4));
+        all.push(e);
+    }
+    store.accept_events(&[request(all.clone())]).await.unwrap();
+    let claimed = claim_of(store, &[("busy", 2), ("calm", 10)], 7).await;
+    let busy: Vec<_> = claimed.iter().filter(|c| c.endpoint == "busy").map(|c| c.event_id.clone()).collect();
+    assert_eq!(busy, [all[0].id.clone(), all[1].id.clone()], "the busy endpoint's two oldest");
+    let calm: Vec<_> = claimed.iter().filter(|c| c.endpoint == "calm").map(|c| c.event_id.clone()).collect();
+    assert_eq!(calm, all[..5].iter().map(|e| e.id.clone()).collect::<Vec<_>>(), "the calm one's oldest, ties by id");
+    assert!(claimed.iter().all(|c| c.endpoint != "unnamed"));
+    // Nothing more of the busy one; the rest of the calm one.
+    let rest = claim_of(store, &[("busy", 0), ("calm", 10)], 10).await;
+    assert_eq!(events_of(&rest), [all[5].id.clone()]);
+}
+
+/// Four deliveries to `name`, two of which failed and opened its breaker until now.
+async fn half_open(store: &Store, name: &str) {
+    let lane: Vec<NewEvent> = (0..4).map(|n| fanned_out(&format!("{name}-{n}"), &[name], None)).collect();
+    store.accept_events(&[request(lane)]).await.unwrap();
+    let claimed = claim_of(store, &[(name, 2)], 10).await;
+    let failed: Vec<Completion> = claimed
+        .iter()
+        .map(|c| {
+            let mut f = completion(c, DeliveryState::Retrying, false);
+            f.breaker = Some((2, Utc::now()));
+            f
+        })
+        .collect();
+    store.complete_attempts(&failed).await.unwrap();
+}
+
+/// From the breaker's threshold on, the claim that takes the endpoint's half-open probe
+/// takes one delivery of it, and no claim takes any while that probe is out.
+async fn the_half_open_probe_is_taken_by_one_claim_at_a_time(store: &Store) {
+    half_open(store, "e").await;
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let claim = |store: &Store| {
+        let store = store.clone();
+        async move { store.claim_endpoint_deliveries(later, LEASE, 10, &quotas(&[("e", 10)], Some(2))).await.unwrap() }
+    };
+    let probe = claim(store).await;
+    assert_eq!(probe.len(), 1, "one probe");
+    assert!(probe[0].probe);
+    assert!(claim(store).await.is_empty(), "nothing while the probe is out");
+    // Given back unattempted, the probe goes back with it.
+    store.release_deliveries(&[(&probe[0].id, probe[0].lease_token.as_str())], probe[0].due_at).await.unwrap();
+    let again = claim(store).await;
+    assert_eq!(again.len(), 1);
+    assert!(again[0].probe);
+    // A successful probe closes the breaker: the endpoint's cap counts again.
+    store.complete_attempts(&[completion(&again[0], DeliveryState::Delivered, true)]).await.unwrap();
+    let closed = claim(store).await;
+    assert_eq!(closed.len(), 3);
+    assert!(closed.iter().all(|c| !c.probe));
+}
+
+/// `retriesPerHour` counts the retries granted to an endpoint in the last hour, in the
+/// database (so for all processes on it).
+async fn the_retry_budget_allows_so_many_retries_per_rolling_hour(store: &Store) {
+    let t0 = Utc::now();
+    let second = chrono::Duration::seconds;
+    assert!(store.take_retry("ns", "e", 2, t0).await.unwrap());
+    assert!(store.take_retry("ns", "e", 2, t0 + second(10)).await.unwrap());
+    assert!(!store.take_retry("ns", "e", 2, t0 + second(20)).await.unwrap());
+    assert!(store.take_retry("ns", "other", 2, t0 + second(20)).await.unwrap(), "per endpoint");
+    assert!(store.take_retry("ns", "e", 2, t0 + second(3600)).await.unwrap(), "the first retry is an hour old");
+    assert!(!store.take_retry("ns", "e", 2, t0 + second(3605)).await.unwrap());
+}
+
+/// An ordered backlog four times as long costs a claim no more database buffers: the
+/// claim reads only lane heads, whatever waits behind them (PostgreSQL's EXPLAIN counts).
+#[tokio::test]
+async fn an_ordered_backlog_costs_a_claim_nothing_on_postgres() {
+    let Some(small_db) = TestDb::postgres().await else { return };
+    let Some(large_db) = TestDb::postgres().await else { return };
+    let mut buffers = Vec::new();
+    for (db, per_key) in [(&small_db, 25), (&large_db, 100)] {
+        let store = db.store().await;
+        for key in 0..10 {
+            let lane: Vec<NewEvent> = (0..per_key)
+                .map(|n| fanned_out(&format!("b-{key}-{n}"), &["ordered"], Some(&format!("k{key}"))))
+                .collect();
+            store.accept_events(&[request(lane)]).await.unwrap();
+        }
+        // Half the heads are in flight, half wait to be claimed; a tenth of each lane is done.
+        let heads = claim_of(&store, &[("ordered", 100)], 5).await;
+        assert_eq!(heads.len(), 5);
+        let cost = store.claim_cost(Utc::now(), 100, &quotas(&[("ordered", 100)], None)).await.unwrap().unwrap();
+        assert_eq!(cost.rows, 5, "the five heads not in flight");
+        buffers.push(cost.buffers);
+    }
+    let (small, large) = (buffers[0], buffers[1]);
+    assert!(large <= small + small / 2 + 8, "a 4x backlog cost {large} buffers against {small}");
 }
 
 fn request(events: Vec<NewEvent>) -> IngestRequest {
@@ -777,4 +948,8 @@ conformance!(
     every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it,
     final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
     concurrent_audit_appends_keep_each_chain_gapless_and_linked,
+    a_lane_keeps_its_order_through_release_denial_and_replay,
+    claims_take_at_most_each_endpoints_cap_oldest_first,
+    the_half_open_probe_is_taken_by_one_claim_at_a_time,
+    the_retry_budget_allows_so_many_retries_per_rolling_hour,
 );

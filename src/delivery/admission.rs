@@ -1,8 +1,10 @@
 //! Admission: whether one more attempt may start at an endpoint now — its concurrency
-//! slots, its rate limit, its hourly retry budget and the breaker's half-open probe.
+//! slots, its rate limit and the breaker's half-open probe — and how many a claim may
+//! take of its deliveries ([`Admission::free_slots`]).
 //!
 //! Pure but for a lock: every decision takes `now`, so tests drive time. Counts are kept
-//! per process. Invariants:
+//! per process; what must hold across processes (the half-open probe, the hourly retry
+//! budget) is kept in the database as well (see `store::claims`). Invariants:
 //! - an admitted attempt holds a [`Slot`]; dropping it frees the concurrency slot and, if
 //!   it was the half-open probe, the probe — on every path (the policy gate holding or
 //!   denying, a gate failure, shutdown, a panic), not only when an outcome is observed;
@@ -13,10 +15,23 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 /// Per-endpoint admission for one process.
 pub struct Admission {
     per_endpoint: usize,
     endpoints: Mutex<HashMap<EndpointKey, Arc<Mutex<Limits>>>>,
+    /// Signalled whenever a slot is freed: a claim capped by busy endpoints may take more.
+    freed: Arc<Notify>,
+}
+
+/// What a claim may take of one endpoint's deliveries now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Free {
+    /// Attempts that may start: free slots, at most what the rate limit lets start now.
+    pub slots: usize,
+    /// When `slots` is 0 because of the rate limit: how long until it allows one more.
+    pub rate_wait: Option<Duration>,
 }
 
 /// `(namespace, name)`.
@@ -31,8 +46,6 @@ struct Limits {
     probing: bool,
     /// Start times of recent requests, for `rateLimit.perSecond`.
     recent: VecDeque<Instant>,
-    /// Times of recent retries, for `retriesPerHour`.
-    retries: VecDeque<Instant>,
 }
 
 fn lock(limits: &Mutex<Limits>) -> MutexGuard<'_, Limits> {
@@ -43,6 +56,7 @@ fn lock(limits: &Mutex<Limits>) -> MutexGuard<'_, Limits> {
 pub struct Slot {
     limits: Arc<Mutex<Limits>>,
     probe: bool,
+    freed: Arc<Notify>,
 }
 
 impl Slot {
@@ -66,16 +80,22 @@ impl Drop for Slot {
         if self.probe {
             limits.probing = false;
         }
+        drop(limits);
+        self.freed.notify_one();
     }
 }
 
 const SECOND: Duration = Duration::from_secs(1);
-const HOUR: Duration = Duration::from_secs(3600);
 
 impl Admission {
     /// At most `per_endpoint` attempts in flight per endpoint.
     pub fn new(per_endpoint: usize) -> Admission {
-        Admission { per_endpoint: per_endpoint.max(1), endpoints: Mutex::new(HashMap::new()) }
+        Admission { per_endpoint: per_endpoint.max(1), endpoints: Mutex::new(HashMap::new()), freed: Arc::default() }
+    }
+
+    /// Signalled when a slot is freed (an attempt ended).
+    pub fn freed(&self) -> &Notify {
+        &self.freed
     }
 
     fn limits(&self, namespace: &str, name: &str) -> Arc<Mutex<Limits>> {
@@ -101,7 +121,40 @@ impl Admission {
         }
         state.in_flight += 1;
         drop(state);
-        Some(Slot { limits, probe: half_open })
+        Some(Slot { limits, probe: half_open, freed: self.freed.clone() })
+    }
+
+    /// How many attempts [`Self::admit`] would let start at the endpoint now: its free
+    /// concurrency slots; one while half-open with no probe out, none while the probe is
+    /// out; at most what `per_second` lets start in the second before `now`.
+    pub fn free_slots(
+        &self,
+        namespace: &str,
+        name: &str,
+        breaker_threshold: Option<u32>,
+        per_second: Option<u32>,
+        now: Instant,
+    ) -> Free {
+        let limits = self.limits(namespace, name);
+        let mut state = lock(&limits);
+        let mut slots = self.per_endpoint.saturating_sub(state.in_flight);
+        if breaker_threshold.is_some_and(|threshold| state.failing >= threshold) {
+            slots = if state.probing { 0 } else { slots.min(1) };
+        }
+        let mut rate_wait = None;
+        if let Some(rate) = per_second {
+            while state.recent.front().is_some_and(|t| now.saturating_duration_since(*t) >= SECOND) {
+                state.recent.pop_front();
+            }
+            let left = (rate as usize).saturating_sub(state.recent.len());
+            if left == 0 && slots > 0 {
+                let oldest = state.recent.front().copied().unwrap_or(now);
+                rate_wait =
+                    Some(SECOND.saturating_sub(now.saturating_duration_since(oldest)).max(Duration::from_millis(1)));
+            }
+            slots = slots.min(left);
+        }
+        Free { slots, rate_wait }
     }
 
     /// Takes one request of `per_second` at `now`: `None` when it may go now (and it is
@@ -118,20 +171,6 @@ impl Admission {
         }
         let oldest = state.recent[0];
         Some(SECOND.saturating_sub(now.saturating_duration_since(oldest)).max(Duration::from_millis(1)))
-    }
-
-    /// Counts a retry at `now`; false when `per_hour` retries were made in the last hour.
-    pub fn spend_retry(&self, namespace: &str, name: &str, per_hour: u32, now: Instant) -> bool {
-        let limits = self.limits(namespace, name);
-        let mut state = lock(&limits);
-        while state.retries.front().is_some_and(|t| now.saturating_duration_since(*t) >= HOUR) {
-            state.retries.pop_front();
-        }
-        if state.retries.len() >= per_hour as usize {
-            return false;
-        }
-        state.retries.push_back(now);
-        true
     }
 }
 
@@ -193,13 +232,27 @@ mod tests {
     }
 
     #[test]
-    fn the_retry_budget_allows_so_many_retries_per_rolling_hour() {
-        let admission = Admission::new(10);
+    fn free_slots_count_concurrency_the_probe_and_the_rate() {
+        let admission = Admission::new(3);
         let t0 = Instant::now();
-        assert!(admission.spend_retry("ns", "e", 2, t0));
-        assert!(admission.spend_retry("ns", "e", 2, t0 + Duration::from_secs(10)));
-        assert!(!admission.spend_retry("ns", "e", 2, t0 + Duration::from_secs(20)));
-        assert!(admission.spend_retry("ns", "e", 2, t0 + HOUR), "the first retry is an hour old");
-        assert!(!admission.spend_retry("ns", "e", 2, t0 + HOUR + Duration::from_secs(5)));
+        assert_eq!(admission.free_slots("ns", "e", None, None, t0).slots, 3);
+        let first = admission.admit("ns", "e", None).unwrap();
+        assert_eq!(admission.free_slots("ns", "e", None, None, t0).slots, 2);
+        // Rate: two requests started in the last second leave one of three.
+        assert_eq!(admission.pace("ns", "e", 3, t0), None);
+        assert_eq!(admission.pace("ns", "e", 3, t0), None);
+        assert_eq!(admission.free_slots("ns", "e", None, Some(3), t0).slots, 1);
+        assert_eq!(admission.pace("ns", "e", 3, t0), None);
+        let full = admission.free_slots("ns", "e", None, Some(3), t0 + Duration::from_millis(400));
+        assert_eq!(full, Free { slots: 0, rate_wait: Some(Duration::from_millis(600)) });
+        assert_eq!(admission.free_slots("ns", "e", None, Some(3), t0 + SECOND).slots, 2, "the second passed");
+        // Half-open: one probe, then none while it is out.
+        first.observe(false);
+        drop(first);
+        assert_eq!(admission.free_slots("ns", "e", Some(1), None, t0).slots, 1);
+        let probe = admission.admit("ns", "e", Some(1)).unwrap();
+        assert_eq!(admission.free_slots("ns", "e", Some(1), None, t0).slots, 0);
+        drop(probe);
+        assert_eq!(admission.free_slots("ns", "e", Some(1), None, t0).slots, 1);
     }
 }

@@ -10,7 +10,10 @@
 //! - a completion applies only if it carries the current lease token (one row or none);
 //!   a lost lease drops the result, never overwrites a newer one;
 //! - in an ordered lane, a delivery is claimable only when no earlier delivery of the
-//!   lane is still pending, retrying, delivering or held;
+//!   lane is still pending, retrying, delivering or held: it is the lane's head, and the
+//!   others carry `lane_behind` (kept by [`super::lanes`]), so claims never read them;
+//! - claims take due deliveries in due order, then id (oldest first); the dispatcher's
+//!   claims take at most each endpoint's free slots (see [`super::claims`]);
 //! - nothing is claimed for an endpoint whose breaker is open or that was disabled; its
 //!   waiting deliveries are parked (due later) meanwhile, so claims need not walk past them;
 //! - a batch of completions is one transaction of set-sized statements on PostgreSQL.
@@ -103,6 +106,10 @@ pub struct ClaimedDelivery {
     pub approved: bool,
     /// In an ordered lane: its end may unblock the next delivery of the lane.
     pub ordered: bool,
+    /// When it was due: given back unattempted, it keeps its place in the queue.
+    pub due_at: DateTime<Utc>,
+    /// This claim holds its endpoint's half-open probe (shared by every process).
+    pub probe: bool,
 }
 
 /// One recorded attempt.
@@ -288,6 +295,8 @@ pub(super) struct ClaimRow {
     pub ingested_by: String,
     pub approved: bool,
     pub ordered: bool,
+    pub due_at: DateTime<Utc>,
+    pub probe: bool,
 }
 
 impl ClaimRow {
@@ -310,6 +319,8 @@ impl ClaimRow {
             ingested_by: self.ingested_by,
             approved: self.approved,
             ordered: self.ordered,
+            due_at: self.due_at,
+            probe: self.probe,
         })
     }
 }
@@ -420,21 +431,17 @@ pub(super) fn completion_audit_records(c: &Completion) -> Vec<crate::audit::NewA
     records
 }
 
-/// The claim: due deliveries not blocked by an earlier one of their lane, nor by an open
-/// breaker or a disabled endpoint, in due order. `index_hint` follows the table name:
-/// SQLite's planner would otherwise read every waiting delivery by state and sort them,
-/// where the due index gives them in order. PostgreSQL appends `FOR UPDATE SKIP LOCKED`.
-pub(super) fn claimable(index_hint: &str) -> String {
-    format!(
-        "SELECT c.id FROM deliveries c{index_hint} \
-         WHERE c.state IN ('pending', 'retrying') AND c.next_attempt_at <= ? \
-         AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
-              WHERE e.namespace = c.namespace AND e.endpoint = c.endpoint AND e.ordering_key = c.ordering_key \
-              AND e.id < c.id AND e.state IN ('pending', 'retrying', 'delivering', 'held'))) \
-         AND NOT EXISTS (SELECT 1 FROM endpoint_state s WHERE s.namespace = c.namespace AND s.name = c.endpoint \
-              AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
-         ORDER BY c.next_attempt_at LIMIT ?"
-    )
+/// The claim of every endpoint's deliveries (see [`super::claims`] for the dispatcher's):
+/// due deliveries not waiting behind an earlier one of their lane, nor blocked by an open
+/// breaker or a disabled endpoint, oldest due first. PostgreSQL appends `FOR UPDATE SKIP
+/// LOCKED`.
+pub(super) fn claimable() -> String {
+    "SELECT c.id FROM deliveries c \
+     WHERE c.state IN ('pending', 'retrying') AND NOT c.lane_behind AND c.next_attempt_at <= ? \
+     AND NOT EXISTS (SELECT 1 FROM endpoint_state s WHERE s.namespace = c.namespace AND s.name = c.endpoint \
+          AND (s.disabled_reason IS NOT NULL OR s.breaker_open_until > ?)) \
+     ORDER BY c.next_attempt_at, c.id LIMIT ?"
+        .to_owned()
 }
 
 /// Endpoints that nothing is sent to now. A disabled endpoint counts as disabled only,
@@ -458,7 +465,7 @@ pub(super) fn disabled_until(now: DateTime<Utc>) -> DateTime<Utc> {
 /// deliveries) joined with `e` (their events).
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, \
      e.type AS event_type, e.data, e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, \
-     d.approved, d.ordering_key IS NOT NULL AS ordered";
+     d.approved, d.ordering_key IS NOT NULL AS ordered, d.next_attempt_at AS due_at";
 
 /// Expands the delivery methods for one backend. Each backend supplies the statements
 /// whose best shape differs: `claim_rows`, `write_completions_in` and `settle_spend_in`.
@@ -528,8 +535,10 @@ macro_rules! delivery_methods {
                 .rows_affected())
             }
 
-            /// Makes an endpoint's waiting deliveries due `now` (its pause was lifted, or it
-            /// was re-enabled), parked ones and later retries alike.
+            /// Makes an endpoint's waiting deliveries due (its pause was lifted, or it was
+            /// re-enabled), parked ones and later retries alike: those never attempted at
+            /// their place in the queue (due when they were created, before what came
+            /// since), retries `now`.
             pub(super) async fn resume_in(
                 tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
                 namespace: &str,
@@ -537,8 +546,8 @@ macro_rules! delivery_methods {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
                 Ok(sqlx::query(&$sql(
-                    "UPDATE deliveries SET next_attempt_at = ? WHERE namespace = ? AND endpoint = ? \
-                     AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
+                    "UPDATE deliveries SET next_attempt_at = CASE WHEN attempts = 0 THEN created_at ELSE ? END \
+                     WHERE namespace = ? AND endpoint = ? AND state IN ('pending', 'retrying') AND next_attempt_at > ?",
                 ))
                 .bind(now)
                 .bind(namespace)
@@ -555,10 +564,10 @@ macro_rules! delivery_methods {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
                 let released = sqlx::query(&$sql(
-                    "UPDATE deliveries SET state = 'retrying', lease_token = NULL, lease_until = NULL, next_attempt_at = ?, \
+                    // Due as when it was claimed: it keeps its place in the queue.
+                    "UPDATE deliveries SET state = 'retrying', lease_token = NULL, lease_until = NULL, \
                      updated_at = ? WHERE state = 'delivering' AND lease_until < ?",
                 ))
-                .bind(now)
                 .bind(now)
                 .bind(now)
                 .execute(self.write_pool())
@@ -590,6 +599,8 @@ macro_rules! delivery_methods {
                     .await?
                     .rows_affected();
                 }
+                // A half-open probe among them goes back too: the next claim may probe.
+                Self::release_probes_in(&mut tx, claims).await?;
                 tx.commit().await?;
                 Ok(released)
             }
@@ -665,6 +676,14 @@ macro_rules! delivery_methods {
                         report.endpoints_changed = true;
                     }
                 }
+                // Half-open probes end with their attempt (its endpoint state is locked above).
+                // Only endpoints with a breaker have probes; an attempt at one says so.
+                let tokens: Vec<(&$crate::ids::DeliveryId, &str)> = kept
+                    .iter()
+                    .filter(|c| c.breaker.is_some() || c.success.is_none())
+                    .map(|c| (&c.id, c.lease_token.as_str()))
+                    .collect();
+                Self::release_probes_in(&mut tx, &tokens).await?;
                 for c in &kept {
                     if let Some((reason, generation)) = &c.disable {
                         sqlx::query(&$sql(
@@ -686,6 +705,9 @@ macro_rules! delivery_methods {
                 if !records.is_empty() {
                     Self::append_audit_in(&mut tx, &records).await?;
                 }
+                // Last, after the audit appends (the lock order of `super::lanes`).
+                let ended: Vec<&str> = kept.iter().filter(|c| c.ordered && c.state.is_final()).map(|c| c.id.as_str()).collect();
+                Self::end_lane_heads_in(&mut tx, &ended).await?;
                 tx.commit().await?;
                 Ok(report)
             }
@@ -788,6 +810,8 @@ macro_rules! delivery_methods {
                         replayed.push(id.clone());
                     }
                 }
+                let reopened: Vec<&str> = replayed.iter().map(|id| id.as_str()).collect();
+                Self::reopen_lanes_in(&mut tx, &reopened).await?;
                 tx.commit().await?;
                 Ok(replayed)
             }

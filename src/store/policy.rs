@@ -447,6 +447,8 @@ macro_rules! policy_methods {
                             .await?;
                         let outcome = $crate::store::policy::denied_by_approval_record(&namespace, delivery, &endpoint, attempts, &error);
                         Self::append_audit_in(tx, &[outcome]).await?;
+                        // An ordered lane's held head ended: the next one may go.
+                        Self::end_lane_heads_in(tx, &[delivery]).await?;
                     }
                 }
                 Ok(state.to_owned())

@@ -106,7 +106,7 @@ impl PgStore {
         Ok(WorkListener { listener, own: self.instance.clone() })
     }
 
-    fn write_pool(&self) -> &PgPool {
+    pub(super) fn write_pool(&self) -> &PgPool {
         &self.pool
     }
 
@@ -286,25 +286,36 @@ impl IngestTx for PgIngest<'_> {
         let endpoints: Vec<&str> = rows.iter().map(|(_, d)| d.endpoint.as_str()).collect();
         let keys: Vec<Option<&str>> = rows.iter().map(|(_, d)| d.ordering_key.as_deref()).collect();
         let times: Vec<DateTime<Utc>> = rows.iter().map(|(e, _)| e.received_at).collect();
+        // The lanes first: a lane's head ending meanwhile is seen here, or sees these.
+        PgStore::lock_new_lanes_in(&mut self.0, &namespaces, &endpoints, &keys).await?;
         // Other processes' workers are notified in the same statement; PostgreSQL delivers
         // the notification when (and only if) the transaction commits.
-        sqlx::query(
-            "WITH d AS (INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
-             created_at, updated_at) SELECT i, ev, n, ep, 'pending', t, k, t, t \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS x(i, ev, n, ep, k, t) \
-             RETURNING 1) SELECT pg_notify($7, $8) WHERE EXISTS (SELECT 1 FROM d)",
-        )
-        .bind(&ids)
-        .bind(&event_ids)
-        .bind(&namespaces)
-        .bind(&endpoints)
-        .bind(&keys)
-        .bind(&times)
-        .bind(WORK_CHANNEL)
-        .bind(self.1)
-        .execute(&mut *self.0)
-        .await?;
-        Ok(())
+        static INSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let insert = INSERT.get_or_init(|| {
+            format!(
+                "WITH x AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY n, ep, k ORDER BY i) AS nth \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS x(i, ev, n, ep, k, t)), \
+                 d AS (INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
+                 created_at, updated_at, lane_behind) SELECT i, ev, n, ep, 'pending', t, k, t, t, \
+                 k IS NOT NULL AND (nth > 1 OR {}) FROM x RETURNING 1) \
+                 SELECT pg_notify($7, $8) WHERE EXISTS (SELECT 1 FROM d)",
+                super::lanes::behind_written("x.n", "x.ep", "x.k", "x.i")
+            )
+        });
+        sqlx::query(insert)
+            .bind(&ids)
+            .bind(&event_ids)
+            .bind(&namespaces)
+            .bind(&endpoints)
+            .bind(&keys)
+            .bind(&times)
+            .bind(WORK_CHANNEL)
+            .bind(self.1)
+            .execute(&mut *self.0)
+            .await?;
+        let ordered: Vec<&str> =
+            rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
+        PgStore::lanes_written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
@@ -363,8 +374,8 @@ impl PgStore {
             super::resources::numbered(&format!(
                 "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
                  attempts = attempts + 1, updated_at = ? WHERE id IN ({} FOR UPDATE SKIP LOCKED) RETURNING *) \
-                 SELECT {CLAIMED_COLUMNS} FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",
-                claimable("")
+                 SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",
+                claimable()
             ))
             .into_owned()
         });

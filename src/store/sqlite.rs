@@ -265,12 +265,22 @@ impl IngestTx for SqliteIngest {
     }
 
     async fn insert_deliveries(&mut self, events: &[&NewEvent]) -> Result<(), StoreError> {
-        for e in events {
-            for d in &e.deliveries {
-                sqlx::query(
-                    "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
-                     created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-                )
+        // Rows go in in id order, so an earlier one of the batch is written when a later
+        // one of its lane asks whether it waits behind it.
+        static INSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let insert = INSERT.get_or_init(|| {
+            format!(
+                "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, ordering_key, \
+                 created_at, updated_at, lane_behind) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, \
+                 ?6 IS NOT NULL AND {})",
+                super::lanes::behind_written("?3", "?4", "?6", "?1")
+            )
+        });
+        let mut rows: Vec<(&NewEvent, &super::NewDelivery)> =
+            events.iter().flat_map(|e| e.deliveries.iter().map(move |d| (*e, d))).collect();
+        rows.sort_unstable_by(|a, b| a.1.id.cmp(&b.1.id));
+        for (e, d) in &rows {
+            sqlx::query(insert)
                 .bind(d.id.as_str())
                 .bind(e.id.as_str())
                 .bind(&e.namespace)
@@ -281,9 +291,10 @@ impl IngestTx for SqliteIngest {
                 .bind(e.received_at)
                 .execute(&mut *self.0)
                 .await?;
-            }
         }
-        Ok(())
+        let ordered: Vec<&str> =
+            rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
+        SqliteStore::lanes_written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
@@ -340,11 +351,11 @@ impl SqliteStore {
                 format!(
                     "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
                      attempts = attempts + 1, updated_at = ? WHERE id IN ({})",
-                    claimable(" INDEXED BY deliveries_due")
+                    claimable()
                 ),
                 // By state first: the leased deliveries are few, the table is not.
                 format!(
-                    "SELECT {CLAIMED_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id \
+                    "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
                      WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
                 ),
             )

@@ -19,6 +19,8 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: String,
     pub answered: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 pub type Script = Arc<dyn Fn(&str, usize) -> (u16, Option<&'static str>, Duration) + Send + Sync>;
@@ -41,7 +43,8 @@ impl TestReceiver {
                 let path = uri.path().to_owned();
                 let n = seen.lock().unwrap().iter().filter(|r| r.path == path).count();
                 let (status, retry_after, delay) = script(&path, n);
-                seen.lock().unwrap().push(Received { path, headers, body, answered: status });
+                let at = std::time::Instant::now();
+                seen.lock().unwrap().push(Received { path, headers, body, answered: status, at });
                 tokio::time::sleep(delay).await;
                 let mut response: Response = (StatusCode::from_u16(status).unwrap(), "answer").into_response();
                 if let Some(value) = retry_after {
