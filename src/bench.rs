@@ -547,7 +547,12 @@ impl std::fmt::Display for ClaimHistogram {
             Some(_) => "> 5 s".to_owned(),
             None => "-".to_owned(),
         };
-        write!(f, "{total:.0} claims, p50 {}, p99 {} (hookwarden_delivery_claim_seconds buckets)", bound(0.5), bound(0.99))
+        write!(
+            f,
+            "{total:.0} claims, p50 {}, p99 {} (hookwarden_delivery_claim_seconds buckets)",
+            bound(0.5),
+            bound(0.99)
+        )
     }
 }
 

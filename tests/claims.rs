@@ -41,8 +41,12 @@ async fn post_events(app: &TestApp, from: usize, count: usize, per_batch: usize)
 }
 
 async fn deliveries_of(app: &TestApp, endpoint: &str) -> Vec<DeliveryRecord> {
-    let query =
-        DeliveryQuery { namespace: "default".into(), endpoint: Some(endpoint.into()), limit: 1000, ..Default::default() };
+    let query = DeliveryQuery {
+        namespace: "default".into(),
+        endpoint: Some(endpoint.into()),
+        limit: 1000,
+        ..Default::default()
+    };
     app.store.list_deliveries(&query).await.unwrap()
 }
 

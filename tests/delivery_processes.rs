@@ -225,7 +225,11 @@ fn endpoint_with_budget(url: &str, budget: &str) -> String {
 async fn two_processes_with(db: &TestDb, yaml: &str) -> (Process, Process, tempfile::TempDir, usize) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("hookwarden.yaml");
-    std::fs::write(&config, "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 1s, perEndpointConcurrency: 4}\n").unwrap();
+    std::fs::write(
+        &config,
+        "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 1s, perEndpointConcurrency: 4}\n",
+    )
+    .unwrap();
     let args = ["--config", config.to_str().unwrap()];
     let (one, two) = (Process::start(db, &args), Process::start(db, &args));
     apply(&one.base, yaml).await;
@@ -239,8 +243,10 @@ async fn two_processes_share_the_hourly_retry_budget() {
     const EVENTS: usize = 40;
     const BUDGET: usize = 5;
     let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (500u16, None, Duration::ZERO)) as Script).await;
-    let budget = format!("  maxAttempts: 50\n  backoff: {{base: 20ms, max: 50ms, jitter: none}}\n  retriesPerHour: {BUDGET}\n");
-    let (one, two, _dir, probes) = two_processes_with(&db, &endpoint_with_budget(&receiver.url("/sink"), &budget)).await;
+    let budget =
+        format!("  maxAttempts: 50\n  backoff: {{base: 20ms, max: 50ms, jitter: none}}\n  retriesPerHour: {BUDGET}\n");
+    let (one, two, _dir, probes) =
+        two_processes_with(&db, &endpoint_with_budget(&receiver.url("/sink"), &budget)).await;
     let (a, b) = tokio::join!(post_events(&one.base, 0, EVENTS / 2), post_events(&two.base, EVENTS / 2, EVENTS / 2));
     let deliveries = a.len() + b.len() + probes;
     let store = db.store().await;

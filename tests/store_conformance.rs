@@ -444,8 +444,9 @@ async fn an_ordered_backlog_costs_a_claim_nothing_on_postgres() {
     for (db, per_key) in [(&small_db, 25), (&large_db, 100)] {
         let store = db.store().await;
         for key in 0..10 {
-            let lane: Vec<NewEvent> =
-                (0..per_key).map(|n| fanned_out(&format!("b-{key}-{n}"), &["ordered"], Some(&format!("k{key}")))).collect();
+            let lane: Vec<NewEvent> = (0..per_key)
+                .map(|n| fanned_out(&format!("b-{key}-{n}"), &["ordered"], Some(&format!("k{key}"))))
+                .collect();
             store.accept_events(&[request(lane)]).await.unwrap();
         }
         // Half the heads are in flight, half wait to be claimed; a tenth of each lane is done.

@@ -149,7 +149,8 @@ impl Admission {
             let left = (rate as usize).saturating_sub(state.recent.len());
             if left == 0 && slots > 0 {
                 let oldest = state.recent.front().copied().unwrap_or(now);
-                rate_wait = Some(SECOND.saturating_sub(now.saturating_duration_since(oldest)).max(Duration::from_millis(1)));
+                rate_wait =
+                    Some(SECOND.saturating_sub(now.saturating_duration_since(oldest)).max(Duration::from_millis(1)));
             }
             slots = slots.min(left);
         }

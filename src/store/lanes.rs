@@ -110,7 +110,10 @@ impl PgStore {
 
     /// Fanned-out ordered deliveries `ids` were written (their lanes locked): open ones
     /// after them, written by a transaction that committed first, wait behind them.
-    pub(super) async fn lanes_written_in(tx: &mut Transaction<'static, Postgres>, ids: &[&str]) -> Result<(), StoreError> {
+    pub(super) async fn lanes_written_in(
+        tx: &mut Transaction<'static, Postgres>,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -145,7 +148,10 @@ impl PgStore {
 
     /// The deliveries `ids` were reopened (replayed): they wait behind what is open before
     /// them, and what is open after them waits behind them.
-    pub(super) async fn reopen_lanes_in(tx: &mut Transaction<'static, Postgres>, ids: &[&str]) -> Result<(), StoreError> {
+    pub(super) async fn reopen_lanes_in(
+        tx: &mut Transaction<'static, Postgres>,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -160,7 +166,10 @@ impl PgStore {
 
 impl SqliteStore {
     /// See [`PgStore::end_lane_heads_in`]; the one writer needs no lock.
-    pub(super) async fn end_lane_heads_in(tx: &mut Transaction<'static, Sqlite>, ids: &[&str]) -> Result<(), StoreError> {
+    pub(super) async fn end_lane_heads_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -171,7 +180,10 @@ impl SqliteStore {
     }
 
     /// See [`PgStore::lanes_written_in`].
-    pub(super) async fn lanes_written_in(tx: &mut Transaction<'static, Sqlite>, ids: &[&str]) -> Result<(), StoreError> {
+    pub(super) async fn lanes_written_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }

@@ -303,17 +303,18 @@ impl IngestTx for PgIngest<'_> {
             )
         });
         sqlx::query(insert)
-        .bind(&ids)
-        .bind(&event_ids)
-        .bind(&namespaces)
-        .bind(&endpoints)
-        .bind(&keys)
-        .bind(&times)
-        .bind(WORK_CHANNEL)
-        .bind(self.1)
-        .execute(&mut *self.0)
-        .await?;
-        let ordered: Vec<&str> = rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
+            .bind(&ids)
+            .bind(&event_ids)
+            .bind(&namespaces)
+            .bind(&endpoints)
+            .bind(&keys)
+            .bind(&times)
+            .bind(WORK_CHANNEL)
+            .bind(self.1)
+            .execute(&mut *self.0)
+            .await?;
+        let ordered: Vec<&str> =
+            rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
         PgStore::lanes_written_in(&mut self.0, &ordered).await
     }
 

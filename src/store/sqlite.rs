@@ -292,7 +292,8 @@ impl IngestTx for SqliteIngest {
                 .execute(&mut *self.0)
                 .await?;
         }
-        let ordered: Vec<&str> = rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
+        let ordered: Vec<&str> =
+            rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
         SqliteStore::lanes_written_in(&mut self.0, &ordered).await
     }
 
