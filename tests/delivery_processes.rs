@@ -184,7 +184,7 @@ async fn sigterm_finishes_or_releases_attempts_in_flight() {
     )
     .unwrap();
     let args = ["--config", config.to_str().unwrap()];
-    let server = Process::start(&db, &args);
+    let mut server = Process::start(&db, &args);
     apply(&server.base, &endpoint(&receiver.url("/sink")).replace("timeout: 1s", "timeout: 10s")).await;
     post_events(&server.base, 0, 3).await;
     eventually(Duration::from_secs(10), "three attempts in flight", || receiver.on("/sink").len() == 3).await;
@@ -192,7 +192,7 @@ async fn sigterm_finishes_or_releases_attempts_in_flight() {
     let stopped = Instant::now();
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let mut child = server.child;
+    let child = &mut server.child;
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;

@@ -72,11 +72,11 @@ async fn every_acknowledged_event_survives_a_sigkill_on_postgres() {
 #[tokio::test]
 async fn sigterm_stops_the_server_cleanly() {
     let db = TestDb::sqlite();
-    let server = Process::start(&db, &[]);
+    let mut server = Process::start(&db, &[]);
     let pid = server.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().expect("send SIGTERM");
     assert!(status.success());
-    let mut child = server.child;
+    let child = &mut server.child;
     // Generous: a loaded CI machine (two cores, compilers running) is slow to schedule.
     for _ in 0..400 {
         if let Some(exit) = child.try_wait().unwrap() {

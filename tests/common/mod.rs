@@ -365,6 +365,16 @@ impl Process {
     }
 }
 
+/// A test that fails (panics) before it stops its server does not leave it running.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Polls `check` until it holds; fails the test naming `what` after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where

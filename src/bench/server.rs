@@ -1,0 +1,180 @@
+//! What every bench shares: the server under test as a child process, the receiver the
+//! deliveries go to, applying resources, and percentiles.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// A `hookwarden serve` child process, killed when dropped.
+pub(super) struct ChildServer {
+    pub(super) child: tokio::process::Child,
+    pub(super) base: String,
+    pub(super) _data_dir: tempfile::TempDir,
+}
+
+impl ChildServer {
+    pub(super) async fn start(
+        binary: Option<&std::path::Path>,
+        database_url: Option<&str>,
+        secret: &str,
+        config: Option<&str>,
+    ) -> anyhow::Result<ChildServer> {
+        let data_dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let binary = match binary {
+            Some(path) => path.to_owned(),
+            None => std::env::current_exe()?,
+        };
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("HOOKWARDEN_JWT_SECRET", secret)
+            .env("RUST_LOG", "warn")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(url) = database_url {
+            command.arg("--database-url").arg(url);
+        }
+        if let Some(yaml) = config {
+            let path = data_dir.path().join("bench-config.yaml");
+            std::fs::write(&path, yaml)?;
+            command.arg("--config").arg(path);
+        }
+        let child = command.spawn().context("cannot start the server")?;
+        let server = ChildServer { child, base: format!("http://127.0.0.1:{port}"), _data_dir: data_dir };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = client.get(format!("{}/readyz", server.base)).send().await {
+                if response.status().is_success() {
+                    return Ok(server);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// CPU time (user + system) the server has used so far.
+    pub(super) fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let pid = self.child.id().context("the server has exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).context("unreadable /proc stat");
+        let (user, system) = (ticks(11)?, ticks(12)?);
+        // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).
+        Ok(Duration::from_millis((user + system) * 10))
+    }
+
+    /// `(current, peak)` resident memory in KiB, from `/proc`.
+    pub(super) fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
+        let pid = self.child.id().context("the server has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The bench's receiver: answers `/ok` at once and records enqueue→2xx latency from the
+/// event's `sent_us`; `/slow` never answers within the endpoint's timeout; `/ten-seconds`
+/// answers after 10 s.
+pub(super) async fn start_receiver() -> anyhow::Result<(String, Arc<std::sync::Mutex<Vec<Duration>>>)> {
+    let latencies: Arc<std::sync::Mutex<Vec<Duration>>> = Arc::default();
+    let recorded = latencies.clone();
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            axum::routing::post(move |body: String| {
+                let recorded = recorded.clone();
+                async move {
+                    let now = now_us();
+                    let sent = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|b| b["data"]["sent_us"].as_u64());
+                    if let Some(sent) = sent {
+                        recorded
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Duration::from_micros(now.saturating_sub(sent)));
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+        .route(
+            "/slow",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/ten-seconds",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((base, latencies))
+}
+
+pub(super) fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+pub(super) async fn apply(client: &reqwest::Client, base: &str, token: &str, yaml: String) -> anyhow::Result<()> {
+    let applied = client
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(token)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await?;
+    if !applied.status().is_success() {
+        bail!("apply failed: {}", applied.text().await?);
+    }
+    Ok(())
+}
+
+/// Polls `/healthz` every 20 ms until cancelled; returns the slowest answer.
+pub(super) fn poll_health(base: &str) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<Duration>) {
+    let done = tokio_util::sync::CancellationToken::new();
+    let (url, stop) = (format!("{base}/healthz"), done.clone());
+    let poller = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut slowest = Duration::ZERO;
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            let _ = client.get(&url).timeout(Duration::from_secs(300)).send().await;
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slowest
+    });
+    (done, poller)
+}
