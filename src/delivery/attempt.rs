@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::admission::Slot;
 use super::dispatch::Dispatcher;
+use super::gate::Gated;
 use super::outcome::{decide, AttemptResult};
 use crate::catalog::EndpointEntry;
 use crate::config::AuditedOutcomes;
@@ -102,7 +103,7 @@ impl Dispatcher {
         _permit: OwnedSemaphorePermit,
     ) {
         let stop = self.stop_attempts.clone();
-        if ep.spec.agent && !self.gate(&delivery, &ep).await {
+        if ep.spec.agent && self.gate(&delivery, &ep).await != Gated::Send {
             return;
         }
         self.pace(&ep).await;

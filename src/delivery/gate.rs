@@ -1,25 +1,51 @@
-//! The policy gate of an agent endpoint's delivery: decided by the rules (on an
-//! evaluation thread when they run CEL), then recorded with its spend reservation, held
-//! for approvers, or denied.
+//! The policy gate of an agent endpoint's delivery, carried out against the store: the
+//! rules decide (on an evaluation thread when they run CEL), [`policy::gate::judge`] gives
+//! the verdict, and this module writes it.
+//!
+//! Invariants:
+//! - a delivery is sent only once its decision is recorded and its spend reserved, in one
+//!   transaction guarded by its lease;
+//! - when another delivery took the spend budget between the decision and the reservation,
+//!   the gate decides again, at most [`policy::gate::DECISIONS`] times, then denies;
+//! - a gate that cannot decide (the store or an evaluation thread failed) gives the
+//!   delivery back to be tried again: an error never sends and never denies;
+//! - every decision is counted in `hookwarden_policy_decisions_total`, and each the rules
+//!   made is logged as `policy decision`.
+//!
+//! [`policy::gate::judge`]: crate::policy::gate::judge
+//! [`policy::gate::DECISIONS`]: crate::policy::gate::DECISIONS
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::dispatch::Dispatcher;
 use crate::catalog::{EndpointEntry, EventView};
-use crate::policy::engine::{self, EndpointView as PolicyEndpoint, Outcome, PolicyDecision, PolicySet, SpendCheck};
+use crate::policy::decision::{rule_word, DecisionRecord, PolicyDecision};
+use crate::policy::engine::{self, EndpointView as PolicyEndpoint, PolicySet};
+use crate::policy::gate::{self, Facts, Verdict};
 use crate::policy::meter::Budget;
-use crate::store::policy::{action_hash, AllowResult, NewApproval, SpendReservation};
-use crate::store::{ClaimedDelivery, DeliveryState};
+use crate::store::policy::{AllowResult, SpendReservation};
+use crate::store::{ClaimedDelivery, DeliveryState, StoreError};
+use crate::threads::JobFailed;
+
+/// What carrying out a verdict came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Gated {
+    /// Decided and recorded, spend reserved: send it.
+    Send,
+    /// Another delivery took the spend budget meanwhile: decide again.
+    DecideAgain,
+    /// Not to be sent now: held, denied, given back, or its lease was lost.
+    Stop,
+}
 
 impl Dispatcher {
-    /// The policy gate for an agent endpoint: true when the delivery may be sent (the
-    /// decision and its spend reservation are then committed); otherwise the delivery was
-    /// denied or held here.
-    pub(super) async fn gate(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> bool {
+    /// The policy gate for a delivery to an agent endpoint: [`Gated::Send`] when it may be
+    /// sent; otherwise it was held, denied or given back here (or its lease was lost).
+    pub(super) async fn gate(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> Gated {
         let catalog = self.catalog.current();
         let (policy, budget) = (catalog.policy(&delivery.namespace), catalog.budget);
         drop(catalog);
@@ -36,167 +62,70 @@ impl Dispatcher {
             }
             .to_json(),
         );
-        let decide = |totals: BTreeMap<(String, String, String), i64>, now| {
-            self.decide(policy.clone(), event.clone(), ep, totals, now, budget)
-        };
-        for _ in 0..3 {
+        for _ in 0..gate::DECISIONS {
             let now = Utc::now();
-            // First learn which spend windows the rules look at, then read them.
-            let probe = match decide(BTreeMap::new(), now).await {
-                Ok(probe) => probe,
-                Err(e) => return self.gate_failed(delivery, e).await,
-            };
-            let keys: Vec<(String, String, String, Duration)> = probe
-                .rules
-                .iter()
-                .filter_map(|r| r.spend.as_ref())
-                .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
-                .collect();
-            // Without spend windows the probe already is the decision.
-            let decision = if keys.is_empty() {
-                probe
-            } else {
-                let totals = match self.store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await {
-                    Ok(totals) => totals,
-                    Err(e) => return self.gate_failed(delivery, e).await,
-                };
-                match decide(totals, now).await {
-                    Ok(decision) => decision,
-                    Err(e) => return self.gate_failed(delivery, e).await,
-                }
-            };
-            let recorded = serde_json::to_string(&decision).unwrap_or_default();
-            if delivery.approved {
-                count_decision("allow", "(approved)");
-                // Granted by approvers: sent without a new decision; its spend counts.
-                let reservations =
-                    reservations(decision.rules.iter().filter(|r| !r.shadow).filter_map(|r| r.spend.as_ref()));
-                let granted =
-                    format!(r#"{{"outcome":"allow","reason":"granted by approvers","evaluated":{recorded}}}"#);
-                return match self
-                    .store
-                    .allow_delivery(
-                        &delivery.id,
-                        &delivery.lease_token,
-                        &delivery.namespace,
-                        &granted,
-                        &reservations,
-                        false,
-                        now,
-                    )
-                    .await
-                {
-                    Ok(AllowResult::Reserved) => {
-                        count_spend(delivery, &reservations);
-                        true
-                    }
-                    Ok(_) => false,
-                    Err(e) => self.gate_failed(delivery, e).await,
-                };
-            }
-            count_decision(outcome_name(decision.outcome), decision.rule.as_deref().unwrap_or("(default)"));
-            tracing::info!(
-                event_id = %delivery.event_id,
-                delivery_id = %delivery.id,
-                endpoint = %delivery.endpoint,
-                outcome = outcome_name(decision.outcome),
-                rule = decision.rule.as_deref().unwrap_or(""),
-                reason = %decision.reason,
-                revision = %decision.revision,
-                trace_id = %delivery.trace_id,
-                "policy decision"
-            );
-            match decision.outcome {
-                Outcome::Allow => {
-                    let reservations = reservations(decision.spend.iter());
-                    match self
-                        .store
-                        .allow_delivery(
-                            &delivery.id,
-                            &delivery.lease_token,
-                            &delivery.namespace,
-                            &recorded,
-                            &reservations,
-                            true,
-                            now,
-                        )
-                        .await
-                    {
-                        Ok(AllowResult::Reserved) => {
-                            count_spend(delivery, &reservations);
-                            return true;
-                        }
-                        Ok(AllowResult::LeaseLost) => return false,
-                        // Another delivery took the budget meanwhile: decide again.
-                        Ok(AllowResult::OverLimit(_)) => continue,
-                        Err(e) => return self.gate_failed(delivery, e).await,
-                    }
-                }
-                Outcome::Deny => {
-                    let mut completion = self.refuse(delivery, DeliveryState::Denied, "denied", &decision.reason);
-                    completion.decision = Some(recorded);
-                    let _ = self.completions.send(completion).await;
-                    return false;
-                }
-                Outcome::Hold => {
-                    let approval = decision
-                        .approval
-                        .clone()
-                        .unwrap_or_else(|| serde_json::from_value(serde_json::json!({})).expect("defaults"));
-                    let amounts: Vec<(String, i64)> = decision
-                        .rules
-                        .iter()
-                        .filter_map(|r| r.spend.as_ref())
-                        .map(|s| (s.currency.clone(), s.amount))
-                        .collect();
-                    let request = NewApproval {
-                        id: format!("apr_{}", ulid::Ulid::new()),
-                        namespace: delivery.namespace.clone(),
-                        event_id: delivery.event_id.to_string(),
-                        endpoint: delivery.endpoint.clone(),
-                        rule: decision.rule.clone(),
-                        reason: decision.reason.clone(),
-                        action_hash: action_hash(&event, &delivery.namespace, &delivery.endpoint, &amounts),
-                        role: approval.role.clone(),
-                        quorum: approval.quorum,
-                        on_expiry: match approval.on_expiry {
-                            crate::resources::kinds::ExpiryOutcome::Allow => "allow".into(),
-                            crate::resources::kinds::ExpiryOutcome::Deny => "deny".into(),
-                        },
-                        expires_at: now
-                            + chrono::Duration::from_std(approval.expires_after.0).unwrap_or(chrono::Duration::MAX),
-                        requested_by: delivery.ingested_by.clone(),
+            let verdict = match self.decide_spend(&policy, &event, ep, delivery, now, budget).await {
+                Ok(decision) => {
+                    let approval_id = format!("apr_{}", ulid::Ulid::new());
+                    let facts = Facts {
+                        event: &event,
+                        event_id: delivery.event_id.as_str(),
+                        namespace: &delivery.namespace,
+                        endpoint: &delivery.endpoint,
+                        requested_by: &delivery.ingested_by,
+                        approved: delivery.approved,
+                        approval_id: &approval_id,
                     };
-                    match self.store.hold_delivery(&delivery.id, &delivery.lease_token, &recorded, &request, now).await
-                    {
-                        Ok(_) => metrics::counter!("hookwarden_policy_holds_total").increment(1),
-                        Err(e) => {
-                            self.gate_failed(delivery, e).await;
-                        }
-                    }
-                    return false;
+                    gate::judge(decision, &facts, now)
                 }
+                Err(e) => Verdict::Retry { after: undecided(delivery, e) },
+            };
+            match self.carry_out(delivery, verdict, now).await {
+                Gated::DecideAgain => continue,
+                done => return done,
             }
         }
-        count_decision("deny", "(spend contention)");
-        let mut completion =
-            self.refuse(delivery, DeliveryState::Denied, "denied", "the spend budget kept changing while deciding");
-        completion.decision = Some(r#"{"outcome":"deny","reason":"spend budget contention"}"#.into());
-        let _ = self.completions.send(completion).await;
-        false
+        self.carry_out(delivery, gate::contended(), Utc::now()).await
+    }
+
+    /// The rules' decision with the spend already counted in their windows: a first
+    /// decision learns which windows the rules look at, then they are read and the rules
+    /// decide again (without spend windows the first decision is the one).
+    async fn decide_spend(
+        &self,
+        policy: &Arc<PolicySet>,
+        event: &Arc<serde_json::Value>,
+        ep: &EndpointEntry,
+        delivery: &ClaimedDelivery,
+        now: DateTime<Utc>,
+        budget: Budget,
+    ) -> Result<PolicyDecision, Undecided> {
+        let decide = |totals| self.decide(policy.clone(), event.clone(), ep, totals, now, budget);
+        let probe = decide(BTreeMap::new()).await?;
+        let keys: Vec<(String, String, String, Duration)> = probe
+            .rules
+            .iter()
+            .filter_map(|r| r.spend.as_ref())
+            .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
+            .collect();
+        if keys.is_empty() {
+            return Ok(probe);
+        }
+        let totals = self.store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await?;
+        Ok(decide(totals).await?)
     }
 
     /// The policy decision for `ep`, made on an evaluation thread when it runs CEL (see
-    /// [`CatalogHandle::evaluate`]).
+    /// [`crate::catalog::CatalogHandle::evaluate`]).
     async fn decide(
         &self,
         policy: Arc<PolicySet>,
         event: Arc<serde_json::Value>,
         ep: &EndpointEntry,
         totals: BTreeMap<(String, String, String), i64>,
-        now: chrono::DateTime<Utc>,
+        now: DateTime<Utc>,
         budget: Budget,
-    ) -> Result<PolicyDecision, crate::threads::JobFailed> {
+    ) -> Result<PolicyDecision, JobFailed> {
         let endpoint = PolicyEndpoint { namespace: &ep.namespace, name: &ep.name, labels: &ep.labels };
         if !policy.evaluates_cel(endpoint) {
             return Ok(engine::decide(&policy, &event, endpoint, &totals, now, budget));
@@ -210,17 +139,86 @@ impl Dispatcher {
             .await
     }
 
-    /// The gate could not decide (database trouble): give the delivery back for later.
-    async fn gate_failed(&self, delivery: &ClaimedDelivery, error: impl std::fmt::Display) -> bool {
-        tracing::warn!(delivery_id = %delivery.id, error = %error, "policy gate could not decide; retrying later");
-        let later = Utc::now() + chrono::Duration::seconds(1);
+    /// Writes `verdict`, decided at `now`, for `delivery`.
+    async fn carry_out(&self, delivery: &ClaimedDelivery, verdict: Verdict, now: DateTime<Utc>) -> Gated {
+        if let Some(record) = verdict.record() {
+            count_decision(record.counted_as());
+            if let DecisionRecord::Evaluated(decision) = record {
+                tracing::info!(
+                    event_id = %delivery.event_id,
+                    delivery_id = %delivery.id,
+                    endpoint = %delivery.endpoint,
+                    outcome = rule_word(decision.outcome),
+                    rule = decision.rule.as_deref().unwrap_or(""),
+                    reason = %decision.reason,
+                    revision = %decision.revision,
+                    trace_id = %delivery.trace_id,
+                    "policy decision"
+                );
+            }
+        }
+        let (id, lease_token) = (&delivery.id, delivery.lease_token.as_str());
+        match verdict {
+            Verdict::Send { reservations, enforce_limits, record } => {
+                let namespace = &delivery.namespace;
+                match self
+                    .store
+                    .allow_delivery(id, lease_token, namespace, &record, &reservations, enforce_limits, now)
+                    .await
+                {
+                    Ok(AllowResult::Reserved) => {
+                        count_spend(delivery, &reservations);
+                        Gated::Send
+                    }
+                    Ok(AllowResult::LeaseLost) => Gated::Stop,
+                    Ok(AllowResult::OverLimit(_)) => Gated::DecideAgain,
+                    Err(e) => self.retry_later(delivery, undecided(delivery, e.into())).await,
+                }
+            }
+            Verdict::Hold { request, record } => {
+                match self.store.hold_delivery(id, lease_token, &record, &request, now).await {
+                    Ok(_) => metrics::counter!("hookwarden_policy_holds_total").increment(1),
+                    Err(e) => {
+                        self.retry_later(delivery, undecided(delivery, e.into())).await;
+                    }
+                }
+                Gated::Stop
+            }
+            Verdict::Deny { reason, record } => {
+                let mut completion = self.refuse(delivery, DeliveryState::Denied, "denied", &reason);
+                completion.decision = Some(record.to_json());
+                let _ = self.completions.send(completion).await;
+                Gated::Stop
+            }
+            Verdict::Retry { after } => self.retry_later(delivery, after).await,
+        }
+    }
+
+    /// Gives `delivery` back, due again `after` from now.
+    async fn retry_later(&self, delivery: &ClaimedDelivery, after: Duration) -> Gated {
+        let later = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
         let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], later).await;
-        false
+        Gated::Stop
     }
 }
 
+/// Why the gate could not decide or record its verdict.
+#[derive(Debug, thiserror::Error)]
+enum Undecided {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Evaluation(#[from] JobFailed),
+}
+
+/// Notes that the gate could not decide `delivery`; how long until it is tried again.
+fn undecided(delivery: &ClaimedDelivery, error: Undecided) -> Duration {
+    tracing::warn!(delivery_id = %delivery.id, error = %error, "policy gate could not decide; retrying later");
+    gate::UNDECIDED_RETRY
+}
+
 /// Policy decisions by outcome and deciding rule (rule names come from resources).
-fn count_decision(outcome: &'static str, rule: &str) {
+fn count_decision((outcome, rule): (&'static str, &str)) {
     metrics::counter!("hookwarden_policy_decisions_total", "outcome" => outcome, "rule" => rule.to_owned())
         .increment(1);
 }
@@ -234,25 +232,4 @@ fn count_spend(delivery: &ClaimedDelivery, reservations: &[SpendReservation]) {
             "agent" => delivery.endpoint.clone(), "currency" => r.currency.clone())
         .increment(r.amount.max(0) as u64);
     }
-}
-
-fn outcome_name(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Allow => "allow",
-        Outcome::Hold => "hold",
-        Outcome::Deny => "deny",
-    }
-}
-
-fn reservations<'a>(checks: impl Iterator<Item = &'a SpendCheck>) -> Vec<SpendReservation> {
-    checks
-        .map(|s| SpendReservation {
-            rule: s.rule.clone(),
-            key: s.key.clone(),
-            currency: s.currency.clone(),
-            amount: s.amount,
-            limit: s.limit,
-            window: s.window,
-        })
-        .collect()
 }
