@@ -5,8 +5,8 @@
 //!
 //! Invariants:
 //! - an attempt runs holding its endpoint's [`Slot`]; it is released when the attempt
-//!   ends, on every path (sent, held, denied, given back, cancelled, panicked), and learns
-//!   the outcome only when a request was made;
+//!   ends, on every path (sent, held, denied, given back, cancelled, panicked), and the
+//!   slot learns an outcome only from a send (a refused private address is a failed one);
 //! - an attempt cancelled by the end of the shutdown grace gives its delivery back, due as
 //!   it was, instead of recording an outcome;
 //! - every attempt that ends a delivery without a request (denied, its endpoint deleted)
