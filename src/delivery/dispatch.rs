@@ -1,6 +1,5 @@
-//! The dispatcher: claims due deliveries and hands each to an attempt task (see
-//! [`super::attempt`]), which sends it signed and queues its outcome for the completion
-//! writer (see [`super::upkeep`]).
+//! The dispatcher: claims due deliveries and hands each to an attempt task (`attempt.rs`),
+//! which sends it signed and queues its outcome for the completion writer (`upkeep.rs`).
 //!
 //! Claims are short transactions with a lease longer than the longest attempt; no
 //! transaction is open during HTTP. Completions are written in batches by one writer task,
