@@ -34,7 +34,7 @@ use crate::catalog::CatalogHandle;
 use crate::config::{AuditConfig, Config};
 use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
-use crate::delivery::worker::{DispatchSettings, Dispatcher};
+use crate::delivery::dispatch::{DispatchSettings, Dispatcher};
 use crate::ingest::keys::ForgetOldKeys;
 use crate::ingest::{IngestSettings, Ingestor};
 use crate::jobs::Jobs;

@@ -8,6 +8,7 @@ use chrono::Utc;
 use common::TestDb;
 use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
+use hookwarden::policy::decision::{DecisionRecord, Outcome, PolicyDecision};
 use hookwarden::resources::{Kind, ResourceKey};
 use hookwarden::store::policy::NewApproval;
 use hookwarden::store::{
@@ -48,6 +49,19 @@ fn fanned_out(external_id: &str, endpoints: &[&str], key: Option<&str>) -> NewEv
         })
         .collect();
     e
+}
+
+/// A hold no rule in particular decided, as the policy gate records it.
+fn held() -> DecisionRecord {
+    DecisionRecord::Evaluated(PolicyDecision {
+        outcome: Outcome::Hold,
+        rule: None,
+        reason: "hold".into(),
+        rules: Vec::new(),
+        revision: String::new(),
+        spend: Vec::new(),
+        approval: None,
+    })
 }
 
 fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> Completion {
@@ -382,7 +396,7 @@ async fn a_lane_keeps_its_order_through_release_denial_and_replay(store: &Store)
         expires_at: Utc::now() + chrono::Duration::hours(1),
         requested_by: "tester".into(),
     };
-    assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, "{}", &approval, Utc::now()).await.unwrap());
+    assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, &held(), &approval, Utc::now()).await.unwrap());
     assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "a held head holds its lane");
     store.vote_on_approval("apr_lane", "approver-1", false, "no", Utc::now()).await.unwrap();
     let third = claim_of(store, &[("a", 10)], 10).await;
@@ -783,7 +797,7 @@ async fn an_overdue_approval(store: &Store) -> String {
         requested_by: "tester".into(),
     };
     let now = Utc::now();
-    assert!(store.hold_delivery(&claim.id, &claim.lease_token, "{}", &approval, now).await.unwrap());
+    assert!(store.hold_delivery(&claim.id, &claim.lease_token, &held(), &approval, now).await.unwrap());
     approval.id
 }
 

@@ -255,4 +255,110 @@ mod tests {
         drop(probe);
         assert_eq!(admission.free_slots("ns", "e", Some(1), None, t0).slots, 1);
     }
+
+    /// An admission whose endpoint `e` is half-open (breaker threshold 1), with `probe`
+    /// its half-open probe.
+    fn half_open() -> (Admission, Slot) {
+        let admission = Admission::new(10);
+        admission.admit("ns", "e", Some(1)).unwrap().observe(false);
+        let probe = admission.admit("ns", "e", Some(1)).unwrap();
+        assert!(probe.is_probe());
+        assert!(admission.admit("ns", "e", Some(1)).is_none(), "one probe at a time");
+        (admission, probe)
+    }
+
+    fn next_is_a_probe(admission: &Admission, path: &str) {
+        let next = admission.admit("ns", "e", Some(1));
+        assert!(next.is_some_and(|s| s.is_probe()), "after {path}, the next delivery may probe");
+    }
+
+    #[test]
+    fn the_probe_is_released_on_every_path_that_ends_an_attempt_without_an_outcome() {
+        // Admitted, then the attempt ended before any request: the gate held or denied it,
+        // could not decide, or its lease was lost. The attempt returns, dropping its slot.
+        for path in ["a hold", "a denial", "a gate failure", "a lost lease"] {
+            let (admission, probe) = half_open();
+            drop(probe);
+            next_is_a_probe(&admission, path);
+        }
+        // Sent and failed: still half-open, the next delivery probes again.
+        let (admission, probe) = half_open();
+        probe.observe(false);
+        drop(probe);
+        next_is_a_probe(&admission, "a failed probe");
+    }
+
+    #[tokio::test]
+    async fn the_probe_is_released_when_its_task_panics_or_is_cancelled() {
+        let (admission, probe) = half_open();
+        let panicked = tokio::spawn(async move {
+            let _probe = probe;
+            panic!("an attempt panicked");
+        });
+        assert!(panicked.await.unwrap_err().is_panic());
+        next_is_a_probe(&admission, "a panic");
+        // Cancelled at the end of the shutdown grace, in the middle of its request.
+        let (admission, probe) = half_open();
+        let running = tokio::spawn(async move {
+            let _probe = probe;
+            std::future::pending::<()>().await;
+        });
+        running.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
+        next_is_a_probe(&admission, "a cancellation");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_slot_signals_that_one_is_free() {
+        let admission = Admission::new(1);
+        let slot = admission.admit("ns", "e", None).unwrap();
+        assert_eq!(admission.free_slots("ns", "e", None, None, Instant::now()).slots, 0);
+        drop(slot);
+        let freed = tokio::time::timeout(Duration::from_secs(5), admission.freed().notified()).await;
+        assert!(freed.is_ok(), "a claim capped by the busy endpoint is woken");
+        assert_eq!(admission.free_slots("ns", "e", None, None, Instant::now()).slots, 1);
+    }
+
+    #[test]
+    fn failures_below_the_breaker_threshold_keep_every_slot() {
+        let admission = Admission::new(3);
+        for _ in 0..2 {
+            admission.admit("ns", "e", Some(3)).unwrap().observe(false);
+        }
+        let slots: Vec<Slot> = (0..3).map(|_| admission.admit("ns", "e", Some(3)).unwrap()).collect();
+        assert!(slots.iter().all(|s| !s.is_probe()), "two failures of three: closed");
+        assert!(admission.admit("ns", "e", Some(3)).is_none(), "and at its concurrency limit");
+        // Without a breaker, failures never limit it to a probe.
+        drop(slots);
+        for _ in 0..5 {
+            admission.admit("ns", "plain", None).unwrap().observe(false);
+        }
+        assert_eq!(admission.free_slots("ns", "plain", None, None, Instant::now()).slots, 3);
+        // A success ends the run of failures.
+        admission.admit("ns", "e", Some(3)).unwrap().observe(true);
+        admission.admit("ns", "e", Some(3)).unwrap().observe(false);
+        assert!(!admission.admit("ns", "e", Some(3)).unwrap().is_probe());
+    }
+
+    #[test]
+    fn rate_limits_are_per_endpoint_and_free_slots_do_not_count_a_request() {
+        let admission = Admission::new(10);
+        let t0 = Instant::now();
+        assert_eq!(admission.pace("ns", "a", 1, t0), None);
+        assert!(admission.pace("ns", "a", 1, t0).is_some(), "a's one request this second is taken");
+        assert_eq!(admission.pace("ns", "b", 1, t0), None, "b has its own");
+        assert_eq!(admission.pace("other", "a", 1, t0), None, "and so has a of another namespace");
+        // Asking how many may start takes none of them.
+        for _ in 0..3 {
+            assert_eq!(admission.free_slots("ns", "c", None, Some(1), t0).slots, 1);
+        }
+        assert_eq!(admission.pace("ns", "c", 1, t0), None);
+        let busy = admission.free_slots("ns", "c", None, Some(1), t0 + Duration::from_millis(250));
+        assert_eq!(busy, Free { slots: 0, rate_wait: Some(Duration::from_millis(750)) });
+        // With no slot free anyway, the rate does not say when to look again.
+        let full = Admission::new(1);
+        let _slot = full.admit("ns", "c", None).unwrap();
+        assert_eq!(full.pace("ns", "c", 1, t0), None);
+        assert_eq!(full.free_slots("ns", "c", None, Some(1), t0), Free { slots: 0, rate_wait: None });
+    }
 }

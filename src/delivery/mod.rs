@@ -1,8 +1,14 @@
-//! The delivery engine: fan-out, the leased queue, signing, retries, ordering and health.
+//! The delivery engine: the leased queue's claims, one attempt per claimed delivery
+//! (admission, the policy gate, the signed request, its outcome), retries, ordering and
+//! health.
 
 pub mod admission;
+mod attempt;
+pub mod dispatch;
+mod gate;
 pub mod guard;
+pub mod http;
 pub mod outcome;
 pub mod retry;
 pub mod signing;
-pub mod worker;
+mod upkeep;

@@ -183,4 +183,23 @@ mod tests {
         assert_eq!(decide(&response(500), 1, &budget(), old, now, 0.5, false).state, DeliveryState::Dead);
         assert_eq!(decide(&response(500), 1, &budget(), now, now, 0.5, true).state, DeliveryState::Dead);
     }
+
+    #[test]
+    fn a_spent_hourly_retry_budget_ends_only_what_would_be_retried() {
+        let now = Utc::now();
+        let spent = |result: &AttemptResult| decide(result, 1, &budget(), now, now, 0.5, true);
+        let dead = spent(&response(503));
+        assert_eq!((dead.state, dead.outcome, dead.success), (DeliveryState::Dead, "dead", false));
+        assert_eq!(dead.reason.as_deref(), Some("HTTP 503; the endpoint's hourly retry budget is spent"));
+        assert_eq!(dead.next_attempt_at, now);
+        let timed_out = spent(&AttemptResult::Timeout);
+        assert_eq!(timed_out.reason.as_deref(), Some("timed out; the endpoint's hourly retry budget is spent"));
+        // What is not retried anyway does not need the budget.
+        assert_eq!(spent(&response(200)).state, DeliveryState::Delivered);
+        assert_eq!(spent(&response(400)).state, DeliveryState::Failed);
+        assert_eq!((spent(&response(410)).state, spent(&response(410)).disable), (DeliveryState::Failed, true));
+        // Attempts and age are judged first: their reason is the one given.
+        let last = decide(&response(503), 3, &budget(), now, now, 0.5, true);
+        assert_eq!(last.reason.as_deref(), Some("HTTP 503; 3 attempts made, none left"));
+    }
 }

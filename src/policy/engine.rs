@@ -1,5 +1,6 @@
 //! The policy gate's decision: which AgentRules select an agent endpoint, what each says
-//! about one delivery, and what they decide together.
+//! about one delivery, and what they decide together (as the types of
+//! [`super::decision`]).
 //!
 //! Pure: the caller supplies the event, the endpoint, the spend already counted in each
 //! rule's window, and the time. Invariants:
@@ -18,23 +19,14 @@ use std::time::Duration;
 use cel::common::types::{CelInt, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::decision::{default_approval, rule_word, Outcome, PolicyDecision, RuleResult, SpendCheck};
 use super::expr::{self, describe, value_text as as_text, CompiledExpr, Evaluation, Limits};
 use super::meter::Budget;
 use crate::resources::kinds::{AgentRuleSpec, Approval, Decision as RuleDecision, Enforcement, OverLimit};
 use crate::resources::validate::POLICY_VARIABLES;
-
-/// What a rule or the gate decides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Allow,
-    Hold,
-    Deny,
-}
 
 /// A spend clause, compiled.
 #[derive(Clone, Debug)]
@@ -178,52 +170,6 @@ impl SpendTotals for BTreeMap<(String, String, String), i64> {
     fn total(&self, rule: &str, key: &str, currency: &str) -> i64 {
         self.get(&(rule.to_owned(), key.to_owned(), currency.to_owned())).copied().unwrap_or(0)
     }
-}
-
-/// What one rule found.
-#[derive(Clone, Debug, Serialize)]
-pub struct RuleResult {
-    pub rule: String,
-    /// `None` when the rule's `match` was false.
-    pub outcome: Option<Outcome>,
-    pub reason: String,
-    pub shadow: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spend: Option<SpendCheck>,
-}
-
-/// A spend clause's figures for one delivery.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SpendCheck {
-    pub rule: String,
-    /// The agent endpoint, plus the `per` value when the rule has one.
-    pub key: String,
-    pub currency: String,
-    pub amount: i64,
-    pub window_total: i64,
-    pub limit: i64,
-    #[serde(skip)]
-    pub window: Duration,
-    #[serde(skip)]
-    pub over_limit: OverLimit,
-}
-
-/// The gate's decision, with everything needed to explain it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PolicyDecision {
-    pub outcome: Outcome,
-    /// The rule that decided; `None` for the default denial.
-    pub rule: Option<String>,
-    pub reason: String,
-    pub rules: Vec<RuleResult>,
-    pub revision: String,
-    /// Spend to reserve when the outcome is allow (enforced rules only).
-    pub spend: Vec<SpendCheck>,
-    /// For a hold: who must approve, how many, for how long (the strictest of the holding rules).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub approval: Option<Approval>,
 }
 
 impl PolicySet {
@@ -424,15 +370,6 @@ fn finish(
     RuleResult { rule: rule.name.clone(), outcome: Some(outcome), reason, shadow: rule.shadow, error: None, spend }
 }
 
-/// `allow`, `hold` or `deny`, as rules spell them.
-pub fn rule_word(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Allow => "allow",
-        Outcome::Hold => "hold",
-        Outcome::Deny => "deny",
-    }
-}
-
 fn combine(policy: &PolicySet, rules: Vec<RuleResult>) -> PolicyDecision {
     let enforced: Vec<&RuleResult> = rules.iter().filter(|r| !r.shadow && r.outcome.is_some()).collect();
     let strongest = enforced.iter().filter_map(|r| r.outcome).max();
@@ -459,10 +396,6 @@ fn combine(policy: &PolicySet, rules: Vec<RuleResult>) -> PolicyDecision {
         })
         .flatten();
     PolicyDecision { outcome, rule, reason, rules, revision: policy.revision.clone(), spend, approval }
-}
-
-fn default_approval() -> Approval {
-    serde_json::from_value(json!({})).expect("every approval field has a default")
 }
 
 /// The most demanding of several approval settings: most approvers, soonest expiry,

@@ -20,7 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::engine::{self, CompiledRule, EndpointView, Outcome, PolicySet};
+use super::decision::{rule_word, Outcome};
+use super::engine::{self, CompiledRule, EndpointView, PolicySet};
 use super::expr::Limits;
 use crate::resources::validate::{validate, Checks};
 use crate::resources::{parse_files, Kind, ResourceKey, Spec};
@@ -163,7 +164,7 @@ fn run_folder(folder: &Path) -> Result<Vec<CaseResult>, String> {
             let decision = engine::decide(&policy, &case.event, endpoint, &totals, now, Limits::default().budget());
             let mut problems = Vec::new();
             if decision.outcome != case.expect.outcome {
-                let word = engine::rule_word;
+                let word = rule_word;
                 problems.push(format!("outcome {}, expected {}", word(decision.outcome), word(case.expect.outcome)));
             }
             if let Some(rule) = &case.expect.rule {

@@ -455,7 +455,7 @@ impl Store {
         id: &crate::ids::DeliveryId,
         lease_token: &str,
         namespace: &str,
-        decision: &str,
+        decision: &crate::policy::decision::DecisionRecord,
         reservations: &[policy::SpendReservation],
         enforce_limits: bool,
         now: DateTime<Utc>,
@@ -468,7 +468,7 @@ impl Store {
         &self,
         id: &crate::ids::DeliveryId,
         lease_token: &str,
-        decision: &str,
+        decision: &crate::policy::decision::DecisionRecord,
         approval: &policy::NewApproval,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {

@@ -138,7 +138,7 @@ macro_rules! policy_methods {
                 id: &$crate::ids::DeliveryId,
                 lease_token: &str,
                 namespace: &str,
-                decision: &str,
+                decision: &$crate::policy::decision::DecisionRecord,
                 reservations: &[$crate::store::policy::SpendReservation],
                 enforce_limits: bool,
                 now: chrono::DateTime<chrono::Utc>,
@@ -190,7 +190,7 @@ macro_rules! policy_methods {
                     .await?;
                 }
                 let updated = sqlx::query(&$sql("UPDATE deliveries SET decision = ? WHERE id = ? AND lease_token = ?"))
-                    .bind(decision)
+                    .bind(decision.to_json())
                     .bind(id.as_str())
                     .bind(lease_token)
                     .execute(&mut *tx)
@@ -206,7 +206,7 @@ macro_rules! policy_methods {
                     "policy.decision",
                     namespace,
                     format!("delivery/{id}"),
-                    serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
+                    decision.to_value(),
                 );
                 Self::append_audit_in(&mut tx, &[record]).await?;
                 tx.commit().await?;
@@ -218,7 +218,7 @@ macro_rules! policy_methods {
                 &self,
                 id: &$crate::ids::DeliveryId,
                 lease_token: &str,
-                decision: &str,
+                decision: &$crate::policy::decision::DecisionRecord,
                 approval: &$crate::store::policy::NewApproval,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
@@ -227,7 +227,7 @@ macro_rules! policy_methods {
                     "UPDATE deliveries SET state = 'held', decision = ?, lease_token = NULL, lease_until = NULL, updated_at = ? \
                      WHERE id = ? AND lease_token = ?",
                 ))
-                .bind(decision)
+                .bind(decision.to_json())
                 .bind(now)
                 .bind(id.as_str())
                 .bind(lease_token)
@@ -265,7 +265,7 @@ macro_rules! policy_methods {
                         "policy.decision",
                         &a.namespace,
                         format!("delivery/{id}"),
-                        serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
+                        decision.to_value(),
                     ),
                     $crate::audit::NewAuditRecord::new(
                         "system",
@@ -565,15 +565,6 @@ pub(super) fn denied_by_approval_record(
         format!("delivery/{delivery}"),
         serde_json::json!({"endpoint": endpoint, "attempt": attempts, "status": null, "error": error}),
     )
-}
-
-/// The hash an approval is bound to: the canonical event, the endpoint and the amounts,
-/// so that approving it can release nothing else.
-pub fn action_hash(event: &serde_json::Value, namespace: &str, endpoint: &str, amounts: &[(String, i64)]) -> String {
-    use sha2::{Digest, Sha256};
-    let canonical =
-        serde_json::json!({"event": event, "namespace": namespace, "endpoint": endpoint, "amounts": amounts});
-    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
 /// Settles a delivery's reservations when it ends: `delivered` commits them, the other
