@@ -5,7 +5,17 @@
 //! neither fork a chain nor leave a gap; a batch of records costs one lock and one read of
 //! the chain's head.
 
+use super::sql::Tx;
+use super::{PgStore, SqliteStore, StoreError};
 use crate::audit::{AuditRecord, NewAuditRecord};
+
+/// Appends `records` inside `tx`; returns them sealed.
+pub(super) async fn append_in(tx: &mut Tx, records: &[NewAuditRecord]) -> Result<Vec<AuditRecord>, StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::append_audit_in(tx, records).await,
+        Tx::Sqlite(tx) => SqliteStore::append_audit_in(tx, records).await,
+    }
+}
 
 #[derive(sqlx::FromRow)]
 pub(super) struct AuditRow {

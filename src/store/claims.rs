@@ -222,7 +222,7 @@ impl PgStore {
             .bind(endpoint)
             .execute(&mut *tx)
             .await?;
-        let granted = take_retry_in!(tx, super::resources::numbered, namespace, endpoint, per_hour, now);
+        let granted = take_retry_in!(tx, super::sql::numbered, namespace, endpoint, per_hour, now);
         tx.commit().await?;
         Ok(granted)
     }
@@ -372,7 +372,7 @@ impl SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
-        let granted = take_retry_in!(tx, super::resources::unchanged, namespace, endpoint, per_hour, now);
+        let granted = take_retry_in!(tx, super::sql::unchanged, namespace, endpoint, per_hour, now);
         tx.commit().await?;
         Ok(granted)
     }

@@ -21,7 +21,8 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::StoreError;
+use super::sql::Tx;
+use super::{PgStore, SqliteStore, StoreError};
 use crate::ids::{DeliveryId, EventId};
 
 /// States of a delivery.
@@ -466,6 +467,33 @@ pub(super) fn disabled_until(now: DateTime<Utc>) -> DateTime<Utc> {
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, \
      e.type AS event_type, e.data, e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, \
      d.approved, d.ordering_key IS NOT NULL AS ordered, d.next_attempt_at AS due_at";
+
+/// See the backends' `resume_in`.
+pub(super) async fn resume_in(
+    tx: &mut Tx,
+    namespace: &str,
+    endpoint: &str,
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::resume_in(tx, namespace, endpoint, now).await,
+        Tx::Sqlite(tx) => SqliteStore::resume_in(tx, namespace, endpoint, now).await,
+    }
+}
+
+/// See the backends' `enable_in`.
+pub(super) async fn enable_in(
+    tx: &mut Tx,
+    namespace: &str,
+    endpoint: &str,
+    older_than: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::enable_in(tx, namespace, endpoint, older_than, now).await,
+        Tx::Sqlite(tx) => SqliteStore::enable_in(tx, namespace, endpoint, older_than, now).await,
+    }
+}
 
 /// Expands the delivery methods for one backend. Each backend supplies the statements
 /// whose best shape differs: `claim_rows`, `write_completions_in` and `settle_spend_in`.

@@ -2,14 +2,16 @@
 //! deliveries of many events at once (the originals of an ingest request's duplicates),
 //! and the deliveries of one event with all their attempts (`GET /v1/events/{id}`).
 //!
-//! Each backend's statement is written out here, beside the other's; the rows and their
-//! conversion are shared (`store::deliveries`).
+//! Each statement is written once (see [`super::sql`]); the rows and their conversion are
+//! shared (`store::deliveries`).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 
 use super::deliveries::{Attempt, AttemptRow, DeliveryRecord, DeliveryRow};
+use super::sql::{in_list, sql, PerBackend};
 use super::{Store, StoreError};
 use crate::ids::EventId;
 
@@ -53,14 +55,14 @@ impl DeliveryAttemptRow {
     }
 }
 
-/// The deliveries of one event (bound at `placeholder`) with their attempts, one row per
-/// attempt (or per delivery without any), ordered for [`with_attempts`].
-fn with_attempts_sql(placeholder: &str) -> String {
+/// The deliveries of one event (`$1`) with their attempts, one row per attempt (or per
+/// delivery without any), ordered for [`with_attempts`].
+static WITH_ATTEMPTS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {DELIVERY_COLUMNS}, {ATTEMPT_COLUMNS} FROM deliveries d \
-         LEFT JOIN delivery_attempts a ON a.delivery_id = d.id WHERE d.event_id = {placeholder} ORDER BY d.id, a.attempt"
+         LEFT JOIN delivery_attempts a ON a.delivery_id = d.id WHERE d.event_id = $1 ORDER BY d.id, a.attempt"
     )
-}
+});
 
 /// Rows ordered by delivery, then attempt, grouped into deliveries with their attempts.
 fn with_attempts(rows: Vec<DeliveryAttemptRow>) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
@@ -99,23 +101,15 @@ impl Store {
             return Ok(HashMap::new());
         }
         let ids: Vec<&str> = events.iter().map(EventId::as_str).collect();
-        let rows: Vec<DeliveryRow> = match self {
-            Store::Sqlite(s) => {
-                // SQLite takes the ids as one JSON array.
-                let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(format!("event ids: {e}")))?;
-                let sql = format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d \
-                     WHERE d.event_id IN (SELECT value FROM json_each(?)) ORDER BY d.event_id, d.id"
-                );
-                s.observe(sqlx::query_as(&sql).bind(ids).fetch_all(s.read_pool()).await.map_err(Into::into))?
-            }
-            Store::Postgres(s) => {
-                let sql = format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.event_id = ANY($1) ORDER BY d.event_id, d.id"
-                );
-                sqlx::query_as(&sql).bind(ids).fetch_all(s.read_pool()).await?
-            }
-        };
+        static SELECT: PerBackend = PerBackend::new(|backend| {
+            format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.event_id {} ORDER BY d.event_id, d.id",
+                in_list(backend, "$1")
+            )
+        });
+        let reader = self.reader();
+        let select = sql(SELECT.get(reader.backend())).bind(ids);
+        let rows: Vec<DeliveryRow> = self.observed(select.fetch_all(reader)).await?;
         by_event(rows)
     }
 
@@ -125,18 +119,8 @@ impl Store {
         &self,
         event: &EventId,
     ) -> Result<Vec<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        let rows: Vec<DeliveryAttemptRow> = match self {
-            Store::Sqlite(s) => s.observe(
-                sqlx::query_as(&with_attempts_sql("?"))
-                    .bind(event.as_str())
-                    .fetch_all(s.read_pool())
-                    .await
-                    .map_err(Into::into),
-            )?,
-            Store::Postgres(s) => {
-                sqlx::query_as(&with_attempts_sql("$1")).bind(event.as_str()).fetch_all(s.read_pool()).await?
-            }
-        };
+        let rows: Vec<DeliveryAttemptRow> =
+            self.observed(sql(&WITH_ATTEMPTS).bind(event.as_str()).fetch_all(self.reader())).await?;
         with_attempts(rows)
     }
 }

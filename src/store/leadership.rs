@@ -15,6 +15,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::{Postgres, Sqlite, Transaction};
 
+use super::sql::Tx;
 use super::{PgStore, SqliteStore, Store, StoreError};
 
 /// One leader's term, named by its epoch. Leader-only store methods take it and refuse to
@@ -70,6 +71,14 @@ impl LeaderLease {
             let _ = tokio::time::timeout(CLOSE_WITHIN, unlock).await;
             let _ = tokio::time::timeout(CLOSE_WITHIN, connection.close()).await;
         }
+    }
+}
+
+/// Refuses, inside a leader-only write's transaction, unless `term` is current.
+pub(super) async fn hold_term_in(tx: &mut Tx, term: Term) -> Result<(), StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::hold_term_in(tx, term).await,
+        Tx::Sqlite(tx) => SqliteStore::hold_term_in(tx, term).await,
     }
 }
 

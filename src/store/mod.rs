@@ -20,16 +20,20 @@ mod notices;
 pub mod policy;
 mod postgres;
 pub mod resources;
+mod sql;
 mod sqlite;
 mod sqlite_file;
 mod sqlite_write;
 
+use std::future::Future;
 use std::path::Path;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::ids::EventId;
+use sql::{sql, Pool, Tx};
 
 pub use availability::{DatabaseHealth, ProbeDatabase};
 pub use claims::{ClaimCost, EndpointQuota};
@@ -134,6 +138,44 @@ macro_rules! dispatch {
     };
 }
 
+/// How the store's methods reach the database (see [`sql`]).
+impl Store {
+    /// A write transaction. On SQLite it takes the write lock at once, on the one write
+    /// connection (see [`SqliteStore::begin_write`]).
+    async fn begin_write(&self) -> Result<Tx, StoreError> {
+        Ok(match self {
+            Store::Sqlite(s) => Tx::Sqlite(s.begin_write().await?),
+            Store::Postgres(s) => Tx::Pg(s.begin_write().await?),
+        })
+    }
+
+    /// Where reads run: on SQLite the read-only pool beside the writer.
+    fn reader(&self) -> Pool<'_> {
+        match self {
+            Store::Sqlite(s) => Pool::Sqlite(s.read_pool()),
+            Store::Postgres(s) => Pool::Pg(s.read_pool()),
+        }
+    }
+
+    /// Where single-statement writes run, outside a transaction: on SQLite the one writer.
+    fn writer(&self) -> Pool<'_> {
+        match self {
+            Store::Sqlite(s) => Pool::Sqlite(s.write_pool()),
+            Store::Postgres(s) => Pool::Pg(s.write_pool()),
+        }
+    }
+
+    /// Runs `work`; on SQLite, a failure of the database itself is remembered for
+    /// `/readyz` (see [`SqliteStore::observe`]), as [`dispatch!`] does.
+    async fn observed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let result = work.await;
+        match self {
+            Store::Sqlite(s) => s.observe(result),
+            Store::Postgres(_) => result,
+        }
+    }
+}
+
 impl Store {
     /// Connects to `postgres://…` or `sqlite:…` URL. Does not migrate.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
@@ -198,17 +240,40 @@ impl Store {
     }
 
     pub async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        dispatch!(self, s => s.get_event(id).await)
+        static GET: LazyLock<String> = LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"));
+        self.observed(async {
+            let row: Option<EventRow> = sql(&GET).bind(id.as_str()).fetch_optional(self.reader()).await?;
+            row.map(StoredEvent::try_from).transpose()
+        })
+        .await
     }
 
     /// Events of one namespace, newest first, optionally by source and type.
     pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        dispatch!(self, s => s.list_events(query).await)
+        static SELECT: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE namespace = $1"));
+        let mut statement = sql(&SELECT).bind(query.namespace.as_str());
+        if let Some(source) = &query.source {
+            statement = statement.push(" AND source = ").push_bind(source);
+        }
+        if let Some(event_type) = &query.event_type {
+            statement = statement.push(" AND type = ").push_bind(event_type);
+        }
+        if let Some(before) = &query.before {
+            statement = statement.push(" AND id < ").push_bind(before.as_str());
+        }
+        let statement = statement.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        self.observed(async {
+            let rows: Vec<EventRow> = statement.fetch_all(self.reader()).await?;
+            rows.into_iter().map(StoredEvent::try_from).collect()
+        })
+        .await
     }
 
     /// Forgets idempotency keys first used before `cutoff`; returns how many.
     pub async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.delete_idempotency_keys_before(cutoff).await)
+        let delete = sql("DELETE FROM idempotency_keys WHERE created_at < $1").bind(cutoff);
+        self.observed(delete.execute(self.writer())).await
     }
 
     /// Wakes idle delivery workers of every process (PostgreSQL `NOTIFY`); on the
@@ -236,48 +301,6 @@ impl Store {
             Store::Sqlite(_) => Ok(None),
             Store::Postgres(s) => Ok(Some(s.listen_for_work().await?)),
         }
-    }
-
-    /// Applies resources atomically; see [`ApplyRequest`] (its `leader` fences the apply).
-    pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
-        dispatch!(self, s => s.apply_resources(request).await)
-    }
-
-    pub async fn get_resource(
-        &self,
-        key: &crate::resources::ResourceKey,
-    ) -> Result<Option<StoredResource>, StoreError> {
-        dispatch!(self, s => s.get_resource(key).await)
-    }
-
-    /// Resources ordered by kind, namespace and name; `None` filters match everything.
-    pub async fn list_resources(
-        &self,
-        kind: Option<crate::resources::Kind>,
-        namespace: Option<&str>,
-    ) -> Result<Vec<StoredResource>, StoreError> {
-        dispatch!(self, s => s.list_resources(kind, namespace).await)
-    }
-
-    /// Deletes a resource (audited as `actor`); returns what was deleted.
-    pub async fn delete_resource(
-        &self,
-        key: &crate::resources::ResourceKey,
-        actor: &str,
-    ) -> Result<Option<StoredResource>, StoreError> {
-        dispatch!(self, s => s.delete_resource(key, actor).await)
-    }
-
-    /// Writes a resource's status if its generation is still `generation`; a leader-only
-    /// write, refused ([`StoreError::Fenced`]) once `term` is over.
-    pub async fn update_resource_status(
-        &self,
-        term: Term,
-        key: &crate::resources::ResourceKey,
-        generation: i64,
-        status: &serde_json::Value,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.update_resource_status(term, key, generation, status).await)
     }
 
     /// Claims up to `limit` due deliveries for `lease`.
@@ -405,12 +428,6 @@ impl Store {
     /// oldest created_at)`.
     pub async fn waiting_by_endpoint(&self) -> Result<Vec<(String, String, i64, DateTime<Utc>)>, StoreError> {
         dispatch!(self, s => s.waiting_by_endpoint().await)
-    }
-
-    /// The revision of the resources in force; every apply, prune or delete that changed
-    /// anything moves it.
-    pub async fn resource_revision(&self) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.resource_revision().await)
     }
 
     pub async fn attempt_stats(
@@ -618,27 +635,6 @@ impl TryFrom<EventRow> for StoredEvent {
             status: EventStatus::parse(&row.status)?,
         })
     }
-}
-
-/// Builds the `list_events` query, identical on both backends but for placeholders.
-fn push_event_query<'q, DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<'q, DB>, query: &'q EventQuery)
-where
-    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    builder.push("SELECT ").push(EVENT_COLUMNS).push(" FROM events WHERE namespace = ");
-    builder.push_bind(query.namespace.as_str());
-    if let Some(source) = &query.source {
-        builder.push(" AND source = ").push_bind(source.as_str());
-    }
-    if let Some(event_type) = &query.event_type {
-        builder.push(" AND type = ").push_bind(event_type.as_str());
-    }
-    if let Some(before) = &query.before {
-        builder.push(" AND id < ").push_bind(before.as_str());
-    }
-    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
 }
 
 /// Compares the newest applied migration with the newest this build carries.

@@ -14,10 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
-use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
-    StoredEvent, EVENT_COLUMNS,
-};
+use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -149,44 +146,21 @@ impl PgStore {
         Ok(committed)
     }
 
-    pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
-        let row: Option<EventRow> = sqlx::query_as(&sql).bind(id.as_str()).fetch_optional(&self.pool).await?;
-        row.map(StoredEvent::try_from).transpose()
-    }
-
-    pub(super) async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut builder = sqlx::QueryBuilder::<Postgres>::new("");
-        push_event_query(&mut builder, query);
-        let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.pool).await?;
-        rows.into_iter().map(StoredEvent::try_from).collect()
-    }
-
-    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(deleted)
-    }
-
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
 }
 
-super::resources::resource_methods!(PgStore, super::resources::numbered);
-super::deliveries::delivery_methods!(PgStore, super::resources::numbered);
+super::deliveries::delivery_methods!(PgStore, super::sql::numbered);
 super::policy::policy_methods!(
     PgStore,
-    super::resources::numbered,
+    super::sql::numbered,
     Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"),
     " FOR UPDATE"
 );
 super::audit::audit_methods!(
     PgStore,
-    super::resources::numbered,
+    super::sql::numbered,
     Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
 );
 
@@ -371,7 +345,7 @@ impl PgStore {
         use super::deliveries::{claimable, CLAIMED_COLUMNS};
         static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let claim = CLAIM.get_or_init(|| {
-            super::resources::numbered(&format!(
+            super::sql::numbered(&format!(
                 "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
                  attempts = attempts + 1, updated_at = ? WHERE id IN ({} FOR UPDATE SKIP LOCKED) RETURNING *) \
                  SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",

@@ -32,10 +32,7 @@ use sqlx::{Sqlite, Transaction};
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
 use super::sqlite_file::Snapshot;
 use super::sqlite_write::{write_pool_options, WriteHealth};
-use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
-    StoredEvent, EVENT_COLUMNS,
-};
+use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -159,28 +156,6 @@ impl SqliteStore {
         Ok(committed)
     }
 
-    pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?");
-        let row: Option<EventRow> = sqlx::query_as(&sql).bind(id.as_str()).fetch_optional(&self.read).await?;
-        row.map(StoredEvent::try_from).transpose()
-    }
-
-    pub(super) async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut builder = sqlx::QueryBuilder::<Sqlite>::new("");
-        push_event_query(&mut builder, query);
-        let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.read).await?;
-        rows.into_iter().map(StoredEvent::try_from).collect()
-    }
-
-    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
-            .bind(cutoff)
-            .execute(&self.write)
-            .await?
-            .rows_affected();
-        Ok(deleted)
-    }
-
     pub(super) async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
@@ -191,11 +166,10 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
 }
 
-super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
-super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged);
+super::deliveries::delivery_methods!(SqliteStore, super::sql::unchanged);
 // One writer connection serializes reservations and votes; no extra locks needed.
-super::policy::policy_methods!(SqliteStore, super::resources::unchanged, None, "");
-super::audit::audit_methods!(SqliteStore, super::resources::unchanged, None);
+super::policy::policy_methods!(SqliteStore, super::sql::unchanged, None, "");
+super::audit::audit_methods!(SqliteStore, super::sql::unchanged, None);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 
