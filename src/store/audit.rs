@@ -67,7 +67,7 @@ macro_rules! audit_methods {
         impl $store {
             /// Appends `records` inside `tx`; returns them sealed.
             pub(super) async fn append_audit_in(
-                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::sql::HasDatabase>::Db>,
                 records: &[$crate::audit::NewAuditRecord],
             ) -> Result<Vec<$crate::audit::AuditRecord>, $crate::store::StoreError> {
                 let mut sealed = Vec::with_capacity(records.len());
@@ -90,7 +90,7 @@ macro_rules! audit_methods {
                     }
                     // Multi-row inserts: a batch costs a few round trips, not one per record.
                     for chunk in chain_records.chunks(500) {
-                        let mut insert = sqlx::QueryBuilder::<<$store as $crate::store::policy::HasDatabase>::Db>::new(
+                        let mut insert = sqlx::QueryBuilder::<<$store as $crate::store::sql::HasDatabase>::Db>::new(
                             "INSERT INTO audit_records (chain, seq, time, actor, action, subject, data, prev_hash, hash) ",
                         );
                         insert.push_values(chunk, |mut row, r| {

@@ -545,7 +545,7 @@ macro_rules! delivery_methods {
             /// again (its breaker closes; it was disabled), so that claims do not walk past
             /// them in the due index meanwhile. Returns how many moved.
             pub(super) async fn park_in(
-                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::sql::HasDatabase>::Db>,
                 namespace: &str,
                 endpoint: &str,
                 until: chrono::DateTime<chrono::Utc>,
@@ -568,7 +568,7 @@ macro_rules! delivery_methods {
             /// their place in the queue (due when they were created, before what came
             /// since), retries `now`.
             pub(super) async fn resume_in(
-                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::sql::HasDatabase>::Db>,
                 namespace: &str,
                 endpoint: &str,
                 now: chrono::DateTime<chrono::Utc>,
@@ -874,7 +874,7 @@ macro_rules! delivery_methods {
             /// at an older generation; without it (an operator's explicit enable), also an
             /// open breaker and a run of failures are cleared. True when anything changed.
             pub(super) async fn enable_in(
-                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
+                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::sql::HasDatabase>::Db>,
                 namespace: &str,
                 endpoint: &str,
                 older_than: Option<i64>,

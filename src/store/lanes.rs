@@ -30,6 +30,7 @@
 
 use sqlx::{Postgres, Sqlite, Transaction};
 
+use super::sql::Tx;
 use super::{PgStore, SqliteStore, StoreError};
 
 /// The open states: a delivery in one of them holds its lane.
@@ -90,6 +91,15 @@ fn lock_sql(lanes: &str) -> String {
 
 const PG_IDS: &str = "= ANY($1::text[])";
 const SQLITE_IDS: &str = "IN (SELECT value FROM json_each(?1))";
+
+/// The deliveries `ids` of ordered lanes became final: each lane's next open delivery
+/// becomes its head.
+pub(super) async fn end_heads_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::end_lane_heads_in(tx, ids).await,
+        Tx::Sqlite(tx) => SqliteStore::end_lane_heads_in(tx, ids).await,
+    }
+}
 
 impl PgStore {
     /// Takes the locks of the lanes of fan-out rows given as arrays `$n`, `$ep`, `$k`.

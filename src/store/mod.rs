@@ -7,6 +7,7 @@
 //! - an idempotency key maps to the result of the first request that used it, forever
 //!   (until it is cleaned up), and is never bound to a different request body.
 
+mod approvals;
 mod audit;
 mod availability;
 mod claims;
@@ -451,84 +452,6 @@ impl Store {
 
     pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         dispatch!(self, s => s.delivery_counts().await)
-    }
-
-    /// Spend counted per `(rule, key, currency)`, each in its own window, leaving out the
-    /// reservation of `exclude` (a delivery deciding again after a retry).
-    pub async fn spend_totals(
-        &self,
-        namespace: &str,
-        keys: &[(String, String, String, std::time::Duration)],
-        exclude: Option<&crate::ids::DeliveryId>,
-        now: DateTime<Utc>,
-    ) -> Result<std::collections::BTreeMap<(String, String, String), i64>, StoreError> {
-        dispatch!(self, s => s.spend_totals(namespace, keys, exclude, now).await)
-    }
-
-    /// Records an allow decision and reserves its spend atomically (see [`policy::AllowResult`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn allow_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-        lease_token: &str,
-        namespace: &str,
-        decision: &str,
-        reservations: &[policy::SpendReservation],
-        enforce_limits: bool,
-        now: DateTime<Utc>,
-    ) -> Result<policy::AllowResult, StoreError> {
-        dispatch!(self, s => s.allow_delivery(id, lease_token, namespace, decision, reservations, enforce_limits, now).await)
-    }
-
-    /// Holds a claimed delivery and opens its approval request; false if the lease was lost.
-    pub async fn hold_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-        lease_token: &str,
-        decision: &str,
-        approval: &policy::NewApproval,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.hold_delivery(id, lease_token, decision, approval, now).await)
-    }
-
-    /// Approval requests newest first; see [`policy::ApprovalQuery`].
-    pub async fn list_approvals(
-        &self,
-        query: &policy::ApprovalQuery,
-    ) -> Result<Vec<policy::ApprovalRecord>, StoreError> {
-        dispatch!(self, s => s.list_approvals(query).await)
-    }
-
-    pub async fn get_approval(
-        &self,
-        id: &str,
-    ) -> Result<Option<(policy::ApprovalRecord, Vec<policy::VoteRecord>)>, StoreError> {
-        dispatch!(self, s => s.get_approval(id).await)
-    }
-
-    /// One approver's vote; see [`policy::VoteOutcome`].
-    pub async fn vote_on_approval(
-        &self,
-        id: &str,
-        voter: &str,
-        grant: bool,
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> Result<policy::VoteOutcome, StoreError> {
-        dispatch!(self, s => s.vote_on_approval(id, voter, grant, reason, now).await)
-    }
-
-    /// Approval requests still waiting for a decision.
-    pub async fn count_pending_approvals(&self) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.count_pending_approvals().await)
-    }
-
-    /// Applies the expiry outcome of every pending approval past its deadline; returns
-    /// `(approval, delivery)` of each request it closed. A leader-only write, refused
-    /// ([`StoreError::Fenced`]) once `term` is over.
-    pub async fn expire_approvals(&self, term: Term, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
-        dispatch!(self, s => s.expire_approvals(term, now).await)
     }
 
     /// Appends audit records in a transaction of their own.

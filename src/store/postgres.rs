@@ -152,12 +152,6 @@ impl PgStore {
 }
 
 super::deliveries::delivery_methods!(PgStore, super::sql::numbered);
-super::policy::policy_methods!(
-    PgStore,
-    super::sql::numbered,
-    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"),
-    " FOR UPDATE"
-);
 super::audit::audit_methods!(
     PgStore,
     super::sql::numbered,

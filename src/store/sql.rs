@@ -27,6 +27,13 @@ pub(super) enum Tx {
 }
 
 impl Tx {
+    pub(super) fn backend(&self) -> Backend {
+        match self {
+            Tx::Pg(_) => Backend::Postgres,
+            Tx::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
     pub(super) async fn commit(self) -> Result<(), StoreError> {
         match self {
             Tx::Pg(tx) => tx.commit().await?,
@@ -338,6 +345,12 @@ impl<'a> Statement<'a> {
         self.fetch_optional(on).await?.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
     }
 
+    /// The first column of the first row, if there is a row.
+    pub(super) async fn scalar_optional<'c, T: Scalar>(self, on: impl Into<On<'c>>) -> Result<Option<T>, StoreError> {
+        let row: Option<(T,)> = self.fetch_optional(on).await?;
+        Ok(row.map(|(v,)| v))
+    }
+
     /// The first column of the one row the statement returns.
     pub(super) async fn scalar<'c, T: Scalar>(self, on: impl Into<On<'c>>) -> Result<T, StoreError> {
         let (v,): (T,) = self.fetch_one(on).await?;
@@ -364,6 +377,19 @@ pub(super) fn numbered(sql: &str) -> Cow<'static, str> {
 
 pub(super) fn unchanged(sql: &str) -> Cow<'static, str> {
     Cow::Owned(sql.to_owned())
+}
+
+/// The database type of a store, for transaction types in the shared methods.
+pub(super) trait HasDatabase {
+    type Db: sqlx::Database;
+}
+
+impl HasDatabase for super::SqliteStore {
+    type Db = sqlx::Sqlite;
+}
+
+impl HasDatabase for super::PgStore {
+    type Db = sqlx::Postgres;
 }
 
 #[cfg(test)]
@@ -401,6 +427,7 @@ mod tests {
             sql("SELECT $3, $1, $2").bind("x").bind(None::<&str>).bind(7i64).fetch_one(on).await.unwrap();
         assert_eq!((third, first.as_str(), second), (7, "x", None));
         let mut tx = Tx::Pg(pool.begin().await.unwrap());
+        assert_eq!(tx.backend(), Backend::Postgres);
         let n: i64 = sql("SELECT $1").bind(1i64).push(" + ").push_bind(2i64).scalar(&mut tx).await.unwrap();
         assert_eq!(n, 3);
         tx.rollback().await.unwrap();
@@ -433,6 +460,8 @@ mod tests {
             rows,
             [(Some("one".into()), Some(i64::MAX), Some(-3), true, Some(at)), (None, None, None, false, None)]
         );
+        let missing: Option<i64> = sql("SELECT i FROM t WHERE s = $1").bind("none").scalar_optional(on).await.unwrap();
+        assert_eq!(missing, None);
         let err = sql("SELECT i FROM t WHERE s = $1").bind("none").scalar::<i64>(on).await.unwrap_err();
         assert!(matches!(err, StoreError::Database(sqlx::Error::RowNotFound)), "{err:?}");
     }
@@ -454,6 +483,7 @@ mod tests {
         sql("CREATE TABLE t (n INTEGER)").execute(Pool::Sqlite(&pool)).await.unwrap();
         for (n, commit) in [(1i64, true), (2, false)] {
             let mut tx = Tx::Sqlite(pool.begin().await.unwrap());
+            assert_eq!(tx.backend(), Backend::Sqlite);
             sql("INSERT INTO t VALUES ($1)").bind(n).execute(&mut tx).await.unwrap();
             if commit {
                 tx.commit().await.unwrap();

@@ -167,8 +167,6 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
 }
 
 super::deliveries::delivery_methods!(SqliteStore, super::sql::unchanged);
-// One writer connection serializes reservations and votes; no extra locks needed.
-super::policy::policy_methods!(SqliteStore, super::sql::unchanged, None, "");
 super::audit::audit_methods!(SqliteStore, super::sql::unchanged, None);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
