@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Sqlite, Transaction};
 
 use super::deliveries::{ClaimRow, CLAIMED_COLUMNS};
+use super::sql::Tx;
 use super::{PgStore, SqliteStore, StoreError};
 use crate::ids::DeliveryId;
 
@@ -124,6 +125,14 @@ macro_rules! take_retry_in {
             .rows_affected();
         granted == 1
     }};
+}
+
+/// Clears the half-open probes that the claims `(delivery, lease token)` hold.
+pub(super) async fn release_probes_in(tx: &mut Tx, claims: &[(&DeliveryId, &str)]) -> Result<(), StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::release_probes_in(tx, claims).await,
+        Tx::Sqlite(tx) => SqliteStore::release_probes_in(tx, claims).await,
+    }
 }
 
 impl PgStore {

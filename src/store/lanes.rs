@@ -101,6 +101,15 @@ pub(super) async fn end_heads_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreE
     }
 }
 
+/// The deliveries `ids` were reopened (replayed): they wait behind what is open before
+/// them, and what is open after them waits behind them.
+pub(super) async fn reopen_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::reopen_lanes_in(tx, ids).await,
+        Tx::Sqlite(tx) => SqliteStore::reopen_lanes_in(tx, ids).await,
+    }
+}
+
 impl PgStore {
     /// Takes the locks of the lanes of fan-out rows given as arrays `$n`, `$ep`, `$k`.
     pub(super) async fn lock_new_lanes_in(

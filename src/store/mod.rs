@@ -11,15 +11,18 @@ mod approvals;
 mod audit;
 mod availability;
 mod claims;
+mod completions;
 pub mod deliveries;
+mod delivery_reads;
+mod endpoint_state;
 mod error;
-mod event_deliveries;
 mod ingest;
 mod lanes;
 mod leadership;
 mod notices;
 pub mod policy;
 mod postgres;
+mod queue;
 pub mod resources;
 mod sql;
 mod sqlite;
@@ -304,16 +307,6 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` due deliveries for `lease`.
-    pub async fn claim_due_deliveries(
-        &self,
-        now: DateTime<Utc>,
-        lease: std::time::Duration,
-        limit: u32,
-    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        dispatch!(self, s => s.claim_due_deliveries(now, lease, limit).await)
-    }
-
     /// The dispatcher's claim: up to `limit` due deliveries for `lease`, at most each
     /// quota's cap of its endpoint's, oldest due first; of an endpoint that is half-open,
     /// one, and only by the claim that takes its probe (see `store::claims`).
@@ -348,110 +341,6 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         dispatch!(self, s => s.take_retry(namespace, endpoint, per_hour, now).await)
-    }
-
-    /// Makes deliveries of crashed workers (lease ran out) claimable again.
-    pub async fn release_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.release_expired_leases(now).await)
-    }
-
-    /// Moves due deliveries of endpoints whose breaker is open to when it closes, and
-    /// those of disabled endpoints an hour ahead.
-    pub async fn park_blocked_deliveries(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.park_blocked_deliveries(now).await)
-    }
-
-    /// Returns claimed deliveries unattempted, due again at `at`.
-    pub async fn release_deliveries(
-        &self,
-        claims: &[(&crate::ids::DeliveryId, &str)],
-        at: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.release_deliveries(claims, at).await)
-    }
-
-    /// Writes attempt results guarded by their lease; see [`CompletionReport`].
-    pub async fn complete_attempts(&self, completions: &[Completion]) -> Result<CompletionReport, StoreError> {
-        dispatch!(self, s => s.complete_attempts(completions).await)
-    }
-
-    pub async fn get_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-    ) -> Result<Option<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        dispatch!(self, s => s.get_delivery(id).await)
-    }
-
-    pub async fn deliveries_of_event(&self, event: &EventId) -> Result<Vec<DeliveryRecord>, StoreError> {
-        dispatch!(self, s => s.deliveries_of_event(event).await)
-    }
-
-    pub async fn list_deliveries(&self, query: &DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError> {
-        dispatch!(self, s => s.list_deliveries(query).await)
-    }
-
-    /// Puts final deliveries back in the queue; returns those replayed (audited as `actor`).
-    pub async fn replay_deliveries(
-        &self,
-        ids: &[crate::ids::DeliveryId],
-        actor: &str,
-    ) -> Result<Vec<crate::ids::DeliveryId>, StoreError> {
-        dispatch!(self, s => s.replay_deliveries(ids, actor).await)
-    }
-
-    pub async fn endpoint_state(&self, namespace: &str, name: &str) -> Result<EndpointState, StoreError> {
-        dispatch!(self, s => s.endpoint_state(namespace, name).await)
-    }
-
-    /// An operator's explicit enable (audited as `actor`): clears a 410's disabling, an
-    /// open breaker and the failure count, and makes the waiting deliveries due now. Returns
-    /// the state before, or `None` when the endpoint was sendable already (nothing written).
-    pub async fn enable_endpoint(
-        &self,
-        namespace: &str,
-        name: &str,
-        actor: &str,
-    ) -> Result<Option<EndpointState>, StoreError> {
-        dispatch!(self, s => s.enable_endpoint(namespace, name, actor).await)
-    }
-
-    /// Makes an endpoint's waiting deliveries due now; returns how many.
-    pub async fn resume_endpoint(&self, namespace: &str, name: &str) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.resume_endpoint(namespace, name).await)
-    }
-
-    /// The run-time state of every endpoint that has any.
-    pub async fn list_endpoint_states(&self) -> Result<Vec<(String, String, EndpointState)>, StoreError> {
-        dispatch!(self, s => s.list_endpoint_states().await)
-    }
-
-    /// Waiting (pending or retrying) deliveries per endpoint: `(namespace, endpoint, count,
-    /// oldest created_at)`.
-    pub async fn waiting_by_endpoint(&self) -> Result<Vec<(String, String, i64, DateTime<Utc>)>, StoreError> {
-        dispatch!(self, s => s.waiting_by_endpoint().await)
-    }
-
-    pub async fn attempt_stats(
-        &self,
-        namespace: &str,
-        name: &str,
-        since: DateTime<Utc>,
-    ) -> Result<AttemptStats, StoreError> {
-        dispatch!(self, s => s.attempt_stats(namespace, name, since).await)
-    }
-
-    /// Deliveries waiting (pending or retrying) and when the oldest was created.
-    pub async fn queue_depth(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
-        dispatch!(self, s => s.queue_depth().await)
-    }
-
-    /// Endpoints whose breaker is open now, and those disabled by a 410, counted apart.
-    pub async fn count_blocked_endpoints(&self, now: DateTime<Utc>) -> Result<BlockedEndpoints, StoreError> {
-        dispatch!(self, s => s.count_blocked_endpoints(now).await)
-    }
-
-    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        dispatch!(self, s => s.delivery_counts().await)
     }
 
     /// Appends audit records in a transaction of their own.

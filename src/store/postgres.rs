@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -151,7 +151,6 @@ impl PgStore {
     }
 }
 
-super::deliveries::delivery_methods!(PgStore, super::sql::numbered);
 super::audit::audit_methods!(
     PgStore,
     super::sql::numbered,
@@ -329,25 +328,23 @@ impl IngestTx for PgIngest<'_> {
 impl PgStore {
     /// Leases due deliveries to `token` and returns them with their events, in one
     /// statement; rows another claim has locked are skipped, not waited for.
-    async fn claim_rows(
+    pub(super) async fn claim_rows(
         &self,
         token: &str,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{claimable, CLAIMED_COLUMNS};
-        static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let claim = CLAIM.get_or_init(|| {
-            super::sql::numbered(&format!(
-                "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
-                 attempts = attempts + 1, updated_at = ? WHERE id IN ({} FOR UPDATE SKIP LOCKED) RETURNING *) \
-                 SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",
-                claimable()
-            ))
-            .into_owned()
+        use super::deliveries::CLAIMED_COLUMNS;
+        use super::queue::CLAIMABLE;
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = $1, lease_until = $2, \
+                 attempts = attempts + 1, updated_at = $3 WHERE id IN ({CLAIMABLE} FOR UPDATE SKIP LOCKED) RETURNING *) \
+                 SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id"
+            )
         });
-        Ok(sqlx::query_as(claim)
+        Ok(sqlx::query_as(&CLAIM)
             .bind(token)
             .bind(lease_until)
             .bind(now)
@@ -360,7 +357,7 @@ impl PgStore {
 
     /// Applies the completions whose lease token still matches, and inserts their
     /// attempts, in one statement; says which applied.
-    async fn write_completions_in(
+    pub(super) async fn write_completions_in(
         tx: &mut Transaction<'static, Postgres>,
         completions: &[super::Completion],
         now: DateTime<Utc>,
@@ -416,7 +413,7 @@ impl PgStore {
     }
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
-    async fn settle_spend_in(
+    pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Postgres>,
         settled: &[(&str, &'static str)],
     ) -> Result<Vec<(String, String, i64)>, StoreError> {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::sql::{sql, Tx};
-use super::{audit, deliveries, leadership, Store, StoreError, Term};
+use super::{audit, endpoint_state, leadership, queue, Store, StoreError, Term};
 use crate::audit::NewAuditRecord;
 use crate::resources::{Kind, ResourceKey, Spec};
 
@@ -341,7 +341,7 @@ async fn apply_in(tx: &mut Tx, request: &ApplyRequest) -> Result<Vec<ApplyOutcom
                 .await?;
                 if previous.as_ref().is_some_and(|p| resumes(p, desired)) {
                     // Deliveries a paused endpoint kept waiting go out now.
-                    deliveries::resume_in(tx, &key.namespace, &key.name, now).await?;
+                    queue::resume_in(tx, &key.namespace, &key.name, now).await?;
                 }
             }
             ApplyAction::Unchanged | ApplyAction::Pruned => {}
@@ -349,7 +349,7 @@ async fn apply_in(tx: &mut Tx, request: &ApplyRequest) -> Result<Vec<ApplyOutcom
         let reenabled = action == ApplyAction::Configured
             && key.kind == Kind::Endpoint
             && previous.as_ref().is_some_and(|p| p.generation < generation)
-            && deliveries::enable_in(tx, &key.namespace, &key.name, Some(generation), now).await?;
+            && endpoint_state::enable_in(tx, &key.namespace, &key.name, Some(generation), now).await?;
         outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous, reenabled });
     }
     Ok(outcomes)

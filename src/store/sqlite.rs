@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -166,7 +167,6 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
 }
 
-super::deliveries::delivery_methods!(SqliteStore, super::sql::unchanged);
 super::audit::audit_methods!(SqliteStore, super::sql::unchanged, None);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
@@ -308,31 +308,30 @@ impl IngestTx for SqliteIngest {
 /// once and run in-process, so a loop costs little here.
 impl SqliteStore {
     /// Leases due deliveries to `token`; returns them with their events.
-    async fn claim_rows(
+    pub(super) async fn claim_rows(
         &self,
         token: &str,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{claimable, CLAIMED_COLUMNS};
-        static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-        let (claim, claimed_rows) = CLAIM.get_or_init(|| {
-            (
-                // One writer connection: the claim cannot race another, so no row lock is needed.
-                format!(
-                    "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
-                     attempts = attempts + 1, updated_at = ? WHERE id IN ({})",
-                    claimable()
-                ),
-                // By state first: the leased deliveries are few, the table is not.
-                format!(
-                    "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
-                     WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
-                ),
+        use super::deliveries::CLAIMED_COLUMNS;
+        use super::queue::CLAIMABLE;
+        // One writer connection: the claim cannot race another, so no row lock is needed.
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE deliveries SET state = 'delivering', lease_token = $1, lease_until = $2, \
+                 attempts = attempts + 1, updated_at = $3 WHERE id IN ({CLAIMABLE})"
             )
         });
-        let claimed = sqlx::query(claim)
+        // By state first: the leased deliveries are few, the table is not.
+        static CLAIMED: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
+                 WHERE d.state = 'delivering' AND d.lease_token = $1 ORDER BY d.id"
+            )
+        });
+        let claimed = sqlx::query(&CLAIM)
             .bind(token)
             .bind(lease_until)
             .bind(now)
@@ -345,12 +344,12 @@ impl SqliteStore {
         if claimed == 0 {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_as(claimed_rows).bind(token).fetch_all(&self.write).await?)
+        Ok(sqlx::query_as(&CLAIMED).bind(token).fetch_all(&self.write).await?)
     }
 
     /// Applies the completions whose lease token still matches, with their attempts;
     /// says which applied.
-    async fn write_completions_in(
+    pub(super) async fn write_completions_in(
         tx: &mut Transaction<'static, Sqlite>,
         completions: &[super::Completion],
         now: DateTime<Utc>,
@@ -400,7 +399,7 @@ impl SqliteStore {
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
     /// Returns what was committed: `(delivery, currency, amount)`.
-    async fn settle_spend_in(
+    pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Sqlite>,
         settled: &[(&str, &'static str)],
     ) -> Result<Vec<(String, String, i64)>, StoreError> {
