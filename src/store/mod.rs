@@ -343,56 +343,6 @@ impl Store {
         dispatch!(self, s => s.take_retry(namespace, endpoint, per_hour, now).await)
     }
 
-    /// Appends audit records in a transaction of their own.
-    pub async fn append_audit(
-        &self,
-        records: &[crate::audit::NewAuditRecord],
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.append_audit(records).await)
-    }
-
-    /// Records of `chain` with `from <= seq <= to`, at most `limit`, in order.
-    pub async fn audit_records(
-        &self,
-        chain: &str,
-        from: i64,
-        to: i64,
-        limit: u32,
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.audit_records(chain, from, to, limit).await)
-    }
-
-    /// Every chain's head: `(chain, seq, hash)`.
-    pub async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>, StoreError> {
-        dispatch!(self, s => s.audit_heads().await)
-    }
-
-    /// Appends records as the leader of `term` (refused once it is over).
-    pub async fn append_audit_as_leader(
-        &self,
-        term: Term,
-        records: &[crate::audit::NewAuditRecord],
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.append_audit_as_leader(term, records).await)
-    }
-
-    /// Stores a signed checkpoint; a leader-only write, refused once `term` is over.
-    pub async fn save_checkpoint(
-        &self,
-        term: Term,
-        chain: &str,
-        seq: i64,
-        hash: &str,
-        note: &str,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.save_checkpoint(term, chain, seq, hash, note).await)
-    }
-
-    /// The latest signed checkpoint of `chain`: `(seq, hash, note)`.
-    pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<(i64, String, String)>, StoreError> {
-        dispatch!(self, s => s.latest_checkpoint(chain).await)
-    }
-
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         match self {

@@ -151,12 +151,6 @@ impl PgStore {
     }
 }
 
-super::audit::audit_methods!(
-    PgStore,
-    super::sql::numbered,
-    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
-);
-
 /// The ingest transaction, and the name work notifications carry.
 struct PgIngest<'a>(Transaction<'static, Postgres>, &'a str);
 

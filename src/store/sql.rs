@@ -274,6 +274,15 @@ impl<'a> Statement<'a> {
         self.push(&placeholder).bind(value)
     }
 
+    /// Appends `(…)`: one placeholder per value, bound to it (a row of a multi-row
+    /// `VALUES`).
+    pub(super) fn push_row<const N: usize>(mut self, values: [Arg<'a>; N]) -> Self {
+        for (i, value) in values.into_iter().enumerate() {
+            self = self.push(if i == 0 { "(" } else { ", " }).push_bind(value);
+        }
+        self.push(")")
+    }
+
     fn pg_args(&self) -> Result<PgArguments, StoreError> {
         let mut args = PgArguments::default();
         for arg in &self.args {
@@ -345,6 +354,12 @@ impl<'a> Statement<'a> {
         self.fetch_optional(on).await?.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
     }
 
+    /// The first column of every row.
+    pub(super) async fn scalars<'c, T: Scalar>(self, on: impl Into<On<'c>>) -> Result<Vec<T>, StoreError> {
+        let rows: Vec<(T,)> = self.fetch_all(on).await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+
     /// The first column of the first row, if there is a row.
     pub(super) async fn scalar_optional<'c, T: Scalar>(self, on: impl Into<On<'c>>) -> Result<Option<T>, StoreError> {
         let row: Option<(T,)> = self.fetch_optional(on).await?;
@@ -377,19 +392,6 @@ pub(super) fn numbered(sql: &str) -> Cow<'static, str> {
 
 pub(super) fn unchanged(sql: &str) -> Cow<'static, str> {
     Cow::Owned(sql.to_owned())
-}
-
-/// The database type of a store, for transaction types in the shared methods.
-pub(super) trait HasDatabase {
-    type Db: sqlx::Database;
-}
-
-impl HasDatabase for super::SqliteStore {
-    type Db = sqlx::Sqlite;
-}
-
-impl HasDatabase for super::PgStore {
-    type Db = sqlx::Postgres;
 }
 
 #[cfg(test)]
@@ -473,6 +475,10 @@ mod tests {
         assert_eq!(statement.text, "SELECT $1 + $2 * $3");
         let n: i64 = statement.scalar(Pool::Sqlite(&pool)).await.unwrap();
         assert_eq!(n, 7);
+        let rows = sql("VALUES ").push_row([1i64.into(), "a".into()]).push(", ").push_row([2i64.into(), "b".into()]);
+        assert_eq!(rows.text, "VALUES ($1, $2), ($3, $4)");
+        let rows: Vec<(i64, String)> = rows.fetch_all(Pool::Sqlite(&pool)).await.unwrap();
+        assert_eq!(rows, [(1, "a".into()), (2, "b".into())]);
     }
 
     #[tokio::test]
@@ -491,7 +497,7 @@ mod tests {
                 tx.rollback().await.unwrap();
             }
         }
-        let kept: Vec<(i64,)> = sql("SELECT n FROM t").fetch_all(Pool::Sqlite(&pool)).await.unwrap();
-        assert_eq!(kept, [(1,)]);
+        let kept: Vec<i64> = sql("SELECT n FROM t").scalars(Pool::Sqlite(&pool)).await.unwrap();
+        assert_eq!(kept, [1]);
     }
 }

@@ -167,8 +167,6 @@ fn is_missing_table(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
 }
 
-super::audit::audit_methods!(SqliteStore, super::sql::unchanged, None);
-
 struct SqliteIngest(Transaction<'static, Sqlite>);
 
 impl IngestTx for SqliteIngest {
