@@ -307,42 +307,6 @@ impl Store {
         }
     }
 
-    /// The dispatcher's claim: up to `limit` due deliveries for `lease`, at most each
-    /// quota's cap of its endpoint's, oldest due first; of an endpoint that is half-open,
-    /// one, and only by the claim that takes its probe (see `store::claims`).
-    pub async fn claim_endpoint_deliveries(
-        &self,
-        now: DateTime<Utc>,
-        lease: std::time::Duration,
-        limit: u32,
-        quotas: &[EndpointQuota],
-    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        dispatch!(self, s => s.claim_endpoint_deliveries(now, lease, limit, quotas).await)
-    }
-
-    /// What [`Self::claim_endpoint_deliveries`] would cost now, in database buffers
-    /// (PostgreSQL; `None` on SQLite). Runs the claim and rolls it back.
-    pub async fn claim_cost(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-        quotas: &[EndpointQuota],
-    ) -> Result<Option<ClaimCost>, StoreError> {
-        dispatch!(self, s => s.claim_cost(now, limit, quotas).await)
-    }
-
-    /// Grants one retry of an endpoint with `retriesPerHour: per_hour` at `now`: false when
-    /// that many were granted to it in the hour before, by any process.
-    pub async fn take_retry(
-        &self,
-        namespace: &str,
-        endpoint: &str,
-        per_hour: u32,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.take_retry(namespace, endpoint, per_hour, now).await)
-    }
-
     /// Closes every connection; pending work is finished first.
     pub async fn close(&self) {
         match self {

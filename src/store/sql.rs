@@ -373,27 +373,6 @@ impl<'a> Statement<'a> {
     }
 }
 
-/// `?` placeholders as PostgreSQL's `$1, $2, …`, for the statements not yet written with
-/// numbered placeholders.
-pub(super) fn numbered(sql: &str) -> Cow<'static, str> {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-pub(super) fn unchanged(sql: &str) -> Cow<'static, str> {
-    Cow::Owned(sql.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
