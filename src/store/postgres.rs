@@ -248,7 +248,7 @@ impl IngestTx for PgIngest<'_> {
         let keys: Vec<Option<&str>> = rows.iter().map(|(_, d)| d.ordering_key.as_deref()).collect();
         let times: Vec<DateTime<Utc>> = rows.iter().map(|(e, _)| e.received_at).collect();
         // The lanes first: a lane's head ending meanwhile is seen here, or sees these.
-        PgStore::lock_new_lanes_in(&mut self.0, &namespaces, &endpoints, &keys).await?;
+        super::lanes::lock_new_lanes_in(&mut self.0, &namespaces, &endpoints, &keys).await?;
         // Other processes' workers are notified in the same statement; PostgreSQL delivers
         // the notification when (and only if) the transaction commits.
         static INSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -276,7 +276,7 @@ impl IngestTx for PgIngest<'_> {
             .await?;
         let ordered: Vec<&str> =
             rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
-        PgStore::lanes_written_in(&mut self.0, &ordered).await
+        super::lanes::written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {

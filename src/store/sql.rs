@@ -85,6 +85,29 @@ impl<'c> From<&'c mut Tx> for On<'c> {
     }
 }
 
+impl On<'_> {
+    pub(super) fn backend(&self) -> Backend {
+        match self {
+            On::Pg(_) | On::PgPool(_) => Backend::Postgres,
+            On::Sqlite(_) | On::SqlitePool(_) => Backend::Sqlite,
+        }
+    }
+}
+
+/// A backend's own transaction, where a statement written once runs among that backend's
+/// own (ingest).
+impl<'c> From<&'c mut Transaction<'static, Postgres>> for On<'c> {
+    fn from(tx: &'c mut Transaction<'static, Postgres>) -> Self {
+        On::Pg(tx)
+    }
+}
+
+impl<'c> From<&'c mut Transaction<'static, Sqlite>> for On<'c> {
+    fn from(tx: &'c mut Transaction<'static, Sqlite>) -> Self {
+        On::Sqlite(tx)
+    }
+}
+
 impl<'p> From<Pool<'p>> for On<'p> {
     fn from(pool: Pool<'p>) -> Self {
         match pool {
@@ -104,7 +127,7 @@ pub(super) enum Arg<'a> {
     Bool(Option<bool>),
     Time(Option<DateTime<Utc>>),
     /// A list of texts: a `text[]` on PostgreSQL, a JSON array on SQLite; see [`in_list`].
-    Texts(Vec<&'a str>),
+    Texts(Cow<'a, [&'a str]>),
 }
 
 /// `IN` the list bound at `placeholder` (an [`Arg::Texts`]), as `backend` reads a list.
@@ -139,7 +162,13 @@ impl PerBackend {
 
 impl<'a> From<Vec<&'a str>> for Arg<'a> {
     fn from(v: Vec<&'a str>) -> Self {
-        Arg::Texts(v)
+        Arg::Texts(Cow::Owned(v))
+    }
+}
+
+impl<'a> From<&'a [&'a str]> for Arg<'a> {
+    fn from(v: &'a [&'a str]) -> Self {
+        Arg::Texts(Cow::Borrowed(v))
     }
 }
 
@@ -292,7 +321,7 @@ impl<'a> Statement<'a> {
                 Arg::Int4(v) => args.add(*v),
                 Arg::Bool(v) => args.add(*v),
                 Arg::Time(v) => args.add(*v),
-                Arg::Texts(v) => args.add(v.as_slice()),
+                Arg::Texts(v) => args.add(&**v),
             }
             .map_err(sqlx::Error::Encode)?;
         }
@@ -308,7 +337,7 @@ impl<'a> Statement<'a> {
                 Arg::Int4(v) => args.add(*v),
                 Arg::Bool(v) => args.add(*v),
                 Arg::Time(v) => args.add(*v),
-                Arg::Texts(v) => args.add(serde_json::to_string(v).expect("a list of texts always serializes")),
+                Arg::Texts(v) => args.add(serde_json::to_string(&**v).expect("a list of texts always serializes")),
             }
             .map_err(sqlx::Error::Encode)?;
         }

@@ -264,7 +264,7 @@ impl IngestTx for SqliteIngest {
         }
         let ordered: Vec<&str> =
             rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
-        SqliteStore::lanes_written_in(&mut self.0, &ordered).await
+        super::lanes::written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
