@@ -342,13 +342,8 @@ impl SqliteStore {
         .bind(serde_json::to_string(&ids).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
-        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
-            "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
-             WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
-        ))
-        .bind(&token)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<ClaimRow> =
+            sqlx::query_as(&super::sqlite::CLAIMED_BY_TOKEN).bind(&token).fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.into_iter()
             .map(|mut r| {

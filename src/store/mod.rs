@@ -6,6 +6,14 @@
 //! - an event is stored verbatim and exactly once per `(namespace, source, external_id)`;
 //! - an idempotency key maps to the result of the first request that used it, forever
 //!   (until it is cleaned up), and is never bound to a different request body.
+//!
+//! A statement is written once, with `$n` placeholders, and runs on either backend through
+//! the executor in [`sql`]; where the backends need different SQL (a PostgreSQL lock, a
+//! row-lock suffix) the method chooses it by backend, as a value. Statements whose best
+//! shape differs per backend (ingest, the claims, the completion batch) are written per
+//! backend, in `postgres.rs`, `sqlite.rs` and `claims.rs`. The methods live by use case:
+//! events here and in `ingest`, `resources`, `queue`, `claims`, `completions`,
+//! `endpoint_state`, `delivery_reads`, `policy`, `approvals`, `audit` and `leadership`.
 
 mod approvals;
 mod audit;
@@ -170,7 +178,7 @@ impl Store {
     }
 
     /// Runs `work`; on SQLite, a failure of the database itself is remembered for
-    /// `/readyz` (see [`SqliteStore::observe`]), as [`dispatch!`] does.
+    /// `/readyz` (see [`SqliteStore::observe`]), as `dispatch!` does.
     async fn observed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let result = work.await;
         match self {

@@ -185,14 +185,7 @@ impl Store {
                 return Ok(AllowResult::LeaseLost);
             }
             // Committed with the decision, before the request can leave.
-            let record = NewAuditRecord::new(
-                "system",
-                "policy.decision",
-                namespace,
-                format!("delivery/{id}"),
-                serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
-            );
-            audit::append_in(&mut tx, &[record]).await?;
+            audit::append_in(&mut tx, &[decision_record(namespace, id, decision)]).await?;
             tx.commit().await?;
             Ok(AllowResult::Reserved)
         })
@@ -245,13 +238,7 @@ impl Store {
             .execute(&mut tx)
             .await?;
             let records = [
-                NewAuditRecord::new(
-                    "system",
-                    "policy.decision",
-                    &a.namespace,
-                    format!("delivery/{id}"),
-                    serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
-                ),
+                decision_record(&a.namespace, id, decision),
                 NewAuditRecord::new(
                     "system",
                     "approval.requested",
@@ -268,6 +255,17 @@ impl Store {
         })
         .await
     }
+}
+
+/// The `policy.decision` audit record of delivery `id`.
+fn decision_record(namespace: &str, id: &DeliveryId, decision: &str) -> NewAuditRecord {
+    NewAuditRecord::new(
+        "system",
+        "policy.decision",
+        namespace,
+        format!("delivery/{id}"),
+        serde_json::from_str(decision).unwrap_or(serde_json::Value::String(decision.to_owned())),
+    )
 }
 
 /// The start of a spend window that ends `now`.

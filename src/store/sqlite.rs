@@ -302,6 +302,16 @@ impl IngestTx for SqliteIngest {
     }
 }
 
+/// The deliveries claimed for lease token `$1`, with their events: by state first, as the
+/// leased deliveries are few and the table is not.
+pub(super) static CLAIMED_BY_TOKEN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
+         WHERE d.state = 'delivering' AND d.lease_token = $1 ORDER BY d.id",
+        super::deliveries::CLAIMED_COLUMNS
+    )
+});
+
 /// The statements of the delivery methods that SQLite runs row by row: they are prepared
 /// once and run in-process, so a loop costs little here.
 impl SqliteStore {
@@ -313,20 +323,12 @@ impl SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::CLAIMED_COLUMNS;
         use super::queue::CLAIMABLE;
         // One writer connection: the claim cannot race another, so no row lock is needed.
         static CLAIM: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "UPDATE deliveries SET state = 'delivering', lease_token = $1, lease_until = $2, \
                  attempts = attempts + 1, updated_at = $3 WHERE id IN ({CLAIMABLE})"
-            )
-        });
-        // By state first: the leased deliveries are few, the table is not.
-        static CLAIMED: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
-                 WHERE d.state = 'delivering' AND d.lease_token = $1 ORDER BY d.id"
             )
         });
         let claimed = sqlx::query(&CLAIM)
@@ -342,7 +344,7 @@ impl SqliteStore {
         if claimed == 0 {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_as(&CLAIMED).bind(token).fetch_all(&self.write).await?)
+        Ok(sqlx::query_as(&CLAIMED_BY_TOKEN).bind(token).fetch_all(&self.write).await?)
     }
 
     /// Applies the completions whose lease token still matches, with their attempts;
