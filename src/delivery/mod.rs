@@ -5,4 +5,5 @@ pub mod guard;
 pub mod outcome;
 pub mod retry;
 pub mod signing;
+pub mod state;
 pub mod worker;

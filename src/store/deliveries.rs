@@ -24,56 +24,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::StoreError;
+/// Where a delivery is in its life: a domain type, stored as its name.
+pub use crate::delivery::state::DeliveryState;
 use crate::ids::{DeliveryId, EventId};
-
-/// States of a delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeliveryState {
-    Pending,
-    Delivering,
-    Retrying,
-    Delivered,
-    Failed,
-    Dead,
-    Held,
-    Denied,
-}
-
-impl DeliveryState {
-    pub const ALL: [DeliveryState; 8] = [
-        DeliveryState::Pending,
-        DeliveryState::Delivering,
-        DeliveryState::Retrying,
-        DeliveryState::Delivered,
-        DeliveryState::Failed,
-        DeliveryState::Dead,
-        DeliveryState::Held,
-        DeliveryState::Denied,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Pending => "pending",
-            DeliveryState::Delivering => "delivering",
-            DeliveryState::Retrying => "retrying",
-            DeliveryState::Delivered => "delivered",
-            DeliveryState::Failed => "failed",
-            DeliveryState::Dead => "dead",
-            DeliveryState::Held => "held",
-            DeliveryState::Denied => "denied",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<DeliveryState> {
-        DeliveryState::ALL.into_iter().find(|s| s.as_str() == raw)
-    }
-
-    /// Final states: nothing more happens unless an operator replays.
-    pub fn is_final(self) -> bool {
-        matches!(self, DeliveryState::Delivered | DeliveryState::Failed | DeliveryState::Dead | DeliveryState::Denied)
-    }
-}
 
 /// A delivery created by fan-out, in the ingest transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
