@@ -11,4 +11,5 @@ pub mod http;
 pub mod outcome;
 pub mod retry;
 pub mod signing;
+pub mod state;
 mod upkeep;

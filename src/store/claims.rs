@@ -24,7 +24,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Sqlite, Transaction};
 
 use super::deliveries::{ClaimRow, CLAIMED_COLUMNS};
-use super::{PgStore, SqliteStore, StoreError};
+use super::sql::{sql, Tx};
+use super::{Backend, ClaimedDelivery, PgStore, SqliteStore, Store, StoreError};
 use crate::ids::DeliveryId;
 
 /// What one claim may take of one endpoint's deliveries.
@@ -100,30 +101,84 @@ fn quota_arrays(quotas: &[EndpointQuota]) -> QuotaArrays<'_> {
     )
 }
 
-/// Counts a retry of endpoint `$1/$2` at `$3` unless `$4` were granted in the hour before.
-const TAKE_RETRY: [&str; 2] = [
-    "DELETE FROM endpoint_retries WHERE namespace = ? AND endpoint = ? AND at <= ?",
-    "INSERT INTO endpoint_retries (namespace, endpoint, at) SELECT ?, ?, ? \
-     WHERE (SELECT COUNT(*) FROM endpoint_retries WHERE namespace = ? AND endpoint = ?) < ?",
-];
+impl Store {
+    /// The dispatcher's claim: up to `limit` due deliveries for `lease`, at most each
+    /// quota's cap of its endpoint's, oldest due first; of an endpoint that is half-open,
+    /// one, and only by the claim that takes its probe (see the module docs).
+    pub async fn claim_endpoint_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: std::time::Duration,
+        limit: u32,
+        quotas: &[EndpointQuota],
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.observe(s.claim_endpoint_deliveries(now, lease, limit, quotas).await),
+            Store::Postgres(s) => s.claim_endpoint_deliveries(now, lease, limit, quotas).await,
+        }
+    }
 
-/// Binds and runs [`TAKE_RETRY`] in `tx`; true when the retry was granted.
-macro_rules! take_retry_in {
-    ($tx:expr, $sql:path, $namespace:expr, $endpoint:expr, $per_hour:expr, $now:expr) => {{
-        let hour_ago = $now - chrono::Duration::hours(1);
-        sqlx::query(&$sql(TAKE_RETRY[0])).bind($namespace).bind($endpoint).bind(hour_ago).execute(&mut *$tx).await?;
-        let granted = sqlx::query(&$sql(TAKE_RETRY[1]))
-            .bind($namespace)
-            .bind($endpoint)
-            .bind($now)
-            .bind($namespace)
-            .bind($endpoint)
-            .bind(i64::from($per_hour))
-            .execute(&mut *$tx)
-            .await?
-            .rows_affected();
-        granted == 1
-    }};
+    /// What [`Self::claim_endpoint_deliveries`] would cost now, in database buffers
+    /// (PostgreSQL; `None` on SQLite, which counts none). Runs the claim and rolls it back.
+    pub async fn claim_cost(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        quotas: &[EndpointQuota],
+    ) -> Result<Option<ClaimCost>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(s.claim_cost(now, limit, quotas).await?)),
+        }
+    }
+
+    /// Grants one retry of an endpoint with `retriesPerHour: per_hour` at `now`: false when
+    /// that many were granted to it in the hour before, by any process (see the module
+    /// docs).
+    pub async fn take_retry(
+        &self,
+        namespace: &str,
+        endpoint: &str,
+        per_hour: u32,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.observed(async {
+            let mut tx = self.begin_write().await?;
+            if tx.backend() == Backend::Postgres {
+                sql("SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))")
+                    .bind(RETRY_LOCK_CLASS)
+                    .bind(namespace)
+                    .bind(endpoint)
+                    .execute(&mut tx)
+                    .await?;
+            }
+            sql("DELETE FROM endpoint_retries WHERE namespace = $1 AND endpoint = $2 AND at <= $3")
+                .bind(namespace)
+                .bind(endpoint)
+                .bind(now - chrono::Duration::hours(1))
+                .execute(&mut tx)
+                .await?;
+            let granted = sql("INSERT INTO endpoint_retries (namespace, endpoint, at) SELECT $1, $2, $3 \
+                 WHERE (SELECT COUNT(*) FROM endpoint_retries WHERE namespace = $1 AND endpoint = $2) < $4")
+            .bind(namespace)
+            .bind(endpoint)
+            .bind(now)
+            .bind(i64::from(per_hour))
+            .execute(&mut tx)
+            .await?;
+            tx.commit().await?;
+            Ok(granted == 1)
+        })
+        .await
+    }
+}
+
+/// Clears the half-open probes that the claims `(delivery, lease token)` hold.
+pub(super) async fn release_probes_in(tx: &mut Tx, claims: &[(&DeliveryId, &str)]) -> Result<(), StoreError> {
+    match tx {
+        Tx::Pg(tx) => PgStore::release_probes_in(tx, claims).await,
+        Tx::Sqlite(tx) => SqliteStore::release_probes_in(tx, claims).await,
+    }
 }
 
 impl PgStore {
@@ -135,7 +190,7 @@ impl PgStore {
         lease: std::time::Duration,
         limit: u32,
         quotas: &[EndpointQuota],
-    ) -> Result<Vec<super::ClaimedDelivery>, StoreError> {
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         let token = ulid::Ulid::new().to_string();
         let lease_until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -161,7 +216,7 @@ impl PgStore {
         now: DateTime<Utc>,
         limit: u32,
         quotas: &[EndpointQuota],
-    ) -> Result<Option<ClaimCost>, StoreError> {
+    ) -> Result<ClaimCost, StoreError> {
         let (namespaces, endpoints, caps, thresholds) = quota_arrays(quotas);
         let mut tx = self.begin_write().await?;
         let plan: serde_json::Value =
@@ -179,10 +234,7 @@ impl PgStore {
         tx.rollback().await?;
         let root = &plan[0]["Plan"];
         let count = |field: &str| root[field].as_u64().unwrap_or(0);
-        Ok(Some(ClaimCost {
-            buffers: count("Shared Hit Blocks") + count("Shared Read Blocks"),
-            rows: count("Actual Rows"),
-        }))
+        Ok(ClaimCost { buffers: count("Shared Hit Blocks") + count("Shared Read Blocks"), rows: count("Actual Rows") })
     }
 
     /// Clears the half-open probes that the claims `(delivery, lease token)` hold.
@@ -205,27 +257,6 @@ impl PgStore {
         .await?;
         Ok(())
     }
-
-    /// Grants one retry of the endpoint at `now` unless `per_hour` were granted in the hour
-    /// before, for all processes together.
-    pub(super) async fn take_retry(
-        &self,
-        namespace: &str,
-        endpoint: &str,
-        per_hour: u32,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))")
-            .bind(RETRY_LOCK_CLASS)
-            .bind(namespace)
-            .bind(endpoint)
-            .execute(&mut *tx)
-            .await?;
-        let granted = take_retry_in!(tx, super::resources::numbered, namespace, endpoint, per_hour, now);
-        tx.commit().await?;
-        Ok(granted)
-    }
 }
 
 /// The state of an endpoint a claim looks at: `(failures, open until, disabled, probe until)`.
@@ -240,7 +271,7 @@ impl SqliteStore {
         lease: std::time::Duration,
         limit: u32,
         quotas: &[EndpointQuota],
-    ) -> Result<Vec<super::ClaimedDelivery>, StoreError> {
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         static DUE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let due = DUE.get_or_init(|| {
             format!(
@@ -311,13 +342,8 @@ impl SqliteStore {
         .bind(serde_json::to_string(&ids).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
-        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
-            "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
-             WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
-        ))
-        .bind(&token)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<ClaimRow> =
+            sqlx::query_as(&super::sqlite::CLAIMED_BY_TOKEN).bind(&token).fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.into_iter()
             .map(|mut r| {
@@ -325,16 +351,6 @@ impl SqliteStore {
                 r.into_claimed(&token)
             })
             .collect()
-    }
-
-    /// SQLite counts no buffers.
-    pub(super) async fn claim_cost(
-        &self,
-        _now: DateTime<Utc>,
-        _limit: u32,
-        _quotas: &[EndpointQuota],
-    ) -> Result<Option<ClaimCost>, StoreError> {
-        Ok(None)
     }
 
     /// See [`PgStore::release_probes_in`]. Probes held are few: the claims of tokens that
@@ -361,19 +377,5 @@ impl SqliteStore {
             .await?;
         }
         Ok(())
-    }
-
-    /// See [`PgStore::take_retry`].
-    pub(super) async fn take_retry(
-        &self,
-        namespace: &str,
-        endpoint: &str,
-        per_hour: u32,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let granted = take_retry_in!(tx, super::resources::unchanged, namespace, endpoint, per_hour, now);
-        tx.commit().await?;
-        Ok(granted)
     }
 }

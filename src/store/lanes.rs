@@ -11,9 +11,9 @@
 //! - fan-out, which writes it with the delivery (ingest's transaction), and sets it on open
 //!   deliveries after the new one (another transaction's, committed first);
 //! - a delivery becoming final (a completion, an approval denied or expired): the lane's
-//!   new first open delivery is cleared ([`PgStore::end_lane_heads_in`]);
+//!   new first open delivery is cleared ([`end_heads_in`]);
 //! - a replay, which reopens a delivery: it is computed for the replayed delivery and set
-//!   on the open deliveries after it ([`PgStore::reopen_lanes_in`]).
+//!   on the open deliveries after it ([`reopen_in`]).
 //!
 //! Moves between open states (claimed, given back, parked, released after a lost lease,
 //! held, granted) change nothing: the head stays the head.
@@ -28,9 +28,12 @@
 //! lane (ingest transactions may commit out of id order) goes before it, unless that one is
 //! already in flight.
 
-use sqlx::{Postgres, Sqlite, Transaction};
+use std::sync::LazyLock;
 
-use super::{PgStore, SqliteStore, StoreError};
+use sqlx::{Postgres, Transaction};
+
+use super::sql::{in_list, sql, On, PerBackend, Tx};
+use super::{Backend, StoreError};
 
 /// The open states: a delivery in one of them holds its lane.
 pub(super) const OPEN_STATES: &str = "('pending', 'retrying', 'delivering', 'held')";
@@ -69,15 +72,13 @@ fn behind_later_sql(ids: &str) -> String {
     )
 }
 
-/// Sets `lane_behind` of the reopened deliveries `ids`, and of the open deliveries after them.
-fn reopen_sql(ids: &str) -> [String; 2] {
-    [
-        format!(
-            "UPDATE deliveries SET lane_behind = {} WHERE id {ids} AND ordering_key IS NOT NULL",
-            behind_written("deliveries.namespace", "deliveries.endpoint", "deliveries.ordering_key", "deliveries.id")
-        ),
-        behind_later_sql(ids),
-    ]
+/// Sets `lane_behind` of the reopened deliveries `ids` (the open deliveries after them are
+/// [`behind_later_sql`]'s).
+fn reopen_sql(ids: &str) -> String {
+    format!(
+        "UPDATE deliveries SET lane_behind = {} WHERE id {ids} AND ordering_key IS NOT NULL",
+        behind_written("deliveries.namespace", "deliveries.endpoint", "deliveries.ordering_key", "deliveries.id")
+    )
 }
 
 /// Locks the lanes `(namespace, endpoint, key)` rows of `lanes` (an SQL query) in hash order.
@@ -88,121 +89,73 @@ fn lock_sql(lanes: &str) -> String {
     )
 }
 
-const PG_IDS: &str = "= ANY($1::text[])";
-const SQLITE_IDS: &str = "IN (SELECT value FROM json_each(?1))";
-
-impl PgStore {
-    /// Takes the locks of the lanes of fan-out rows given as arrays `$n`, `$ep`, `$k`.
-    pub(super) async fn lock_new_lanes_in(
-        tx: &mut Transaction<'static, Postgres>,
-        namespaces: &[&str],
-        endpoints: &[&str],
-        keys: &[Option<&str>],
-    ) -> Result<(), StoreError> {
-        if keys.iter().all(Option::is_none) {
-            return Ok(());
-        }
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let sql = SQL.get_or_init(|| lock_sql("SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])"));
-        sqlx::query(sql).bind(namespaces).bind(endpoints).bind(keys).execute(&mut **tx).await?;
-        Ok(())
+/// Fanned-out ordered deliveries `ids` were written (on PostgreSQL, their lanes locked):
+/// open ones after them, written by a transaction that committed first, wait behind them.
+/// Runs on the ingest transaction's connection.
+pub(super) async fn written_in<'c>(on: impl Into<On<'c>>, ids: &[&str]) -> Result<(), StoreError> {
+    static SQL: PerBackend = PerBackend::new(|backend| behind_later_sql(&in_list(backend, "$1")));
+    if ids.is_empty() {
+        return Ok(());
     }
-
-    /// Fanned-out ordered deliveries `ids` were written (their lanes locked): open ones
-    /// after them, written by a transaction that committed first, wait behind them.
-    pub(super) async fn lanes_written_in(
-        tx: &mut Transaction<'static, Postgres>,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        sqlx::query(SQL.get_or_init(|| behind_later_sql(PG_IDS))).bind(ids).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    async fn lock_lanes_of_in(tx: &mut Transaction<'static, Postgres>, ids: &[&str]) -> Result<(), StoreError> {
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let sql = SQL.get_or_init(|| {
-            lock_sql(&format!("SELECT namespace, endpoint, ordering_key FROM deliveries WHERE id {PG_IDS}"))
-        });
-        sqlx::query(sql).bind(ids).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    /// The deliveries `ids` of ordered lanes became final: each lane's next open delivery
-    /// becomes its head.
-    pub(super) async fn end_lane_heads_in(
-        tx: &mut Transaction<'static, Postgres>,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        Self::lock_lanes_of_in(tx, ids).await?;
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        sqlx::query(SQL.get_or_init(|| end_heads_sql(PG_IDS))).bind(ids).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    /// The deliveries `ids` were reopened (replayed): they wait behind what is open before
-    /// them, and what is open after them waits behind them.
-    pub(super) async fn reopen_lanes_in(
-        tx: &mut Transaction<'static, Postgres>,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        Self::lock_lanes_of_in(tx, ids).await?;
-        static SQL: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
-        for sql in SQL.get_or_init(|| reopen_sql(PG_IDS)) {
-            sqlx::query(sql).bind(ids).execute(&mut **tx).await?;
-        }
-        Ok(())
-    }
+    let on = on.into();
+    sql(SQL.get(on.backend())).bind(ids).execute(on).await?;
+    Ok(())
 }
 
-impl SqliteStore {
-    /// See [`PgStore::end_lane_heads_in`]; the one writer needs no lock.
-    pub(super) async fn end_lane_heads_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let ids = serde_json::to_string(ids).unwrap_or_default();
-        sqlx::query(SQL.get_or_init(|| end_heads_sql(SQLITE_IDS))).bind(ids).execute(&mut **tx).await?;
-        Ok(())
+/// Takes the locks of the lanes of fan-out rows given as arrays (PostgreSQL; SQLite's one
+/// writer needs none).
+pub(super) async fn lock_new_lanes_in(
+    tx: &mut Transaction<'static, Postgres>,
+    namespaces: &[&str],
+    endpoints: &[&str],
+    keys: &[Option<&str>],
+) -> Result<(), StoreError> {
+    if keys.iter().all(Option::is_none) {
+        return Ok(());
     }
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| lock_sql("SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])"));
+    sqlx::query(&SQL).bind(namespaces).bind(endpoints).bind(keys).execute(&mut **tx).await?;
+    Ok(())
+}
 
-    /// See [`PgStore::lanes_written_in`].
-    pub(super) async fn lanes_written_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let ids = serde_json::to_string(ids).unwrap_or_default();
-        sqlx::query(SQL.get_or_init(|| behind_later_sql(SQLITE_IDS))).bind(ids).execute(&mut **tx).await?;
-        Ok(())
+/// Locks the lanes of the deliveries `ids` (PostgreSQL; SQLite's one writer needs none).
+async fn lock_lanes_of_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        lock_sql(&format!(
+            "SELECT namespace, endpoint, ordering_key FROM deliveries WHERE id {}",
+            in_list(Backend::Postgres, "$1")
+        ))
+    });
+    if tx.backend() == Backend::Postgres {
+        sql(&SQL).bind(ids).execute(tx).await?;
     }
+    Ok(())
+}
 
-    /// See [`PgStore::reopen_lanes_in`].
-    pub(super) async fn reopen_lanes_in(tx: &mut Transaction<'static, Sqlite>, ids: &[&str]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        static SQL: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
-        let ids = serde_json::to_string(ids).unwrap_or_default();
-        for sql in SQL.get_or_init(|| reopen_sql(SQLITE_IDS)) {
-            sqlx::query(sql).bind(&ids).execute(&mut **tx).await?;
-        }
-        Ok(())
+/// The deliveries `ids` of ordered lanes became final: each lane's next open delivery
+/// becomes its head.
+pub(super) async fn end_heads_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreError> {
+    static SQL: PerBackend = PerBackend::new(|backend| end_heads_sql(&in_list(backend, "$1")));
+    if ids.is_empty() {
+        return Ok(());
     }
+    lock_lanes_of_in(tx, ids).await?;
+    sql(SQL.get(tx.backend())).bind(ids).execute(tx).await?;
+    Ok(())
+}
+
+/// The deliveries `ids` were reopened (replayed): they wait behind what is open before
+/// them, and what is open after them waits behind them.
+pub(super) async fn reopen_in(tx: &mut Tx, ids: &[&str]) -> Result<(), StoreError> {
+    static BEHIND_EARLIER: PerBackend = PerBackend::new(|backend| reopen_sql(&in_list(backend, "$1")));
+    static BEHIND_LATER: PerBackend = PerBackend::new(|backend| behind_later_sql(&in_list(backend, "$1")));
+    if ids.is_empty() {
+        return Ok(());
+    }
+    lock_lanes_of_in(tx, ids).await?;
+    for statement in [&BEHIND_EARLIER, &BEHIND_LATER] {
+        sql(statement.get(tx.backend())).bind(ids).execute(&mut *tx).await?;
+    }
+    Ok(())
 }

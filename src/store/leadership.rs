@@ -13,9 +13,9 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::{Postgres, Sqlite, Transaction};
 
-use super::{PgStore, SqliteStore, Store, StoreError};
+use super::sql::{sql, Tx};
+use super::{Backend, PgStore, SqliteStore, Store, StoreError};
 
 /// One leader's term, named by its epoch. Leader-only store methods take it and refuse to
 /// write once a newer term began.
@@ -73,6 +73,18 @@ impl LeaderLease {
     }
 }
 
+/// Refuses, inside a leader-only write's transaction, unless `term` is current. On
+/// PostgreSQL it holds the epoch (`FOR SHARE`) until the transaction ends; on SQLite the
+/// transaction holds the write lock from its start.
+pub(super) async fn hold_term_in(tx: &mut Tx, term: Term) -> Result<(), StoreError> {
+    let select = match tx.backend() {
+        Backend::Postgres => "SELECT epoch FROM leadership WHERE id = 1 FOR SHARE",
+        Backend::Sqlite => "SELECT epoch FROM leadership WHERE id = 1",
+    };
+    let epoch: i64 = sql(select).scalar(tx).await?;
+    fenced(term, epoch)
+}
+
 fn fenced(term: Term, current: i64) -> Result<(), StoreError> {
     if current == term.0 {
         Ok(())
@@ -122,14 +134,6 @@ impl PgStore {
         .await?;
         Ok(Some(LeaderLease { term: Term(epoch), connection: Some(connection) }))
     }
-
-    /// Refuses, inside a leader-only write's transaction, unless `term` is current; holds
-    /// the epoch (`FOR SHARE`) until the transaction ends.
-    pub(super) async fn hold_term_in(tx: &mut Transaction<'static, Postgres>, term: Term) -> Result<(), StoreError> {
-        let epoch: i64 =
-            sqlx::query_scalar("SELECT epoch FROM leadership WHERE id = 1 FOR SHARE").fetch_one(&mut **tx).await?;
-        fenced(term, epoch)
-    }
 }
 
 impl SqliteStore {
@@ -144,33 +148,4 @@ impl SqliteStore {
         .await?;
         Ok(Some(LeaderLease { term: Term(epoch), connection: None }))
     }
-
-    /// Refuses, inside a leader-only write's transaction (which holds the write lock from
-    /// its start), unless `term` is current.
-    pub(super) async fn hold_term_in(tx: &mut Transaction<'static, Sqlite>, term: Term) -> Result<(), StoreError> {
-        let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM leadership WHERE id = 1").fetch_one(&mut **tx).await?;
-        fenced(term, epoch)
-    }
 }
-
-/// Audit records a leader writes as leader (the checkpoint key it signs with), fenced.
-macro_rules! append_audit_as_leader {
-    ($store:ty) => {
-        impl $store {
-            pub(super) async fn append_audit_as_leader(
-                &self,
-                term: Term,
-                records: &[crate::audit::NewAuditRecord],
-            ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-                let mut tx = self.begin_write().await?;
-                Self::hold_term_in(&mut tx, term).await?;
-                let sealed = Self::append_audit_in(&mut tx, records).await?;
-                tx.commit().await?;
-                Ok(sealed)
-            }
-        }
-    };
-}
-
-append_audit_as_leader!(PgStore);
-append_audit_as_leader!(SqliteStore);

@@ -6,30 +6,46 @@
 //! - an event is stored verbatim and exactly once per `(namespace, source, external_id)`;
 //! - an idempotency key maps to the result of the first request that used it, forever
 //!   (until it is cleaned up), and is never bound to a different request body.
+//!
+//! A statement is written once, with `$n` placeholders, and runs on either backend through
+//! the executor in [`sql`]; where the backends need different SQL (a PostgreSQL lock, a
+//! row-lock suffix) the method chooses it by backend, as a value. Statements whose best
+//! shape differs per backend (ingest, the claims, the completion batch) are written per
+//! backend, in `postgres.rs`, `sqlite.rs` and `claims.rs`. The methods live by use case:
+//! events here and in `ingest`, `resources`, `queue`, `claims`, `completions`,
+//! `endpoint_state`, `delivery_reads`, `policy`, `approvals`, `audit` and `leadership`.
 
+mod approvals;
 mod audit;
 mod availability;
 mod claims;
+mod completions;
 pub mod deliveries;
+mod delivery_reads;
+mod endpoint_state;
 mod error;
-mod event_deliveries;
 mod ingest;
 mod lanes;
 mod leadership;
 mod notices;
 pub mod policy;
 mod postgres;
+mod queue;
 pub mod resources;
+mod sql;
 mod sqlite;
 mod sqlite_file;
 mod sqlite_write;
 
+use std::future::Future;
 use std::path::Path;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::ids::EventId;
+use sql::{sql, Pool, Tx};
 
 pub use availability::{DatabaseHealth, ProbeDatabase};
 pub use claims::{ClaimCost, EndpointQuota};
@@ -134,6 +150,44 @@ macro_rules! dispatch {
     };
 }
 
+/// How the store's methods reach the database (see [`sql`]).
+impl Store {
+    /// A write transaction. On SQLite it takes the write lock at once, on the one write
+    /// connection (see [`SqliteStore::begin_write`]).
+    async fn begin_write(&self) -> Result<Tx, StoreError> {
+        Ok(match self {
+            Store::Sqlite(s) => Tx::Sqlite(s.begin_write().await?),
+            Store::Postgres(s) => Tx::Pg(s.begin_write().await?),
+        })
+    }
+
+    /// Where reads run: on SQLite the read-only pool beside the writer.
+    fn reader(&self) -> Pool<'_> {
+        match self {
+            Store::Sqlite(s) => Pool::Sqlite(s.read_pool()),
+            Store::Postgres(s) => Pool::Pg(s.read_pool()),
+        }
+    }
+
+    /// Where single-statement writes run, outside a transaction: on SQLite the one writer.
+    fn writer(&self) -> Pool<'_> {
+        match self {
+            Store::Sqlite(s) => Pool::Sqlite(s.write_pool()),
+            Store::Postgres(s) => Pool::Pg(s.write_pool()),
+        }
+    }
+
+    /// Runs `work`; on SQLite, a failure of the database itself is remembered for
+    /// `/readyz` (see [`SqliteStore::observe`]), as `dispatch!` does.
+    async fn observed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let result = work.await;
+        match self {
+            Store::Sqlite(s) => s.observe(result),
+            Store::Postgres(_) => result,
+        }
+    }
+}
+
 impl Store {
     /// Connects to `postgres://…` or `sqlite:…` URL. Does not migrate.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
@@ -198,17 +252,40 @@ impl Store {
     }
 
     pub async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        dispatch!(self, s => s.get_event(id).await)
+        static GET: LazyLock<String> = LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"));
+        self.observed(async {
+            let row: Option<EventRow> = sql(&GET).bind(id.as_str()).fetch_optional(self.reader()).await?;
+            row.map(StoredEvent::try_from).transpose()
+        })
+        .await
     }
 
     /// Events of one namespace, newest first, optionally by source and type.
     pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        dispatch!(self, s => s.list_events(query).await)
+        static SELECT: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE namespace = $1"));
+        let mut statement = sql(&SELECT).bind(query.namespace.as_str());
+        if let Some(source) = &query.source {
+            statement = statement.push(" AND source = ").push_bind(source);
+        }
+        if let Some(event_type) = &query.event_type {
+            statement = statement.push(" AND type = ").push_bind(event_type);
+        }
+        if let Some(before) = &query.before {
+            statement = statement.push(" AND id < ").push_bind(before.as_str());
+        }
+        let statement = statement.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        self.observed(async {
+            let rows: Vec<EventRow> = statement.fetch_all(self.reader()).await?;
+            rows.into_iter().map(StoredEvent::try_from).collect()
+        })
+        .await
     }
 
     /// Forgets idempotency keys first used before `cutoff`; returns how many.
     pub async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.delete_idempotency_keys_before(cutoff).await)
+        let delete = sql("DELETE FROM idempotency_keys WHERE created_at < $1").bind(cutoff);
+        self.observed(delete.execute(self.writer())).await
     }
 
     /// Wakes idle delivery workers of every process (PostgreSQL `NOTIFY`); on the
@@ -236,332 +313,6 @@ impl Store {
             Store::Sqlite(_) => Ok(None),
             Store::Postgres(s) => Ok(Some(s.listen_for_work().await?)),
         }
-    }
-
-    /// Applies resources atomically; see [`ApplyRequest`] (its `leader` fences the apply).
-    pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
-        dispatch!(self, s => s.apply_resources(request).await)
-    }
-
-    pub async fn get_resource(
-        &self,
-        key: &crate::resources::ResourceKey,
-    ) -> Result<Option<StoredResource>, StoreError> {
-        dispatch!(self, s => s.get_resource(key).await)
-    }
-
-    /// Resources ordered by kind, namespace and name; `None` filters match everything.
-    pub async fn list_resources(
-        &self,
-        kind: Option<crate::resources::Kind>,
-        namespace: Option<&str>,
-    ) -> Result<Vec<StoredResource>, StoreError> {
-        dispatch!(self, s => s.list_resources(kind, namespace).await)
-    }
-
-    /// Deletes a resource (audited as `actor`); returns what was deleted.
-    pub async fn delete_resource(
-        &self,
-        key: &crate::resources::ResourceKey,
-        actor: &str,
-    ) -> Result<Option<StoredResource>, StoreError> {
-        dispatch!(self, s => s.delete_resource(key, actor).await)
-    }
-
-    /// Writes a resource's status if its generation is still `generation`; a leader-only
-    /// write, refused ([`StoreError::Fenced`]) once `term` is over.
-    pub async fn update_resource_status(
-        &self,
-        term: Term,
-        key: &crate::resources::ResourceKey,
-        generation: i64,
-        status: &serde_json::Value,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.update_resource_status(term, key, generation, status).await)
-    }
-
-    /// Claims up to `limit` due deliveries for `lease`.
-    pub async fn claim_due_deliveries(
-        &self,
-        now: DateTime<Utc>,
-        lease: std::time::Duration,
-        limit: u32,
-    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        dispatch!(self, s => s.claim_due_deliveries(now, lease, limit).await)
-    }
-
-    /// The dispatcher's claim: up to `limit` due deliveries for `lease`, at most each
-    /// quota's cap of its endpoint's, oldest due first; of an endpoint that is half-open,
-    /// one, and only by the claim that takes its probe (see `store::claims`).
-    pub async fn claim_endpoint_deliveries(
-        &self,
-        now: DateTime<Utc>,
-        lease: std::time::Duration,
-        limit: u32,
-        quotas: &[EndpointQuota],
-    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-        dispatch!(self, s => s.claim_endpoint_deliveries(now, lease, limit, quotas).await)
-    }
-
-    /// What [`Self::claim_endpoint_deliveries`] would cost now, in database buffers
-    /// (PostgreSQL; `None` on SQLite). Runs the claim and rolls it back.
-    pub async fn claim_cost(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-        quotas: &[EndpointQuota],
-    ) -> Result<Option<ClaimCost>, StoreError> {
-        dispatch!(self, s => s.claim_cost(now, limit, quotas).await)
-    }
-
-    /// Grants one retry of an endpoint with `retriesPerHour: per_hour` at `now`: false when
-    /// that many were granted to it in the hour before, by any process.
-    pub async fn take_retry(
-        &self,
-        namespace: &str,
-        endpoint: &str,
-        per_hour: u32,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.take_retry(namespace, endpoint, per_hour, now).await)
-    }
-
-    /// Makes deliveries of crashed workers (lease ran out) claimable again.
-    pub async fn release_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.release_expired_leases(now).await)
-    }
-
-    /// Moves due deliveries of endpoints whose breaker is open to when it closes, and
-    /// those of disabled endpoints an hour ahead.
-    pub async fn park_blocked_deliveries(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.park_blocked_deliveries(now).await)
-    }
-
-    /// Returns claimed deliveries unattempted, due again at `at`.
-    pub async fn release_deliveries(
-        &self,
-        claims: &[(&crate::ids::DeliveryId, &str)],
-        at: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.release_deliveries(claims, at).await)
-    }
-
-    /// Writes attempt results guarded by their lease; see [`CompletionReport`].
-    pub async fn complete_attempts(&self, completions: &[Completion]) -> Result<CompletionReport, StoreError> {
-        dispatch!(self, s => s.complete_attempts(completions).await)
-    }
-
-    pub async fn get_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-    ) -> Result<Option<(DeliveryRecord, Vec<Attempt>)>, StoreError> {
-        dispatch!(self, s => s.get_delivery(id).await)
-    }
-
-    pub async fn deliveries_of_event(&self, event: &EventId) -> Result<Vec<DeliveryRecord>, StoreError> {
-        dispatch!(self, s => s.deliveries_of_event(event).await)
-    }
-
-    pub async fn list_deliveries(&self, query: &DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError> {
-        dispatch!(self, s => s.list_deliveries(query).await)
-    }
-
-    /// Puts final deliveries back in the queue; returns those replayed (audited as `actor`).
-    pub async fn replay_deliveries(
-        &self,
-        ids: &[crate::ids::DeliveryId],
-        actor: &str,
-    ) -> Result<Vec<crate::ids::DeliveryId>, StoreError> {
-        dispatch!(self, s => s.replay_deliveries(ids, actor).await)
-    }
-
-    pub async fn endpoint_state(&self, namespace: &str, name: &str) -> Result<EndpointState, StoreError> {
-        dispatch!(self, s => s.endpoint_state(namespace, name).await)
-    }
-
-    /// An operator's explicit enable (audited as `actor`): clears a 410's disabling, an
-    /// open breaker and the failure count, and makes the waiting deliveries due now. Returns
-    /// the state before, or `None` when the endpoint was sendable already (nothing written).
-    pub async fn enable_endpoint(
-        &self,
-        namespace: &str,
-        name: &str,
-        actor: &str,
-    ) -> Result<Option<EndpointState>, StoreError> {
-        dispatch!(self, s => s.enable_endpoint(namespace, name, actor).await)
-    }
-
-    /// Makes an endpoint's waiting deliveries due now; returns how many.
-    pub async fn resume_endpoint(&self, namespace: &str, name: &str) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.resume_endpoint(namespace, name).await)
-    }
-
-    /// The run-time state of every endpoint that has any.
-    pub async fn list_endpoint_states(&self) -> Result<Vec<(String, String, EndpointState)>, StoreError> {
-        dispatch!(self, s => s.list_endpoint_states().await)
-    }
-
-    /// Waiting (pending or retrying) deliveries per endpoint: `(namespace, endpoint, count,
-    /// oldest created_at)`.
-    pub async fn waiting_by_endpoint(&self) -> Result<Vec<(String, String, i64, DateTime<Utc>)>, StoreError> {
-        dispatch!(self, s => s.waiting_by_endpoint().await)
-    }
-
-    /// The revision of the resources in force; every apply, prune or delete that changed
-    /// anything moves it.
-    pub async fn resource_revision(&self) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.resource_revision().await)
-    }
-
-    pub async fn attempt_stats(
-        &self,
-        namespace: &str,
-        name: &str,
-        since: DateTime<Utc>,
-    ) -> Result<AttemptStats, StoreError> {
-        dispatch!(self, s => s.attempt_stats(namespace, name, since).await)
-    }
-
-    /// Deliveries waiting (pending or retrying) and when the oldest was created.
-    pub async fn queue_depth(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
-        dispatch!(self, s => s.queue_depth().await)
-    }
-
-    /// Endpoints whose breaker is open now, and those disabled by a 410, counted apart.
-    pub async fn count_blocked_endpoints(&self, now: DateTime<Utc>) -> Result<BlockedEndpoints, StoreError> {
-        dispatch!(self, s => s.count_blocked_endpoints(now).await)
-    }
-
-    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        dispatch!(self, s => s.delivery_counts().await)
-    }
-
-    /// Spend counted per `(rule, key, currency)`, each in its own window, leaving out the
-    /// reservation of `exclude` (a delivery deciding again after a retry).
-    pub async fn spend_totals(
-        &self,
-        namespace: &str,
-        keys: &[(String, String, String, std::time::Duration)],
-        exclude: Option<&crate::ids::DeliveryId>,
-        now: DateTime<Utc>,
-    ) -> Result<std::collections::BTreeMap<(String, String, String), i64>, StoreError> {
-        dispatch!(self, s => s.spend_totals(namespace, keys, exclude, now).await)
-    }
-
-    /// Records an allow decision and reserves its spend atomically (see [`policy::AllowResult`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn allow_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-        lease_token: &str,
-        namespace: &str,
-        decision: &crate::policy::decision::DecisionRecord,
-        reservations: &[policy::SpendReservation],
-        enforce_limits: bool,
-        now: DateTime<Utc>,
-    ) -> Result<policy::AllowResult, StoreError> {
-        dispatch!(self, s => s.allow_delivery(id, lease_token, namespace, decision, reservations, enforce_limits, now).await)
-    }
-
-    /// Holds a claimed delivery and opens its approval request; false if the lease was lost.
-    pub async fn hold_delivery(
-        &self,
-        id: &crate::ids::DeliveryId,
-        lease_token: &str,
-        decision: &crate::policy::decision::DecisionRecord,
-        approval: &policy::NewApproval,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.hold_delivery(id, lease_token, decision, approval, now).await)
-    }
-
-    /// Approval requests newest first; see [`policy::ApprovalQuery`].
-    pub async fn list_approvals(
-        &self,
-        query: &policy::ApprovalQuery,
-    ) -> Result<Vec<policy::ApprovalRecord>, StoreError> {
-        dispatch!(self, s => s.list_approvals(query).await)
-    }
-
-    pub async fn get_approval(
-        &self,
-        id: &str,
-    ) -> Result<Option<(policy::ApprovalRecord, Vec<policy::VoteRecord>)>, StoreError> {
-        dispatch!(self, s => s.get_approval(id).await)
-    }
-
-    /// One approver's vote; see [`policy::VoteOutcome`].
-    pub async fn vote_on_approval(
-        &self,
-        id: &str,
-        voter: &str,
-        grant: bool,
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> Result<policy::VoteOutcome, StoreError> {
-        dispatch!(self, s => s.vote_on_approval(id, voter, grant, reason, now).await)
-    }
-
-    /// Approval requests still waiting for a decision.
-    pub async fn count_pending_approvals(&self) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.count_pending_approvals().await)
-    }
-
-    /// Applies the expiry outcome of every pending approval past its deadline; returns
-    /// `(approval, delivery)` of each request it closed. A leader-only write, refused
-    /// ([`StoreError::Fenced`]) once `term` is over.
-    pub async fn expire_approvals(&self, term: Term, now: DateTime<Utc>) -> Result<Vec<(String, String)>, StoreError> {
-        dispatch!(self, s => s.expire_approvals(term, now).await)
-    }
-
-    /// Appends audit records in a transaction of their own.
-    pub async fn append_audit(
-        &self,
-        records: &[crate::audit::NewAuditRecord],
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.append_audit(records).await)
-    }
-
-    /// Records of `chain` with `from <= seq <= to`, at most `limit`, in order.
-    pub async fn audit_records(
-        &self,
-        chain: &str,
-        from: i64,
-        to: i64,
-        limit: u32,
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.audit_records(chain, from, to, limit).await)
-    }
-
-    /// Every chain's head: `(chain, seq, hash)`.
-    pub async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>, StoreError> {
-        dispatch!(self, s => s.audit_heads().await)
-    }
-
-    /// Appends records as the leader of `term` (refused once it is over).
-    pub async fn append_audit_as_leader(
-        &self,
-        term: Term,
-        records: &[crate::audit::NewAuditRecord],
-    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
-        dispatch!(self, s => s.append_audit_as_leader(term, records).await)
-    }
-
-    /// Stores a signed checkpoint; a leader-only write, refused once `term` is over.
-    pub async fn save_checkpoint(
-        &self,
-        term: Term,
-        chain: &str,
-        seq: i64,
-        hash: &str,
-        note: &str,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.save_checkpoint(term, chain, seq, hash, note).await)
-    }
-
-    /// The latest signed checkpoint of `chain`: `(seq, hash, note)`.
-    pub async fn latest_checkpoint(&self, chain: &str) -> Result<Option<(i64, String, String)>, StoreError> {
-        dispatch!(self, s => s.latest_checkpoint(chain).await)
     }
 
     /// Closes every connection; pending work is finished first.
@@ -618,27 +369,6 @@ impl TryFrom<EventRow> for StoredEvent {
             status: EventStatus::parse(&row.status)?,
         })
     }
-}
-
-/// Builds the `list_events` query, identical on both backends but for placeholders.
-fn push_event_query<'q, DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<'q, DB>, query: &'q EventQuery)
-where
-    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    builder.push("SELECT ").push(EVENT_COLUMNS).push(" FROM events WHERE namespace = ");
-    builder.push_bind(query.namespace.as_str());
-    if let Some(source) = &query.source {
-        builder.push(" AND source = ").push_bind(source.as_str());
-    }
-    if let Some(event_type) = &query.event_type {
-        builder.push(" AND type = ").push_bind(event_type.as_str());
-    }
-    if let Some(before) = &query.before {
-        builder.push(" AND id < ").push_bind(before.as_str());
-    }
-    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
 }
 
 /// Compares the newest applied migration with the newest this build carries.

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,10 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
-use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
-    StoredEvent, EVENT_COLUMNS,
-};
+use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -149,46 +146,10 @@ impl PgStore {
         Ok(committed)
     }
 
-    pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
-        let row: Option<EventRow> = sqlx::query_as(&sql).bind(id.as_str()).fetch_optional(&self.pool).await?;
-        row.map(StoredEvent::try_from).transpose()
-    }
-
-    pub(super) async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut builder = sqlx::QueryBuilder::<Postgres>::new("");
-        push_event_query(&mut builder, query);
-        let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.pool).await?;
-        rows.into_iter().map(StoredEvent::try_from).collect()
-    }
-
-    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(deleted)
-    }
-
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
 }
-
-super::resources::resource_methods!(PgStore, super::resources::numbered);
-super::deliveries::delivery_methods!(PgStore, super::resources::numbered);
-super::policy::policy_methods!(
-    PgStore,
-    super::resources::numbered,
-    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"),
-    " FOR UPDATE"
-);
-super::audit::audit_methods!(
-    PgStore,
-    super::resources::numbered,
-    Some("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))")
-);
 
 /// The ingest transaction, and the name work notifications carry.
 struct PgIngest<'a>(Transaction<'static, Postgres>, &'a str);
@@ -287,7 +248,7 @@ impl IngestTx for PgIngest<'_> {
         let keys: Vec<Option<&str>> = rows.iter().map(|(_, d)| d.ordering_key.as_deref()).collect();
         let times: Vec<DateTime<Utc>> = rows.iter().map(|(e, _)| e.received_at).collect();
         // The lanes first: a lane's head ending meanwhile is seen here, or sees these.
-        PgStore::lock_new_lanes_in(&mut self.0, &namespaces, &endpoints, &keys).await?;
+        super::lanes::lock_new_lanes_in(&mut self.0, &namespaces, &endpoints, &keys).await?;
         // Other processes' workers are notified in the same statement; PostgreSQL delivers
         // the notification when (and only if) the transaction commits.
         static INSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -315,7 +276,7 @@ impl IngestTx for PgIngest<'_> {
             .await?;
         let ordered: Vec<&str> =
             rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
-        PgStore::lanes_written_in(&mut self.0, &ordered).await
+        super::lanes::written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
@@ -361,25 +322,23 @@ impl IngestTx for PgIngest<'_> {
 impl PgStore {
     /// Leases due deliveries to `token` and returns them with their events, in one
     /// statement; rows another claim has locked are skipped, not waited for.
-    async fn claim_rows(
+    pub(super) async fn claim_rows(
         &self,
         token: &str,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{claimable, CLAIMED_COLUMNS};
-        static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let claim = CLAIM.get_or_init(|| {
-            super::resources::numbered(&format!(
-                "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
-                 attempts = attempts + 1, updated_at = ? WHERE id IN ({} FOR UPDATE SKIP LOCKED) RETURNING *) \
-                 SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id",
-                claimable()
-            ))
-            .into_owned()
+        use super::deliveries::CLAIMED_COLUMNS;
+        use super::queue::CLAIMABLE;
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH d AS (UPDATE deliveries SET state = 'delivering', lease_token = $1, lease_until = $2, \
+                 attempts = attempts + 1, updated_at = $3 WHERE id IN ({CLAIMABLE} FOR UPDATE SKIP LOCKED) RETURNING *) \
+                 SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM d JOIN events e ON e.id = d.event_id ORDER BY d.id"
+            )
         });
-        Ok(sqlx::query_as(claim)
+        Ok(sqlx::query_as(&CLAIM)
             .bind(token)
             .bind(lease_until)
             .bind(now)
@@ -392,7 +351,7 @@ impl PgStore {
 
     /// Applies the completions whose lease token still matches, and inserts their
     /// attempts, in one statement; says which applied.
-    async fn write_completions_in(
+    pub(super) async fn write_completions_in(
         tx: &mut Transaction<'static, Postgres>,
         completions: &[super::Completion],
         now: DateTime<Utc>,
@@ -448,7 +407,7 @@ impl PgStore {
     }
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
-    async fn settle_spend_in(
+    pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Postgres>,
         settled: &[(&str, &'static str)],
     ) -> Result<Vec<(String, String, i64)>, StoreError> {

@@ -1,7 +1,6 @@
 //! Stored resources: atomic apply (with dry run and prune), reads, deletes, status.
 //!
-//! The SQL is written once with `?` placeholders and expanded for each backend by
-//! [`resource_methods!`]; PostgreSQL's `$n` placeholders are produced by [`numbered`].
+//! Each statement is written once and runs on either backend (see [`super::sql`]).
 //!
 //! Invariants: one apply is one transaction (all of it lands or none); `generation` is
 //! bumped only when `spec` changes; prune deletes only rows of the named apply set that
@@ -10,14 +9,16 @@
 //! change in how a value is written (a duration an older build wrote as `1day`) is never
 //! a change of `spec`.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::StoreError;
+use super::sql::{sql, Tx};
+use super::{audit, endpoint_state, leadership, queue, Store, StoreError, Term};
+use crate::audit::NewAuditRecord;
 use crate::resources::{Kind, ResourceKey, Spec};
 
 /// A resource as the apply wants it.
@@ -87,7 +88,7 @@ pub struct ApplyRequest {
     pub actor: String,
     /// Set by the leader (the directory controller): the apply is refused once its term is
     /// over. `None` for applies any process may make.
-    pub leader: Option<super::Term>,
+    pub leader: Option<Term>,
 }
 
 /// Whether an apply set limited to `namespaces` (`None`: every one) reaches `namespace`.
@@ -95,8 +96,17 @@ pub fn set_reaches(namespaces: Option<&[String]>, namespace: &str) -> bool {
     namespaces.is_none_or(|list| list.iter().any(|n| n == namespace))
 }
 
+/// The columns of a [`ResourceRow`].
+const RESOURCE_COLUMNS: &str =
+    "kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at";
+
+/// One resource by key: `$1` kind, `$2` namespace, `$3` name.
+static SELECT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND namespace = $2 AND name = $3")
+});
+
 #[derive(sqlx::FromRow)]
-pub(super) struct ResourceRow {
+struct ResourceRow {
     kind: String,
     namespace: String,
     name: String,
@@ -136,36 +146,12 @@ impl TryFrom<ResourceRow> for StoredResource {
     }
 }
 
-/// `?` placeholders as PostgreSQL's `$1, $2, …`.
-pub(super) fn numbered(sql: &str) -> Cow<'static, str> {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-pub(super) fn unchanged(sql: &str) -> Cow<'static, str> {
-    Cow::Owned(sql.to_owned())
-}
-
-pub(super) fn json_text<T: Serialize>(value: &T) -> String {
+fn json_text<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data always serializes")
 }
 
 /// What the apply decides for one desired resource, given what is stored.
-pub(super) fn decide(
-    desired: &DesiredResource,
-    stored: Option<&StoredResource>,
-    applyset: Option<&str>,
-) -> (ApplyAction, i64) {
+fn decide(desired: &DesiredResource, stored: Option<&StoredResource>, applyset: Option<&str>) -> (ApplyAction, i64) {
     match stored {
         None => (ApplyAction::Created, 1),
         Some(s) if s.spec != desired.spec => (ApplyAction::Configured, s.generation + 1),
@@ -183,286 +169,262 @@ fn adopts(stored: &StoredResource, applyset: Option<&str>) -> bool {
 }
 
 /// Whether applying `desired` over `stored` lifts an Endpoint's pause.
-pub(super) fn resumes(stored: &StoredResource, desired: &DesiredResource) -> bool {
+fn resumes(stored: &StoredResource, desired: &DesiredResource) -> bool {
     let paused = |spec: &Value| spec.get("paused") == Some(&Value::Bool(true));
     stored.key.kind == Kind::Endpoint && paused(&stored.spec) && !paused(&desired.spec)
 }
 
-/// Expands the resource methods for one backend.
-macro_rules! resource_methods {
-    ($store:ty, $sql:path) => {
-        impl $store {
-            pub(super) async fn apply_resources(
-                &self,
-                request: &$crate::store::resources::ApplyRequest,
-            ) -> Result<Vec<$crate::store::resources::ApplyOutcome>, $crate::store::StoreError> {
-                use $crate::store::resources::{decide, json_text, ApplyAction, ApplyOutcome, ResourceRow, StoredResource};
-                let now = chrono::Utc::now();
-                let applyset = request.applyset.as_deref();
-                let mut tx = self.begin_write().await?;
-                if let Some(term) = request.leader {
-                    Self::hold_term_in(&mut tx, term).await?;
-                }
-                let mut outcomes = Vec::with_capacity(request.resources.len());
-                for desired in &request.resources {
-                    let key = &desired.key;
-                    let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
-                        "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
-                        "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
-                    )))
-                    .bind(key.kind.as_str())
-                    .bind(&key.namespace)
-                    .bind(&key.name)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let previous = row.map(StoredResource::try_from).transpose()?;
-                    let (action, generation) = decide(desired, previous.as_ref(), applyset);
-                    match action {
-                        ApplyAction::Created => {
-                            sqlx::query(&$sql(
-                                "INSERT INTO resources (kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at) \
-                                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                            ))
-                            .bind(key.kind.as_str())
-                            .bind(&key.namespace)
-                            .bind(&key.name)
-                            .bind(ulid::Ulid::new().to_string().to_lowercase())
-                            .bind(generation)
-                            .bind(json_text(&desired.labels))
-                            .bind(json_text(&desired.annotations))
-                            .bind(json_text(&desired.spec))
-                            .bind(applyset)
-                            .bind(now)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        ApplyAction::Configured => {
-                            sqlx::query(&$sql(
-                                "UPDATE resources SET generation = ?, labels = ?, annotations = ?, spec = ?, applyset = COALESCE(applyset, ?), \
-                                 updated_at = ? WHERE kind = ? AND namespace = ? AND name = ?",
-                            ))
-                            .bind(generation)
-                            .bind(json_text(&desired.labels))
-                            .bind(json_text(&desired.annotations))
-                            .bind(json_text(&desired.spec))
-                            .bind(applyset)
-                            .bind(now)
-                            .bind(key.kind.as_str())
-                            .bind(&key.namespace)
-                            .bind(&key.name)
-                            .execute(&mut *tx)
-                            .await?;
-                            if previous.as_ref().is_some_and(|p| $crate::store::resources::resumes(p, desired)) {
-                                // Deliveries a paused endpoint kept waiting go out now.
-                                Self::resume_in(&mut tx, &key.namespace, &key.name, now).await?;
-                            }
-                        }
-                        ApplyAction::Unchanged | ApplyAction::Pruned => {}
-                    }
-                    let reenabled = action == ApplyAction::Configured
-                        && key.kind == $crate::resources::Kind::Endpoint
-                        && previous.as_ref().is_some_and(|p| p.generation < generation)
-                        && Self::enable_in(&mut tx, &key.namespace, &key.name, Some(generation), now).await?;
-                    outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous, reenabled });
-                }
-                if let (true, Some(set)) = (request.prune, applyset) {
-                    let rows: Vec<ResourceRow> = sqlx::query_as(&$sql(concat!(
-                        "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
-                        "FROM resources WHERE applyset = ? ORDER BY kind, namespace, name"
-                    )))
-                    .bind(set)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for row in rows {
-                        let stored = StoredResource::try_from(row)?;
-                        let reached = $crate::store::resources::set_reaches(request.namespaces.as_deref(), &stored.key.namespace);
-                        if !reached || request.resources.iter().any(|d| d.key == stored.key) {
-                            continue;
-                        }
-                        sqlx::query(&$sql("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ? AND applyset = ?"))
-                            .bind(stored.key.kind.as_str())
-                            .bind(&stored.key.namespace)
-                            .bind(&stored.key.name)
-                            .bind(set)
-                            .execute(&mut *tx)
-                            .await?;
-                        outcomes.push(ApplyOutcome {
-                            key: stored.key.clone(),
-                            action: ApplyAction::Pruned,
-                            generation: stored.generation,
-                            previous: Some(stored),
-                            reenabled: false,
-                        });
-                    }
-                }
-                if request.dry_run {
-                    tx.rollback().await?;
-                    return Ok(outcomes);
-                }
-                let mut records: Vec<$crate::audit::NewAuditRecord> = outcomes
-                    .iter()
-                    .filter(|o| o.action != ApplyAction::Unchanged)
-                    .map(|o| {
-                        let action = match o.action {
-                            ApplyAction::Created => "resource.created",
-                            ApplyAction::Configured => "resource.configured",
-                            _ => "resource.pruned",
-                        };
-                        $crate::audit::NewAuditRecord::new(
-                            if request.actor.is_empty() { "system" } else { &request.actor },
-                            action,
-                            &o.key.namespace,
-                            o.key.to_string(),
-                            serde_json::json!({"kind": o.key.kind.as_str(), "name": o.key.name, "generation": o.generation,
-                                "applyset": request.applyset}),
-                        )
-                    })
-                    .collect();
-                records.extend(outcomes.iter().filter(|o| o.reenabled).map(|o| {
-                    $crate::audit::NewAuditRecord::new(
-                        if request.actor.is_empty() { "system" } else { &request.actor },
-                        "endpoint.enabled",
-                        &o.key.namespace,
-                        o.key.to_string(),
-                        serde_json::json!({"reason": "its spec changed since it was disabled", "generation": o.generation}),
-                    )
-                }));
-                if !records.is_empty() {
-                    Self::bump_resource_revision_in(&mut tx).await?;
-                    Self::append_audit_in(&mut tx, &records).await?;
-                }
-                tx.commit().await?;
-                Ok(outcomes)
+impl Store {
+    /// Applies resources atomically; see [`ApplyRequest`] (its `leader` fences the apply).
+    pub async fn apply_resources(&self, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.observed(async {
+            let mut tx = self.begin_write().await?;
+            if let Some(term) = request.leader {
+                leadership::hold_term_in(&mut tx, term).await?;
             }
-
-            /// Marks a change of the resources in force (see the `resource_revision` table).
-            async fn bump_resource_revision_in(
-                tx: &mut sqlx::Transaction<'static, <$store as $crate::store::policy::HasDatabase>::Db>,
-            ) -> Result<(), $crate::store::StoreError> {
-                sqlx::query("UPDATE resource_revision SET revision = revision + 1 WHERE id = 1").execute(&mut **tx).await?;
-                Ok(())
+            let mut outcomes = apply_in(&mut tx, request).await?;
+            if request.prune {
+                outcomes.extend(prune_in(&mut tx, request).await?);
             }
-
-            /// The revision of the resources in force: it changes with every apply, prune
-            /// or delete that changed anything.
-            pub(super) async fn resource_revision(&self) -> Result<i64, $crate::store::StoreError> {
-                Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1")
-                    .fetch_one(self.read_pool())
-                    .await?)
+            if request.dry_run {
+                tx.rollback().await?;
+                return Ok(outcomes);
             }
+            let records = apply_records(request, &outcomes);
+            if !records.is_empty() {
+                bump_resource_revision_in(&mut tx).await?;
+                audit::append_in(&mut tx, &records).await?;
+            }
+            tx.commit().await?;
+            Ok(outcomes)
+        })
+        .await
+    }
 
-            pub(super) async fn get_resource(
-                &self,
-                key: &$crate::resources::ResourceKey,
-            ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
-                use $crate::store::resources::{ResourceRow, StoredResource};
-                let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
-                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
-                    "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
-                )))
+    /// The revision of the resources in force; every apply, prune or delete that changed
+    /// anything moves it.
+    pub async fn resource_revision(&self) -> Result<i64, StoreError> {
+        self.observed(sql("SELECT revision FROM resource_revision WHERE id = 1").scalar(self.reader())).await
+    }
+
+    pub async fn get_resource(&self, key: &ResourceKey) -> Result<Option<StoredResource>, StoreError> {
+        self.observed(async {
+            let row: Option<ResourceRow> = by_key(key).fetch_optional(self.reader()).await?;
+            row.map(StoredResource::try_from).transpose()
+        })
+        .await
+    }
+
+    /// Resources ordered by kind, namespace and name; `None` filters match everything.
+    pub async fn list_resources(
+        &self,
+        kind: Option<Kind>,
+        namespace: Option<&str>,
+    ) -> Result<Vec<StoredResource>, StoreError> {
+        static LIST: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {RESOURCE_COLUMNS} FROM resources WHERE ($1 IS NULL OR kind = $1) \
+                 AND ($2 IS NULL OR namespace = $2) ORDER BY kind, namespace, name"
+            )
+        });
+        self.observed(async {
+            // NULL parameters match everything.
+            let list = sql(&LIST).bind(kind.map(|k| k.as_str())).bind(namespace);
+            let rows: Vec<ResourceRow> = list.fetch_all(self.reader()).await?;
+            rows.into_iter().map(StoredResource::try_from).collect()
+        })
+        .await
+    }
+
+    /// Deletes a resource (audited as `actor`); returns what was deleted.
+    pub async fn delete_resource(&self, key: &ResourceKey, actor: &str) -> Result<Option<StoredResource>, StoreError> {
+        self.observed(async {
+            let mut tx = self.begin_write().await?;
+            let row: Option<ResourceRow> = by_key(key).fetch_optional(&mut tx).await?;
+            let Some(row) = row else { return Ok(None) };
+            sql("DELETE FROM resources WHERE kind = $1 AND namespace = $2 AND name = $3")
                 .bind(key.kind.as_str())
                 .bind(&key.namespace)
                 .bind(&key.name)
-                .fetch_optional(self.read_pool())
+                .execute(&mut tx)
                 .await?;
-                row.map(StoredResource::try_from).transpose()
-            }
+            let deleted = StoredResource::try_from(row)?;
+            let record = NewAuditRecord::new(
+                actor,
+                "resource.deleted",
+                &key.namespace,
+                key.to_string(),
+                serde_json::json!({"kind": key.kind.as_str(), "name": key.name, "generation": deleted.generation}),
+            );
+            bump_resource_revision_in(&mut tx).await?;
+            audit::append_in(&mut tx, &[record]).await?;
+            tx.commit().await?;
+            Ok(Some(deleted))
+        })
+        .await
+    }
 
-            pub(super) async fn list_resources(
-                &self,
-                kind: Option<$crate::resources::Kind>,
-                namespace: Option<&str>,
-            ) -> Result<Vec<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
-                use $crate::store::resources::{ResourceRow, StoredResource};
-                // NULL parameters match everything.
-                let rows: Vec<ResourceRow> = sqlx::query_as(&$sql(concat!(
-                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
-                    "FROM resources WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR namespace = ?) ORDER BY kind, namespace, name"
-                )))
-                .bind(kind.map(|k| k.as_str()))
-                .bind(kind.map(|k| k.as_str()))
-                .bind(namespace)
-                .bind(namespace)
-                .fetch_all(self.read_pool())
-                .await?;
-                rows.into_iter().map(StoredResource::try_from).collect()
-            }
-
-            pub(super) async fn delete_resource(
-                &self,
-                key: &$crate::resources::ResourceKey,
-                actor: &str,
-            ) -> Result<Option<$crate::store::resources::StoredResource>, $crate::store::StoreError> {
-                use $crate::store::resources::{ResourceRow, StoredResource};
-                let mut tx = self.begin_write().await?;
-                let row: Option<ResourceRow> = sqlx::query_as(&$sql(concat!(
-                    "SELECT kind, namespace, name, uid, generation, labels, annotations, spec, applyset, status, created_at, updated_at ",
-                    "FROM resources WHERE kind = ? AND namespace = ? AND name = ?"
-                )))
-                .bind(key.kind.as_str())
-                .bind(&key.namespace)
-                .bind(&key.name)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                sqlx::query(&$sql("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?"))
-                    .bind(key.kind.as_str())
-                    .bind(&key.namespace)
-                    .bind(&key.name)
-                    .execute(&mut *tx)
-                    .await?;
-                let deleted = StoredResource::try_from(row)?;
-                let record = $crate::audit::NewAuditRecord::new(
-                    actor,
-                    "resource.deleted",
-                    &key.namespace,
-                    key.to_string(),
-                    serde_json::json!({"kind": key.kind.as_str(), "name": key.name, "generation": deleted.generation}),
-                );
-                Self::bump_resource_revision_in(&mut tx).await?;
-                Self::append_audit_in(&mut tx, &[record]).await?;
-                tx.commit().await?;
-                Ok(Some(deleted))
-            }
-
-            /// Writes `status` when the resource is still at `generation`; false otherwise.
-            /// Fenced: refused once `term` is over.
-            pub(super) async fn update_resource_status(
-                &self,
-                term: $crate::store::Term,
-                key: &$crate::resources::ResourceKey,
-                generation: i64,
-                status: &serde_json::Value,
-            ) -> Result<bool, $crate::store::StoreError> {
-                let mut tx = self.begin_write().await?;
-                Self::hold_term_in(&mut tx, term).await?;
-                let updated = sqlx::query(&$sql(
-                    "UPDATE resources SET status = ? WHERE kind = ? AND namespace = ? AND name = ? AND generation = ?",
-                ))
-                .bind($crate::store::resources::json_text(status))
-                .bind(key.kind.as_str())
-                .bind(&key.namespace)
-                .bind(&key.name)
-                .bind(generation)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                tx.commit().await?;
-                Ok(updated == 1)
-            }
-        }
-    };
+    /// Writes a resource's status if its generation is still `generation`; a leader-only
+    /// write, refused ([`StoreError::Fenced`]) once `term` is over.
+    pub async fn update_resource_status(
+        &self,
+        term: Term,
+        key: &ResourceKey,
+        generation: i64,
+        status: &Value,
+    ) -> Result<bool, StoreError> {
+        self.observed(async {
+            let mut tx = self.begin_write().await?;
+            leadership::hold_term_in(&mut tx, term).await?;
+            let updated = sql(
+                "UPDATE resources SET status = $1 WHERE kind = $2 AND namespace = $3 AND name = $4 AND generation = $5",
+            )
+            .bind(json_text(status))
+            .bind(key.kind.as_str())
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .bind(generation)
+            .execute(&mut tx)
+            .await?;
+            tx.commit().await?;
+            Ok(updated == 1)
+        })
+        .await
+    }
 }
 
-pub(super) use resource_methods;
+/// The statement reading the resource `key`.
+fn by_key(key: &ResourceKey) -> super::sql::Statement<'_> {
+    sql(&SELECT_BY_KEY).bind(key.kind.as_str()).bind(&key.namespace).bind(&key.name)
+}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_for_postgres() {
-        assert_eq!(numbered("a = ? AND b = ?"), "a = $1 AND b = $2");
+/// Writes each desired resource as [`decide`] says; returns what it did to each.
+async fn apply_in(tx: &mut Tx, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
+    let now = Utc::now();
+    let applyset = request.applyset.as_deref();
+    let mut outcomes = Vec::with_capacity(request.resources.len());
+    for desired in &request.resources {
+        let key = &desired.key;
+        let row: Option<ResourceRow> = by_key(key).fetch_optional(&mut *tx).await?;
+        let previous = row.map(StoredResource::try_from).transpose()?;
+        let (action, generation) = decide(desired, previous.as_ref(), applyset);
+        match action {
+            ApplyAction::Created => {
+                sql("INSERT INTO resources (kind, namespace, name, uid, generation, labels, annotations, spec, applyset, \
+                     status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $10)")
+                .bind(key.kind.as_str())
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .bind(ulid::Ulid::new().to_string().to_lowercase())
+                .bind(generation)
+                .bind(json_text(&desired.labels))
+                .bind(json_text(&desired.annotations))
+                .bind(json_text(&desired.spec))
+                .bind(applyset)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            ApplyAction::Configured => {
+                sql("UPDATE resources SET generation = $1, labels = $2, annotations = $3, spec = $4, \
+                     applyset = COALESCE(applyset, $5), updated_at = $6 WHERE kind = $7 AND namespace = $8 AND name = $9")
+                .bind(generation)
+                .bind(json_text(&desired.labels))
+                .bind(json_text(&desired.annotations))
+                .bind(json_text(&desired.spec))
+                .bind(applyset)
+                .bind(now)
+                .bind(key.kind.as_str())
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .execute(&mut *tx)
+                .await?;
+                if previous.as_ref().is_some_and(|p| resumes(p, desired)) {
+                    // Deliveries a paused endpoint kept waiting go out now.
+                    queue::resume_in(tx, &key.namespace, &key.name, now).await?;
+                }
+            }
+            ApplyAction::Unchanged | ApplyAction::Pruned => {}
+        }
+        let reenabled = action == ApplyAction::Configured
+            && key.kind == Kind::Endpoint
+            && previous.as_ref().is_some_and(|p| p.generation < generation)
+            && endpoint_state::enable_in(tx, &key.namespace, &key.name, Some(generation), now).await?;
+        outcomes.push(ApplyOutcome { key: key.clone(), action, generation, previous, reenabled });
     }
+    Ok(outcomes)
+}
+
+/// Deletes the members of the request's apply set that it does not name, where the set
+/// reaches; returns them.
+async fn prune_in(tx: &mut Tx, request: &ApplyRequest) -> Result<Vec<ApplyOutcome>, StoreError> {
+    static MEMBERS: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE applyset = $1 ORDER BY kind, namespace, name")
+    });
+    let Some(set) = request.applyset.as_deref() else { return Ok(Vec::new()) };
+    let rows: Vec<ResourceRow> = sql(&MEMBERS).bind(set).fetch_all(&mut *tx).await?;
+    let mut pruned = Vec::new();
+    for row in rows {
+        let stored = StoredResource::try_from(row)?;
+        let reached = set_reaches(request.namespaces.as_deref(), &stored.key.namespace);
+        if !reached || request.resources.iter().any(|d| d.key == stored.key) {
+            continue;
+        }
+        sql("DELETE FROM resources WHERE kind = $1 AND namespace = $2 AND name = $3 AND applyset = $4")
+            .bind(stored.key.kind.as_str())
+            .bind(&stored.key.namespace)
+            .bind(&stored.key.name)
+            .bind(set)
+            .execute(&mut *tx)
+            .await?;
+        pruned.push(ApplyOutcome {
+            key: stored.key.clone(),
+            action: ApplyAction::Pruned,
+            generation: stored.generation,
+            previous: Some(stored),
+            reenabled: false,
+        });
+    }
+    Ok(pruned)
+}
+
+/// The audit records of an apply: one per resource it changed, and one per endpoint it
+/// enabled again.
+fn apply_records(request: &ApplyRequest, outcomes: &[ApplyOutcome]) -> Vec<NewAuditRecord> {
+    let actor = if request.actor.is_empty() { "system" } else { &request.actor };
+    let mut records: Vec<NewAuditRecord> = outcomes
+        .iter()
+        .filter(|o| o.action != ApplyAction::Unchanged)
+        .map(|o| {
+            let action = match o.action {
+                ApplyAction::Created => "resource.created",
+                ApplyAction::Configured => "resource.configured",
+                _ => "resource.pruned",
+            };
+            NewAuditRecord::new(
+                actor,
+                action,
+                &o.key.namespace,
+                o.key.to_string(),
+                serde_json::json!({"kind": o.key.kind.as_str(), "name": o.key.name, "generation": o.generation,
+                    "applyset": request.applyset}),
+            )
+        })
+        .collect();
+    records.extend(outcomes.iter().filter(|o| o.reenabled).map(|o| {
+        NewAuditRecord::new(
+            actor,
+            "endpoint.enabled",
+            &o.key.namespace,
+            o.key.to_string(),
+            serde_json::json!({"reason": "its spec changed since it was disabled", "generation": o.generation}),
+        )
+    }));
+    records
+}
+
+/// Marks a change of the resources in force (see the `resource_revision` table).
+async fn bump_resource_revision_in(tx: &mut Tx) -> Result<(), StoreError> {
+    sql("UPDATE resource_revision SET revision = revision + 1 WHERE id = 1").execute(tx).await?;
+    Ok(())
 }

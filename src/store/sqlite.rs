@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -32,10 +33,7 @@ use sqlx::{Sqlite, Transaction};
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
 use super::sqlite_file::Snapshot;
 use super::sqlite_write::{write_pool_options, WriteHealth};
-use super::{
-    check_migrated, push_event_query, EventQuery, EventRow, IdempotencyKey, IngestRequest, NewEvent, StoreError,
-    StoredEvent, EVENT_COLUMNS,
-};
+use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -159,28 +157,6 @@ impl SqliteStore {
         Ok(committed)
     }
 
-    pub(super) async fn get_event(&self, id: &EventId) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?");
-        let row: Option<EventRow> = sqlx::query_as(&sql).bind(id.as_str()).fetch_optional(&self.read).await?;
-        row.map(StoredEvent::try_from).transpose()
-    }
-
-    pub(super) async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut builder = sqlx::QueryBuilder::<Sqlite>::new("");
-        push_event_query(&mut builder, query);
-        let rows: Vec<EventRow> = builder.build_query_as().fetch_all(&self.read).await?;
-        rows.into_iter().map(StoredEvent::try_from).collect()
-    }
-
-    pub(super) async fn delete_idempotency_keys_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
-            .bind(cutoff)
-            .execute(&self.write)
-            .await?
-            .rows_affected();
-        Ok(deleted)
-    }
-
     pub(super) async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
@@ -190,12 +166,6 @@ impl SqliteStore {
 fn is_missing_table(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.message().contains("no such table"))
 }
-
-super::resources::resource_methods!(SqliteStore, super::resources::unchanged);
-super::deliveries::delivery_methods!(SqliteStore, super::resources::unchanged);
-// One writer connection serializes reservations and votes; no extra locks needed.
-super::policy::policy_methods!(SqliteStore, super::resources::unchanged, None, "");
-super::audit::audit_methods!(SqliteStore, super::resources::unchanged, None);
 
 struct SqliteIngest(Transaction<'static, Sqlite>);
 
@@ -294,7 +264,7 @@ impl IngestTx for SqliteIngest {
         }
         let ordered: Vec<&str> =
             rows.iter().filter(|(_, d)| d.ordering_key.is_some()).map(|(_, d)| d.id.as_str()).collect();
-        SqliteStore::lanes_written_in(&mut self.0, &ordered).await
+        super::lanes::written_in(&mut self.0, &ordered).await
     }
 
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
@@ -332,35 +302,36 @@ impl IngestTx for SqliteIngest {
     }
 }
 
+/// The deliveries claimed for lease token `$1`, with their events: by state first, as the
+/// leased deliveries are few and the table is not.
+pub(super) static CLAIMED_BY_TOKEN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
+         WHERE d.state = 'delivering' AND d.lease_token = $1 ORDER BY d.id",
+        super::deliveries::CLAIMED_COLUMNS
+    )
+});
+
 /// The statements of the delivery methods that SQLite runs row by row: they are prepared
 /// once and run in-process, so a loop costs little here.
 impl SqliteStore {
     /// Leases due deliveries to `token`; returns them with their events.
-    async fn claim_rows(
+    pub(super) async fn claim_rows(
         &self,
         token: &str,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<super::deliveries::ClaimRow>, StoreError> {
-        use super::deliveries::{claimable, CLAIMED_COLUMNS};
-        static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-        let (claim, claimed_rows) = CLAIM.get_or_init(|| {
-            (
-                // One writer connection: the claim cannot race another, so no row lock is needed.
-                format!(
-                    "UPDATE deliveries SET state = 'delivering', lease_token = ?, lease_until = ?, \
-                     attempts = attempts + 1, updated_at = ? WHERE id IN ({})",
-                    claimable()
-                ),
-                // By state first: the leased deliveries are few, the table is not.
-                format!(
-                    "SELECT {CLAIMED_COLUMNS}, FALSE AS probe FROM deliveries d JOIN events e ON e.id = d.event_id \
-                     WHERE d.state = 'delivering' AND d.lease_token = ? ORDER BY d.id"
-                ),
+        use super::queue::CLAIMABLE;
+        // One writer connection: the claim cannot race another, so no row lock is needed.
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE deliveries SET state = 'delivering', lease_token = $1, lease_until = $2, \
+                 attempts = attempts + 1, updated_at = $3 WHERE id IN ({CLAIMABLE})"
             )
         });
-        let claimed = sqlx::query(claim)
+        let claimed = sqlx::query(&CLAIM)
             .bind(token)
             .bind(lease_until)
             .bind(now)
@@ -373,12 +344,12 @@ impl SqliteStore {
         if claimed == 0 {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_as(claimed_rows).bind(token).fetch_all(&self.write).await?)
+        Ok(sqlx::query_as(&CLAIMED_BY_TOKEN).bind(token).fetch_all(&self.write).await?)
     }
 
     /// Applies the completions whose lease token still matches, with their attempts;
     /// says which applied.
-    async fn write_completions_in(
+    pub(super) async fn write_completions_in(
         tx: &mut Transaction<'static, Sqlite>,
         completions: &[super::Completion],
         now: DateTime<Utc>,
@@ -428,7 +399,7 @@ impl SqliteStore {
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
     /// Returns what was committed: `(delivery, currency, amount)`.
-    async fn settle_spend_in(
+    pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Sqlite>,
         settled: &[(&str, &'static str)],
     ) -> Result<Vec<(String, String, i64)>, StoreError> {
