@@ -196,7 +196,11 @@ async fn drain(
     described: &str,
 ) -> anyhow::Result<()> {
     let Bench { server, client, token, receiver, events, .. } = bench;
-    offer(client, events, token, args.concurrency, 0, backlog, None, args.ordered_keys, args.size).await?;
+    let offered =
+        offer(client, events, token, args.concurrency, 0, backlog, None, args.ordered_keys, args.size).await?;
+    if offered.refused > 0 {
+        bail!("ingest refused {} of the backlog's events", offered.refused);
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let audit_before = chain_length(client, &server.base).await?;
     let claims_before = claim_histogram(client, &server.base).await?;
@@ -259,6 +263,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
         args.size,
     )
     .await?;
+    let Offered { accepted: offered, refused } = offered;
     wait_for_deliveries(receiver, offered).await;
     let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
     tokio::time::sleep(SETTLE).await;
@@ -284,7 +289,8 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     )?;
     // Clients wait for their answers: when answers are slow, fewer events go out than fall due.
     let due = if args.rate == 0 { String::new() } else { format!(" of {} due", args.rate as u64 * args.seconds) };
-    outln!("  offered      {offered}{due} events accepted (202), {}", delivery_count(offered, delivered, duplicates))?;
+    outln!("  offered      {offered}{due} events accepted (202), {refused} refused")?;
+    outln!("  delivered    {}", delivery_count(offered, delivered, duplicates))?;
     outln!(
         "  throughput   {:.0} deliveries/s (first send to last delivery, {:.1} s)",
         delivered as f64 / elapsed.as_secs_f64(),
@@ -460,8 +466,8 @@ async fn claim_cost_of_healthy(database_url: Option<&str>) -> anyhow::Result<Opt
 
 /// Sends up to `total` events of about `size` bytes from `concurrency` clients, open-loop
 /// at `rate` events/s (event n is due at n / rate s; 0: as fast as answers come), until
-/// `deadline`; every answer must be `202`. With `keys`, event n's `data.key` is one of that
-/// many. Returns how many were accepted.
+/// `deadline`. With `keys`, event n's `data.key` is one of that many. An answer other than
+/// `202` is counted as refused (an overloaded server's `503`), a failed request ends the run.
 #[allow(clippy::too_many_arguments)]
 async fn offer(
     client: &reqwest::Client,
@@ -473,17 +479,18 @@ async fn offer(
     deadline: Option<Instant>,
     keys: Option<usize>,
     size: usize,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Offered> {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let started = Instant::now();
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (accepted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
-        let (client, url, token, sent, accepted) =
-            (client.clone(), url.to_owned(), token.to_owned(), sent.clone(), accepted.clone());
+        let (client, url, token, sent, accepted, refused) =
+            (client.clone(), url.to_owned(), token.to_owned(), sent.clone(), accepted.clone(), refused.clone());
         tasks.spawn(async move {
             loop {
-                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = sent.fetch_add(1, Relaxed);
                 if n >= total || deadline.is_some_and(|d| Instant::now() >= d) {
                     return anyhow::Ok(());
                 }
@@ -505,17 +512,21 @@ async fn offer(
                     .body(body)
                     .send()
                     .await?;
-                if response.status().as_u16() != 202 {
-                    bail!("ingest answered {}", response.status());
-                }
-                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let counter = if response.status().as_u16() == 202 { &accepted } else { &refused };
+                counter.fetch_add(1, Relaxed);
             }
         });
     }
     while let Some(result) = tasks.join_next().await {
         result??;
     }
-    Ok(accepted.load(std::sync::atomic::Ordering::Relaxed))
+    Ok(Offered { accepted: accepted.load(Relaxed), refused: refused.load(Relaxed) })
+}
+
+/// The answers to the events [`offer`] sent.
+struct Offered {
+    accepted: usize,
+    refused: usize,
 }
 
 /// Records in the `default` audit chain, from the server's metrics (0 before the first).
