@@ -263,7 +263,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
         args.size,
     )
     .await?;
-    let Offered { accepted: offered, refused } = offered;
+    let Offered { accepted: offered, refused, latencies: ingest } = offered;
     wait_for_deliveries(receiver, offered).await;
     let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
     tokio::time::sleep(SETTLE).await;
@@ -290,6 +290,15 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     // Clients wait for their answers: when answers are slow, fewer events go out than fall due.
     let due = if args.rate == 0 { String::new() } else { format!(" of {} due", args.rate as u64 * args.seconds) };
     outln!("  offered      {offered}{due} events accepted (202), {refused} refused")?;
+    if let Some(max) = ingest.last() {
+        outln!(
+            "  ingest time  p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (request sent to answer)",
+            ms(percentile(&ingest, 0.50)),
+            ms(percentile(&ingest, 0.90)),
+            ms(percentile(&ingest, 0.99)),
+            ms(*max)
+        )?;
+    }
     outln!("  delivered    {}", delivery_count(offered, delivered, duplicates))?;
     outln!(
         "  throughput   {:.0} deliveries/s (first send to last delivery, {:.1} s)",
@@ -483,16 +492,15 @@ async fn offer(
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let started = Instant::now();
     let sent = Arc::new(AtomicUsize::new(0));
-    let (accepted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
-        let (client, url, token, sent, accepted, refused) =
-            (client.clone(), url.to_owned(), token.to_owned(), sent.clone(), accepted.clone(), refused.clone());
+        let (client, url, token, sent) = (client.clone(), url.to_owned(), token.to_owned(), sent.clone());
         tasks.spawn(async move {
+            let mut answers = Offered::default();
             loop {
                 let n = sent.fetch_add(1, Relaxed);
                 if n >= total || deadline.is_some_and(|d| Instant::now() >= d) {
-                    return anyhow::Ok(());
+                    return anyhow::Ok(answers);
                 }
                 if rate > 0 {
                     let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
@@ -505,6 +513,7 @@ async fn offer(
                         "data": {"n": n, "worker": worker, "sent_us": sent_us, "key": key, "padding": padding}})
                     .to_string()
                 });
+                let request = Instant::now();
                 let response = client
                     .post(&url)
                     .bearer_auth(&token)
@@ -512,21 +521,31 @@ async fn offer(
                     .body(body)
                     .send()
                     .await?;
-                let counter = if response.status().as_u16() == 202 { &accepted } else { &refused };
-                counter.fetch_add(1, Relaxed);
+                answers.latencies.push(request.elapsed());
+                let counter =
+                    if response.status().as_u16() == 202 { &mut answers.accepted } else { &mut answers.refused };
+                *counter += 1;
             }
         });
     }
-    while let Some(result) = tasks.join_next().await {
-        result??;
+    let mut all = Offered::default();
+    while let Some(answers) = tasks.join_next().await {
+        let answers = answers??;
+        all.accepted += answers.accepted;
+        all.refused += answers.refused;
+        all.latencies.extend(answers.latencies);
     }
-    Ok(Offered { accepted: accepted.load(Relaxed), refused: refused.load(Relaxed) })
+    all.latencies.sort();
+    Ok(all)
 }
 
 /// The answers to the events [`offer`] sent.
+#[derive(Default)]
 struct Offered {
     accepted: usize,
     refused: usize,
+    /// How long each answer took, shortest first.
+    latencies: Vec<Duration>,
 }
 
 /// Records in the `default` audit chain, from the server's metrics (0 before the first).
