@@ -1,5 +1,6 @@
-//! `hookwarden bench deliver`: enqueue → signed POST → 2xx at a local receiver, steady
-//! load or a backlog drained.
+//! `hookwarden bench deliver`: enqueue → signed POST → 2xx at a local receiver, under an
+//! open-loop load (the bench's own clients at a set rate), a closed-loop one (`wrk`), or a
+//! backlog drained; and what each delivery cost the server and the database.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,22 +13,44 @@ use crate::auth::{Role, TokenKeys};
 use crate::config::Secret;
 use crate::outln;
 
-use super::server::{apply, now_us, percentile, start_receiver, ChildServer};
+use super::pgstats::FreshDatabase;
+use super::server::{apply, now_us, padded, percentile, received, start_receiver, ChildServer, Receiver};
+use super::work::WorkMeter;
+use super::wrk::{self, WrkLoad};
 
 #[derive(Args)]
 pub struct DeliverArgs {
-    /// Database of the server under test (a fresh one); default: embedded SQLite.
+    /// Database of the server under test (a fresh one, or see `--fresh-database`);
+    /// default: embedded SQLite in a temporary directory, fresh for each run.
     #[arg(long)]
     pub database_url: Option<String>,
+    /// Create a database `hw_bench_<ulid>` on the PostgreSQL server of `--database-url`
+    /// (whose own database is only used to connect), run on it, and drop it after.
+    #[arg(long, requires = "database_url")]
+    pub fresh_database: bool,
     /// Events offered per second (0: as fast as the clients go).
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
     /// Seconds of load.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// Concurrent ingest clients.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent ingest clients (with `--closed-loop-wrk`: wrk's connections).
+    #[arg(long, visible_alias = "connections", default_value_t = 32)]
     pub concurrency: usize,
+    /// Closed loop: `wrk` (installed apart) posts events as fast as answers come, from
+    /// `--connections` connections for `--seconds`, instead of the bench's open-loop clients.
+    #[arg(long, conflicts_with_all = ["backlog", "rate"])]
+    pub closed_loop_wrk: bool,
+    /// wrk's threads, with `--closed-loop-wrk`.
+    #[arg(long, default_value_t = 2)]
+    pub wrk_threads: usize,
+    /// Approximate size of each event's request body, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// The endpoint is an agent (`agent: true`) governed by one AgentRule that allows
+    /// every event: each delivery is decided, and the decision recorded, before it is sent.
+    #[arg(long)]
+    pub governed: bool,
     /// Also fan every event out to an endpoint that never answers in time.
     #[arg(long)]
     pub with_timing_out_endpoint: bool,
@@ -59,7 +82,59 @@ pub enum AuditOutcomes {
     Agents,
 }
 
+/// How long the server is left idle before the last counters are read: PostgreSQL's
+/// cumulative statistics reach readers up to a second late, and the leader publishes the
+/// audit chain's length about every second.
+const SETTLE: Duration = Duration::from_secs(2);
+
 pub(super) async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
+    if args.ordered_keys == Some(0) {
+        bail!("--ordered-keys must be at least 1");
+    }
+    let fresh = match (&args.database_url, args.fresh_database) {
+        (Some(server), true) => Some(FreshDatabase::create(server).await?),
+        _ => None,
+    };
+    let database_url = fresh.as_ref().map(|f| f.url.clone()).or_else(|| args.database_url.clone());
+    let database = match (&fresh, &database_url) {
+        (Some(fresh), _) => format!("postgres (fresh database {})", fresh.name),
+        (None, Some(_)) => "postgres".to_owned(),
+        (None, None) => "sqlite".to_owned(),
+    };
+    let result = run(&args, database_url.as_deref(), &database).await;
+    // The server under test has been stopped by now (dropped at the end of `run`).
+    let dropped = match fresh {
+        Some(fresh) => fresh.drop().await,
+        None => Ok(()),
+    };
+    result.and(dropped)
+}
+
+/// The server under test with the bench's resources applied, and what drives it.
+struct Bench {
+    server: ChildServer,
+    client: reqwest::Client,
+    token: String,
+    receiver: Receiver,
+    receiver_base: String,
+    events: String,
+}
+
+impl Bench {
+    /// The healthy endpoint (the one whose deliveries are counted), as a resource.
+    fn healthy(&self, args: &DeliverArgs, paused: bool) -> String {
+        let ordering = if args.ordered_keys.is_some() { "  ordering: {key: \"event.data.key\"}\n" } else { "" };
+        let agent = if args.governed { "  agent: true\n" } else { "" };
+        format!(
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {}/ok\n  secrets: [{{value: {SIGNING}}}]\n  paused: {paused}\n{ordering}{agent}",
+            self.receiver_base
+        )
+    }
+}
+
+const SIGNING: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn run(args: &DeliverArgs, database_url: Option<&str>, database: &str) -> anyhow::Result<()> {
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let audited = match args.audit_outcomes {
         AuditOutcomes::All => "all",
@@ -69,131 +144,164 @@ pub(super) async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
         "allowPrivateUrls: true\ndelivery: {{pollInterval: 100ms, perEndpointConcurrency: 64, maxInFlight: 512}}\n\
          audit: {{deliveryOutcomes: {audited}}}\n"
     );
-    let server =
-        ChildServer::start(args.server_binary.as_deref(), args.database_url.as_deref(), &secret, Some(&config)).await?;
+    let server = ChildServer::start(args.server_binary.as_deref(), database_url, &secret, Some(&config)).await?;
     let token = TokenKeys::new(&Secret::new(secret.clone())).mint(
         "bench",
         &[Role::Admin],
         &["*".to_owned()],
         Duration::from_secs(3600),
     );
-    let (receiver, latencies) = start_receiver().await?;
-    let signing = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let ordering = match args.ordered_keys {
-        Some(0) => bail!("--ordered-keys must be at least 1"),
-        Some(_) => "  ordering: {key: \"event.data.key\"}\n",
-        None => "",
-    };
-    let healthy = |paused: bool| {
-        format!(
-            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {receiver}/ok\n  secrets: [{{value: {signing}}}]\n  paused: {paused}\n{ordering}"
-        )
-    };
-    let mut resources = healthy(args.backlog.is_some());
+    let (receiver_base, receiver) = start_receiver().await?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let events = format!("{}/v1/events", server.base);
+    let bench = Bench { server, client, token, receiver, receiver_base, events };
+    let mut resources = bench.healthy(args, args.backlog.is_some());
+    if args.governed {
+        resources.push_str(
+            "---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow-all}\nspec:\n  endpointRefs: [healthy]\n  decision: allow\n",
+        );
+    }
+    let receiver_base = &bench.receiver_base;
     if args.with_slow_endpoint {
         resources.push_str(&format!(
-            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: slow}}\nspec:\n  url: {receiver}/ten-seconds\n  secrets: [{{value: {signing}}}]\n  timeout: 15s\n"
+            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: slow}}\nspec:\n  url: {receiver_base}/ten-seconds\n  secrets: [{{value: {SIGNING}}}]\n  timeout: 15s\n"
         ));
     }
     if args.with_timing_out_endpoint {
         resources.push_str(&format!(
-            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: timing-out}}\nspec:\n  url: {receiver}/slow\n  secrets: [{{value: {signing}}}]\n  timeout: 1s\n"
+            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: timing-out}}\nspec:\n  url: {receiver_base}/slow\n  secrets: [{{value: {SIGNING}}}]\n  timeout: 1s\n"
         ));
     }
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
-    apply(&client, &server.base, &token, resources).await?;
-    let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
-    let events = format!("{}/v1/events", server.base);
+    apply(&bench.client, &bench.server.base, &bench.token, resources).await?;
+    let mut meter = WorkMeter::new(bench.server.pid()?, database_url).await?;
+    let endpoint = if args.governed { "governed (agent, one AgentRule allowing all)" } else { "plain" };
+    let described = format!("database={database} endpoint={endpoint} audited outcomes={audited} body≈{}B", args.size);
+    let result = match args.backlog {
+        Some(backlog) => drain(args, &bench, &mut meter, database_url, backlog, &described).await,
+        None if args.closed_loop_wrk => closed_loop(args, &bench, &mut meter, &described).await,
+        None => open_loop(args, &bench, &mut meter, &described).await,
+    };
+    meter.close().await?;
+    result
+}
 
-    if let Some(backlog) = args.backlog {
-        // Drain: the backlog is ingested while the endpoint is paused, then the pause is
-        // lifted and the time until the last delivery arrives is measured.
-        offer(&client, &events, &token, args.concurrency, 0, backlog, None, args.ordered_keys).await?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let audit_before = chain_length(&client, &server.base).await?;
-        let claims_before = claim_histogram(&client, &server.base).await?;
-        let cost = claim_cost_of_healthy(args.database_url.as_deref()).await?;
-        let cpu_before = server.cpu_time()?;
-        let started = Instant::now();
-        apply(&client, &server.base, &token, healthy(false)).await?;
-        let deadline = started + Duration::from_secs(300);
-        while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < backlog {
-            if Instant::now() > deadline {
-                bail!("the backlog did not drain within 5 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let elapsed = started.elapsed();
-        let cpu = server.cpu_time()? - cpu_before;
-        let claims = claim_histogram(&client, &server.base).await?.since(&claims_before);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let appended = chain_length(&client, &server.base).await? - audit_before;
-        let lanes = args.ordered_keys.map_or("unordered".to_owned(), |k| format!("ordered over {k} keys"));
-        outln!("bench deliver: database={database} backlog={backlog} ({lanes}) audited outcomes={audited}")?;
-        outln!(
-            "  drained      {backlog} deliveries in {:.2} s: {:.0} deliveries/s",
-            elapsed.as_secs_f64(),
-            backlog as f64 / elapsed.as_secs_f64()
-        )?;
-        outln!("  claims       {claims}")?;
-        if let Some(cost) = cost {
-            outln!(
-                "  first claim  {} database buffers with the whole backlog waiting ({} deliveries claimable)",
-                cost.buffers,
-                cost.rows
-            )?;
-        }
-        outln!("  server CPU   {:.3} ms per delivery", cpu.as_secs_f64() * 1e3 / backlog as f64)?;
-        outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
-        return Ok(());
+/// The backlog is ingested while the endpoint is paused, then the pause is lifted and the
+/// time until the last delivery arrives is measured.
+async fn drain(
+    args: &DeliverArgs,
+    bench: &Bench,
+    meter: &mut WorkMeter,
+    database_url: Option<&str>,
+    backlog: usize,
+    described: &str,
+) -> anyhow::Result<()> {
+    let Bench { server, client, token, receiver, events, .. } = bench;
+    let offered =
+        offer(client, events, token, args.concurrency, 0, backlog, None, args.ordered_keys, args.size).await?;
+    if offered.refused > 0 {
+        bail!("ingest refused {} of the backlog's events", offered.refused);
     }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let audit_before = chain_length(client, &server.base).await?;
+    let claims_before = claim_histogram(client, &server.base).await?;
+    let cost = claim_cost_of_healthy(database_url).await?;
+    let work = meter.start().await?;
+    let started = Instant::now();
+    apply(client, &server.base, token, bench.healthy(args, false)).await?;
+    let deadline = started + Duration::from_secs(300);
+    while received(receiver).delivered() < backlog {
+        if Instant::now() > deadline {
+            bail!("the backlog did not drain within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
+    tokio::time::sleep(SETTLE).await;
+    let appended = chain_length(client, &server.base).await? - audit_before;
+    let work = meter.finish(work, backlog).await?;
+    let lanes = args.ordered_keys.map_or("unordered".to_owned(), |k| format!("ordered over {k} keys"));
+    outln!("bench deliver: {described} backlog={backlog} ({lanes})")?;
+    outln!(
+        "  drained      {backlog} deliveries in {:.2} s: {:.0} deliveries/s",
+        elapsed.as_secs_f64(),
+        backlog as f64 / elapsed.as_secs_f64()
+    )?;
+    outln!("  claims       {claims}")?;
+    if let Some(cost) = cost {
+        outln!(
+            "  first claim  {} database buffers with the whole backlog waiting ({} deliveries claimable)",
+            cost.buffers,
+            cost.rows
+        )?;
+    }
+    crate::out!("{work}")?;
+    outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
+    Ok(())
+}
 
+/// The bench's own clients offer events at `--rate`; every event is sent at its time
+/// whether earlier answers have come or not (while clients are free).
+async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, described: &str) -> anyhow::Result<()> {
+    let Bench { server, client, token, receiver, events, .. } = bench;
     // The leader publishes chain lengths every second or so: let it count the apply.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit_before = chain_length(&client, &server.base).await?;
+    let audit_before = chain_length(client, &server.base).await?;
     let total = if args.rate == 0 { usize::MAX } else { args.rate as usize * args.seconds as usize };
-    let cpu_before = server.cpu_time()?;
+    let work = meter.start().await?;
     let started = Instant::now();
-    let claims_before = claim_histogram(&client, &server.base).await?;
+    let claims_before = claim_histogram(client, &server.base).await?;
     let offered = offer(
-        &client,
-        &events,
-        &token,
+        client,
+        events,
+        token,
         args.concurrency,
         args.rate,
         total,
         Some(started + Duration::from_secs(args.seconds)),
         args.ordered_keys,
+        args.size,
     )
     .await?;
-    // Wait for the queue to drain (bounded).
-    let drain_deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let received = latencies.lock().unwrap_or_else(|p| p.into_inner()).len();
-        if received >= offered || Instant::now() > drain_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    let cpu = server.cpu_time()? - cpu_before;
-    let claims = claim_histogram(&client, &server.base).await?.since(&claims_before);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let appended = chain_length(&client, &server.base).await? - audit_before;
-    let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Offered { accepted: offered, refused, latencies: ingest } = offered;
+    wait_for_deliveries(receiver, offered).await;
+    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
+    tokio::time::sleep(SETTLE).await;
+    let appended = chain_length(client, &server.base).await? - audit_before;
+    let (delivered, duplicates, elapsed, mut latencies) = {
+        let received = received(receiver);
+        let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
+        (received.delivered(), received.duplicates(), elapsed, received.latencies.clone())
+    };
+    let work = meter.finish(work, delivered).await?;
     latencies.sort();
     if latencies.is_empty() {
         bail!("nothing was delivered");
     }
-    let delivered = latencies.len();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     outln!(
-        "bench deliver: database={database} rate={} seconds={} concurrency={} timing-out endpoint={} slow endpoint={} audited outcomes={audited}",
-        args.rate, args.seconds, args.concurrency, args.with_timing_out_endpoint, args.with_slow_endpoint
+        "bench deliver: {described} open loop: rate={} seconds={} concurrency={} timing-out endpoint={} slow endpoint={}",
+        args.rate,
+        args.seconds,
+        args.concurrency,
+        args.with_timing_out_endpoint,
+        args.with_slow_endpoint
     )?;
-    outln!("  offered      {offered} events, delivered {delivered} to the healthy endpoint")?;
+    // Clients wait for their answers: when answers are slow, fewer events go out than fall due.
+    let due = if args.rate == 0 { String::new() } else { format!(" of {} due", args.rate as u64 * args.seconds) };
+    outln!("  offered      {offered}{due} events accepted (202), {refused} refused")?;
+    if let Some(max) = ingest.last() {
+        outln!(
+            "  ingest time  p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (request sent to answer)",
+            ms(percentile(&ingest, 0.50)),
+            ms(percentile(&ingest, 0.90)),
+            ms(percentile(&ingest, 0.99)),
+            ms(*max)
+        )?;
+    }
+    outln!("  delivered    {}", delivery_count(offered, delivered, duplicates))?;
     outln!(
-        "  throughput   {:.0} deliveries/s (first send to last 2xx, {:.1} s)",
+        "  throughput   {:.0} deliveries/s (first send to last delivery, {:.1} s)",
         delivered as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     )?;
@@ -204,13 +312,97 @@ pub(super) async fn deliver(args: DeliverArgs) -> anyhow::Result<()> {
         ms(percentile(&latencies, 0.99)),
         ms(*latencies.last().unwrap_or(&Duration::ZERO))
     )?;
-    outln!(
-        "  server CPU   {:.2} ms per delivered event (ingest included)",
-        cpu.as_secs_f64() * 1e3 / delivered as f64
-    )?;
+    crate::out!("{work}")?;
     outln!("  claims       {claims}")?;
     outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
+}
+
+/// `wrk` posts events from `--connections` connections, each sending its next event when
+/// the previous answer has come (as users' clients do), for `--seconds`.
+async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, described: &str) -> anyhow::Result<()> {
+    let Bench { server, client, token, receiver, events, .. } = bench;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let audit_before = chain_length(client, &server.base).await?;
+    let claims_before = claim_histogram(client, &server.base).await?;
+    let run = ulid::Ulid::new().to_string();
+    let load = WrkLoad {
+        url: events,
+        token,
+        threads: args.wrk_threads,
+        connections: args.concurrency,
+        seconds: args.seconds,
+        size: args.size,
+        run: &run,
+    };
+    let work = meter.start().await?;
+    let started = Instant::now();
+    let summary = wrk::run(&load, server.data_dir()).await?;
+    let accepted = usize::try_from(summary.accepted)?;
+    wait_for_deliveries(receiver, accepted).await;
+    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
+    tokio::time::sleep(SETTLE).await;
+    let appended = chain_length(client, &server.base).await? - audit_before;
+    let (delivered, duplicates, elapsed) = {
+        let received = received(receiver);
+        let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
+        (received.delivered(), received.duplicates(), elapsed)
+    };
+    let work = meter.finish(work, delivered).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    outln!(
+        "bench deliver: {described} closed loop: wrk -t{} -c{} -d{}s",
+        args.wrk_threads,
+        args.concurrency,
+        args.seconds
+    )?;
+    outln!(
+        "  ingest       {} events accepted (202) in {:.1} s, {:.0}/s; {} refused, {} socket errors, {} timeouts",
+        summary.accepted,
+        summary.duration.as_secs_f64(),
+        summary.accepted as f64 / summary.duration.as_secs_f64(),
+        summary.refused,
+        summary.socket_errors,
+        summary.timeouts
+    )?;
+    outln!(
+        "  ingest time  p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (wrk --latency)",
+        ms(summary.p50),
+        ms(summary.p90),
+        ms(summary.p99),
+        ms(summary.max)
+    )?;
+    outln!("  delivered    {}", delivery_count(accepted, delivered, duplicates))?;
+    outln!(
+        "  throughput   {:.0} deliveries/s (wrk's start to the last delivery, {:.1} s)",
+        delivered as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    )?;
+    crate::out!("{work}")?;
+    outln!("  claims       {claims}")?;
+    outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
+    Ok(())
+}
+
+/// Waits (at most a minute) until `accepted` events have been delivered.
+async fn wait_for_deliveries(receiver: &Receiver, accepted: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received(receiver).delivered() < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether every accepted event was delivered, once. A load generator stopping at its
+/// deadline may leave requests unanswered that the server went on to accept: those are
+/// delivered beyond `accepted`.
+fn delivery_count(accepted: usize, delivered: usize, duplicates: usize) -> String {
+    let verdict = if delivered >= accepted && duplicates == 0 { "nothing lost" } else { "NOT ALL DELIVERED ONCE" };
+    let beyond = match delivered.checked_sub(accepted) {
+        Some(0) => String::new(),
+        Some(more) => format!(", {more} more that were in flight when the load stopped"),
+        None => format!(", {} accepted and never delivered", accepted - delivered),
+    };
+    format!("{delivered} distinct events delivered to the healthy endpoint, {duplicates} twice{beyond}: {verdict}")
 }
 
 /// The server's `hookwarden_delivery_claim_seconds` histogram: `(upper bound, count)`
@@ -281,10 +473,10 @@ async fn claim_cost_of_healthy(database_url: Option<&str>) -> anyhow::Result<Opt
     Ok(cost)
 }
 
-/// Sends up to `total` events from `concurrency` clients, open-loop at `rate` events/s
-/// (event n is due at n / rate s; 0: as fast as answers come), until `deadline`; every
-/// answer must be `202`. With `keys`, event n's `data.key` is one of that many. Returns
-/// how many were accepted.
+/// Sends up to `total` events of about `size` bytes from `concurrency` clients, open-loop
+/// at `rate` events/s (event n is due at n / rate s; 0: as fast as answers come), until
+/// `deadline`. With `keys`, event n's `data.key` is one of that many. An answer other than
+/// `202` is counted as refused (an overloaded server's `503`), a failed request ends the run.
 #[allow(clippy::too_many_arguments)]
 async fn offer(
     client: &reqwest::Client,
@@ -295,39 +487,65 @@ async fn offer(
     total: usize,
     deadline: Option<Instant>,
     keys: Option<usize>,
-) -> anyhow::Result<usize> {
+    size: usize,
+) -> anyhow::Result<Offered> {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let started = Instant::now();
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
-        let (client, url, token, sent, accepted) =
-            (client.clone(), url.to_owned(), token.to_owned(), sent.clone(), accepted.clone());
+        let (client, url, token, sent) = (client.clone(), url.to_owned(), token.to_owned(), sent.clone());
         tasks.spawn(async move {
+            let mut answers = Offered::default();
             loop {
-                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = sent.fetch_add(1, Relaxed);
                 if n >= total || deadline.is_some_and(|d| Instant::now() >= d) {
-                    return anyhow::Ok(());
+                    return anyhow::Ok(answers);
                 }
                 if rate > 0 {
                     let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let key = keys.map(|k| format!("k{}", n % k));
-                let body = json!({"source": "bench", "type": "order.created",
-                    "data": {"n": n, "worker": worker, "sent_us": now_us(), "key": key}});
-                let response = client.post(&url).bearer_auth(&token).json(&body).send().await?;
-                if response.status().as_u16() != 202 {
-                    bail!("ingest answered {}", response.status());
-                }
-                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let sent_us = now_us();
+                let body = padded(size, |padding| {
+                    json!({"source": "bench", "type": "order.created",
+                        "data": {"n": n, "worker": worker, "sent_us": sent_us, "key": key, "padding": padding}})
+                    .to_string()
+                });
+                let request = Instant::now();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                answers.latencies.push(request.elapsed());
+                let counter =
+                    if response.status().as_u16() == 202 { &mut answers.accepted } else { &mut answers.refused };
+                *counter += 1;
             }
         });
     }
-    while let Some(result) = tasks.join_next().await {
-        result??;
+    let mut all = Offered::default();
+    while let Some(answers) = tasks.join_next().await {
+        let answers = answers??;
+        all.accepted += answers.accepted;
+        all.refused += answers.refused;
+        all.latencies.extend(answers.latencies);
     }
-    Ok(accepted.load(std::sync::atomic::Ordering::Relaxed))
+    all.latencies.sort();
+    Ok(all)
+}
+
+/// The answers to the events [`offer`] sent.
+#[derive(Default)]
+struct Offered {
+    accepted: usize,
+    refused: usize,
+    /// How long each answer took, shortest first.
+    latencies: Vec<Duration>,
 }
 
 /// Records in the `default` audit chain, from the server's metrics (0 before the first).

@@ -11,7 +11,7 @@ use crate::auth::{Role, TokenKeys};
 use crate::config::Secret;
 use crate::outln;
 
-use super::server::{percentile, ChildServer};
+use super::server::{padded, percentile, ChildServer};
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -34,7 +34,7 @@ pub struct IngestArgs {
 }
 
 fn event_body(worker: usize, n: usize, size: usize, run: &str) -> String {
-    let body = |padding: &str| {
+    padded(size, |padding| {
         json!({
             "id": format!("{run}-{worker}-{n}"),
             "source": "bench",
@@ -42,9 +42,7 @@ fn event_body(worker: usize, n: usize, size: usize, run: &str) -> String {
             "data": {"order_id": n, "total": 1234, "padding": padding}
         })
         .to_string()
-    };
-    let unpadded = body("").len();
-    body(&"x".repeat(size.saturating_sub(unpadded)))
+    })
 }
 
 /// Sends `total` events over `concurrency` clients; returns each request's latency.

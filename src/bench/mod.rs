@@ -7,8 +7,12 @@
 mod cel;
 mod deliver;
 mod ingest;
+mod pgstats;
 mod policy;
+mod procfs;
 mod server;
+mod work;
+mod wrk;
 
 use clap::Subcommand;
 

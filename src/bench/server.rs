@@ -1,6 +1,7 @@
 //! What every bench shares: the server under test as a child process, the receiver the
 //! deliveries go to, applying resources, and percentiles.
 
+use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use anyhow::{bail, Context as _};
 pub(super) struct ChildServer {
     pub(super) child: tokio::process::Child,
     pub(super) base: String,
-    pub(super) _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 impl ChildServer {
@@ -49,7 +50,7 @@ impl ChildServer {
             command.arg("--config").arg(path);
         }
         let child = command.spawn().context("cannot start the server")?;
-        let server = ChildServer { child, base: format!("http://127.0.0.1:{port}"), _data_dir: data_dir };
+        let server = ChildServer { child, base: format!("http://127.0.0.1:{port}"), data_dir };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -67,19 +68,22 @@ impl ChildServer {
 
     /// CPU time (user + system) the server has used so far.
     pub(super) fn cpu_time(&self) -> anyhow::Result<Duration> {
-        let pid = self.child.id().context("the server has exited")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).context("unreadable /proc stat");
-        let (user, system) = (ticks(11)?, ticks(12)?);
-        // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).
-        Ok(Duration::from_millis((user + system) * 10))
+        super::procfs::cpu_time(self.pid()?)
+    }
+
+    /// The server's data directory, which lives as long as the server: room for the
+    /// bench's scratch files too.
+    pub(super) fn data_dir(&self) -> &std::path::Path {
+        self.data_dir.path()
+    }
+
+    pub(super) fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the server has exited")
     }
 
     /// `(current, peak)` resident memory in KiB, from `/proc`.
     pub(super) fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
-        let pid = self.child.id().context("the server has exited")?;
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let field = |name: &str| {
             status
@@ -97,28 +101,60 @@ pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// The bench's receiver: answers `/ok` at once and records enqueue→2xx latency from the
-/// event's `sent_us`; `/slow` never answers within the endpoint's timeout; `/ten-seconds`
-/// answers after 10 s.
-pub(super) async fn start_receiver() -> anyhow::Result<(String, Arc<std::sync::Mutex<Vec<Duration>>>)> {
-    let latencies: Arc<std::sync::Mutex<Vec<Duration>>> = Arc::default();
-    let recorded = latencies.clone();
+/// What the bench's receiver has seen at `/ok`.
+#[derive(Default)]
+pub(super) struct Received {
+    /// Enqueue→2xx latency of each request whose event carries `data.sent_us`.
+    pub(super) latencies: Vec<Duration>,
+    /// Distinct `webhook-id`s (event ids): with fan-out 1, one per delivered event.
+    ids: HashSet<String>,
+    requests: usize,
+    /// When the last request arrived.
+    pub(super) last: Option<Instant>,
+}
+
+impl Received {
+    /// Events delivered, each counted once.
+    pub(super) fn delivered(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Requests beyond the first for an event (retries, or deliveries made twice).
+    pub(super) fn duplicates(&self) -> usize {
+        self.requests - self.ids.len()
+    }
+}
+
+pub(super) type Receiver = Arc<std::sync::Mutex<Received>>;
+
+pub(super) fn received(receiver: &Receiver) -> std::sync::MutexGuard<'_, Received> {
+    receiver.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The bench's receiver: answers `/ok` at once and records each event's id and its
+/// enqueue→2xx latency from the event's `sent_us`; `/slow` never answers within the
+/// endpoint's timeout; `/ten-seconds` answers after 10 s.
+pub(super) async fn start_receiver() -> anyhow::Result<(String, Receiver)> {
+    let receiver = Receiver::default();
+    let recorded = receiver.clone();
     let app = axum::Router::new()
         .route(
             "/ok",
-            axum::routing::post(move |body: String| {
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
                 let recorded = recorded.clone();
                 async move {
                     let now = now_us();
                     let sent = serde_json::from_str::<serde_json::Value>(&body)
                         .ok()
                         .and_then(|b| b["data"]["sent_us"].as_u64());
+                    let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                    let mut received = received(&recorded);
                     if let Some(sent) = sent {
-                        recorded
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(Duration::from_micros(now.saturating_sub(sent)));
+                        received.latencies.push(Duration::from_micros(now.saturating_sub(sent)));
                     }
+                    received.ids.insert(id);
+                    received.requests += 1;
+                    received.last = Some(Instant::now());
                     axum::http::StatusCode::NO_CONTENT
                 }
             }),
@@ -140,7 +176,13 @@ pub(super) async fn start_receiver() -> anyhow::Result<(String, Arc<std::sync::M
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((base, latencies))
+    Ok((base, receiver))
+}
+
+/// A request body of about `size` bytes: `body(padding)` with padding as long as needed.
+pub(super) fn padded(size: usize, body: impl Fn(&str) -> String) -> String {
+    let unpadded = body("").len();
+    body(&"x".repeat(size.saturating_sub(unpadded)))
 }
 
 pub(super) fn now_us() -> u64 {
