@@ -312,9 +312,9 @@ impl<'a> Statement<'a> {
         self.push(")")
     }
 
-    fn pg_args(&self) -> Result<PgArguments, StoreError> {
+    fn pg_args(values: &[Arg<'a>]) -> Result<PgArguments, StoreError> {
         let mut args = PgArguments::default();
-        for arg in &self.args {
+        for arg in values {
             match arg {
                 Arg::Text(v) => args.add(v.as_deref()),
                 Arg::Int8(v) => args.add(*v),
@@ -328,16 +328,17 @@ impl<'a> Statement<'a> {
         Ok(args)
     }
 
-    fn sqlite_args(&self) -> Result<SqliteArguments<'a>, StoreError> {
+    /// SQLite keeps bound texts until the statement runs: they are moved in, not copied.
+    fn sqlite_args(values: Vec<Arg<'a>>) -> Result<SqliteArguments<'a>, StoreError> {
         let mut args = SqliteArguments::default();
-        for arg in &self.args {
+        for arg in values {
             match arg {
-                Arg::Text(v) => args.add(v.clone()),
-                Arg::Int8(v) => args.add(*v),
-                Arg::Int4(v) => args.add(*v),
-                Arg::Bool(v) => args.add(*v),
-                Arg::Time(v) => args.add(*v),
-                Arg::Texts(v) => args.add(serde_json::to_string(&**v).expect("a list of texts always serializes")),
+                Arg::Text(v) => args.add(v),
+                Arg::Int8(v) => args.add(v),
+                Arg::Int4(v) => args.add(v),
+                Arg::Bool(v) => args.add(v),
+                Arg::Time(v) => args.add(v),
+                Arg::Texts(v) => args.add(serde_json::to_string(&*v).expect("a list of texts always serializes")),
             }
             .map_err(sqlx::Error::Encode)?;
         }
@@ -346,34 +347,37 @@ impl<'a> Statement<'a> {
 
     /// Runs the statement; returns how many rows it changed.
     pub(super) async fn execute<'c>(self, on: impl Into<On<'c>>) -> Result<u64, StoreError> {
-        let text = &*self.text;
+        let Statement { text, args } = self;
+        let text = &*text;
         let done = match on.into() {
-            On::Pg(c) => sqlx::query_with(text, self.pg_args()?).execute(c).await?.rows_affected(),
-            On::PgPool(p) => sqlx::query_with(text, self.pg_args()?).execute(p).await?.rows_affected(),
-            On::Sqlite(c) => sqlx::query_with(text, self.sqlite_args()?).execute(c).await?.rows_affected(),
-            On::SqlitePool(p) => sqlx::query_with(text, self.sqlite_args()?).execute(p).await?.rows_affected(),
+            On::Pg(c) => sqlx::query_with(text, Self::pg_args(&args)?).execute(c).await?.rows_affected(),
+            On::PgPool(p) => sqlx::query_with(text, Self::pg_args(&args)?).execute(p).await?.rows_affected(),
+            On::Sqlite(c) => sqlx::query_with(text, Self::sqlite_args(args)?).execute(c).await?.rows_affected(),
+            On::SqlitePool(p) => sqlx::query_with(text, Self::sqlite_args(args)?).execute(p).await?.rows_affected(),
         };
         Ok(done)
     }
 
     pub(super) async fn fetch_all<'c, T: Row>(self, on: impl Into<On<'c>>) -> Result<Vec<T>, StoreError> {
-        let text = &*self.text;
+        let Statement { text, args } = self;
+        let text = &*text;
         let rows = match on.into() {
-            On::Pg(c) => sqlx::query_as_with(text, self.pg_args()?).fetch_all(c).await?,
-            On::PgPool(p) => sqlx::query_as_with(text, self.pg_args()?).fetch_all(p).await?,
-            On::Sqlite(c) => sqlx::query_as_with(text, self.sqlite_args()?).fetch_all(c).await?,
-            On::SqlitePool(p) => sqlx::query_as_with(text, self.sqlite_args()?).fetch_all(p).await?,
+            On::Pg(c) => sqlx::query_as_with(text, Self::pg_args(&args)?).fetch_all(c).await?,
+            On::PgPool(p) => sqlx::query_as_with(text, Self::pg_args(&args)?).fetch_all(p).await?,
+            On::Sqlite(c) => sqlx::query_as_with(text, Self::sqlite_args(args)?).fetch_all(c).await?,
+            On::SqlitePool(p) => sqlx::query_as_with(text, Self::sqlite_args(args)?).fetch_all(p).await?,
         };
         Ok(rows)
     }
 
     pub(super) async fn fetch_optional<'c, T: Row>(self, on: impl Into<On<'c>>) -> Result<Option<T>, StoreError> {
-        let text = &*self.text;
+        let Statement { text, args } = self;
+        let text = &*text;
         let row = match on.into() {
-            On::Pg(c) => sqlx::query_as_with(text, self.pg_args()?).fetch_optional(c).await?,
-            On::PgPool(p) => sqlx::query_as_with(text, self.pg_args()?).fetch_optional(p).await?,
-            On::Sqlite(c) => sqlx::query_as_with(text, self.sqlite_args()?).fetch_optional(c).await?,
-            On::SqlitePool(p) => sqlx::query_as_with(text, self.sqlite_args()?).fetch_optional(p).await?,
+            On::Pg(c) => sqlx::query_as_with(text, Self::pg_args(&args)?).fetch_optional(c).await?,
+            On::PgPool(p) => sqlx::query_as_with(text, Self::pg_args(&args)?).fetch_optional(p).await?,
+            On::Sqlite(c) => sqlx::query_as_with(text, Self::sqlite_args(args)?).fetch_optional(c).await?,
+            On::SqlitePool(p) => sqlx::query_as_with(text, Self::sqlite_args(args)?).fetch_optional(p).await?,
         };
         Ok(row)
     }
@@ -410,15 +414,19 @@ mod tests {
         SqlitePool::connect("sqlite::memory:").await.unwrap()
     }
 
-    #[tokio::test]
-    async fn sqlite_binds_numbered_placeholders_by_number_reused_and_out_of_order() {
-        let pool = sqlite().await;
-        let on = Pool::Sqlite(&pool);
+    /// A placeholder used twice, and placeholders out of order, bind by their number.
+    async fn binds_by_number(on: Pool<'_>) {
         let text: String = sql("SELECT $2 || $1 || $2").bind("a").bind("b").scalar(on).await.unwrap();
         assert_eq!(text, "bab");
         let (third, first, second): (i64, String, Option<String>) =
             sql("SELECT $3, $1, $2").bind("x").bind(None::<&str>).bind(7i64).fetch_one(on).await.unwrap();
         assert_eq!((third, first.as_str(), second), (7, "x", None));
+    }
+
+    #[tokio::test]
+    async fn sqlite_binds_numbered_placeholders_by_number_reused_and_out_of_order() {
+        let pool = sqlite().await;
+        binds_by_number(Pool::Sqlite(&pool)).await;
     }
 
     /// PostgreSQL reads `$n` natively; checked here too, where a test server is given.
@@ -430,12 +438,7 @@ mod tests {
             return;
         };
         let pool = PgPool::connect(&url).await.unwrap();
-        let on = Pool::Pg(&pool);
-        let text: String = sql("SELECT $2 || $1 || $2").bind("a").bind("b").scalar(on).await.unwrap();
-        assert_eq!(text, "bab");
-        let (third, first, second): (i64, String, Option<String>) =
-            sql("SELECT $3, $1, $2").bind("x").bind(None::<&str>).bind(7i64).fetch_one(on).await.unwrap();
-        assert_eq!((third, first.as_str(), second), (7, "x", None));
+        binds_by_number(Pool::Pg(&pool)).await;
         let mut tx = Tx::Pg(pool.begin().await.unwrap());
         assert_eq!(tx.backend(), Backend::Postgres);
         let n: i64 = sql("SELECT $1").bind(1i64).push(" + ").push_bind(2i64).scalar(&mut tx).await.unwrap();
