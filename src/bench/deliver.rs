@@ -201,9 +201,7 @@ async fn drain(
     if offered.refused > 0 {
         bail!("ingest refused {} of the backlog's events", offered.refused);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit_before = chain_length(client, &server.base).await?;
-    let claims_before = claim_histogram(client, &server.base).await?;
+    let before = ServerCounts::read(bench).await?;
     let cost = claim_cost_of_healthy(database_url).await?;
     let work = meter.start().await?;
     let started = Instant::now();
@@ -216,9 +214,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
-    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
-    tokio::time::sleep(SETTLE).await;
-    let appended = chain_length(client, &server.base).await? - audit_before;
+    let (claims, appended) = before.since(bench).await?;
     let work = meter.finish(work, backlog).await?;
     let lanes = args.ordered_keys.map_or("unordered".to_owned(), |k| format!("ordered over {k} keys"));
     outln!("bench deliver: {described} backlog={backlog} ({lanes})")?;
@@ -243,14 +239,11 @@ async fn drain(
 /// The bench's own clients offer events at `--rate`; every event is sent at its time
 /// whether earlier answers have come or not (while clients are free).
 async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, described: &str) -> anyhow::Result<()> {
-    let Bench { server, client, token, receiver, events, .. } = bench;
-    // The leader publishes chain lengths every second or so: let it count the apply.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit_before = chain_length(client, &server.base).await?;
+    let Bench { client, token, receiver, events, .. } = bench;
+    let before = ServerCounts::read(bench).await?;
     let total = if args.rate == 0 { usize::MAX } else { args.rate as usize * args.seconds as usize };
     let work = meter.start().await?;
     let started = Instant::now();
-    let claims_before = claim_histogram(client, &server.base).await?;
     let offered = offer(
         client,
         events,
@@ -265,9 +258,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     .await?;
     let Offered { accepted: offered, refused, latencies: ingest } = offered;
     wait_for_deliveries(receiver, offered).await;
-    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
-    tokio::time::sleep(SETTLE).await;
-    let appended = chain_length(client, &server.base).await? - audit_before;
+    let (claims, appended) = before.since(bench).await?;
     let (delivered, duplicates, elapsed, mut latencies) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -321,10 +312,8 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
 /// `wrk` posts events from `--connections` connections, each sending its next event when
 /// the previous answer has come (as users' clients do), for `--seconds`.
 async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, described: &str) -> anyhow::Result<()> {
-    let Bench { server, client, token, receiver, events, .. } = bench;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit_before = chain_length(client, &server.base).await?;
-    let claims_before = claim_histogram(client, &server.base).await?;
+    let Bench { server, token, receiver, events, .. } = bench;
+    let before = ServerCounts::read(bench).await?;
     let run = ulid::Ulid::new().to_string();
     let load = WrkLoad {
         url: events,
@@ -340,9 +329,7 @@ async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, d
     let summary = wrk::run(&load, server.data_dir()).await?;
     let accepted = usize::try_from(summary.accepted)?;
     wait_for_deliveries(receiver, accepted).await;
-    let claims = claim_histogram(client, &server.base).await?.since(&claims_before);
-    tokio::time::sleep(SETTLE).await;
-    let appended = chain_length(client, &server.base).await? - audit_before;
+    let (claims, appended) = before.since(bench).await?;
     let (delivered, duplicates, elapsed) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -389,6 +376,32 @@ async fn wait_for_deliveries(receiver: &Receiver, accepted: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while received(receiver).delivered() < accepted && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the server counted before a measured run: its audit chain and its claims.
+struct ServerCounts {
+    audit: f64,
+    claims: ClaimHistogram,
+}
+
+impl ServerCounts {
+    /// Read once the apply before the run is counted: the leader publishes chain lengths
+    /// every second or so.
+    async fn read(bench: &Bench) -> anyhow::Result<ServerCounts> {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let audit = chain_length(&bench.client, &bench.server.base).await?;
+        let claims = claim_histogram(&bench.client, &bench.server.base).await?;
+        Ok(ServerCounts { audit, claims })
+    }
+
+    /// After the last delivery: the claims made since, and (once the chain length has been
+    /// published again) the audit records appended since.
+    async fn since(&self, bench: &Bench) -> anyhow::Result<(ClaimHistogram, f64)> {
+        let claims = claim_histogram(&bench.client, &bench.server.base).await?.since(&self.claims);
+        tokio::time::sleep(SETTLE).await;
+        let appended = chain_length(&bench.client, &bench.server.base).await? - self.audit;
+        Ok((claims, appended))
     }
 }
 
