@@ -214,7 +214,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
-    let (claims, appended) = before.since(bench).await?;
+    let Counted { claims, writes, appended } = before.since(bench).await?;
     let work = meter.finish(work, backlog).await?;
     let lanes = args.ordered_keys.map_or("unordered".to_owned(), |k| format!("ordered over {k} keys"));
     outln!("bench deliver: {described} backlog={backlog} ({lanes})")?;
@@ -224,6 +224,7 @@ async fn drain(
         backlog as f64 / elapsed.as_secs_f64()
     )?;
     outln!("  claims       {claims}")?;
+    outln!("  completions  {writes}")?;
     if let Some(cost) = cost {
         outln!(
             "  first claim  {} database buffers with the whole backlog waiting ({} deliveries claimable)",
@@ -258,7 +259,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     .await?;
     let Offered { accepted: offered, refused, latencies: ingest } = offered;
     wait_for_deliveries(receiver, offered).await;
-    let (claims, appended) = before.since(bench).await?;
+    let Counted { claims, writes, appended } = before.since(bench).await?;
     let (delivered, duplicates, elapsed, mut latencies) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -305,6 +306,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     )?;
     crate::out!("{work}")?;
     outln!("  claims       {claims}")?;
+    outln!("  completions  {writes}")?;
     outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
 }
@@ -329,7 +331,7 @@ async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, d
     let summary = wrk::run(&load, server.data_dir()).await?;
     let accepted = usize::try_from(summary.accepted)?;
     wait_for_deliveries(receiver, accepted).await;
-    let (claims, appended) = before.since(bench).await?;
+    let Counted { claims, writes, appended } = before.since(bench).await?;
     let (delivered, duplicates, elapsed) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -367,6 +369,7 @@ async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, d
     )?;
     crate::out!("{work}")?;
     outln!("  claims       {claims}")?;
+    outln!("  completions  {writes}")?;
     outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
 }
@@ -379,10 +382,19 @@ async fn wait_for_deliveries(receiver: &Receiver, accepted: usize) {
     }
 }
 
-/// What the server counted before a measured run: its audit chain and its claims.
+/// What the server counted before a measured run: its audit chain, its claims and its
+/// completion writes.
 struct ServerCounts {
     audit: f64,
-    claims: ClaimHistogram,
+    claims: Histogram,
+    writes: Histogram,
+}
+
+/// What the server counted during a measured run.
+struct Counted {
+    claims: Histogram,
+    writes: Histogram,
+    appended: f64,
 }
 
 impl ServerCounts {
@@ -391,17 +403,18 @@ impl ServerCounts {
     async fn read(bench: &Bench) -> anyhow::Result<ServerCounts> {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let audit = chain_length(&bench.client, &bench.server.base).await?;
-        let claims = claim_histogram(&bench.client, &bench.server.base).await?;
-        Ok(ServerCounts { audit, claims })
+        let (claims, writes) = histograms(&bench.client, &bench.server.base).await?;
+        Ok(ServerCounts { audit, claims, writes })
     }
 
-    /// After the last delivery: the claims made since, and (once the chain length has been
-    /// published again) the audit records appended since.
-    async fn since(&self, bench: &Bench) -> anyhow::Result<(ClaimHistogram, f64)> {
-        let claims = claim_histogram(&bench.client, &bench.server.base).await?.since(&self.claims);
+    /// After the last delivery: the claims and completion writes made since, and (once the
+    /// chain length has been published again) the audit records appended since.
+    async fn since(&self, bench: &Bench) -> anyhow::Result<Counted> {
+        let (claims, writes) = histograms(&bench.client, &bench.server.base).await?;
+        let (claims, writes) = (claims.since(&self.claims), writes.since(&self.writes));
         tokio::time::sleep(SETTLE).await;
         let appended = chain_length(&bench.client, &bench.server.base).await? - self.audit;
-        Ok((claims, appended))
+        Ok(Counted { claims, writes, appended })
     }
 }
 
@@ -418,54 +431,62 @@ fn delivery_count(accepted: usize, delivered: usize, duplicates: usize) -> Strin
     format!("{delivered} distinct events delivered to the healthy endpoint, {duplicates} twice{beyond}: {verdict}")
 }
 
-/// The server's `hookwarden_delivery_claim_seconds` histogram: `(upper bound, count)`
-/// per bucket, cumulative as Prometheus gives them.
-struct ClaimHistogram(Vec<(f64, f64)>);
-
-async fn claim_histogram(client: &reqwest::Client, base: &str) -> anyhow::Result<ClaimHistogram> {
-    let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
-    let buckets = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("hookwarden_delivery_claim_seconds_bucket{le=\""))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, count.trim().parse().ok()?))
-        })
-        .collect();
-    Ok(ClaimHistogram(buckets))
+/// One of the server's latency histograms: its name, what it counts (a plural noun), and
+/// `(upper bound, count)` per bucket, cumulative as Prometheus gives them.
+struct Histogram {
+    name: &'static str,
+    counts: &'static str,
+    buckets: Vec<(f64, f64)>,
 }
 
-impl ClaimHistogram {
-    /// The claims made since `before`.
-    fn since(&self, before: &ClaimHistogram) -> ClaimHistogram {
-        let earlier = |le: f64| before.0.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
-        ClaimHistogram(self.0.iter().map(|(le, count)| (*le, count - earlier(*le))).collect())
+/// The server's claim and completion-write histograms now.
+async fn histograms(client: &reqwest::Client, base: &str) -> anyhow::Result<(Histogram, Histogram)> {
+    let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
+    let read = |name: &'static str, counts: &'static str| {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let buckets = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, count.trim().parse().ok()?))
+            })
+            .collect();
+        Histogram { name, counts, buckets }
+    };
+    Ok((
+        read("hookwarden_delivery_claim_seconds", "claims"),
+        read("hookwarden_delivery_completion_write_seconds", "completion writes"),
+    ))
+}
+
+impl Histogram {
+    /// What was counted since `before`.
+    fn since(&self, before: &Histogram) -> Histogram {
+        let earlier = |le: f64| before.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
+        let buckets = self.buckets.iter().map(|(le, count)| (*le, count - earlier(*le))).collect();
+        Histogram { name: self.name, counts: self.counts, buckets }
     }
 
     /// The upper bound of the bucket holding quantile `q` (the histogram's resolution).
     fn quantile_bound(&self, q: f64) -> Option<f64> {
-        let total = self.0.last()?.1;
-        self.0.iter().find(|(_, count)| *count >= q * total).map(|(le, _)| *le)
+        let total = self.buckets.last()?.1;
+        self.buckets.iter().find(|(_, count)| *count >= q * total).map(|(le, _)| *le)
     }
 }
 
-impl std::fmt::Display for ClaimHistogram {
+impl std::fmt::Display for Histogram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
-            return write!(f, "not reported by this server (no hookwarden_delivery_claim_seconds)");
+        if self.buckets.is_empty() {
+            return write!(f, "not reported by this server (no {})", self.name);
         }
-        let total = self.0.last().map_or(0.0, |b| b.1);
+        let total = self.buckets.last().map_or(0.0, |b| b.1);
         let bound = |q| match self.quantile_bound(q) {
             Some(le) if le.is_finite() => format!("≤ {} ms", le * 1e3),
             Some(_) => "> 5 s".to_owned(),
             None => "-".to_owned(),
         };
-        write!(
-            f,
-            "{total:.0} claims, p50 {}, p99 {} (hookwarden_delivery_claim_seconds buckets)",
-            bound(0.5),
-            bound(0.99)
-        )
+        write!(f, "{total:.0} {}, p50 {}, p99 {} ({} buckets)", self.counts, bound(0.5), bound(0.99), self.name)
     }
 }
 

@@ -31,7 +31,10 @@ pub(super) async fn write_completions(
     while pending.recv_many(&mut batch, 256).await > 0 {
         let unblocks = batch.iter().any(|c| c.ordered && c.state.is_final());
         for attempt in 0..5u32 {
-            match store.complete_attempts(&batch).await {
+            let started = std::time::Instant::now();
+            let written = store.complete_attempts(&batch).await;
+            metrics::histogram!("hookwarden_delivery_completion_write_seconds").record(started.elapsed().as_secs_f64());
+            match written {
                 Ok(report) => {
                     if report.lost > 0 {
                         tracing::warn!(

@@ -21,10 +21,9 @@
 //!   processes together.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Sqlite, Transaction};
 
 use super::deliveries::{ClaimRow, CLAIMED_COLUMNS};
-use super::sql::{sql, Tx};
+use super::sql::{in_list, sql, PerBackend, Tx};
 use super::{Backend, ClaimedDelivery, PgStore, SqliteStore, Store, StoreError};
 use crate::ids::DeliveryId;
 
@@ -173,12 +172,30 @@ impl Store {
     }
 }
 
-/// Clears the half-open probes that the claims `(delivery, lease token)` hold.
+/// Clears the half-open probes that the claims `(delivery, lease token)` hold. Probes held
+/// are few: one read finds none for most calls, and the deliveries are read only for a
+/// token that holds one. (One statement joining the deliveries got a plan, once prepared,
+/// that read the whole deliveries table on every completion batch.)
 pub(super) async fn release_probes_in(tx: &mut Tx, claims: &[(&DeliveryId, &str)]) -> Result<(), StoreError> {
-    match tx {
-        Tx::Pg(tx) => PgStore::release_probes_in(tx, claims).await,
-        Tx::Sqlite(tx) => SqliteStore::release_probes_in(tx, claims).await,
+    static HELD: PerBackend = PerBackend::new(|backend| {
+        format!("SELECT probe_token FROM endpoint_state WHERE probe_token {}", in_list(backend, "$1"))
+    });
+    if claims.is_empty() {
+        return Ok(());
     }
+    let mut tokens: Vec<&str> = claims.iter().map(|(_, token)| *token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let held: Vec<String> = sql(HELD.get(tx.backend())).bind(tokens.as_slice()).scalars(&mut *tx).await?;
+    for (id, token) in claims.iter().filter(|(_, token)| held.iter().any(|h| h == token)) {
+        sql("UPDATE endpoint_state SET probe_token = NULL, probe_until = NULL WHERE probe_token = $1 \
+             AND (namespace, name) IN (SELECT namespace, endpoint FROM deliveries WHERE id = $2)")
+        .bind(*token)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 impl PgStore {
@@ -235,27 +252,6 @@ impl PgStore {
         let root = &plan[0]["Plan"];
         let count = |field: &str| root[field].as_u64().unwrap_or(0);
         Ok(ClaimCost { buffers: count("Shared Hit Blocks") + count("Shared Read Blocks"), rows: count("Actual Rows") })
-    }
-
-    /// Clears the half-open probes that the claims `(delivery, lease token)` hold.
-    pub(super) async fn release_probes_in(
-        tx: &mut Transaction<'static, Postgres>,
-        claims: &[(&DeliveryId, &str)],
-    ) -> Result<(), StoreError> {
-        if claims.is_empty() {
-            return Ok(());
-        }
-        let (ids, tokens): (Vec<&str>, Vec<&str>) = claims.iter().map(|(id, token)| (id.as_str(), *token)).unzip();
-        sqlx::query(
-            "UPDATE endpoint_state s SET probe_token = NULL, probe_until = NULL \
-             FROM deliveries d JOIN UNNEST($1::text[], $2::text[]) AS t(id, token) ON d.id = t.id \
-             WHERE s.namespace = d.namespace AND s.name = d.endpoint AND s.probe_token = t.token",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
     }
 }
 
@@ -351,31 +347,5 @@ impl SqliteStore {
                 r.into_claimed(&token)
             })
             .collect()
-    }
-
-    /// See [`PgStore::release_probes_in`]. Probes held are few: the claims of tokens that
-    /// hold none cost one read.
-    pub(super) async fn release_probes_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        claims: &[(&DeliveryId, &str)],
-    ) -> Result<(), StoreError> {
-        if claims.is_empty() {
-            return Ok(());
-        }
-        let held: Vec<String> =
-            sqlx::query_scalar("SELECT probe_token FROM endpoint_state WHERE probe_token IS NOT NULL")
-                .fetch_all(&mut **tx)
-                .await?;
-        for (id, token) in claims.iter().filter(|(_, token)| held.iter().any(|h| h == token)) {
-            sqlx::query(
-                "UPDATE endpoint_state SET probe_token = NULL, probe_until = NULL WHERE probe_token = ? \
-                 AND (namespace, name) IN (SELECT namespace, endpoint FROM deliveries WHERE id = ?)",
-            )
-            .bind(*token)
-            .bind(id.as_str())
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
     }
 }
