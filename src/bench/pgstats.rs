@@ -88,8 +88,9 @@ pub(super) struct Statement {
 pub(super) struct PgSnapshot {
     pub(super) commits: i64,
     pub(super) rollbacks: i64,
-    /// Transactions committed in every other database of the cluster.
-    pub(super) other_commits: i64,
+    /// Transactions committed in each other database of the cluster, by its oid (a
+    /// database dropped during a run is left out of the run's count, not subtracted).
+    pub(super) other_commits: BTreeMap<u32, i64>,
     /// WAL position in bytes (the whole cluster's).
     pub(super) wal_bytes: i64,
     pub(super) tables: BTreeMap<String, TableWrites>,
@@ -100,6 +101,11 @@ pub(super) struct PgSnapshot {
 }
 
 impl PgSnapshot {
+    /// Transactions committed in the other databases.
+    pub(super) fn other_commits(&self) -> i64 {
+        self.other_commits.values().sum()
+    }
+
     /// What happened between `before` and `self`. Tables and statements new since `before`
     /// count whole; backends are `self`'s.
     pub(super) fn since(&self, before: &PgSnapshot) -> PgSnapshot {
@@ -122,7 +128,11 @@ impl PgSnapshot {
         PgSnapshot {
             commits: self.commits - before.commits,
             rollbacks: self.rollbacks - before.rollbacks,
-            other_commits: self.other_commits - before.other_commits,
+            other_commits: self
+                .other_commits
+                .iter()
+                .map(|(oid, now)| (*oid, now - before.other_commits.get(oid).copied().unwrap_or(0)))
+                .collect(),
             wal_bytes: self.wal_bytes - before.wal_bytes,
             tables,
             statements,
@@ -169,7 +179,8 @@ impl PgStats {
         let mut tx = self.connection.begin().await?;
         let row = sqlx::query(
             "SELECT d.xact_commit, d.xact_rollback,
-                    (SELECT coalesce(sum(o.xact_commit), 0)::bigint FROM pg_stat_database o WHERE o.datid <> d.datid),
+                    ARRAY(SELECT o.datid::int8 FROM pg_stat_database o WHERE o.datid <> d.datid ORDER BY o.datid),
+                    ARRAY(SELECT o.xact_commit FROM pg_stat_database o WHERE o.datid <> d.datid ORDER BY o.datid),
                     pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
                     ARRAY(SELECT pid FROM pg_stat_activity a WHERE a.datid = d.datid AND a.pid <> pg_backend_pid())
              FROM pg_stat_database d WHERE d.datname = current_database()",
@@ -203,12 +214,13 @@ impl PgStats {
             ),
         };
         tx.commit().await?;
-        let backends: Vec<i32> = row.get(4);
+        let (others, other_commits): (Vec<i64>, Vec<i64>) = (row.get(2), row.get(3));
+        let backends: Vec<i32> = row.get(5);
         Ok(PgSnapshot {
             commits: row.get(0),
             rollbacks: row.get(1),
-            other_commits: row.get(2),
-            wal_bytes: row.get(3),
+            other_commits: others.into_iter().filter_map(|oid| u32::try_from(oid).ok()).zip(other_commits).collect(),
+            wal_bytes: row.get(4),
             tables,
             statements,
             backends: backends.into_iter().filter_map(|p| u32::try_from(p).ok()).collect(),
@@ -235,7 +247,7 @@ mod tests {
         let before = PgSnapshot {
             commits: 10,
             rollbacks: 1,
-            other_commits: 100,
+            other_commits: BTreeMap::from([(1, 100), (2, 50)]),
             wal_bytes: 1_000,
             tables: BTreeMap::from([("events".into(), writes(5, 0, 0, 0)), ("resources".into(), writes(2, 1, 1, 0))]),
             statements: Some(BTreeMap::from([(7, statement(3, 3))])),
@@ -244,7 +256,7 @@ mod tests {
         let after = PgSnapshot {
             commits: 25,
             rollbacks: 1,
-            other_commits: 104,
+            other_commits: BTreeMap::from([(1, 104), (3, 2)]),
             wal_bytes: 9_000,
             tables: BTreeMap::from([
                 ("events".into(), writes(15, 0, 0, 0)),
@@ -255,7 +267,8 @@ mod tests {
             backends: vec![2, 3],
         };
         let run = after.since(&before);
-        assert_eq!((run.commits, run.rollbacks, run.other_commits, run.wal_bytes), (15, 0, 4, 8_000));
+        // Database 2 was dropped during the run, 3 created: neither takes from the count.
+        assert_eq!((run.commits, run.rollbacks, run.other_commits(), run.wal_bytes), (15, 0, 6, 8_000));
         assert_eq!(
             run.tables,
             BTreeMap::from([("events".into(), writes(10, 0, 0, 0)), ("deliveries".into(), writes(10, 20, 5, 0))])

@@ -177,7 +177,7 @@ impl fmt::Display for Work {
             f,
             "  WAL          {:.0} bytes per delivery (pg_current_wal_lsn, the whole cluster: other databases committed {} transactions meanwhile)",
             per(c.wal_bytes),
-            c.other_commits
+            c.other_commits()
         )
     }
 }
