@@ -324,3 +324,78 @@ pub(super) fn ledger_state_for(state: DeliveryState) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Ledger entries to write at once, for a benchmark of the spend windows
+/// ([`Store::fill_spend_ledger`]).
+#[derive(Clone, Debug)]
+pub struct LedgerFill {
+    pub namespace: String,
+    pub rule: String,
+    pub key: String,
+    pub currency: String,
+    /// Committed entries, spread evenly over `from..until`, `amount` each.
+    pub entries: u64,
+    pub amount: i64,
+    pub from: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+impl Store {
+    /// Writes `fill.entries` committed ledger entries (with the delivered deliveries and the
+    /// one event they reference) in a few set-sized statements: `generate_series` on
+    /// PostgreSQL, a recursive CTE on SQLite.
+    ///
+    /// **Warning**: for benchmarks on a database of their own; the entries are made up.
+    pub async fn fill_spend_ledger(&self, fill: &LedgerFill) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let (series, created_at) = match tx.backend() {
+            Backend::Postgres => (
+                "SELECT i FROM generate_series(1, $1::bigint) AS i",
+                "timestamptz 'epoch' + (t * interval '1 millisecond')",
+            ),
+            Backend::Sqlite => (
+                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < $1) SELECT i FROM s",
+                "strftime('%Y-%m-%dT%H:%M:%f+00:00', t / 1000.0, 'unixepoch')",
+            ),
+        };
+        let event = format!("evt_fill_{}", ulid::Ulid::new());
+        sql("INSERT INTO events (id, namespace, source, external_id, type, data, content_type, ingested_by, trace_id, \
+             received_at, status) VALUES ($1, $2, 'bench', $1, 'bench.fill', '{}', 'application/json', 'bench', '', $3, \
+             'accepted')")
+        .bind(event.as_str())
+        .bind(&fill.namespace)
+        .bind(fill.from)
+        .execute(&mut tx)
+        .await?;
+        let entries = i64::try_from(fill.entries).unwrap_or(i64::MAX);
+        sql(&format!(
+            "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, attempts, next_attempt_at, created_at, \
+             updated_at, completed_at) SELECT $2 || '_' || i, $2, $3, 'fill-' || i, 'delivered', 1, $4, $4, $4, $4 \
+             FROM ({series}) AS n"
+        ))
+        .bind(entries)
+        .bind(event.as_str())
+        .bind(&fill.namespace)
+        .bind(fill.from)
+        .execute(&mut tx)
+        .await?;
+        let span = (fill.until - fill.from).num_milliseconds().max(0);
+        sql(&format!(
+            "INSERT INTO spend_ledger (delivery_id, namespace, rule, spend_key, currency, amount, state, created_at) \
+             SELECT $2 || '_' || i, $3, $4, $5, $6, $7, 'committed', {created_at} \
+             FROM (SELECT i, $8 + i * $9 / ($1 + 1) AS t FROM ({series}) AS n) AS f"
+        ))
+        .bind(entries)
+        .bind(event.as_str())
+        .bind(&fill.namespace)
+        .bind(&fill.rule)
+        .bind(&fill.key)
+        .bind(&fill.currency)
+        .bind(fill.amount)
+        .bind(fill.from.timestamp_millis())
+        .bind(span)
+        .execute(&mut tx)
+        .await?;
+        tx.commit().await
+    }
+}
