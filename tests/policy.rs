@@ -90,6 +90,87 @@ async fn concurrent_deliveries_never_exceed_the_spend_limit_on_postgres() {
     concurrent_deliveries_never_exceed_the_spend_limit(db).await;
 }
 
+/// Two processes on one PostgreSQL database gate the same agent's refunds at once: the
+/// spend key's lock is the database's, so together they admit exactly the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_never_together_exceed_the_spend_limit() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let args = ["--allow-private-urls", "true"];
+    let (one, two) = (Process::start(&db, &args), Process::start(&db, &args));
+    let admin = token("admin", &[Role::Admin], &["*"]);
+    let client = reqwest::Client::new();
+    let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"));
+    let applied = client
+        .post(format!("{}/v1/apply", one.base))
+        .bearer_auth(&admin)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    // Free refunds probe until the second process fans out to the agent too.
+    let mut probes = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = json!({"source": "probe", "type": "refund.requested", "data": {"amount_cents": 0}});
+        probes += 1;
+        let answer: Value = client
+            .post(format!("{}/v1/events", two.base))
+            .bearer_auth(&admin)
+            .json(&probe)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if answer["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second process never saw the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 100 refunds of 10.00 against a 500.00 cap, half through each process.
+    let mut sent = tokio::task::JoinSet::new();
+    for n in 0..100 {
+        let base = if n % 2 == 0 { one.base.clone() } else { two.base.clone() };
+        let (client, admin) = (client.clone(), admin.clone());
+        let event = json!({"id": format!("p-{n}"), "source": "shop", "type": "refund.requested", "data": {"amount_cents": 1000}});
+        sent.spawn(async move {
+            client.post(format!("{base}/v1/events")).bearer_auth(admin).json(&event).send().await.unwrap().status()
+        });
+    }
+    while let Some(status) = sent.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    let count = |state: &'static str| {
+        let (client, base, admin) = (client.clone(), one.base.clone(), admin.clone());
+        async move {
+            let page: Value = client
+                .get(format!("{base}/v1/deliveries?state={state}&limit=1000"))
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            page["items"].as_array().map(Vec::len).unwrap_or(0)
+        }
+    };
+    eventually(Duration::from_secs(60), "every refund decided", || async {
+        count("delivered").await + count("denied").await == 100 + probes
+    })
+    .await;
+    assert_eq!(count("delivered").await, 50 + probes, "exactly the cap: 50 × 10.00 = 500.00, and the free probes");
+    let refunds_sent = receiver.on("/agent").iter().filter(|r| r.answered == 200).count();
+    assert_eq!(refunds_sent, 50 + probes);
+    one.kill();
+    two.kill();
+}
+
 const HOLD: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: big-refunds}\nspec:\n  endpointRefs: [refund-agent]\n  match: \"int(event.data.amount_cents) > 20000\"\n  decision: hold\n  approval: {role: approver, quorum: 2, expiresAfter: EXPIRY, onExpiry: deny}\n  reason: refunds above 200.00 need two approvers\n---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: refunds}\nspec:\n  endpointRefs: [refund-agent]\n  decision: allow\n";
 
 /// Waits for a pending approval request and returns it.
