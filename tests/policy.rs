@@ -26,6 +26,29 @@ fn agent(url: &str) -> String {
 
 const CAP: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: cap}\nspec:\n  selector: {matchLabels: {role: agent}}\n  decision: allow\n  spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: LIMIT, window: 24h, overLimit: deny}\n";
 
+/// Applies `yaml` through the API of the process at `base`.
+async fn apply_at(client: &reqwest::Client, base: &str, admin: &str, yaml: String) {
+    let applied = client
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(admin)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+}
+
+/// `POST path` of `body` to the process at `base`.
+async fn post_at(client: &reqwest::Client, base: &str, admin: &str, path: &str, body: &Value) -> reqwest::Response {
+    client.post(format!("{base}{path}")).bearer_auth(admin).json(body).send().await.unwrap()
+}
+
+/// The JSON answer to `GET path` of the process at `base`.
+async fn get_at(client: &reqwest::Client, base: &str, admin: &str, path: &str) -> Value {
+    client.get(format!("{base}{path}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap()
+}
+
 async fn count(app: &TestApp, state: &str) -> usize {
     let page: Value =
         app.get(&format!("/v1/deliveries?state={state}&limit=1000"), &app.admin).await.json().await.unwrap();
@@ -101,31 +124,14 @@ async fn two_processes_on_one_postgres_never_together_exceed_the_spend_limit() {
     let admin = token("admin", &[Role::Admin], &["*"]);
     let client = reqwest::Client::new();
     let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"));
-    let applied = client
-        .post(format!("{}/v1/apply", one.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    apply_at(&client, &one.base, &admin, yaml).await;
     // Free refunds probe until the second process fans out to the agent too.
     let mut probes = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let probe = json!({"source": "probe", "type": "refund.requested", "data": {"amount_cents": 0}});
         probes += 1;
-        let answer: Value = client
-            .post(format!("{}/v1/events", two.base))
-            .bearer_auth(&admin)
-            .json(&probe)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = post_at(&client, &two.base, &admin, "/v1/events", &probe).await.json().await.unwrap();
         if answer["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
             break;
         }
@@ -138,9 +144,7 @@ async fn two_processes_on_one_postgres_never_together_exceed_the_spend_limit() {
         let base = if n % 2 == 0 { one.base.clone() } else { two.base.clone() };
         let (client, admin) = (client.clone(), admin.clone());
         let event = json!({"id": format!("p-{n}"), "source": "shop", "type": "refund.requested", "data": {"amount_cents": 1000}});
-        sent.spawn(async move {
-            client.post(format!("{base}/v1/events")).bearer_auth(admin).json(&event).send().await.unwrap().status()
-        });
+        sent.spawn(async move { post_at(&client, &base, &admin, "/v1/events", &event).await.status() });
     }
     while let Some(status) = sent.join_next().await {
         assert_eq!(status.unwrap(), 202);
@@ -148,15 +152,7 @@ async fn two_processes_on_one_postgres_never_together_exceed_the_spend_limit() {
     let count = |state: &'static str| {
         let (client, base, admin) = (client.clone(), one.base.clone(), admin.clone());
         async move {
-            let page: Value = client
-                .get(format!("{base}/v1/deliveries?state={state}&limit=1000"))
-                .bearer_auth(admin)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = get_at(&client, &base, &admin, &format!("/v1/deliveries?state={state}&limit=1000")).await;
             page["items"].as_array().map(Vec::len).unwrap_or(0)
         }
     };
@@ -273,29 +269,13 @@ async fn an_expired_hold_is_denied_after_a_restart() {
     let client = reqwest::Client::new();
     let server = Process::start(&db, &args);
     let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "2s"));
-    let applied = client
-        .post(format!("{}/v1/apply", server.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200);
+    apply_at(&client, &server.base, &admin, yaml).await;
     let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 25000}});
     client.post(format!("{}/v1/events", server.base)).bearer_auth(&admin).json(&body).send().await.unwrap();
     let pending = |base: String| {
         let (client, admin) = (client.clone(), admin.clone());
         async move {
-            let page: Value = client
-                .get(format!("{base}/v1/approvals"))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = get_at(&client, &base, &admin, "/v1/approvals").await;
             page["items"][0]["state"].as_str().unwrap_or("").to_owned()
         }
     };
@@ -325,15 +305,7 @@ async fn an_expired_hold_is_denied_after_a_restart() {
         metric(&server.base, "hookwarden_policy_approvals_pending", &[]).await == Some(0.0)
     })
     .await;
-    let page: Value = client
-        .get(format!("{}/v1/deliveries?state=denied", server.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = get_at(&client, &server.base, &admin, "/v1/deliveries?state=denied").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert!(receiver.on("/agent").is_empty());
     server.kill();
@@ -433,15 +405,7 @@ async fn committed_spend_is_counted_once_however_often_a_delivery_was_allowed() 
     let budget = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: soon}\nspec:\n  maxAttempts: 5\n  backoff: {base: 500ms, max: 500ms, jitter: none}\n";
     let agent = agent(&receiver.url("/agent")).replace("  agent: true\n", "  agent: true\n  retryBudgetRef: soon\n");
     let yaml = format!("{budget}---\n{agent}---\n{}", CAP.replace("LIMIT", "1000000"));
-    let applied = client
-        .post(format!("{}/v1/apply", server.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    apply_at(&client, &server.base, &admin, yaml).await;
     let mut sent = tokio::task::JoinSet::new();
     for n in 0..5 {
         let (client, base, admin) = (client.clone(), server.base.clone(), admin.clone());

@@ -64,6 +64,25 @@ fn held() -> DecisionRecord {
     })
 }
 
+/// A pending approval request `id` for the delivery of `event` to `endpoint`, one grant
+/// needed, for an hour.
+fn approval_request(id: &str, event: &EventId, endpoint: &str) -> NewApproval {
+    NewApproval {
+        id: id.into(),
+        namespace: "default".into(),
+        event_id: event.to_string(),
+        endpoint: endpoint.into(),
+        rule: None,
+        reason: "hold".into(),
+        action_hash: "h".into(),
+        role: "approver".into(),
+        quorum: 1,
+        on_expiry: "deny".into(),
+        expires_at: Utc::now() + chrono::Duration::hours(1),
+        requested_by: "tester".into(),
+    }
+}
+
 fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> Completion {
     let now = Utc::now();
     Completion {
@@ -382,20 +401,7 @@ async fn a_lane_keeps_its_order_through_release_denial_and_replay(store: &Store)
     // The second is held, then denied: the third goes.
     let second = claim_of(store, &[("a", 10)], 10).await;
     assert_eq!(events_of(&second), [lane[1].id.clone()]);
-    let approval = NewApproval {
-        id: "apr_lane".into(),
-        namespace: "default".into(),
-        event_id: lane[1].id.to_string(),
-        endpoint: "a".into(),
-        rule: None,
-        reason: "hold".into(),
-        action_hash: "h".into(),
-        role: "approver".into(),
-        quorum: 1,
-        on_expiry: "deny".into(),
-        expires_at: Utc::now() + chrono::Duration::hours(1),
-        requested_by: "tester".into(),
-    };
+    let approval = approval_request("apr_lane", &lane[1].id, "a");
     assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, &held(), &approval, Utc::now()).await.unwrap());
     assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "a held head holds its lane");
     store.vote_on_approval("apr_lane", "approver-1", false, "no", Utc::now()).await.unwrap();
@@ -1029,20 +1035,7 @@ async fn spend_buckets_hold_what_the_ledger_counts_after_reserve_commit_and_rele
     // Allowed, then held on its retry and denied by an approver.
     assert_eq!(allow(&store, &d[5], &cap("agent", 700), t0).await, AllowResult::Reserved);
     let d5 = retried(&store, &d[5]).await;
-    let approval = NewApproval {
-        id: "apr_spend".into(),
-        namespace: "default".into(),
-        event_id: d5.event_id.to_string(),
-        endpoint: "agent".into(),
-        rule: None,
-        reason: "big".into(),
-        action_hash: "h".into(),
-        role: "approver".into(),
-        quorum: 1,
-        on_expiry: "deny".into(),
-        expires_at: Utc::now() + chrono::Duration::hours(1),
-        requested_by: "tester".into(),
-    };
+    let approval = approval_request("apr_spend", &d5.event_id, "agent");
     assert!(store.hold_delivery(&d5.id, &d5.lease_token, &held(), &approval, later).await.unwrap());
     store.vote_on_approval("apr_spend", "approver-1", false, "no", later).await.unwrap();
 

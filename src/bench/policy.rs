@@ -12,11 +12,12 @@ use serde_json::json;
 
 use super::pgstats::FreshDatabase;
 use super::server::percentile;
+use crate::delivery::gate::{facts, spend_windows};
 use crate::ids::{DeliveryId, EventId};
 use crate::outln;
 use crate::policy::engine::{decide, CompiledRule, EndpointView, PolicySet};
 use crate::policy::expr::Limits;
-use crate::policy::gate::{judge, Facts, Verdict};
+use crate::policy::gate::{judge, Verdict};
 use crate::policy::meter::Budget;
 use crate::store::policy::{AllowResult, LedgerFill};
 use crate::store::{ClaimedDelivery, IngestRequest, NewDelivery, NewEvent, Store};
@@ -262,23 +263,9 @@ async fn allow(
     let event = json!({"id": delivery.event_id.as_str(), "source": delivery.source, "type": delivery.event_type,
         "subject": delivery.subject, "data": serde_json::from_str::<serde_json::Value>(&delivery.data)?});
     let probe = decide(policy, &event, endpoint, &BTreeMap::new(), now, budget);
-    let keys: Vec<_> = probe
-        .rules
-        .iter()
-        .filter_map(|r| r.spend.as_ref())
-        .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
-        .collect();
-    let totals = store.spend_totals(&delivery.namespace, &keys, Some(&delivery.id), now).await?;
+    let totals = store.spend_totals(&delivery.namespace, &spend_windows(&probe), Some(&delivery.id), now).await?;
     let decision = decide(policy, &event, endpoint, &totals, now, budget);
-    let facts = Facts {
-        event: &event,
-        event_id: delivery.event_id.as_str(),
-        namespace: &delivery.namespace,
-        endpoint: &delivery.endpoint,
-        requested_by: &delivery.ingested_by,
-        approved: false,
-        approval_id: "apr_bench",
-    };
+    let facts = facts(delivery, &event, "apr_bench");
     let Verdict::Send { reservations, enforce_limits, record } = judge(decision, &facts, now) else {
         bail!("the bench rule did not allow");
     };
