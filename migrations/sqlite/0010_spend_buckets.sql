@@ -12,6 +12,7 @@ CREATE INDEX spend_ledger_by_bucket ON spend_ledger (namespace, rule, spend_key,
 
 -- Per (namespace, rule, spend key, currency) and bucket: the sum of its reserved and
 -- committed entries' amounts. Written in the transaction of every reservation and release.
+-- Clustered by its key (WITHOUT ROWID): a window's buckets are read as one range.
 CREATE TABLE spend_buckets (
     namespace  TEXT NOT NULL,
     rule       TEXT NOT NULL,
@@ -20,7 +21,7 @@ CREATE TABLE spend_buckets (
     bucket_end INTEGER NOT NULL,
     amount     INTEGER NOT NULL,
     PRIMARY KEY (namespace, rule, spend_key, currency, bucket_end)
-);
+) WITHOUT ROWID;
 INSERT INTO spend_buckets (namespace, rule, spend_key, currency, bucket_end, amount)
 SELECT namespace, rule, spend_key, currency, bucket_end, SUM(amount) FROM spend_ledger
 WHERE state IN ('reserved', 'committed')

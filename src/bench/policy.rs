@@ -170,6 +170,7 @@ async fn allows_in(store: &Store, args: &PolicyArgs, entries: u64) -> anyhow::Re
             key: AGENT.to_owned(),
             currency: "USD".to_owned(),
             entries,
+            window: spend_key().3,
             amount: 1,
             from: now - window + chrono::Duration::minutes(5),
             until: now - chrono::Duration::seconds(1),
