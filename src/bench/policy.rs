@@ -32,7 +32,8 @@ pub struct PolicyArgs {
     pub decisions: usize,
     /// Measure allows recorded in a store instead (spend read, rules, reservation, decision
     /// and audit record committed, as the gate does), with this many committed entries
-    /// already in the rule's 24 h spend window. One allow rule with a spend clause.
+    /// already in the rule's 24 h spend window, taking turns with allows in a second
+    /// database whose window is empty. One allow rule with a spend clause.
     #[arg(long)]
     pub ledger_entries: Option<u64>,
     /// With `--ledger-entries`: the PostgreSQL server to create a fresh database on (dropped
@@ -120,13 +121,18 @@ fn decisions(args: &PolicyArgs) -> anyhow::Result<()> {
 }
 
 /// Throughput and latency per decision.
-fn report(decisions: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> anyhow::Result<()> {
+fn report(decisions: usize, elapsed: Duration, latencies: Vec<Duration>) -> anyhow::Result<()> {
+    outln!("  throughput   {:.0} decisions/s", decisions as f64 / elapsed.as_secs_f64())?;
+    latency("per decision", latencies)
+}
+
+/// One line of latencies: mean, p50, p99, max.
+fn latency(what: &str, mut latencies: Vec<Duration>) -> anyhow::Result<()> {
     latencies.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let mean = latencies.iter().sum::<Duration>() / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX);
-    outln!("  throughput   {:.0} decisions/s", decisions as f64 / elapsed.as_secs_f64())?;
     outln!(
-        "  per decision mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        "  {what} mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         us(mean),
         us(percentile(&latencies, 0.50)),
         us(percentile(&latencies, 0.99)),
@@ -138,74 +144,132 @@ fn report(decisions: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> 
 /// The one rule of the store bench: allow, counting spend per agent over 24 h.
 const SPEND_RULE: &str = "{selector: {matchLabels: {role: agent}}, decision: allow, spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: 1000000000000000, window: 24h, overLimit: deny}}";
 
-/// Governed allows recorded in a store whose spend window already holds `entries`.
-async fn governed_allows(args: &PolicyArgs, entries: u64) -> anyhow::Result<()> {
-    let fresh = match &args.database_url {
-        Some(server) => Some(FreshDatabase::create(server).await?),
-        None => None,
-    };
-    let dir = tempfile::tempdir()?;
-    let store = match &fresh {
-        Some(fresh) => Store::connect(&fresh.url).await?,
-        None => Store::open_sqlite_file(&dir.path().join("bench.db")).await?,
-    };
-    let result = allows_in(&store, args, entries).await;
-    store.close().await;
-    let dropped = match fresh {
-        Some(fresh) => fresh.drop().await,
-        None => Ok(()),
-    };
-    result.and(dropped)
+/// One database of the store bench: its spend window holding `entries`, and the claimed
+/// deliveries to allow in it.
+struct Side {
+    entries: u64,
+    store: Store,
+    fresh: Option<FreshDatabase>,
+    _dir: tempfile::TempDir,
+    claimed: Vec<ClaimedDelivery>,
+    filled: Duration,
+    latencies: Vec<Duration>,
+    reads: Vec<Duration>,
 }
 
-async fn allows_in(store: &Store, args: &PolicyArgs, entries: u64) -> anyhow::Result<()> {
-    store.migrate().await?;
-    let window = chrono::Duration::hours(24);
-    let now = Utc::now();
-    let filling = Instant::now();
-    store
-        .fill_spend_ledger(&LedgerFill {
+impl Side {
+    /// A fresh database (PostgreSQL on `server`, else SQLite in a temporary directory)
+    /// whose window holds `entries`, with `deliveries` claimed.
+    async fn open(server: Option<&str>, entries: u64, deliveries: usize) -> anyhow::Result<Side> {
+        let fresh = match server {
+            Some(server) => Some(FreshDatabase::create(server).await?),
+            None => None,
+        };
+        let dir = tempfile::tempdir()?;
+        let store = match &fresh {
+            Some(fresh) => Store::connect(&fresh.url).await?,
+            None => Store::open_sqlite_file(&dir.path().join("bench.db")).await?,
+        };
+        let mut side = Side {
+            entries,
+            store,
+            fresh,
+            _dir: dir,
+            claimed: Vec::new(),
+            filled: Duration::ZERO,
+            latencies: Vec::new(),
+            reads: Vec::new(),
+        };
+        side.store.migrate().await?;
+        let (window, now) = (spend_key().3, Utc::now());
+        let day = chrono::Duration::from_std(window)?;
+        let filling = Instant::now();
+        let fill = LedgerFill {
             namespace: NAMESPACE.to_owned(),
             rule: "cap".to_owned(),
             key: AGENT.to_owned(),
             currency: "USD".to_owned(),
             entries,
-            window: spend_key().3,
+            window,
             amount: 1,
-            from: now - window + chrono::Duration::minutes(5),
+            from: now - day + chrono::Duration::minutes(5),
             until: now - chrono::Duration::seconds(1),
-        })
-        .await?;
-    let filled = filling.elapsed();
+        };
+        side.store.fill_spend_ledger(&fill).await?;
+        side.filled = filling.elapsed();
+        side.claimed = claimed_deliveries(&side.store, deliveries).await?;
+        Ok(side)
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        self.store.close().await;
+        match self.fresh {
+            Some(fresh) => fresh.drop().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Governed allows recorded in a database whose spend window already holds `entries`,
+/// interleaved one by one (in alternating order) with allows in a database whose window
+/// is empty, so that both see the same machine.
+async fn governed_allows(args: &PolicyArgs, entries: u64) -> anyhow::Result<()> {
     let warmup = args.decisions.min(100);
-    let claimed = claimed_deliveries(store, args.decisions + warmup).await?;
+    let mut sides = Vec::new();
+    for n in if entries == 0 { vec![0] } else { vec![entries, 0] } {
+        match Side::open(args.database_url.as_deref(), n, args.decisions + warmup).await {
+            Ok(side) => sides.push(side),
+            Err(e) => {
+                for side in sides {
+                    side.close().await?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let result = allows_in(&mut sides, args, warmup).await;
+    for side in sides {
+        side.close().await?;
+    }
+    result
+}
+
+async fn allows_in(sides: &mut [Side], args: &PolicyArgs, warmup: usize) -> anyhow::Result<()> {
     let limits = Limits::default();
     let policy = policy_set(vec![("cap".to_owned(), SPEND_RULE.to_owned())], &limits)?;
     let labels = agent_labels();
     let endpoint = EndpointView { namespace: NAMESPACE, name: AGENT, labels: &labels };
-    let mut latencies = Vec::with_capacity(args.decisions);
     let mut started = Instant::now();
-    for (n, delivery) in claimed.iter().enumerate() {
+    for n in 0..args.decisions + warmup {
         if n == warmup {
             started = Instant::now();
         }
-        let t = Instant::now();
-        allow(store, &policy, endpoint, delivery, limits.budget()).await?;
-        if n >= warmup {
-            latencies.push(t.elapsed());
+        for i in 0..sides.len() {
+            let side = &mut sides[(i + n) % sides.len()];
+            let t = Instant::now();
+            let read = allow(&side.store, &policy, endpoint, &side.claimed[n], limits.budget()).await?;
+            if n >= warmup {
+                side.latencies.push(t.elapsed());
+                side.reads.push(read);
+            }
         }
     }
-    let elapsed = started.elapsed();
-    let database = if args.database_url.is_some() { "postgres (fresh database)" } else { "sqlite" };
+    let elapsed = started.elapsed() / u32::try_from(sides.len()).unwrap_or(1);
+    let database = if args.database_url.is_some() { "postgres (fresh databases)" } else { "sqlite" };
     outln!(
-        "bench policy: governed allows with a spend clause, {database}, {entries} ledger entries in the 24 h window \
-         (written in {:.1} s), {} allows after {warmup}, one at a time",
-        filled.as_secs_f64(),
+        "bench policy: governed allows with a spend clause, {database}, {} allows after {warmup} per database, \
+         one at a time, the databases taking turns",
         args.decisions
     )?;
-    let totals = store.spend_totals(NAMESPACE, &[spend_key()], None, Utc::now()).await?;
-    outln!("  window total {:?}", totals.values().next())?;
-    report(args.decisions, elapsed, latencies)
+    for side in sides {
+        outln!("{} ledger entries in the 24 h window (written in {:.1} s)", side.entries, side.filled.as_secs_f64())?;
+        let totals = side.store.spend_totals(NAMESPACE, &[spend_key()], None, Utc::now()).await?;
+        outln!("  window total {:?}", totals.values().next())?;
+        report(args.decisions, elapsed, std::mem::take(&mut side.latencies))?;
+        // The part that reads the window (the reservation reads it again, under its lock).
+        latency("spend read", std::mem::take(&mut side.reads))?;
+    }
+    Ok(())
 }
 
 fn spend_key() -> (String, String, String, std::time::Duration) {
@@ -252,19 +316,22 @@ async fn claimed_deliveries(store: &Store, count: usize) -> anyhow::Result<Vec<C
 }
 
 /// What the gate does for an allow: the rules learn their spend windows, the totals are
-/// read, the rules decide again, and the verdict is recorded with its reservation.
+/// read, the rules decide again, and the verdict is recorded with its reservation. Returns
+/// how long the read of the totals took.
 async fn allow(
     store: &Store,
     policy: &PolicySet,
     endpoint: EndpointView<'_>,
     delivery: &ClaimedDelivery,
     budget: Budget,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Duration> {
     let now = Utc::now();
     let event = json!({"id": delivery.event_id.as_str(), "source": delivery.source, "type": delivery.event_type,
         "subject": delivery.subject, "data": serde_json::from_str::<serde_json::Value>(&delivery.data)?});
     let probe = decide(policy, &event, endpoint, &BTreeMap::new(), now, budget);
+    let reading = Instant::now();
     let totals = store.spend_totals(&delivery.namespace, &spend_windows(&probe), Some(&delivery.id), now).await?;
+    let read = reading.elapsed();
     let decision = decide(policy, &event, endpoint, &totals, now, budget);
     let facts = facts(delivery, &event, "apr_bench");
     let Verdict::Send { reservations, enforce_limits, record } = judge(decision, &facts, now) else {
@@ -284,5 +351,5 @@ async fn allow(
     if result != AllowResult::Reserved {
         bail!("allow not recorded: {result:?}");
     }
-    Ok(())
+    Ok(read)
 }
