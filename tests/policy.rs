@@ -26,6 +26,29 @@ fn agent(url: &str) -> String {
 
 const CAP: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: cap}\nspec:\n  selector: {matchLabels: {role: agent}}\n  decision: allow\n  spend: {amount: \"int(event.data.amount_cents)\", currency: USD, limit: LIMIT, window: 24h, overLimit: deny}\n";
 
+/// Applies `yaml` through the API of the process at `base`.
+async fn apply_at(client: &reqwest::Client, base: &str, admin: &str, yaml: String) {
+    let applied = client
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(admin)
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+}
+
+/// `POST path` of `body` to the process at `base`.
+async fn post_at(client: &reqwest::Client, base: &str, admin: &str, path: &str, body: &Value) -> reqwest::Response {
+    client.post(format!("{base}{path}")).bearer_auth(admin).json(body).send().await.unwrap()
+}
+
+/// The JSON answer to `GET path` of the process at `base`.
+async fn get_at(client: &reqwest::Client, base: &str, admin: &str, path: &str) -> Value {
+    client.get(format!("{base}{path}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap()
+}
+
 async fn count(app: &TestApp, state: &str) -> usize {
     let page: Value =
         app.get(&format!("/v1/deliveries?state={state}&limit=1000"), &app.admin).await.json().await.unwrap();
@@ -88,6 +111,60 @@ async fn concurrent_deliveries_never_exceed_the_spend_limit_on_sqlite() {
 async fn concurrent_deliveries_never_exceed_the_spend_limit_on_postgres() {
     let Some(db) = TestDb::postgres().await else { return };
     concurrent_deliveries_never_exceed_the_spend_limit(db).await;
+}
+
+/// Two processes on one PostgreSQL database gate the same agent's refunds at once: the
+/// spend key's lock is the database's, so together they admit exactly the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_never_together_exceed_the_spend_limit() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let receiver = TestReceiver::start(Arc::new(|_: &str, _: usize| (200u16, None, Duration::ZERO)) as Script).await;
+    let args = ["--allow-private-urls", "true"];
+    let (one, two) = (Process::start(&db, &args), Process::start(&db, &args));
+    let admin = token("admin", &[Role::Admin], &["*"]);
+    let client = reqwest::Client::new();
+    let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), CAP.replace("LIMIT", "50000"));
+    apply_at(&client, &one.base, &admin, yaml).await;
+    // Free refunds probe until the second process fans out to the agent too.
+    let mut probes = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = json!({"source": "probe", "type": "refund.requested", "data": {"amount_cents": 0}});
+        probes += 1;
+        let answer: Value = post_at(&client, &two.base, &admin, "/v1/events", &probe).await.json().await.unwrap();
+        if answer["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second process never saw the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 100 refunds of 10.00 against a 500.00 cap, half through each process.
+    let mut sent = tokio::task::JoinSet::new();
+    for n in 0..100 {
+        let base = if n % 2 == 0 { one.base.clone() } else { two.base.clone() };
+        let (client, admin) = (client.clone(), admin.clone());
+        let event = json!({"id": format!("p-{n}"), "source": "shop", "type": "refund.requested", "data": {"amount_cents": 1000}});
+        sent.spawn(async move { post_at(&client, &base, &admin, "/v1/events", &event).await.status() });
+    }
+    while let Some(status) = sent.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    let count = |state: &'static str| {
+        let (client, base, admin) = (client.clone(), one.base.clone(), admin.clone());
+        async move {
+            let page = get_at(&client, &base, &admin, &format!("/v1/deliveries?state={state}&limit=1000")).await;
+            page["items"].as_array().map(Vec::len).unwrap_or(0)
+        }
+    };
+    eventually(Duration::from_secs(60), "every refund decided", || async {
+        count("delivered").await + count("denied").await == 100 + probes
+    })
+    .await;
+    assert_eq!(count("delivered").await, 50 + probes, "exactly the cap: 50 × 10.00 = 500.00, and the free probes");
+    let refunds_sent = receiver.on("/agent").iter().filter(|r| r.answered == 200).count();
+    assert_eq!(refunds_sent, 50 + probes);
+    one.kill();
+    two.kill();
 }
 
 const HOLD: &str = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: big-refunds}\nspec:\n  endpointRefs: [refund-agent]\n  match: \"int(event.data.amount_cents) > 20000\"\n  decision: hold\n  approval: {role: approver, quorum: 2, expiresAfter: EXPIRY, onExpiry: deny}\n  reason: refunds above 200.00 need two approvers\n---\napiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: refunds}\nspec:\n  endpointRefs: [refund-agent]\n  decision: allow\n";
@@ -192,29 +269,13 @@ async fn an_expired_hold_is_denied_after_a_restart() {
     let client = reqwest::Client::new();
     let server = Process::start(&db, &args);
     let yaml = format!("{}---\n{}", agent(&receiver.url("/agent")), HOLD.replace("EXPIRY", "2s"));
-    let applied = client
-        .post(format!("{}/v1/apply", server.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200);
+    apply_at(&client, &server.base, &admin, yaml).await;
     let body = json!({"source": "shop", "type": "refund.requested", "data": {"amount_cents": 25000}});
     client.post(format!("{}/v1/events", server.base)).bearer_auth(&admin).json(&body).send().await.unwrap();
     let pending = |base: String| {
         let (client, admin) = (client.clone(), admin.clone());
         async move {
-            let page: Value = client
-                .get(format!("{base}/v1/approvals"))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = get_at(&client, &base, &admin, "/v1/approvals").await;
             page["items"][0]["state"].as_str().unwrap_or("").to_owned()
         }
     };
@@ -244,15 +305,7 @@ async fn an_expired_hold_is_denied_after_a_restart() {
         metric(&server.base, "hookwarden_policy_approvals_pending", &[]).await == Some(0.0)
     })
     .await;
-    let page: Value = client
-        .get(format!("{}/v1/deliveries?state=denied", server.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = get_at(&client, &server.base, &admin, "/v1/deliveries?state=denied").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert!(receiver.on("/agent").is_empty());
     server.kill();
@@ -352,15 +405,7 @@ async fn committed_spend_is_counted_once_however_often_a_delivery_was_allowed() 
     let budget = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: soon}\nspec:\n  maxAttempts: 5\n  backoff: {base: 500ms, max: 500ms, jitter: none}\n";
     let agent = agent(&receiver.url("/agent")).replace("  agent: true\n", "  agent: true\n  retryBudgetRef: soon\n");
     let yaml = format!("{budget}---\n{agent}---\n{}", CAP.replace("LIMIT", "1000000"));
-    let applied = client
-        .post(format!("{}/v1/apply", server.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    apply_at(&client, &server.base, &admin, yaml).await;
     let mut sent = tokio::task::JoinSet::new();
     for n in 0..5 {
         let (client, base, admin) = (client.clone(), server.base.clone(), admin.clone());

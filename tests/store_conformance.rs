@@ -4,13 +4,13 @@ mod common;
 
 use std::collections::HashSet;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use common::TestDb;
 use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
 use hookwarden::policy::decision::{DecisionRecord, Outcome, PolicyDecision};
 use hookwarden::resources::{Kind, ResourceKey};
-use hookwarden::store::policy::NewApproval;
+use hookwarden::store::policy::{AllowResult, NewApproval, SpendReservation};
 use hookwarden::store::{
     ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
     EndpointQuota, EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome,
@@ -62,6 +62,25 @@ fn held() -> DecisionRecord {
         spend: Vec::new(),
         approval: None,
     })
+}
+
+/// A pending approval request `id` for the delivery of `event` to `endpoint`, one grant
+/// needed, for an hour.
+fn approval_request(id: &str, event: &EventId, endpoint: &str) -> NewApproval {
+    NewApproval {
+        id: id.into(),
+        namespace: "default".into(),
+        event_id: event.to_string(),
+        endpoint: endpoint.into(),
+        rule: None,
+        reason: "hold".into(),
+        action_hash: "h".into(),
+        role: "approver".into(),
+        quorum: 1,
+        on_expiry: "deny".into(),
+        expires_at: Utc::now() + chrono::Duration::hours(1),
+        requested_by: "tester".into(),
+    }
 }
 
 fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> Completion {
@@ -382,20 +401,7 @@ async fn a_lane_keeps_its_order_through_release_denial_and_replay(store: &Store)
     // The second is held, then denied: the third goes.
     let second = claim_of(store, &[("a", 10)], 10).await;
     assert_eq!(events_of(&second), [lane[1].id.clone()]);
-    let approval = NewApproval {
-        id: "apr_lane".into(),
-        namespace: "default".into(),
-        event_id: lane[1].id.to_string(),
-        endpoint: "a".into(),
-        rule: None,
-        reason: "hold".into(),
-        action_hash: "h".into(),
-        role: "approver".into(),
-        quorum: 1,
-        on_expiry: "deny".into(),
-        expires_at: Utc::now() + chrono::Duration::hours(1),
-        requested_by: "tester".into(),
-    };
+    let approval = approval_request("apr_lane", &lane[1].id, "a");
     assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, &held(), &approval, Utc::now()).await.unwrap());
     assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "a held head holds its lane");
     store.vote_on_approval("apr_lane", "approver-1", false, "no", Utc::now()).await.unwrap();
@@ -905,8 +911,240 @@ async fn an_unmigrated_database_is_not_ready(db: &TestDb) {
     store.migrate().await.unwrap();
 }
 
+/// An allow decision, as the gate records it.
+fn allowed() -> DecisionRecord {
+    DecisionRecord::Evaluated(PolicyDecision {
+        outcome: Outcome::Allow,
+        rule: Some("cap".into()),
+        reason: "allow".into(),
+        rules: Vec::new(),
+        revision: String::new(),
+        spend: Vec::new(),
+        approval: None,
+    })
+}
+
+/// A reservation under rule `cap` in USD, limit `limit`, window `window`.
+fn spend(key: &str, amount: i64, limit: i64, window: std::time::Duration) -> SpendReservation {
+    SpendReservation { rule: "cap".into(), key: key.into(), currency: "USD".into(), amount, limit, window }
+}
+
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+async fn allow(
+    store: &Store,
+    claim: &ClaimedDelivery,
+    reservations: &[SpendReservation],
+    now: DateTime<Utc>,
+) -> AllowResult {
+    store
+        .allow_delivery(&claim.id, &claim.lease_token, &claim.namespace, &allowed(), reservations, true, now)
+        .await
+        .unwrap()
+}
+
+/// `count` new deliveries to endpoint `agent`, claimed.
+async fn claimed_for_agent(store: &Store, prefix: &str, count: usize) -> Vec<ClaimedDelivery> {
+    let events: Vec<NewEvent> = (0..count).map(|n| fanned_out(&format!("{prefix}-{n}"), &["agent"], None)).collect();
+    store.accept_events(&[request(events)]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 100).await.unwrap();
+    assert_eq!(claimed.len(), count);
+    claimed
+}
+
+/// Ends `claim`'s attempt as `state` (no breaker: failures do not park the endpoint).
+async fn end_attempt(store: &Store, claim: &ClaimedDelivery, state: DeliveryState) {
+    let mut c = completion(claim, state, state == DeliveryState::Delivered);
+    c.breaker = None;
+    assert_eq!(store.complete_attempts(&[c]).await.unwrap().lost, 0);
+}
+
+/// `claim`'s attempt fails for a retry, and it is claimed again.
+async fn retried(store: &Store, claim: &ClaimedDelivery) -> ClaimedDelivery {
+    end_attempt(store, claim, DeliveryState::Retrying).await;
+    let again = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
+    again.into_iter().find(|c| c.id == claim.id).expect("the retry is claimed again")
+}
+
+type Counted = Vec<(String, String, String, String, i64, i64)>;
+
+/// Runs `query` (rows of key, bucket end and amount) on the database directly.
+async fn counted(db: &TestDb, query: &str) -> Counted {
+    use sqlx::Connection as _;
+    if db.is_postgres() {
+        let mut c = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+        sqlx::query_as(query).fetch_all(&mut c).await.unwrap()
+    } else {
+        let mut c = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+        sqlx::query_as(query).fetch_all(&mut c).await.unwrap()
+    }
+}
+
+/// What the buckets hold (those not empty), and what the ledger's reserved and committed
+/// entries add up to per bucket, from `after` on.
+async fn buckets_and_ledger(db: &TestDb, after: i64) -> (Counted, Counted) {
+    let buckets = counted(
+        db,
+        &format!(
+            "SELECT namespace, rule, spend_key, currency, bucket_end, amount FROM spend_buckets \
+             WHERE amount <> 0 AND bucket_end > {after} ORDER BY namespace, rule, spend_key, currency, bucket_end"
+        ),
+    )
+    .await;
+    let ledger = counted(
+        db,
+        &format!(
+            "SELECT namespace, rule, spend_key, currency, bucket_end, CAST(SUM(amount) AS BIGINT) FROM spend_ledger \
+             WHERE state IN ('reserved', 'committed') AND bucket_end > {after} \
+             GROUP BY namespace, rule, spend_key, currency, bucket_end \
+             ORDER BY namespace, rule, spend_key, currency, bucket_end"
+        ),
+    )
+    .await;
+    (buckets, ledger)
+}
+
+async fn window_total(store: &Store, key: &str, window: std::time::Duration, now: DateTime<Utc>) -> i64 {
+    let keys = [("cap".to_owned(), key.to_owned(), "USD".to_owned(), window)];
+    store.spend_totals("default", &keys, None, now).await.unwrap().values().sum()
+}
+
+/// Every way a ledger entry's counted amount changes moves its bucket in step: a
+/// reservation, one made again after a retry (later, so in another bucket), a commit, a
+/// release by a failure and by an approver's denial, and a reservation whose key changed.
+async fn spend_buckets_hold_what_the_ledger_counts_after_reserve_commit_and_release(db: &TestDb) {
+    let store = db.store().await;
+    let d = claimed_for_agent(&store, "s", 6).await;
+    let t0 = Utc::now();
+    let later = t0 + chrono::Duration::seconds(10);
+    let cap = |key: &str, amount| [spend(key, amount, 1_000_000, HOUR)];
+    assert_eq!(allow(&store, &d[0], &cap("agent", 1000), t0).await, AllowResult::Reserved);
+    // Reserved, retried, reserved again for more, 10 s later.
+    assert_eq!(allow(&store, &d[1], &cap("agent", 2000), t0).await, AllowResult::Reserved);
+    let d1 = retried(&store, &d[1]).await;
+    assert_eq!(allow(&store, &d1, &cap("agent", 2500), later).await, AllowResult::Reserved);
+    // Committed by its delivery, released by a failure.
+    assert_eq!(allow(&store, &d[2], &cap("agent", 3000), t0).await, AllowResult::Reserved);
+    end_attempt(&store, &d[2], DeliveryState::Delivered).await;
+    assert_eq!(allow(&store, &d[3], &cap("agent", 4000), t0).await, AllowResult::Reserved);
+    end_attempt(&store, &d[3], DeliveryState::Failed).await;
+    // The rule's `per` value changed between two allows of one delivery.
+    assert_eq!(allow(&store, &d[4], &cap("agent/c1", 500), t0).await, AllowResult::Reserved);
+    let d4 = retried(&store, &d[4]).await;
+    assert_eq!(allow(&store, &d4, &cap("agent/c2", 600), later).await, AllowResult::Reserved);
+    // Allowed, then held on its retry and denied by an approver.
+    assert_eq!(allow(&store, &d[5], &cap("agent", 700), t0).await, AllowResult::Reserved);
+    let d5 = retried(&store, &d[5]).await;
+    let approval = approval_request("apr_spend", &d5.event_id, "agent");
+    assert!(store.hold_delivery(&d5.id, &d5.lease_token, &held(), &approval, later).await.unwrap());
+    store.vote_on_approval("apr_spend", "approver-1", false, "no", later).await.unwrap();
+
+    let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
+    assert_eq!(buckets, ledger, "the buckets hold what the ledger counts");
+    assert_eq!(buckets.iter().map(|b| b.5).sum::<i64>(), 1000 + 2500 + 3000 + 600);
+    let now = later + chrono::Duration::seconds(1);
+    assert_eq!(window_total(&store, "agent", HOUR, now).await, 1000 + 2500 + 3000);
+    assert_eq!(window_total(&store, "agent/c1", HOUR, now).await, 0);
+    assert_eq!(window_total(&store, "agent/c2", HOUR, now).await, 600);
+    // A delivery deciding again leaves its own reservation out.
+    let keys = [("cap".to_owned(), "agent".to_owned(), "USD".to_owned(), HOUR)];
+    let without_d1 = store.spend_totals("default", &keys, Some(&d1.id), now).await.unwrap();
+    assert_eq!(without_d1.values().sum::<i64>(), 1000 + 3000);
+}
+
+/// Spend stops counting once its bucket has left the window (at most one bucket width, a
+/// window's 1/360th, late); a later reservation prunes the bucket, and a rule whose window
+/// is made longer counts it again (from the ledger, then rebuilt), limit included.
+async fn spend_leaves_its_window_and_a_longer_window_counts_it_again(db: &TestDb) {
+    let store = db.store().await;
+    let d = claimed_for_agent(&store, "w", 4).await;
+    let t0 = Utc::now();
+    let width = chrono::Duration::seconds(10);
+    assert_eq!(allow(&store, &d[0], &[spend("agent", 1000, 1600, HOUR)], t0).await, AllowResult::Reserved);
+    let hour = chrono::Duration::hours(1);
+    assert_eq!(window_total(&store, "agent", HOUR, t0 + hour - chrono::Duration::seconds(1)).await, 1000);
+    assert_eq!(window_total(&store, "agent", HOUR, t0 + hour).await, 1000, "late, never early");
+    assert_eq!(window_total(&store, "agent", HOUR, t0 + hour + width).await, 0, "left the window");
+
+    // Two hours on, a reservation prunes the bucket that left its window.
+    let t1 = t0 + hour * 2;
+    assert_eq!(allow(&store, &d[1], &[spend("agent", 500, 1600, HOUR)], t1).await, AllowResult::Reserved);
+    let (buckets, _) = buckets_and_ledger(db, i64::MIN).await;
+    assert_eq!(buckets.iter().map(|b| b.5).collect::<Vec<_>>(), [500], "the first bucket was pruned");
+    assert_eq!(window_total(&store, "agent", HOUR, t1).await, 500);
+
+    // The rule's window becomes a day: the pruned spend counts again, against the limit too.
+    let day = 24 * HOUR;
+    assert_eq!(window_total(&store, "agent", day, t1).await, 1500);
+    let over = allow(&store, &d[2], &[spend("agent", 200, 1600, day)], t1).await;
+    assert_eq!(over, AllowResult::OverLimit("cap".into()));
+    assert_eq!(allow(&store, &d[2], &[spend("agent", 100, 1600, day)], t1).await, AllowResult::Reserved);
+    let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
+    assert_eq!(buckets, ledger, "rebuilt from the ledger");
+    assert_eq!(window_total(&store, "agent", day, t1).await, 1600);
+    assert_eq!(allow(&store, &d[3], &[spend("agent", 1, 1600, day)], t1).await, AllowResult::OverLimit("cap".into()));
+}
+
+/// A database migrated from before the buckets counts the ledger it has, in 1-minute buckets.
+async fn migrating_counts_an_existing_ledger_into_buckets(db: &TestDb) {
+    let backend = if db.is_postgres() { "postgres" } else { "sqlite" };
+    let before = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(format!("{}/migrations/{backend}", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_str().unwrap() < "0010" {
+            std::fs::copy(&path, before.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let old = sqlx::migrate::Migrator::new(before.path()).await.unwrap();
+    // The store's connection options (SQLite: its file, created) before the store migrates.
+    let store = Store::connect(&db.url()).await.unwrap();
+    {
+        use sqlx::Connection as _;
+        if db.is_postgres() {
+            let mut c = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+            old.run(&mut c).await.unwrap();
+        } else {
+            let mut c = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+            old.run(&mut c).await.unwrap();
+        }
+    }
+    let d = claimed_for_agent(&store, "m", 4).await;
+    let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+    let entries = [
+        (&d[0], "agent", 100, "reserved", at("2026-12-01T10:00:01.5Z")),
+        (&d[1], "agent", 200, "committed", at("2026-12-01T10:00:59.999Z")),
+        (&d[2], "agent", 400, "released", at("2026-12-01T10:00:30Z")),
+        (&d[3], "agent/x", 800, "committed", at("2026-12-01T10:01:00Z")),
+    ];
+    for (claim, key, amount, state, created_at) in entries {
+        let insert = "INSERT INTO spend_ledger (delivery_id, namespace, rule, spend_key, currency, amount, state, \
+                      created_at) VALUES ($1, 'default', 'cap', $2, 'USD', $3, $4, $5)";
+        use sqlx::Connection as _;
+        if db.is_postgres() {
+            let mut c = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+            let q = sqlx::query(insert).bind(claim.id.as_str()).bind(key).bind(amount).bind(state).bind(created_at);
+            q.execute(&mut c).await.unwrap();
+        } else {
+            let mut c = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+            let q = sqlx::query(insert).bind(claim.id.as_str()).bind(key).bind(amount).bind(state).bind(created_at);
+            q.execute(&mut c).await.unwrap();
+        }
+    }
+    store.migrate().await.unwrap();
+    let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
+    assert_eq!(buckets, ledger);
+    let minute = |s: &str| at(s).timestamp_millis();
+    let row = |key: &str, end: i64, amount: i64| {
+        ("default".to_owned(), "cap".to_owned(), key.to_owned(), "USD".to_owned(), end, amount)
+    };
+    assert_eq!(
+        buckets,
+        [row("agent", minute("2026-12-01T10:01:00Z"), 300), row("agent/x", minute("2026-12-01T10:02:00Z"), 800)]
+    );
+}
+
 macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
+    ($($case:ident),* $(,)?; $($db_case:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test]
@@ -915,10 +1153,12 @@ macro_rules! conformance {
                     super::$case(&db.store().await).await;
                 }
             )*
-            #[tokio::test]
-            async fn an_unmigrated_database_is_not_ready() {
-                super::an_unmigrated_database_is_not_ready(&super::TestDb::sqlite()).await;
-            }
+            $(
+                #[tokio::test]
+                async fn $db_case() {
+                    super::$db_case(&super::TestDb::sqlite()).await;
+                }
+            )*
         }
         mod postgres {
             $(
@@ -928,11 +1168,13 @@ macro_rules! conformance {
                     super::$case(&db.store().await).await;
                 }
             )*
-            #[tokio::test]
-            async fn an_unmigrated_database_is_not_ready() {
-                let Some(db) = super::TestDb::postgres().await else { return };
-                super::an_unmigrated_database_is_not_ready(&db).await;
-            }
+            $(
+                #[tokio::test]
+                async fn $db_case() {
+                    let Some(db) = super::TestDb::postgres().await else { return };
+                    super::$db_case(&db).await;
+                }
+            )*
         }
     };
 }
@@ -966,4 +1208,10 @@ conformance!(
     claims_take_at_most_each_endpoints_cap_oldest_first,
     the_half_open_probe_is_taken_by_one_claim_at_a_time,
     the_retry_budget_allows_so_many_retries_per_rolling_hour,
+    ;
+    // Cases that also look at the database behind the store's back.
+    an_unmigrated_database_is_not_ready,
+    spend_buckets_hold_what_the_ledger_counts_after_reserve_commit_and_release,
+    spend_leaves_its_window_and_a_longer_window_counts_it_again,
+    migrating_counts_an_existing_ledger_into_buckets,
 );

@@ -37,7 +37,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Ingest(args) => ingest::ingest(args).await,
         BenchCommand::Deliver(args) => deliver::deliver(args).await,
-        BenchCommand::Policy(args) => policy::policy(args),
+        BenchCommand::Policy(args) => policy::policy(args).await,
         BenchCommand::Cel(args) => cel::cel(args).await,
     }
 }

@@ -67,16 +67,7 @@ impl Dispatcher {
             let verdict = match self.decide_spend(&policy, &event, ep, delivery, now, budget).await {
                 Ok(decision) => {
                     let approval_id = format!("apr_{}", ulid::Ulid::new());
-                    let facts = Facts {
-                        event: &event,
-                        event_id: delivery.event_id.as_str(),
-                        namespace: &delivery.namespace,
-                        endpoint: &delivery.endpoint,
-                        requested_by: &delivery.ingested_by,
-                        approved: delivery.approved,
-                        approval_id: &approval_id,
-                    };
-                    gate::judge(decision, &facts, now)
+                    gate::judge(decision, &facts(delivery, &event, &approval_id), now)
                 }
                 Err(e) => Verdict::Retry { after: undecided(delivery, e) },
             };
@@ -102,12 +93,7 @@ impl Dispatcher {
     ) -> Result<PolicyDecision, Undecided> {
         let decide = |totals| self.decide(policy.clone(), event.clone(), ep, totals, now, budget);
         let probe = decide(BTreeMap::new()).await?;
-        let keys: Vec<(String, String, String, Duration)> = probe
-            .rules
-            .iter()
-            .filter_map(|r| r.spend.as_ref())
-            .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
-            .collect();
+        let keys = spend_windows(&probe);
         if keys.is_empty() {
             return Ok(probe);
         }
@@ -200,6 +186,35 @@ impl Dispatcher {
         let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], later).await;
         Gated::Stop
     }
+}
+
+/// What the verdict on `delivery` is judged by: the `event` its rules saw, and the id its
+/// approval request gets if it is held.
+pub(crate) fn facts<'a>(
+    delivery: &'a ClaimedDelivery,
+    event: &'a serde_json::Value,
+    approval_id: &'a str,
+) -> Facts<'a> {
+    Facts {
+        event,
+        event_id: delivery.event_id.as_str(),
+        namespace: &delivery.namespace,
+        endpoint: &delivery.endpoint,
+        requested_by: &delivery.ingested_by,
+        approved: delivery.approved,
+        approval_id,
+    }
+}
+
+/// The spend windows a decision's rules looked at, `(rule, key, currency, window)`: what
+/// [`crate::store::Store::spend_totals`] reads before the rules decide with them.
+pub(crate) fn spend_windows(decision: &PolicyDecision) -> Vec<(String, String, String, Duration)> {
+    decision
+        .rules
+        .iter()
+        .filter_map(|r| r.spend.as_ref())
+        .map(|s| (s.rule.clone(), s.key.clone(), s.currency.clone(), s.window))
+        .collect()
 }
 
 /// Why the gate could not decide or record its verdict.

@@ -5,7 +5,7 @@
 pub mod admission;
 mod attempt;
 pub mod dispatch;
-mod gate;
+pub(crate) mod gate;
 pub mod guard;
 pub mod http;
 pub mod outcome;

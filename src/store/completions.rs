@@ -9,9 +9,9 @@
 //! - locks are taken in one order (deliveries, endpoint state sorted by name, spend, audit
 //!   chains sorted, lanes last), so concurrent writers cannot deadlock.
 //!
-//! The delivery updates with their attempts, and the spend settlement, are shaped per
-//! backend (`write_completions_in` and `settle_spend_in` in `postgres.rs` and
-//! `sqlite.rs`); the rest is written once.
+//! The delivery updates with their attempts, and the ledger's part of the spend settlement,
+//! are shaped per backend (`write_completions_in` and `settle_spend_in` in `postgres.rs`
+//! and `sqlite.rs`); the rest is written once.
 
 use std::collections::BTreeMap;
 
@@ -96,14 +96,8 @@ async fn settle_spend_in(tx: &mut Tx, kept: &[&Completion]) -> Result<Vec<Commit
         .filter(|c| c.settle_spend)
         .filter_map(|c| policy::ledger_state_for(c.state).map(|s| (c.id.as_str(), s)))
         .collect();
-    if settled.is_empty() {
-        return Ok(Vec::new());
-    }
-    let committed = match tx {
-        Tx::Pg(tx) => PgStore::settle_spend_in(tx, &settled).await?,
-        Tx::Sqlite(tx) => SqliteStore::settle_spend_in(tx, &settled).await?,
-    };
-    Ok(committed
+    Ok(policy::settle_ledger_in(tx, &settled)
+        .await?
         .into_iter()
         .filter_map(|(id, currency, amount)| {
             let c = kept.iter().find(|c| c.id.as_str() == id)?;

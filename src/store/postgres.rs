@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::policy::SettledEntry;
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
@@ -406,24 +407,21 @@ impl PgStore {
         Ok(completions.iter().map(|c| updated.contains(c.id.as_str())).collect())
     }
 
-    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
+    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`;
+    /// returns the entries settled (see [`super::policy::settle_ledger_in`]).
     pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Postgres>,
         settled: &[(&str, &'static str)],
-    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+    ) -> Result<Vec<SettledEntry>, StoreError> {
         let (ids, states): (Vec<&str>, Vec<&str>) = settled.iter().copied().unzip();
-        let committed: Vec<(String, String, i64)> = sqlx::query_as(
+        Ok(sqlx::query_as(
             "UPDATE spend_ledger l SET state = t.state FROM UNNEST($1::text[], $2::text[]) AS t(id, state) \
              WHERE l.delivery_id = t.id AND l.state = 'reserved' \
-             RETURNING l.delivery_id, l.currency, CASE WHEN l.state = 'committed' THEN l.amount ELSE NULL END",
+             RETURNING l.delivery_id, l.namespace, l.rule, l.spend_key, l.currency, l.amount, l.state, l.bucket_end",
         )
         .bind(&ids)
         .bind(&states)
         .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .filter_map(|(id, currency, amount): (String, String, Option<i64>)| amount.map(|a| (id, currency, a)))
-        .collect();
-        Ok(committed)
+        .await?)
     }
 }

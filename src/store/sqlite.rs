@@ -31,6 +31,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Sqlite, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::policy::SettledEntry;
 use super::sqlite_file::Snapshot;
 use super::sqlite_write::{write_pool_options, WriteHealth};
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
@@ -397,26 +398,24 @@ impl SqliteStore {
         Ok(applied)
     }
 
-    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`.
-    /// Returns what was committed: `(delivery, currency, amount)`.
+    /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`;
+    /// returns the entries settled (see [`super::policy::settle_ledger_in`]).
     pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Sqlite>,
         settled: &[(&str, &'static str)],
-    ) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let mut committed = Vec::new();
+    ) -> Result<Vec<SettledEntry>, StoreError> {
+        let mut entries = Vec::new();
         for (id, state) in settled {
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            let rows: Vec<SettledEntry> = sqlx::query_as(
                 "UPDATE spend_ledger SET state = ? WHERE delivery_id = ? AND state = 'reserved' \
-                 RETURNING delivery_id, currency, amount",
+                 RETURNING delivery_id, namespace, rule, spend_key, currency, amount, state, bucket_end",
             )
             .bind(*state)
             .bind(*id)
             .fetch_all(&mut **tx)
             .await?;
-            if *state == "committed" {
-                committed.extend(rows);
-            }
+            entries.extend(rows);
         }
-        Ok(committed)
+        Ok(entries)
     }
 }
