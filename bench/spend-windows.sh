@@ -12,6 +12,7 @@
 # DATABASES (default "postgres sqlite") and ROUNDS (default 2) narrow or widen the runs.
 # Each run's output goes to its own file; a line per run on standard output says which.
 set -eu
+. "$(dirname "$0")/lib.sh"
 
 out=$1
 shift
@@ -20,19 +21,12 @@ mkdir -p "$out"
 server=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 
 for round in $(seq "${ROUNDS:-2}"); do
-  binaries=$all
-  if [ $((round % 2)) -eq 0 ]; then
-    binaries=$(echo "$all" | tr ' ' '\n' | tac | tr '\n' ' ')
-  fi
   for database in ${DATABASES:-postgres sqlite}; do
     for entries in ${ENTRIES:-0 1000000}; do
-      for binary in $binaries; do
+      for binary in $(in_turn "$round" $all); do
         set -- bench policy --ledger-entries "$entries" --decisions "${DECISIONS:-500}"
         [ "$database" = postgres ] && set -- "$@" --database-url "$server"
-        file="$out/$(basename "$(dirname "$binary")")-$(basename "$binary")-$database-$entries-$round.txt"
-        echo "$binary $* > $file"
-        echo "$binary $*" > "$file"
-        "$binary" "$@" >> "$file" 2>&1 || echo "exit status $?" >> "$file"
+        run_recorded "$out/$(label "$binary")-$database-$entries-$round.txt" "$binary" "$@"
       done
     done
   done

@@ -1,38 +1,39 @@
 #!/bin/sh
 # The runs of docs/PERFORMANCE.md, "Work per delivery": closed loop (wrk, 32 connections,
 # 20 s) and open loop (2,000 events/s, 20 s), plain and governed endpoint, auditing on,
-# PostgreSQL (a fresh database per run) and SQLite, each twice, in alternation.
+# PostgreSQL (a fresh database per run) and SQLite, for each binary given, the binaries
+# alternating and their order reversed every other round.
 #
-#   bench/work-per-delivery.sh [BINARY] [POSTGRES_SERVER_URL] [OUTPUT_DIR]
+#   bench/work-per-delivery.sh OUTPUT_DIR BINARY [BINARY ...]
 #
-# BINARY defaults to ./target/release/hookwarden (cargo build --release); the PostgreSQL
-# server to postgres://postgres@127.0.0.1:5432/postgres (only used to create and drop
-# hw_bench_<ulid> databases); OUTPUT_DIR to target/work-per-delivery/<time>. Needs wrk
-# (Debian: apt-get install wrk). Each run's output goes to its own file (a failed run's
-# ends in its exit status); a line per run on standard output says which.
-# DATABASES="postgres" (or "sqlite") runs only those; ROUNDS (default 2) sets the repeats.
+# POSTGRES (default postgres://postgres@127.0.0.1:5432/postgres) is only used to create and
+# drop hw_bench_<ulid> databases. Needs wrk (Debian: apt-get install wrk). DATABASES
+# (default "postgres sqlite"), ENDPOINTS (default "plain governed"), LOOPS (default
+# "closed open") and ROUNDS (default 2) narrow or widen the runs. Each run's output goes to
+# its own file; a line per run on standard output says which.
 set -eu
+. "$(dirname "$0")/lib.sh"
 
-binary=${1:-./target/release/hookwarden}
-server=${2:-postgres://postgres@127.0.0.1:5432/postgres}
-out=${3:-target/work-per-delivery/$(date -u +%Y%m%dT%H%M%SZ)}
+out=$1
+shift
+all=$*
 mkdir -p "$out"
+server=${POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 
 for round in $(seq "${ROUNDS:-2}"); do
   for database in ${DATABASES:-postgres sqlite}; do
-    for endpoint in plain governed; do
-      for loop in closed open; do
-        set -- bench deliver --seconds 20 --audit-outcomes all
-        case $loop in
-          closed) set -- "$@" --closed-loop-wrk --connections 32 ;;
-          open) set -- "$@" --rate 2000 ;;
-        esac
-        [ "$endpoint" = governed ] && set -- "$@" --governed
-        [ "$database" = postgres ] && set -- "$@" --database-url "$server" --fresh-database
-        file="$out/$database-$endpoint-$loop-$round.txt"
-        echo "$binary $* > $file"
-        echo "$binary $*" > "$file"
-        "$binary" "$@" >> "$file" 2>&1 || echo "exit status $?" >> "$file"
+    for loop in ${LOOPS:-closed open}; do
+      for endpoint in ${ENDPOINTS:-plain governed}; do
+        for binary in $(in_turn "$round" $all); do
+          set -- bench deliver --seconds 20 --audit-outcomes all
+          case $loop in
+            closed) set -- "$@" --closed-loop-wrk --connections 32 ;;
+            open) set -- "$@" --rate 2000 ;;
+          esac
+          [ "$endpoint" = governed ] && set -- "$@" --governed
+          [ "$database" = postgres ] && set -- "$@" --database-url "$server" --fresh-database
+          run_recorded "$out/$(label "$binary")-$database-$endpoint-$loop-$round.txt" "$binary" "$@"
+        done
       done
     done
   done

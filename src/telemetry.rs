@@ -207,6 +207,18 @@ pub const FAMILIES: &[Family] = &[
         Unit::Seconds,
         "Time in seconds from an approval request to its decision, by outcome.",
     ),
+    family(
+        "hookwarden_policy_decision_write_seconds",
+        Kind::Histogram,
+        Unit::Seconds,
+        "Duration of one write of a batch of the policy gate's allow and hold decisions (one transaction), in seconds.",
+    ),
+    family(
+        "hookwarden_policy_decision_batch_size",
+        Kind::Histogram,
+        Unit::Count,
+        "Allow and hold decisions committed in one transaction by the decision writer.",
+    ),
     counter(
         "hookwarden_policy_spend_reserved_total",
         "Spend reserved by allow decisions, in minor units of the currency, by namespace, agent endpoint and currency; a delivery allowed again after a retry reserves again.",
@@ -263,6 +275,16 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full("hookwarden_delivery_completion_write_seconds".into()),
                 &CLAIM_BUCKETS,
+            )
+            .expect("static buckets are valid")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("hookwarden_policy_decision_write_seconds".into()),
+                &CLAIM_BUCKETS,
+            )
+            .expect("static buckets are valid")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("hookwarden_policy_decision_batch_size".into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
             )
             .expect("static buckets are valid")
             .build_recorder();

@@ -10,7 +10,7 @@ use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
 use hookwarden::policy::decision::{DecisionRecord, Outcome, PolicyDecision};
 use hookwarden::resources::{Kind, ResourceKey};
-use hookwarden::store::policy::{AllowResult, NewApproval, SpendReservation};
+use hookwarden::store::policy::{DecisionWrite, NewApproval, Recorded, SpendReservation, ToRecord};
 use hookwarden::store::{
     ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
     EndpointQuota, EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome,
@@ -402,7 +402,7 @@ async fn a_lane_keeps_its_order_through_release_denial_and_replay(store: &Store)
     let second = claim_of(store, &[("a", 10)], 10).await;
     assert_eq!(events_of(&second), [lane[1].id.clone()]);
     let approval = approval_request("apr_lane", &lane[1].id, "a");
-    assert!(store.hold_delivery(&second[0].id, &second[0].lease_token, &held(), &approval, Utc::now()).await.unwrap());
+    assert_eq!(hold(store, &second[0], approval, Utc::now()).await, Recorded::Held);
     assert!(claim_of(store, &[("a", 10)], 10).await.is_empty(), "a held head holds its lane");
     store.vote_on_approval("apr_lane", "approver-1", false, "no", Utc::now()).await.unwrap();
     let third = claim_of(store, &[("a", 10)], 10).await;
@@ -803,7 +803,7 @@ async fn an_overdue_approval(store: &Store) -> String {
         requested_by: "tester".into(),
     };
     let now = Utc::now();
-    assert!(store.hold_delivery(&claim.id, &claim.lease_token, &held(), &approval, now).await.unwrap());
+    assert_eq!(hold(store, &claim, approval.clone(), now).await, Recorded::Held);
     approval.id
 }
 
@@ -936,11 +936,33 @@ async fn allow(
     claim: &ClaimedDelivery,
     reservations: &[SpendReservation],
     now: DateTime<Utc>,
-) -> AllowResult {
-    store
-        .allow_delivery(&claim.id, &claim.lease_token, &claim.namespace, &allowed(), reservations, true, now)
-        .await
-        .unwrap()
+) -> Recorded {
+    let verdict = ToRecord::Allow { reservations: reservations.to_vec(), enforce_limits: true };
+    record(store, claim, allowed(), verdict, now).await
+}
+
+async fn hold(store: &Store, claim: &ClaimedDelivery, approval: NewApproval, now: DateTime<Utc>) -> Recorded {
+    record(store, claim, held(), ToRecord::Hold(Box::new(approval)), now).await
+}
+
+/// Records one decision on `claim`, as the gate's decision writer does.
+async fn record(
+    store: &Store,
+    claim: &ClaimedDelivery,
+    decision: DecisionRecord,
+    verdict: ToRecord,
+    now: DateTime<Utc>,
+) -> Recorded {
+    let write = DecisionWrite {
+        id: claim.id.clone(),
+        lease_token: claim.lease_token.clone(),
+        namespace: claim.namespace.clone(),
+        record: decision,
+        verdict,
+    };
+    let mut results = store.record_decisions(&[write], now).await.unwrap();
+    assert_eq!(results.len(), 1);
+    results.remove(0)
 }
 
 /// `count` new deliveries to endpoint `agent`, claimed.
@@ -1018,25 +1040,25 @@ async fn spend_buckets_hold_what_the_ledger_counts_after_reserve_commit_and_rele
     let t0 = Utc::now();
     let later = t0 + chrono::Duration::seconds(10);
     let cap = |key: &str, amount| [spend(key, amount, 1_000_000, HOUR)];
-    assert_eq!(allow(&store, &d[0], &cap("agent", 1000), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[0], &cap("agent", 1000), t0).await, Recorded::Reserved);
     // Reserved, retried, reserved again for more, 10 s later.
-    assert_eq!(allow(&store, &d[1], &cap("agent", 2000), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[1], &cap("agent", 2000), t0).await, Recorded::Reserved);
     let d1 = retried(&store, &d[1]).await;
-    assert_eq!(allow(&store, &d1, &cap("agent", 2500), later).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d1, &cap("agent", 2500), later).await, Recorded::Reserved);
     // Committed by its delivery, released by a failure.
-    assert_eq!(allow(&store, &d[2], &cap("agent", 3000), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[2], &cap("agent", 3000), t0).await, Recorded::Reserved);
     end_attempt(&store, &d[2], DeliveryState::Delivered).await;
-    assert_eq!(allow(&store, &d[3], &cap("agent", 4000), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[3], &cap("agent", 4000), t0).await, Recorded::Reserved);
     end_attempt(&store, &d[3], DeliveryState::Failed).await;
     // The rule's `per` value changed between two allows of one delivery.
-    assert_eq!(allow(&store, &d[4], &cap("agent/c1", 500), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[4], &cap("agent/c1", 500), t0).await, Recorded::Reserved);
     let d4 = retried(&store, &d[4]).await;
-    assert_eq!(allow(&store, &d4, &cap("agent/c2", 600), later).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d4, &cap("agent/c2", 600), later).await, Recorded::Reserved);
     // Allowed, then held on its retry and denied by an approver.
-    assert_eq!(allow(&store, &d[5], &cap("agent", 700), t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[5], &cap("agent", 700), t0).await, Recorded::Reserved);
     let d5 = retried(&store, &d[5]).await;
     let approval = approval_request("apr_spend", &d5.event_id, "agent");
-    assert!(store.hold_delivery(&d5.id, &d5.lease_token, &held(), &approval, later).await.unwrap());
+    assert_eq!(hold(&store, &d5, approval, later).await, Recorded::Held);
     store.vote_on_approval("apr_spend", "approver-1", false, "no", later).await.unwrap();
 
     let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
@@ -1060,7 +1082,7 @@ async fn spend_leaves_its_window_and_a_longer_window_counts_it_again(db: &TestDb
     let d = claimed_for_agent(&store, "w", 4).await;
     let t0 = Utc::now();
     let width = chrono::Duration::seconds(10);
-    assert_eq!(allow(&store, &d[0], &[spend("agent", 1000, 1600, HOUR)], t0).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[0], &[spend("agent", 1000, 1600, HOUR)], t0).await, Recorded::Reserved);
     let hour = chrono::Duration::hours(1);
     assert_eq!(window_total(&store, "agent", HOUR, t0 + hour - chrono::Duration::seconds(1)).await, 1000);
     assert_eq!(window_total(&store, "agent", HOUR, t0 + hour).await, 1000, "late, never early");
@@ -1068,7 +1090,7 @@ async fn spend_leaves_its_window_and_a_longer_window_counts_it_again(db: &TestDb
 
     // Two hours on, a reservation prunes the bucket that left its window.
     let t1 = t0 + hour * 2;
-    assert_eq!(allow(&store, &d[1], &[spend("agent", 500, 1600, HOUR)], t1).await, AllowResult::Reserved);
+    assert_eq!(allow(&store, &d[1], &[spend("agent", 500, 1600, HOUR)], t1).await, Recorded::Reserved);
     let (buckets, _) = buckets_and_ledger(db, i64::MIN).await;
     assert_eq!(buckets.iter().map(|b| b.5).collect::<Vec<_>>(), [500], "the first bucket was pruned");
     assert_eq!(window_total(&store, "agent", HOUR, t1).await, 500);
@@ -1077,12 +1099,99 @@ async fn spend_leaves_its_window_and_a_longer_window_counts_it_again(db: &TestDb
     let day = 24 * HOUR;
     assert_eq!(window_total(&store, "agent", day, t1).await, 1500);
     let over = allow(&store, &d[2], &[spend("agent", 200, 1600, day)], t1).await;
-    assert_eq!(over, AllowResult::OverLimit("cap".into()));
-    assert_eq!(allow(&store, &d[2], &[spend("agent", 100, 1600, day)], t1).await, AllowResult::Reserved);
+    assert_eq!(over, Recorded::OverLimit("cap".into()));
+    assert_eq!(allow(&store, &d[2], &[spend("agent", 100, 1600, day)], t1).await, Recorded::Reserved);
     let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
     assert_eq!(buckets, ledger, "rebuilt from the ledger");
     assert_eq!(window_total(&store, "agent", day, t1).await, 1600);
-    assert_eq!(allow(&store, &d[3], &[spend("agent", 1, 1600, day)], t1).await, AllowResult::OverLimit("cap".into()));
+    assert_eq!(allow(&store, &d[3], &[spend("agent", 1, 1600, day)], t1).await, Recorded::OverLimit("cap".into()));
+}
+
+/// One batch of decisions, as the decision writer commits it: each allow is checked
+/// against what the batch's earlier allows reserved, so the batch fills the limit exactly
+/// and the allow after it is refused; a refused allow, a lost lease and a hold in the same
+/// batch write nothing of theirs but what they should; every recorded decision has its
+/// audit record, appended in order on one chain.
+async fn a_batch_of_decisions_reserves_up_to_the_limit_and_records_each_outcome(db: &TestDb) {
+    let store = db.store().await;
+    let d = claimed_for_agent(&store, "b", 8).await;
+    let now = Utc::now();
+    let write = |claim: &ClaimedDelivery, record: DecisionRecord, verdict: ToRecord| DecisionWrite {
+        id: claim.id.clone(),
+        lease_token: claim.lease_token.clone(),
+        namespace: claim.namespace.clone(),
+        record,
+        verdict,
+    };
+    let spending =
+        |amount| ToRecord::Allow { reservations: vec![spend("agent", amount, 1000, HOUR)], enforce_limits: true };
+    let two_rules = ToRecord::Allow {
+        reservations: vec![
+            SpendReservation { rule: "other".into(), ..spend("agent", 10, 1000, HOUR) },
+            spend("agent", 300, 1000, HOUR),
+        ],
+        enforce_limits: true,
+    };
+    let mut stolen = write(&d[3], allowed(), spending(100));
+    stolen.lease_token = "not-the-lease".into();
+    let heads_before = store.audit_heads().await.unwrap();
+    let writes = [
+        write(&d[0], allowed(), spending(400)),
+        write(&d[1], allowed(), spending(350)),
+        // 750 reserved: its second rule would pass, its first not; neither is written.
+        write(&d[2], allowed(), two_rules),
+        stolen,
+        write(&d[4], held(), ToRecord::Hold(Box::new(approval_request("apr_batch", &d[4].event_id, "agent")))),
+        write(&d[5], allowed(), spending(250)),
+        // Exactly at the limit now: one more unit is over.
+        write(&d[6], allowed(), spending(1)),
+        write(&d[7], allowed(), ToRecord::Allow { reservations: Vec::new(), enforce_limits: true }),
+    ];
+    let results = store.record_decisions(&writes, now).await.unwrap();
+    assert_eq!(
+        results,
+        [
+            Recorded::Reserved,
+            Recorded::Reserved,
+            Recorded::OverLimit("cap".into()),
+            Recorded::LeaseLost,
+            Recorded::Held,
+            Recorded::Reserved,
+            Recorded::OverLimit("cap".into()),
+            Recorded::Reserved,
+        ]
+    );
+    assert_eq!(window_total(&store, "agent", HOUR, now).await, 1000, "filled to the limit, not past it");
+    let other = [("other".to_owned(), "agent".to_owned(), "USD".to_owned(), HOUR)];
+    assert_eq!(store.spend_totals("default", &other, None, now).await.unwrap().values().sum::<i64>(), 0);
+    let (buckets, ledger) = buckets_and_ledger(db, i64::MIN).await;
+    assert_eq!(buckets, ledger, "the buckets hold what the ledger counts");
+
+    // The decisions recorded are on their deliveries; the others are untouched.
+    for (claim, decided) in d.iter().zip([true, true, false, false, true, true, false, true]) {
+        let (shown, _) = store.get_delivery(&claim.id).await.unwrap().expect("the delivery");
+        assert_eq!(shown.decision.is_some(), decided, "{}", claim.id);
+    }
+    let (approval, _) = store.get_approval("apr_batch").await.unwrap().expect("the approval request");
+    assert_eq!(approval.state, "pending");
+
+    // One append: the chain grew by five decisions and one approval request, in batch order.
+    let start = heads_before.iter().find(|(c, _, _)| c == "default").map_or(0, |(_, seq, _)| *seq);
+    let records = store.audit_records("default", start + 1, i64::MAX, 100).await.unwrap();
+    let subjects: Vec<(String, String)> = records.iter().map(|r| (r.action.clone(), r.subject.clone())).collect();
+    let decision = |claim: &ClaimedDelivery| ("policy.decision".to_owned(), format!("delivery/{}", claim.id));
+    assert_eq!(
+        subjects,
+        [
+            decision(&d[0]),
+            decision(&d[1]),
+            decision(&d[4]),
+            ("approval.requested".to_owned(), "approval/apr_batch".to_owned()),
+            decision(&d[5]),
+            decision(&d[7]),
+        ]
+    );
+    assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1 && w[1].prev_hash == w[0].hash), "gapless");
 }
 
 /// A database migrated from before the buckets counts the ledger it has, in 1-minute buckets.
@@ -1213,5 +1322,6 @@ conformance!(
     an_unmigrated_database_is_not_ready,
     spend_buckets_hold_what_the_ledger_counts_after_reserve_commit_and_release,
     spend_leaves_its_window_and_a_longer_window_counts_it_again,
+    a_batch_of_decisions_reserves_up_to_the_limit_and_records_each_outcome,
     migrating_counts_an_existing_ledger_into_buckets,
 );

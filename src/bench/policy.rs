@@ -19,7 +19,8 @@ use crate::policy::engine::{decide, CompiledRule, EndpointView, PolicySet};
 use crate::policy::expr::Limits;
 use crate::policy::gate::{judge, Verdict};
 use crate::policy::meter::Budget;
-use crate::store::policy::{AllowResult, LedgerFill};
+use crate::store::policy::{DecisionWrite, Recorded, ToRecord};
+use crate::store::spend::LedgerFill;
 use crate::store::{ClaimedDelivery, IngestRequest, NewDelivery, NewEvent, Store};
 
 #[derive(Args)]
@@ -337,18 +338,15 @@ async fn allow(
     let Verdict::Send { reservations, enforce_limits, record } = judge(decision, &facts, now) else {
         bail!("the bench rule did not allow");
     };
-    let result = store
-        .allow_delivery(
-            &delivery.id,
-            &delivery.lease_token,
-            &delivery.namespace,
-            &record,
-            &reservations,
-            enforce_limits,
-            now,
-        )
-        .await?;
-    if result != AllowResult::Reserved {
+    let write = DecisionWrite {
+        id: delivery.id.clone(),
+        lease_token: delivery.lease_token.clone(),
+        namespace: delivery.namespace.clone(),
+        record,
+        verdict: ToRecord::Allow { reservations, enforce_limits },
+    };
+    let result = store.record_decisions(std::slice::from_ref(&write), now).await?.remove(0);
+    if result != Recorded::Reserved {
         bail!("allow not recorded: {result:?}");
     }
     Ok(read)

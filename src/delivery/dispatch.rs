@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admission::Admission;
+use super::decisions::{write_decisions, Pending};
 use super::http::Sender;
 use super::upkeep::{tend_queue, write_completions};
 use crate::catalog::{Catalog, CatalogHandle};
@@ -91,6 +92,8 @@ pub struct Dispatcher {
     pub(super) wake: Arc<Notify>,
     pub(super) admission: Admission,
     pub(super) completions: mpsc::Sender<Completion>,
+    /// The policy gate's verdicts, to the decision writer.
+    pub(super) decisions: mpsc::Sender<Pending>,
     /// Cancelled when the shutdown grace is over: attempts still running give their
     /// delivery back instead of finishing.
     pub(super) stop_attempts: CancellationToken,
@@ -127,6 +130,7 @@ impl Dispatcher {
         let DispatchSettings { delivery: config, allow_private, audited, status_changed } = settings;
         let http = Sender::new(allow_private, config.response_bytes)?;
         let (completions, pending) = mpsc::channel(8192);
+        let (decisions, undecided) = mpsc::channel(8192);
         let stop_attempts = CancellationToken::new();
         let dispatcher = Arc::new(Dispatcher {
             store: store.clone(),
@@ -137,11 +141,13 @@ impl Dispatcher {
             wake,
             admission: Admission::new(config.per_endpoint_concurrency),
             completions,
+            decisions,
             stop_attempts: stop_attempts.clone(),
             claiming: tokio::sync::Mutex::new(()),
             deleted: std::sync::Mutex::new(Vec::new()),
         });
         tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone(), status_changed));
+        tracker.spawn(write_decisions(store.clone(), undecided));
         tracker.spawn(tend_queue(store, config.lease_margin, shutdown.clone()));
         tracker.spawn(dispatcher.clone().find_deleted_endpoints(shutdown.clone()));
         let attempts = TaskTracker::new();

@@ -4,7 +4,8 @@
 //!
 //! Invariants:
 //! - a delivery is sent only once its decision is recorded and its spend reserved, in one
-//!   transaction guarded by its lease;
+//!   transaction guarded by its lease (the decision writer's batch, see
+//!   [`super::decisions`]);
 //! - when another delivery took the spend budget between the decision and the reservation,
 //!   the gate decides again, at most [`policy::gate::DECISIONS`] times, then denies;
 //! - a gate that cannot decide (the store or an evaluation thread failed) gives the
@@ -21,13 +22,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::decisions::{self, NotRecorded};
 use super::dispatch::Dispatcher;
 use crate::catalog::{EndpointEntry, EventView};
 use crate::policy::decision::{rule_word, DecisionRecord, PolicyDecision};
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, PolicySet};
 use crate::policy::gate::{self, Facts, Verdict};
 use crate::policy::meter::Budget;
-use crate::store::policy::{AllowResult, SpendReservation};
+use crate::store::policy::{DecisionWrite, Recorded, SpendReservation, ToRecord};
 use crate::store::{ClaimedDelivery, DeliveryState, StoreError};
 use crate::threads::JobFailed;
 
@@ -71,12 +73,12 @@ impl Dispatcher {
                 }
                 Err(e) => Verdict::Retry { after: undecided(delivery, e) },
             };
-            match self.carry_out(delivery, verdict, now).await {
+            match self.carry_out(delivery, verdict).await {
                 Gated::DecideAgain => continue,
                 done => return done,
             }
         }
-        self.carry_out(delivery, gate::contended(), Utc::now()).await
+        self.carry_out(delivery, gate::contended()).await
     }
 
     /// The rules' decision with the spend already counted in their windows: a first
@@ -125,8 +127,8 @@ impl Dispatcher {
             .await
     }
 
-    /// Writes `verdict`, decided at `now`, for `delivery`.
-    async fn carry_out(&self, delivery: &ClaimedDelivery, verdict: Verdict, now: DateTime<Utc>) -> Gated {
+    /// Writes `verdict` for `delivery`.
+    async fn carry_out(&self, delivery: &ClaimedDelivery, verdict: Verdict) -> Gated {
         if let Some(record) = verdict.record() {
             count_decision(record.counted_as());
             if let DecisionRecord::Evaluated(decision) = record {
@@ -143,27 +145,35 @@ impl Dispatcher {
                 );
             }
         }
-        let (id, lease_token) = (&delivery.id, delivery.lease_token.as_str());
+        let write = |record, verdict| DecisionWrite {
+            id: delivery.id.clone(),
+            lease_token: delivery.lease_token.clone(),
+            namespace: delivery.namespace.clone(),
+            record,
+            verdict,
+        };
         match verdict {
             Verdict::Send { reservations, enforce_limits, record } => {
-                let namespace = &delivery.namespace;
-                match self
-                    .store
-                    .allow_delivery(id, lease_token, namespace, &record, &reservations, enforce_limits, now)
-                    .await
+                let spend = reservations.clone();
+                match decisions::record(
+                    &self.decisions,
+                    write(record, ToRecord::Allow { reservations, enforce_limits }),
+                )
+                .await
                 {
-                    Ok(AllowResult::Reserved) => {
-                        count_spend(delivery, &reservations);
+                    Ok(Recorded::Reserved) => {
+                        count_spend(delivery, &spend);
                         Gated::Send
                     }
-                    Ok(AllowResult::LeaseLost) => Gated::Stop,
-                    Ok(AllowResult::OverLimit(_)) => Gated::DecideAgain,
+                    Ok(Recorded::OverLimit(_)) => Gated::DecideAgain,
+                    Ok(Recorded::LeaseLost | Recorded::Held) => Gated::Stop,
                     Err(e) => self.retry_later(delivery, undecided(delivery, e.into())).await,
                 }
             }
             Verdict::Hold { request, record } => {
-                match self.store.hold_delivery(id, lease_token, &record, &request, now).await {
-                    Ok(_) => metrics::counter!("hookwarden_policy_holds_total").increment(1),
+                match decisions::record(&self.decisions, write(record, ToRecord::Hold(request))).await {
+                    Ok(Recorded::Held) => metrics::counter!("hookwarden_policy_holds_total").increment(1),
+                    Ok(_) => {}
                     Err(e) => {
                         self.retry_later(delivery, undecided(delivery, e.into())).await;
                     }
@@ -224,6 +234,8 @@ enum Undecided {
     Store(#[from] StoreError),
     #[error(transparent)]
     Evaluation(#[from] JobFailed),
+    #[error(transparent)]
+    Recording(#[from] NotRecorded),
 }
 
 /// Notes that the gate could not decide `delivery`; how long until it is tried again.

@@ -4,6 +4,7 @@
 
 pub mod admission;
 mod attempt;
+mod decisions;
 pub mod dispatch;
 pub(crate) mod gate;
 pub mod guard;

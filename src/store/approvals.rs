@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::policy::{ApprovalQuery, ApprovalRecord, VoteOutcome, VoteRecord};
 use super::sql::{sql, PerBackend, Statement, Tx};
-use super::{audit, lanes, leadership, policy, Backend, Store, StoreError, Term};
+use super::{audit, lanes, leadership, spend, Backend, Store, StoreError, Term};
 use crate::audit::NewAuditRecord;
 
 /// The columns of an [`ApprovalRecord`], in its field order.
@@ -233,7 +233,7 @@ async fn settle_in(
     // The delivery's final outcome, as every other final state gets one; and any
     // reservation of an earlier allow goes back to the budget.
     if let Some((endpoint, attempts)) = ended {
-        policy::settle_ledger_in(tx, &[(delivery, "released")]).await?;
+        spend::settle_ledger_in(tx, &[(delivery, "released")]).await?;
         audit::append_in(tx, &[denied_record(&namespace, delivery, &endpoint, attempts, &error)]).await?;
         // An ordered lane's held head ended: the next one may go.
         lanes::end_heads_in(tx, &[delivery]).await?;

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use super::deliveries::{CommittedSpend, Completion, CompletionReport};
 use super::queue::{disabled_until, park_in};
 use super::sql::{sql, Tx};
-use super::{audit, claims, lanes, policy, PgStore, SqliteStore, Store, StoreError};
+use super::{audit, claims, lanes, spend, PgStore, SqliteStore, Store, StoreError};
 use crate::audit::NewAuditRecord;
 use crate::ids::DeliveryId;
 
@@ -94,9 +94,9 @@ async fn settle_spend_in(tx: &mut Tx, kept: &[&Completion]) -> Result<Vec<Commit
     let settled: Vec<(&str, &'static str)> = kept
         .iter()
         .filter(|c| c.settle_spend)
-        .filter_map(|c| policy::ledger_state_for(c.state).map(|s| (c.id.as_str(), s)))
+        .filter_map(|c| spend::ledger_state_for(c.state).map(|s| (c.id.as_str(), s)))
         .collect();
-    Ok(policy::settle_ledger_in(tx, &settled)
+    Ok(spend::settle_ledger_in(tx, &settled)
         .await?
         .into_iter()
         .filter_map(|(id, currency, amount)| {

@@ -32,6 +32,7 @@ pub mod policy;
 mod postgres;
 mod queue;
 pub mod resources;
+pub mod spend;
 mod sql;
 mod sqlite;
 mod sqlite_file;

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
-use super::policy::SettledEntry;
+use super::spend::SettledEntry;
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
 
@@ -408,7 +408,7 @@ impl PgStore {
     }
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`;
-    /// returns the entries settled (see [`super::policy::settle_ledger_in`]).
+    /// returns the entries settled (see [`super::spend::settle_ledger_in`]).
     pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Postgres>,
         settled: &[(&str, &'static str)],

@@ -31,7 +31,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Sqlite, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
-use super::policy::SettledEntry;
+use super::spend::SettledEntry;
 use super::sqlite_file::Snapshot;
 use super::sqlite_write::{write_pool_options, WriteHealth};
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
@@ -399,7 +399,7 @@ impl SqliteStore {
     }
 
     /// Commits or releases the reservations of ended deliveries: `(delivery, ledger state)`;
-    /// returns the entries settled (see [`super::policy::settle_ledger_in`]).
+    /// returns the entries settled (see [`super::spend::settle_ledger_in`]).
     pub(super) async fn settle_spend_in(
         tx: &mut Transaction<'static, Sqlite>,
         settled: &[(&str, &'static str)],
