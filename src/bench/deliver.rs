@@ -58,6 +58,11 @@ pub struct DeliverArgs {
     /// timeout): its backlog grows for the whole run beside the healthy endpoint.
     #[arg(long)]
     pub with_slow_endpoint: bool,
+    /// Also fan every event out to a second endpoint that answers at once, at a receiver of
+    /// its own (not counted): the control for `--with-slow-endpoint`, the same fan-out
+    /// without slow answers.
+    #[arg(long)]
+    pub with_second_endpoint: bool,
     /// Instead of a steady load: ingest this many events while the endpoint is paused,
     /// then lift the pause and time how long the backlog takes to deliver.
     #[arg(long)]
@@ -167,6 +172,12 @@ async fn run(args: &DeliverArgs, database_url: Option<&str>, database: &str) -> 
             "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: slow}}\nspec:\n  url: {receiver_base}/ten-seconds\n  secrets: [{{value: {SIGNING}}}]\n  timeout: 15s\n"
         ));
     }
+    if args.with_second_endpoint {
+        let (second_base, _uncounted) = start_receiver().await?;
+        resources.push_str(&format!(
+            "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: second}}\nspec:\n  url: {second_base}/ok\n  secrets: [{{value: {SIGNING}}}]\n"
+        ));
+    }
     if args.with_timing_out_endpoint {
         resources.push_str(&format!(
             "---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: timing-out}}\nspec:\n  url: {receiver_base}/slow\n  secrets: [{{value: {SIGNING}}}]\n  timeout: 1s\n"
@@ -272,12 +283,13 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     outln!(
-        "bench deliver: {described} open loop: rate={} seconds={} concurrency={} timing-out endpoint={} slow endpoint={}",
+        "bench deliver: {described} open loop: rate={} seconds={} concurrency={} timing-out endpoint={} slow endpoint={} second endpoint={}",
         args.rate,
         args.seconds,
         args.concurrency,
         args.with_timing_out_endpoint,
-        args.with_slow_endpoint
+        args.with_slow_endpoint,
+        args.with_second_endpoint
     )?;
     // Clients wait for their answers: when answers are slow, fewer events go out than fall due.
     let due = if args.rate == 0 { String::new() } else { format!(" of {} due", args.rate as u64 * args.seconds) };
