@@ -225,7 +225,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
-    let Counted { claims, writes, appended } = before.since(bench).await?;
+    let Counted { claims, writes, decisions, appended } = before.since(bench).await?;
     let work = meter.finish(work, backlog).await?;
     let lanes = args.ordered_keys.map_or("unordered".to_owned(), |k| format!("ordered over {k} keys"));
     outln!("bench deliver: {described} backlog={backlog} ({lanes})")?;
@@ -236,6 +236,9 @@ async fn drain(
     )?;
     outln!("  claims       {claims}")?;
     outln!("  completions  {writes}")?;
+    if decisions.counted() {
+        outln!("  decisions    {decisions}")?;
+    }
     if let Some(cost) = cost {
         outln!(
             "  first claim  {} database buffers with the whole backlog waiting ({} deliveries claimable)",
@@ -270,7 +273,7 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     .await?;
     let Offered { accepted: offered, refused, latencies: ingest } = offered;
     wait_for_deliveries(receiver, offered).await;
-    let Counted { claims, writes, appended } = before.since(bench).await?;
+    let Counted { claims, writes, decisions, appended } = before.since(bench).await?;
     let (delivered, duplicates, elapsed, mut latencies) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -319,6 +322,9 @@ async fn open_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, des
     crate::out!("{work}")?;
     outln!("  claims       {claims}")?;
     outln!("  completions  {writes}")?;
+    if decisions.counted() {
+        outln!("  decisions    {decisions}")?;
+    }
     outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
 }
@@ -343,7 +349,7 @@ async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, d
     let summary = wrk::run(&load, server.data_dir()).await?;
     let accepted = usize::try_from(summary.accepted)?;
     wait_for_deliveries(receiver, accepted).await;
-    let Counted { claims, writes, appended } = before.since(bench).await?;
+    let Counted { claims, writes, decisions, appended } = before.since(bench).await?;
     let (delivered, duplicates, elapsed) = {
         let received = received(receiver);
         let elapsed = received.last.map_or(started.elapsed(), |last| last - started);
@@ -382,6 +388,9 @@ async fn closed_loop(args: &DeliverArgs, bench: &Bench, meter: &mut WorkMeter, d
     crate::out!("{work}")?;
     outln!("  claims       {claims}")?;
     outln!("  completions  {writes}")?;
+    if decisions.counted() {
+        outln!("  decisions    {decisions}")?;
+    }
     outln!("  audit        {appended:.0} records appended, {:.0}/s", appended / elapsed.as_secs_f64())?;
     Ok(())
 }
@@ -400,12 +409,15 @@ struct ServerCounts {
     audit: f64,
     claims: Histogram,
     writes: Histogram,
+    decisions: Histogram,
 }
 
 /// What the server counted during a measured run.
 struct Counted {
     claims: Histogram,
     writes: Histogram,
+    /// The decision writer's batches (governed runs).
+    decisions: Histogram,
     appended: f64,
 }
 
@@ -415,18 +427,19 @@ impl ServerCounts {
     async fn read(bench: &Bench) -> anyhow::Result<ServerCounts> {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let audit = chain_length(&bench.client, &bench.server.base).await?;
-        let (claims, writes) = histograms(&bench.client, &bench.server.base).await?;
-        Ok(ServerCounts { audit, claims, writes })
+        let (claims, writes, decisions) = histograms(&bench.client, &bench.server.base).await?;
+        Ok(ServerCounts { audit, claims, writes, decisions })
     }
 
     /// After the last delivery: the claims and completion writes made since, and (once the
     /// chain length has been published again) the audit records appended since.
     async fn since(&self, bench: &Bench) -> anyhow::Result<Counted> {
-        let (claims, writes) = histograms(&bench.client, &bench.server.base).await?;
+        let (claims, writes, decisions) = histograms(&bench.client, &bench.server.base).await?;
         let (claims, writes) = (claims.since(&self.claims), writes.since(&self.writes));
+        let decisions = decisions.since(&self.decisions);
         tokio::time::sleep(SETTLE).await;
         let appended = chain_length(&bench.client, &bench.server.base).await? - self.audit;
-        Ok(Counted { claims, writes, appended })
+        Ok(Counted { claims, writes, decisions, appended })
     }
 }
 
@@ -451,8 +464,8 @@ struct Histogram {
     buckets: Vec<(f64, f64)>,
 }
 
-/// The server's claim and completion-write histograms now.
-async fn histograms(client: &reqwest::Client, base: &str) -> anyhow::Result<(Histogram, Histogram)> {
+/// The server's claim, completion-write and decision-write histograms now.
+async fn histograms(client: &reqwest::Client, base: &str) -> anyhow::Result<(Histogram, Histogram, Histogram)> {
     let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
     let read = |name: &'static str, counts: &'static str| {
         let prefix = format!("{name}_bucket{{le=\"");
@@ -469,6 +482,7 @@ async fn histograms(client: &reqwest::Client, base: &str) -> anyhow::Result<(His
     Ok((
         read("hookwarden_delivery_claim_seconds", "claims"),
         read("hookwarden_delivery_completion_write_seconds", "completion writes"),
+        read("hookwarden_policy_decision_write_seconds", "decision writes"),
     ))
 }
 
@@ -481,6 +495,11 @@ impl Histogram {
     }
 
     /// The upper bound of the bucket holding quantile `q` (the histogram's resolution).
+    /// Whether anything was counted.
+    fn counted(&self) -> bool {
+        self.buckets.last().is_some_and(|(_, count)| *count > 0.0)
+    }
+
     fn quantile_bound(&self, q: f64) -> Option<f64> {
         let total = self.buckets.last()?.1;
         self.buckets.iter().find(|(_, count)| *count >= q * total).map(|(le, _)| *le)
