@@ -93,6 +93,39 @@ async fn a_slow_endpoint_is_claimed_only_up_to_its_free_slots(db: TestDb) {
     }
 }
 
+/// An agent endpoint's requests take its slots only to send: a stuck receiver holds its
+/// two, nothing more is claimed or decided meanwhile (no decision waits for a slot that
+/// cannot free), and its healthy agent neighbour is decided and delivered throughout.
+async fn a_stuck_agent_endpoint_decides_no_more_than_it_can_send(db: TestDb) {
+    const EVENTS: usize = 20;
+    let script: Script = Arc::new(|path, _| match path {
+        "/stuck" => (200, None, Duration::from_secs(60)),
+        _ => (200, None, Duration::ZERO),
+    });
+    let receiver = TestReceiver::start(script).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow}\nspec:\n  endpointRefs: [stuck, healthy]\n  decision: allow\n";
+    app.apply_yaml(&format!(
+        "{}---\n{}---\n{rule}",
+        endpoint("stuck", &receiver.url("/stuck"), "  agent: true\n  timeout: 90s\n"),
+        endpoint("healthy", &receiver.url("/healthy"), "  agent: true\n")
+    ))
+    .await;
+    post_events(&app, 0, EVENTS, 10).await;
+    eventually(Duration::from_secs(30), "every healthy delivery", || async {
+        deliveries_of(&app, "healthy").await.iter().filter(|d| d.state == DeliveryState::Delivered).count() == EVENTS
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.on("/stuck").len(), 2, "the stuck endpoint has two slots");
+    let stuck = deliveries_of(&app, "stuck").await;
+    let decided: Vec<&DeliveryRecord> = stuck.iter().filter(|d| d.decision.is_some()).collect();
+    assert_eq!(decided.len(), 2, "decided: only what its slots could send");
+    assert!(decided.iter().all(|d| d.state == DeliveryState::Delivering));
+    let waiting = stuck.iter().filter(|d| d.state == DeliveryState::Pending && d.attempts == 0).count();
+    assert_eq!(waiting, EVENTS - 2, "the rest untouched");
+}
+
 /// A backlog is drained oldest first while new events keep arriving: nothing claimed and
 /// given back goes behind newer deliveries.
 async fn a_backlog_drains_oldest_first(db: TestDb) {
@@ -135,4 +168,8 @@ macro_rules! both_databases {
     };
 }
 
-both_databases!(a_slow_endpoint_is_claimed_only_up_to_its_free_slots, a_backlog_drains_oldest_first);
+both_databases!(
+    a_slow_endpoint_is_claimed_only_up_to_its_free_slots,
+    a_stuck_agent_endpoint_decides_no_more_than_it_can_send,
+    a_backlog_drains_oldest_first
+);
