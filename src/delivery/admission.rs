@@ -12,7 +12,8 @@
 //!   open period is over, or it would not have been claimed), one probe at a time;
 //! - at most `per_endpoint` requests are in flight to an endpoint; a gated endpoint's
 //!   (agent's) deliveries are admitted to be decided first ([`Slot`] in its deciding
-//!   phase, at most `per_endpoint` of them, and none while every request slot is taken),
+//!   phase, at most [`DECIDING_PER_SLOT`] × `per_endpoint` of them, and none while every
+//!   request slot is taken),
 //!   so that waiting for the policy decision to commit takes none of the endpoint's
 //!   request slots, and take a request slot only to send ([`Slot::until_sending`]).
 
@@ -133,6 +134,11 @@ impl Drop for Slot {
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// A gated endpoint's deliveries being decided, per request slot: decisions commit in
+/// batches, so while one batch commits the next gathers; with only a request slot's
+/// worth deciding, the commit's latency would bound the endpoint's throughput.
+pub const DECIDING_PER_SLOT: usize = 4;
+
 impl Admission {
     /// At most `per_endpoint` attempts in flight per endpoint.
     pub fn new(per_endpoint: usize) -> Admission {
@@ -152,12 +158,12 @@ impl Admission {
     /// A slot for one attempt, or `None` when the endpoint is at its concurrency limit or
     /// half-open with its probe in flight. `breaker_threshold` is the breaker's
     /// `consecutiveFailures` (none: no breaker). A `gated` endpoint's slot starts in its
-    /// deciding phase (at most `per_endpoint` deciding, none while every request slot is
-    /// taken), and takes a request slot with [`Slot::until_sending`].
+    /// deciding phase (at most [`DECIDING_PER_SLOT`] × `per_endpoint` deciding, none while
+    /// every request slot is taken), and takes a request slot with [`Slot::until_sending`].
     pub fn admit(&self, namespace: &str, name: &str, breaker_threshold: Option<u32>, gated: bool) -> Option<Slot> {
         let limits = self.limits(namespace, name);
         let mut state = lock(&limits);
-        if state.in_flight.max(if gated { state.deciding } else { 0 }) >= self.per_endpoint {
+        if state.in_flight >= self.per_endpoint || (gated && state.deciding >= self.per_endpoint * DECIDING_PER_SLOT) {
             return None;
         }
         let half_open = breaker_threshold.is_some_and(|threshold| state.failing >= threshold);
@@ -196,7 +202,10 @@ impl Admission {
     ) -> Free {
         let limits = self.limits(namespace, name);
         let mut state = lock(&limits);
-        let mut slots = self.per_endpoint.saturating_sub(state.in_flight.max(if gated { state.deciding } else { 0 }));
+        let mut slots = self.per_endpoint.saturating_sub(state.in_flight);
+        if gated {
+            slots = slots.min((self.per_endpoint * DECIDING_PER_SLOT).saturating_sub(state.deciding));
+        }
         if breaker_threshold.is_some_and(|threshold| state.failing >= threshold) {
             slots = if state.probing { 0 } else { slots.min(1) };
         }
@@ -251,9 +260,12 @@ mod tests {
     #[tokio::test]
     async fn a_gated_endpoint_decides_without_taking_request_slots_and_sends_within_them() {
         let admission = Admission::new(2);
-        let mut deciding: Vec<Slot> = (0..2).map(|_| admission.admit("ns", "agent", None, true).unwrap()).collect();
-        assert!(admission.admit("ns", "agent", None, true).is_none(), "two deciding at most");
+        let cap = 2 * DECIDING_PER_SLOT;
+        let mut deciding: Vec<Slot> = (0..cap).map(|_| admission.admit("ns", "agent", None, true).unwrap()).collect();
+        assert!(admission.admit("ns", "agent", None, true).is_none(), "so many deciding at most");
         assert_eq!(admission.free_slots("ns", "agent", None, None, true, Instant::now()).slots, 0);
+        // Decided and given back (or denied, held): their deciding slots free.
+        deciding.truncate(2);
         let soon = || tokio::time::Instant::now() + Duration::from_millis(20);
         for slot in &mut deciding {
             assert!(slot.until_sending(soon()).await, "request slots are free");
