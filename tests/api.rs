@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{json_with_status, spawn_app, spawn_app_with, token, TestApp, TestDb};
+use common::{eventually, json_with_status, spawn_app, spawn_app_with, token, TestApp, TestDb};
 use hmac::Mac as _;
 use hookwarden::auth::Role;
 use rand::{Rng, SeedableRng};
@@ -432,8 +432,16 @@ async fn a_duplicate_is_answered_with_the_deliveries_of_its_original(db: TestDb)
         assert_eq!(deliveries_of(b), deliveries_of(a), "{b}");
     }
 
-    // The event shows the same deliveries, each with its (no) attempts.
+    // The event shows the same deliveries, each with its (no) attempts. A paused endpoint's
+    // deliveries are claimed once to be parked (leased for that moment): read them parked.
     let id = first["id"].as_str().unwrap();
+    let event_id = hookwarden::ids::EventId::parse(id).unwrap();
+    eventually(Duration::from_secs(10), "the original's deliveries parked", || async {
+        let parked = chrono::Utc::now() + chrono::Duration::seconds(30);
+        let deliveries = app.store.deliveries_of_event(&event_id).await.unwrap();
+        deliveries.iter().all(|d| d.state == hookwarden::store::DeliveryState::Pending && d.next_attempt_at > parked)
+    })
+    .await;
     let event = json_with_status(app.get(&format!("/v1/events/{id}"), &app.admin).await, 200).await;
     assert_eq!(deliveries_of(&event), original);
     for delivery in event["deliveries"].as_array().unwrap() {

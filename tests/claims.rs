@@ -93,6 +93,55 @@ async fn a_slow_endpoint_is_claimed_only_up_to_its_free_slots(db: TestDb) {
     }
 }
 
+/// An agent endpoint's requests take its slots only to send: a stuck receiver holds its
+/// two; a few more deliveries may have been decided meanwhile (at most
+/// `DECIDING_PER_SLOT` per slot), which wait for a slot until they could no longer end
+/// within their lease and are then given back; while every request slot is taken, nothing
+/// more is claimed or decided. Its healthy agent neighbour is decided and delivered
+/// throughout.
+async fn a_stuck_agent_endpoint_decides_no_more_than_it_can_send(db: TestDb) {
+    const EVENTS: usize = 20;
+    let script: Script = Arc::new(|path, _| match path {
+        "/stuck" => (200, None, Duration::from_secs(60)),
+        _ => (200, None, Duration::ZERO),
+    });
+    let receiver = TestReceiver::start(script).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow}\nspec:\n  endpointRefs: [stuck, healthy]\n  decision: allow\n";
+    app.apply_yaml(&format!(
+        "{}---\n{}---\n{rule}",
+        endpoint("stuck", &receiver.url("/stuck"), "  agent: true\n  timeout: 90s\n"),
+        endpoint("healthy", &receiver.url("/healthy"), "  agent: true\n")
+    ))
+    .await;
+    post_events(&app, 0, EVENTS, 10).await;
+    eventually(Duration::from_secs(30), "every healthy delivery", || async {
+        deliveries_of(&app, "healthy").await.iter().filter(|d| d.state == DeliveryState::Delivered).count() == EVENTS
+    })
+    .await;
+    // The lease is the longest timeout (90 s) plus the 2 s margin: a decided delivery waits
+    // at most a second for a request slot.
+    let decided_and_waiting = || async {
+        let stuck = deliveries_of(&app, "stuck").await;
+        let decided = stuck.iter().filter(|d| d.decision.is_some()).count();
+        let sending = stuck.iter().filter(|d| d.state == DeliveryState::Delivering).count();
+        (decided, sending)
+    };
+    eventually(Duration::from_secs(10), "the waiting decided deliveries given back", || async {
+        decided_and_waiting().await.1 == 2
+    })
+    .await;
+    let (decided, _) = decided_and_waiting().await;
+    let most = 2 * hookwarden::delivery::admission::DECIDING_PER_SLOT;
+    assert!((2..=most).contains(&decided), "{decided} decided: at most {most} for two request slots");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(decided_and_waiting().await, (decided, 2), "nothing more decided while both slots are taken");
+    assert_eq!(receiver.on("/stuck").len(), 2, "the stuck endpoint has two slots");
+    let untouched =
+        deliveries_of(&app, "stuck").await.iter().filter(|d| d.decision.is_none() && d.attempts == 0).count();
+    assert_eq!(untouched, EVENTS - decided, "the rest never claimed");
+}
+
 /// A backlog is drained oldest first while new events keep arriving: nothing claimed and
 /// given back goes behind newer deliveries.
 async fn a_backlog_drains_oldest_first(db: TestDb) {
@@ -135,4 +184,8 @@ macro_rules! both_databases {
     };
 }
 
-both_databases!(a_slow_endpoint_is_claimed_only_up_to_its_free_slots, a_backlog_drains_oldest_first);
+both_databases!(
+    a_slow_endpoint_is_claimed_only_up_to_its_free_slots,
+    a_stuck_agent_endpoint_decides_no_more_than_it_can_send,
+    a_backlog_drains_oldest_first
+);

@@ -4,8 +4,9 @@
 //! budget, and the completion for the writer.
 //!
 //! Invariants:
-//! - an attempt runs holding its endpoint's [`Slot`]; it is released when the attempt
-//!   ends, on every path (sent, held, denied, given back, cancelled, panicked), and the
+//! - an attempt runs holding its endpoint's [`Slot`] (an agent's: deciding, then taking a
+//!   request slot to send, given back if none frees in time to end within the lease); it
+//!   is released when the attempt ends, on every path (sent, held, denied, given back, cancelled, panicked), and the
 //!   slot learns an outcome only from a send (a refused private address is a failed one);
 //! - an attempt cancelled by the end of the shutdown grace gives its delivery back, due as
 //!   it was, instead of recording an outcome;
@@ -99,11 +100,21 @@ impl Dispatcher {
         self: Arc<Self>,
         delivery: ClaimedDelivery,
         ep: Arc<EndpointEntry>,
-        slot: Slot,
+        mut slot: Slot,
         _permit: OwnedSemaphorePermit,
+        send_by: tokio::time::Instant,
     ) {
         let stop = self.stop_attempts.clone();
         if ep.spec.agent && self.gate(&delivery, &ep).await != Gated::Send {
+            return;
+        }
+        if !slot.until_sending(send_by).await {
+            // Decided, but the endpoint's requests did not free a slot in time to end
+            // within the lease: given back, it is decided again when claimed again.
+            tracing::warn!(delivery_id = %delivery.id, endpoint = %delivery.endpoint, "no request slot freed in time after the decision; giving the delivery back");
+            metrics::counter!("hookwarden_delivery_given_back_total", "reason" => "busy").increment(1);
+            let _ =
+                self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], delivery.due_at).await;
             return;
         }
         self.pace(&ep).await;

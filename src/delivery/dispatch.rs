@@ -193,7 +193,7 @@ impl Dispatcher {
             }
             let threshold = ep.budget.breaker.map(|b| b.0);
             let per_second = ep.spec.rate_limit.as_ref().map(|r| r.per_second);
-            let free = self.admission.free_slots(&ep.namespace, &ep.name, threshold, per_second, now);
+            let free = self.admission.free_slots(&ep.namespace, &ep.name, threshold, per_second, ep.spec.agent, now);
             if let Some(wait) = free.rate_wait {
                 rate_wait = Some(rate_wait.map_or(wait, |w| w.min(wait)));
             }
@@ -266,17 +266,17 @@ impl Dispatcher {
                 continue;
             }
             let started = Instant::now();
-            let claimed =
-                match self.store.claim_endpoint_deliveries(Utc::now(), self.lease(), free as u32, &quotas).await {
-                    Ok(claimed) => claimed,
-                    Err(e) => {
-                        drop(turn);
-                        tracing::warn!(error = %e, "claiming deliveries failed");
-                        tokio::time::sleep(self.config.poll_interval).await;
-                        next = Next::Claim;
-                        continue;
-                    }
-                };
+            let (claimed_at, lease) = (tokio::time::Instant::now(), self.lease());
+            let claimed = match self.store.claim_endpoint_deliveries(Utc::now(), lease, free as u32, &quotas).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    drop(turn);
+                    tracing::warn!(error = %e, "claiming deliveries failed");
+                    tokio::time::sleep(self.config.poll_interval).await;
+                    next = Next::Claim;
+                    continue;
+                }
+            };
             metrics::histogram!("hookwarden_delivery_claim_seconds").record(started.elapsed().as_secs_f64());
             // Capped: some endpoint got all its cap, or had no slot: more may wait for it.
             let capped = busy
@@ -299,10 +299,17 @@ impl Dispatcher {
                     Some(ep) if ep.spec.paused => give_back.push((delivery, GiveBack::Paused)),
                     // Not attempted, no attempt used: it waits until the endpoint can be sent to.
                     Some(ep) if ep.blocked.is_some() => give_back.push((delivery, GiveBack::Blocked)),
-                    Some(ep) => match self.admission.admit(&ep.namespace, &ep.name, ep.budget.breaker.map(|b| b.0)) {
+                    Some(ep) => match self.admission.admit(
+                        &ep.namespace,
+                        &ep.name,
+                        ep.budget.breaker.map(|b| b.0),
+                        ep.spec.agent,
+                    ) {
                         Some(slot) => {
+                            // Its request must start early enough to end within the lease.
+                            let send_by = claimed_at + lease.saturating_sub(ep.timeout + self.config.lease_margin / 2);
                             let d = self.clone();
-                            attempts.spawn(async move { d.attempt(delivery, ep, slot, permit).await });
+                            attempts.spawn(async move { d.attempt(delivery, ep, slot, permit, send_by).await });
                         }
                         // Busy (or probing) after all: it keeps its place and waits for a slot.
                         None => give_back.push((delivery, GiveBack::Busy)),
