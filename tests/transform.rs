@@ -174,3 +174,77 @@ on_both_databases!(
     an_erroring_transform_fails_the_delivery_with_its_cel_error_once,
     an_expensive_or_ill_typed_transform_is_refused_at_apply,
 );
+
+/// Runs `hookwarden transform test` with `args`: `(exit code, standard output, standard error)`.
+fn transform_test(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+        .current_dir(dir)
+        .args(["transform", "test"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn transform_test_prints_the_body_offline_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    // No server runs: the URL is never reached.
+    let chat = endpoint(
+        "chat",
+        "https://chat.example.com/hooks",
+        r#"'{"text": "Approval needed: " + event.data.reason, "team": endpoint.labels.team, "at": event.time}'"#,
+    );
+    write("endpoint.yaml", &chat);
+    write(
+        "event.json",
+        r#"{"source": "hookwarden", "type": "approval.requested", "time": "2026-11-28T10:00:00+01:00", "data": {"reason": "refund of 120 €"}}"#,
+    );
+    let (code, out, err) = transform_test(dir.path(), &["-f", "endpoint.yaml", "--event", "event.json"]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert_eq!(
+        out,
+        "{\"at\":\"2026-11-28T09:00:00+00:00\",\"team\":\"billing\",\"text\":\"Approval needed: refund of 120 €\"}\n"
+    );
+
+    // The transform fails on this event, as the delivery would.
+    write("no-reason.json", r#"{"source": "hookwarden", "type": "approval.requested", "data": {}}"#);
+    let (code, out, err) = transform_test(dir.path(), &["-f", "endpoint.yaml", "--event", "no-reason.json"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(err.starts_with("the transform failed: ") && err.contains("reason"), "{err}");
+
+    // Apply would refuse the transform: the file, document and field are named.
+    write("typo.yaml", &chat.replace("event.data.reason", "event.dat.reason"));
+    let (code, _, err) = transform_test(dir.path(), &["-f", "typo.yaml", "--event", "event.json"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("typo.yaml (document 0): spec.transform: reads `event.dat`"), "{err}");
+
+    // Input that cannot be used: exit 2, the problem named.
+    write("unknown-field.json", r#"{"source": "s", "typ": "approval.requested", "data": {}}"#);
+    write("repeated.json", r#"{"source": "s", "type": "a", "data": {"k": 1, "k": 2}}"#);
+    write("two.yaml", &format!("{chat}---\n{}", chat.replace("name: chat", "name: pager")));
+    let cases: [(&[&str], &str); 5] = [
+        (&["-f", "endpoint.yaml", "--event", "unknown-field.json"], "unknown-field.json: typ: unknown field `typ`"),
+        (&["-f", "endpoint.yaml", "--event", "repeated.json"], "repeated.json: data.k: the key appears more than once"),
+        (
+            &["-f", "two.yaml", "--event", "event.json"],
+            "2 Endpoints have a `spec.transform` (`chat`, `pager`): choose one with --endpoint",
+        ),
+        (
+            &["-f", "endpoint.yaml", "--event", "event.json", "--endpoint", "pager"],
+            "no Endpoint `pager` in the files (found: `chat`)",
+        ),
+        (&["-f", "endpoint.yaml", "--event", "missing.json"], "cannot read missing.json"),
+    ];
+    for (args, expected) in cases {
+        let (code, out, err) = transform_test(dir.path(), args);
+        assert_eq!((code, out.as_str()), (2, ""), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let (code, out, _) =
+        transform_test(dir.path(), &["-f", "two.yaml", "--event", "event.json", "--endpoint", "pager"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Approval needed"), "{out}");
+}
