@@ -248,3 +248,26 @@ fn transform_test_prints_the_body_offline_and_names_what_is_wrong() {
     assert_eq!(code, 0);
     assert!(out.contains("Approval needed"), "{out}");
 }
+
+#[test]
+fn the_notification_examples_build_the_bodies_their_readme_shows() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/notifications");
+    let readme = std::fs::read_to_string(examples.join("README.md")).unwrap();
+    let (code, out, err) = transform_test(&examples, &["-f", "chat.yaml", "--event", "events/deploy-failed.json"]);
+    assert_eq!(code, 0, "{err}");
+    let chat = r#"{"text":"Deploy failed: checkout v2.14.1 (platform): health check failed after 3 minutes — https://ci.example.com/deploys/8812"}"#;
+    assert_eq!(out.trim_end(), chat);
+    assert!(readme.contains(&format!("# {chat}\n")), "the README shows the body");
+
+    let (code, out, err) =
+        transform_test(&examples, &["-f", "incident.yaml", "--event", "events/monitor-triggered.json"]);
+    assert_eq!(code, 0, "{err}");
+    let body: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(body["event_action"], "trigger");
+    assert_eq!(body["dedup_key"], "checkout-incidents/mon_42");
+    assert_eq!(body["payload"]["severity"], "critical");
+    assert_eq!(body["payload"]["component"], "checkout");
+    assert_eq!(body["payload"]["custom_details"]["value"], 2300);
+    let shown = r#"# {"dedup_key":"checkout-incidents/mon_42","event_action":"trigger","payload":{"#;
+    assert!(readme.contains(shown) && out.starts_with(&shown[2..]), "{out}");
+}
