@@ -158,6 +158,36 @@ async fn an_expensive_or_ill_typed_transform_is_refused_at_apply(db: TestDb) {
     assert_eq!(stored["items"].as_array().map(Vec::len), Some(0), "nothing was applied: {stored:#}");
 }
 
+async fn an_agent_endpoint_gets_the_transformed_body_once_the_gate_allows_it(db: TestDb) {
+    let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
+    let app = spawn_app_with(config_for(&db)).await;
+    let agent = endpoint("agent", &receiver.url("/agent"), r#"'{"task": "approve " + event.data.reason}'"#)
+        .replace("spec:\n", "spec:\n  agent: true\n");
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: allow}\nspec:\n  endpointRefs: [agent]\n  decision: allow\n";
+    app.apply_yaml(&format!("{agent}---\n{rule}")).await;
+    let sent = post_event(&app, json!({"source": "s", "type": "approval.requested", "data": {"reason": "x"}})).await;
+    let failing = post_event(&app, json!({"source": "s", "type": "approval.requested", "data": {}})).await;
+    assert_eq!(final_deliveries(&app, &sent).await[0]["state"], "delivered");
+    let failed = final_deliveries(&app, &failing).await;
+    assert_eq!(failed[0]["state"], "failed");
+    assert!(failed[0]["last_error"].as_str().unwrap().starts_with("the transform failed: "), "{failed:#?}");
+    let received = receiver.on("/agent");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body, r#"{"task":"approve x"}"#);
+    standardwebhooks::Webhook::new(SECRET).unwrap().verify(received[0].body.as_bytes(), &received[0].headers).unwrap();
+
+    // The failing one was never put to the gate: no decision, no spend, only its outcome.
+    let page = json_with_status(app.get("/v1/audit?namespace=default&limit=1000", &app.admin).await, 200).await;
+    let actions_on = |delivery: &Value| -> Vec<String> {
+        let subject = format!("delivery/{}", delivery["id"].as_str().unwrap());
+        let items = page["items"].as_array().unwrap().iter();
+        items.filter(|r| r["subject"] == subject.as_str()).map(|r| r["action"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(actions_on(&failed[0]), ["delivery.failed"]);
+    let delivered = final_deliveries(&app, &sent).await;
+    assert!(actions_on(&delivered[0]).contains(&"policy.decision".to_owned()), "{:?}", actions_on(&delivered[0]));
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -173,6 +203,7 @@ on_both_databases!(
     the_body_is_what_the_transform_built_and_its_signature_verifies,
     an_erroring_transform_fails_the_delivery_with_its_cel_error_once,
     an_expensive_or_ill_typed_transform_is_refused_at_apply,
+    an_agent_endpoint_gets_the_transformed_body_once_the_gate_allows_it,
 );
 
 /// Runs `hookwarden transform test` with `args`: `(exit code, standard output, standard error)`.
