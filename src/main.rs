@@ -44,6 +44,9 @@ enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Transform tools.
+    #[command(subcommand)]
+    Transform(cli::TransformCommand),
     /// Approval requests of held agent actions.
     #[command(subcommand)]
     Approvals(cli::ApprovalsCommand),
@@ -235,6 +238,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => runtime.block_on(cli::delete(args)),
         Command::Schema => cli::schema(),
         Command::Policy(PolicyCommand::Test { dir }) => cli::policy_test(&dir),
+        Command::Transform(command) => cli::transform(command),
         Command::Approvals(command) => runtime.block_on(cli::approvals(command)),
         Command::Deliveries(command) => runtime.block_on(cli::deliveries(command)),
         Command::Endpoints(command) => runtime.block_on(cli::endpoints(command)),

@@ -122,6 +122,11 @@ pub const FAMILIES: &[Family] = &[
         "Duration of a delivery attempt, in seconds, from sending the request to reading the answer, by outcome.",
     ),
     counter("hookwarden_delivery_retries_total", "Delivery attempts that failed and were scheduled for a retry.", &[&[]]),
+    counter(
+        "hookwarden_delivery_transform_failures_total",
+        "Deliveries failed unsent because their endpoint's transform could not build the body (a CEL error, a result that is not a map or a list, or its evaluation budget exceeded), by namespace and endpoint.",
+        &[],
+    ),
     family(
         "hookwarden_delivery_claim_seconds",
         Kind::Histogram,

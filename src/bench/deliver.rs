@@ -75,6 +75,11 @@ pub struct DeliverArgs {
     /// audit chain, `agents` only agent endpoints' (so none here: auditing off).
     #[arg(long, value_enum, default_value_t = AuditOutcomes::All)]
     pub audit_outcomes: AuditOutcomes,
+    /// A `spec.transform` (CEL) on the healthy endpoint, built into each body. The bench's
+    /// receiver times deliveries by the body's `data.sent_us`, so keep it:
+    /// `{"text": "order " + string(event.data.n), "data": {"sent_us": event.data.sent_us}}`.
+    #[arg(long)]
+    pub transform: Option<String>,
     /// The `hookwarden` binary to run as the server (default: this one), to measure
     /// another build under the same load, back to back.
     #[arg(long)]
@@ -130,8 +135,10 @@ impl Bench {
     fn healthy(&self, args: &DeliverArgs, paused: bool) -> String {
         let ordering = if args.ordered_keys.is_some() { "  ordering: {key: \"event.data.key\"}\n" } else { "" };
         let agent = if args.governed { "  agent: true\n" } else { "" };
+        // A JSON string is a YAML scalar too.
+        let transform = args.transform.as_ref().map(|t| format!("  transform: {}\n", json!(t))).unwrap_or_default();
         format!(
-            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {}/ok\n  secrets: [{{value: {SIGNING}}}]\n  paused: {paused}\n{ordering}{agent}",
+            "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: healthy}}\nspec:\n  url: {}/ok\n  secrets: [{{value: {SIGNING}}}]\n  paused: {paused}\n{ordering}{agent}{transform}",
             self.receiver_base
         )
     }
@@ -186,6 +193,10 @@ async fn run(args: &DeliverArgs, database_url: Option<&str>, database: &str) -> 
     apply(&bench.client, &bench.server.base, &bench.token, resources).await?;
     let mut meter = WorkMeter::new(bench.server.pid()?, database_url).await?;
     let endpoint = if args.governed { "governed (agent, one AgentRule allowing all)" } else { "plain" };
+    let endpoint = match &args.transform {
+        Some(transform) => format!("{endpoint}, transform {transform}"),
+        None => endpoint.to_owned(),
+    };
     let described = format!("database={database} endpoint={endpoint} audited outcomes={audited} body≈{}B", args.size);
     let result = match args.backlog {
         Some(backlog) => drain(args, &bench, &mut meter, database_url, backlog, &described).await,

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use super::{eval, Catalog, EndpointEntry, FilterRef};
 use crate::policy::expr;
 use crate::policy::meter::Budget;
+use crate::store::ClaimedDelivery;
 
 /// The lane of events whose ordering key could not be computed.
 pub const NO_KEY: &str = "(no key)";
@@ -38,7 +39,21 @@ pub struct EventView<'a> {
     pub data: &'a str,
 }
 
-impl EventView<'_> {
+impl<'a> EventView<'a> {
+    /// The event of a claimed delivery, as CEL at dispatch sees it (the same fields, in
+    /// the same form, as fan-out saw at ingest).
+    pub fn of_delivery(delivery: &'a ClaimedDelivery) -> EventView<'a> {
+        EventView {
+            id: delivery.event_id.as_str(),
+            namespace: &delivery.namespace,
+            source: &delivery.source,
+            event_type: &delivery.event_type,
+            subject: delivery.subject.as_deref(),
+            time: delivery.event_time.map(|t| t.to_rfc3339()),
+            data: &delivery.data,
+        }
+    }
+
     /// The `event` variable of CEL programs.
     pub fn to_json(&self) -> Value {
         json!({

@@ -25,8 +25,9 @@ pub use fanout::{glob_matches, EventView, FanOut, FanOutError, FanOutResult, NO_
 pub use state::{waiting_by_reason, Sendability, WAIT_REASONS};
 
 use crate::delivery::retry::Backoff;
+use crate::delivery::transform::Transform;
 use crate::policy::engine::{CompiledRule, PolicySet};
-use crate::policy::expr::{self, CompiledExpr, Evaluation, Limits};
+use crate::policy::expr::{self, CompiledExpr, Limits};
 use crate::policy::meter;
 use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, RetryBudgetSpec};
 use crate::resources::secret_sources::SecretsConfig;
@@ -130,6 +131,9 @@ pub struct EndpointEntry {
     filters: Vec<FilterRef>,
     /// The ordering key's program, or why it cannot be compiled.
     ordering: Option<Result<CompiledExpr, String>>,
+    /// The transform that builds the body, or why it cannot be compiled (a delivery then
+    /// fails with that reason).
+    pub transform: Option<Result<Transform, String>>,
 }
 
 /// A Filter an endpoint names, as fan-out can use it.
@@ -174,12 +178,7 @@ pub struct Catalog {
 
 /// Runs a CEL program over `event`, within `budget`.
 fn eval(program: &CompiledExpr, event: &Value, budget: meter::Budget) -> Result<cel::Value, String> {
-    let evaluation = Evaluation::start(budget);
-    expr::with_root(|root| {
-        let mut context = root.new_inner_scope();
-        context.add_variable_as_val("event", expr::json_val(event));
-        evaluation.execute(program, &context)
-    })
+    expr::evaluate(program, &[("event", event)], budget)
 }
 
 impl Catalog {
@@ -299,6 +298,7 @@ impl Catalog {
             },
         };
         let ordering = spec.ordering.as_ref().map(|o| expr::compile(&o.key, EVENT_VARIABLES, limits));
+        let transform = spec.transform.as_ref().map(|source| Transform::compile(source, limits));
         let mut entry = EndpointEntry {
             namespace: namespace.clone(),
             name: resource.key.name.clone(),
@@ -310,6 +310,7 @@ impl Catalog {
             budget,
             filters,
             ordering,
+            transform,
             spec,
         };
         entry.resolve_secrets(secrets);

@@ -1,11 +1,12 @@
 //! Client commands of the CLI: they talk to a running server over its HTTP API
-//! (`--server`, `--token`), except `validate`, `schema`, `policy test` and
-//! `audit verify`, which need no server.
+//! (`--server`, `--token`), except `validate`, `schema`, `policy test`, `transform test`
+//! and `audit verify`, which need no server.
 
 mod approvals;
 mod audit;
 mod operations;
 mod resources;
+mod transform;
 
 pub use approvals::{approvals, ApprovalsCommand};
 pub use audit::{audit, AuditCommand};
@@ -13,6 +14,7 @@ pub use operations::{deliveries, endpoints, events, DeliveriesCommand, Endpoints
 pub use resources::{
     apply, delete, diff, get, policy_test, schema, validate_files, ApplyArgs, DeleteArgs, DiffArgs, FilesArgs, GetArgs,
 };
+pub use transform::{transform, TransformCommand};
 
 use std::process::ExitCode;
 

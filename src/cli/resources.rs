@@ -83,7 +83,7 @@ pub struct DeleteArgs {
     pub client: ClientArgs,
 }
 
-fn read_files(args: &FilesArgs) -> anyhow::Result<Vec<(String, String)>> {
+pub(crate) fn read_files(args: &FilesArgs) -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
     for path in &args.paths {
         let mut found = read_resource_files(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -1,13 +1,19 @@
-//! One attempt of a claimed delivery, from admission to its queued outcome: the policy
+//! One attempt of a claimed delivery, from admission to its queued outcome: the body (the
+//! standard envelope, or the endpoint's transform, see [`super::transform`]), the policy
 //! gate (agent endpoints, see [`super::gate`]), the rate limit, the request (see
 //! [`super::http`]), what its result means (see [`super::outcome`]), the hourly retry
 //! budget, and the completion for the writer.
 //!
 //! Invariants:
+//! - the body is built once per attempt, before the gate, and is the one signed and sent;
+//!   a transform that cannot build it fails the delivery unsent, without a retry (the same
+//!   input gives the same error) and with its error on the attempt and the audit record;
+//!   when its evaluation thread cannot run it, the delivery is given back instead;
 //! - an attempt runs holding its endpoint's [`Slot`] (an agent's: deciding, then taking a
 //!   request slot to send, given back if none frees in time to end within the lease); it
-//!   is released when the attempt ends, on every path (sent, held, denied, given back, cancelled, panicked), and the
-//!   slot learns an outcome only from a send (a refused private address is a failed one);
+//!   is released when the attempt ends, on every path (sent, held, denied, given back,
+//!   cancelled, panicked), and the slot learns an outcome only from a send (a refused
+//!   private address is a failed one);
 //! - an attempt cancelled by the end of the shutdown grace gives its delivery back, due as
 //!   it was, instead of recording an outcome;
 //! - every attempt that ends a delivery without a request (denied, its endpoint deleted)
@@ -23,9 +29,19 @@ use super::admission::Slot;
 use super::dispatch::Dispatcher;
 use super::gate::Gated;
 use super::outcome::{decide, AttemptResult};
-use crate::catalog::EndpointEntry;
+use super::{signing, transform};
+use crate::catalog::{EndpointEntry, EventView};
 use crate::config::AuditedOutcomes;
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState};
+use crate::threads::JobFailed;
+
+/// Why an attempt has no body to send.
+enum Unbuilt {
+    /// The transform cannot build it, and never will for this input: the reason.
+    Failed(String),
+    /// The evaluation thread did not run the transform: try again later.
+    NotRun(JobFailed),
+}
 
 impl Dispatcher {
     /// Whether `ep`'s hourly retry budget grants one more retry, counted for all processes
@@ -39,6 +55,11 @@ impl Dispatcher {
                 true
             }
         }
+    }
+
+    /// Whether the audit chain records the final outcomes of `ep`'s deliveries.
+    fn audits_outcomes_of(&self, ep: &EndpointEntry) -> bool {
+        ep.spec.agent || self.audited == AuditedOutcomes::All
     }
 
     /// Waits until `ep`'s rate limit allows one more request.
@@ -96,6 +117,28 @@ impl Dispatcher {
         }
     }
 
+    /// The body of `delivery`: the standard envelope, or what the endpoint's transform
+    /// builds (on an evaluation thread, within the catalog's budget).
+    async fn body(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> Result<String, Unbuilt> {
+        let transform = match &ep.transform {
+            None => {
+                let timestamp = delivery.event_time.unwrap_or(delivery.received_at);
+                let timestamp = timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                return Ok(signing::body(&delivery.event_type, &timestamp, &delivery.data));
+            }
+            Some(Ok(transform)) => transform.clone(),
+            Some(Err(message)) => return Err(Unbuilt::Failed(format!("the transform cannot be compiled: {message}"))),
+        };
+        let event = EventView::of_delivery(delivery).to_json();
+        let endpoint = transform::endpoint_json(&ep.namespace, &ep.name, &ep.labels);
+        let budget = self.catalog.current().budget;
+        match self.catalog.evaluate(move || transform.render(&event, &endpoint, budget)).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(message)) => Err(Unbuilt::Failed(format!("the transform failed: {message}"))),
+            Err(e) => Err(Unbuilt::NotRun(e)),
+        }
+    }
+
     pub(super) async fn attempt(
         self: Arc<Self>,
         delivery: ClaimedDelivery,
@@ -105,6 +148,26 @@ impl Dispatcher {
         send_by: tokio::time::Instant,
     ) {
         let stop = self.stop_attempts.clone();
+        let body = match self.body(&delivery, &ep).await {
+            Ok(body) => body,
+            Err(Unbuilt::Failed(reason)) => {
+                metrics::counter!("hookwarden_delivery_transform_failures_total",
+                    "namespace" => delivery.namespace.clone(), "endpoint" => delivery.endpoint.clone())
+                .increment(1);
+                let mut completion = self.refuse(&delivery, DeliveryState::Failed, "failed", &reason);
+                completion.audit_outcome = self.audits_outcomes_of(&ep);
+                if self.completions.send(completion).await.is_err() {
+                    tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");
+                }
+                return;
+            }
+            Err(Unbuilt::NotRun(e)) => {
+                tracing::warn!(error = %e, delivery_id = %delivery.id, "the transform could not be run; the delivery is given back");
+                let later = Utc::now() + chrono::Duration::seconds(1);
+                let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], later).await;
+                return;
+            }
+        };
         if ep.spec.agent && self.gate(&delivery, &ep).await != Gated::Send {
             return;
         }
@@ -121,7 +184,7 @@ impl Dispatcher {
         let started_at = Utc::now();
         let clock = Instant::now();
         let sent = tokio::select! {
-            sent = self.http.send(&delivery, &ep) => sent,
+            sent = self.http.send(&delivery, &ep, body) => sent,
             _ = stop.cancelled() => {
                 let _ = self.store.release_deliveries(&[(&delivery.id, delivery.lease_token.as_str())], delivery.due_at).await;
                 return;
@@ -193,7 +256,7 @@ impl Dispatcher {
             decision: None,
             settle_spend: ep.spec.agent,
             ordered: delivery.ordered,
-            audit_outcome: ep.spec.agent || self.audited == AuditedOutcomes::All,
+            audit_outcome: self.audits_outcomes_of(&ep),
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");

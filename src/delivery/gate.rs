@@ -51,19 +51,7 @@ impl Dispatcher {
         let catalog = self.catalog.current();
         let (policy, budget) = (catalog.policy(&delivery.namespace), catalog.budget);
         drop(catalog);
-        let time = delivery.event_time.map(|t| t.to_rfc3339());
-        let event = Arc::new(
-            EventView {
-                id: delivery.event_id.as_str(),
-                namespace: &delivery.namespace,
-                source: &delivery.source,
-                event_type: &delivery.event_type,
-                subject: delivery.subject.as_deref(),
-                time,
-                data: &delivery.data,
-            }
-            .to_json(),
-        );
+        let event = Arc::new(EventView::of_delivery(delivery).to_json());
         for _ in 0..gate::DECISIONS {
             let now = Utc::now();
             let verdict = match self.decide_spend(&policy, &event, ep, delivery, now, budget).await {

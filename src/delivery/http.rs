@@ -5,6 +5,8 @@
 //!   address: a literal address in the URL is refused before sending, and names are
 //!   resolved by [`GuardedResolver`], which keeps only public addresses, so the check
 //!   holds at connect time whatever the name resolved to when the endpoint was applied;
+//! - the body comes in built (the standard envelope or the endpoint's transform, see
+//!   [`super::attempt`]) and is signed and sent byte for byte as it came;
 //! - no redirect is followed and no proxy is used;
 //! - an attempt ends within the endpoint's timeout, and at most `delivery.responseBytes` of
 //!   the answer are kept, as text every store can hold;
@@ -44,8 +46,13 @@ impl Sender {
         Ok(Sender { client, allow_private, response_bytes })
     }
 
-    /// One signed HTTP request: `(result, first bytes of the response)`.
-    pub async fn send(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> (AttemptResult, Option<String>) {
+    /// One HTTP request carrying `body`, signed: `(result, first bytes of the response)`.
+    pub async fn send(
+        &self,
+        delivery: &ClaimedDelivery,
+        ep: &EndpointEntry,
+        body: String,
+    ) -> (AttemptResult, Option<String>) {
         if !self.allow_private {
             if let Ok(url) = reqwest::Url::parse(&ep.spec.url) {
                 if let Some(host) = url.host() {
@@ -58,12 +65,6 @@ impl Sender {
                 }
             }
         }
-        let timestamp = delivery.event_time.unwrap_or(delivery.received_at);
-        let body = signing::body(
-            &delivery.event_type,
-            &timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            &delivery.data,
-        );
         let now = Utc::now().timestamp();
         let signature = signing::sign(delivery.event_id.as_str(), now, body.as_bytes(), &ep.secrets);
         let span: [u8; 8] = rand::random();

@@ -1,6 +1,6 @@
 //! The delivery engine: the leased queue's claims, one attempt per claimed delivery
-//! (admission, the policy gate, the signed request, its outcome), retries, ordering and
-//! health.
+//! (admission, the policy gate, the body and its transform, the signed request, its
+//! outcome), retries, ordering and health.
 
 pub mod admission;
 mod attempt;
@@ -13,4 +13,5 @@ pub mod outcome;
 pub mod retry;
 pub mod signing;
 pub mod state;
+pub mod transform;
 mod upkeep;

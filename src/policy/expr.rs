@@ -128,6 +128,130 @@ impl CompiledExpr {
     pub fn source(&self) -> &str {
         &self.source
     }
+
+    /// The kind of value the expression gives whenever its syntax alone says it is not a
+    /// list or a map (`a string` for `'x' + event.type`, `a bool` for a comparison or
+    /// `all()`), looking into both branches of `? :`; `None` when it may be one (a
+    /// literal list or map, `map()`, `filter()`, a variable or a field of one).
+    pub fn scalar_result(&self) -> Option<&'static str> {
+        scalar_result(&self.expr)
+    }
+
+    /// The first field named on a variable of `shapes` that the variable does not have:
+    /// `(variable, field)`. `shapes` gives each variable's fields; others are not checked.
+    pub fn unknown_field(&self, shapes: &[(&str, &[&str])]) -> Option<(String, String)> {
+        unknown_field(&self.expr, shapes, &mut Vec::new())
+    }
+}
+
+/// Runs `program` with `variables` bound (as [`json_val`] binds them), within `budget`.
+/// CPU-bound for as long as the budget allows: call it off the async workers.
+pub fn evaluate(
+    program: &CompiledExpr,
+    variables: &[(&str, &serde_json::Value)],
+    budget: Budget,
+) -> Result<cel::Value, String> {
+    let evaluation = Evaluation::start(budget);
+    with_root(|root| {
+        let mut context = root.new_inner_scope();
+        for (name, value) in variables {
+            context.add_variable_as_val(*name, json_val(value));
+        }
+        evaluation.execute(program, &context)
+    })
+}
+
+fn scalar_result(e: &IdedExpr) -> Option<&'static str> {
+    use cel::common::ast::operators as op;
+    match &e.expr {
+        Expr::Literal(literal) => Some(match literal {
+            LiteralValue::Boolean(_) => "a bool",
+            LiteralValue::Bytes(_) => "bytes",
+            LiteralValue::Double(_) => "a double",
+            LiteralValue::Int(_) => "an int",
+            LiteralValue::UInt(_) => "a uint",
+            LiteralValue::String(_) => "a string",
+            LiteralValue::Null => "null",
+        }),
+        Expr::Select(select) if select.test => Some("a bool"),
+        Expr::Comprehension(c) => match &c.result.expr {
+            // `all`, `exists` (a bool accumulator), `map`, `filter` (a list one).
+            Expr::Ident(name) if *name == c.accu_var => scalar_result(&c.accu_init),
+            _ => scalar_result(&c.result),
+        },
+        Expr::Call(call) => match (call.func_name.as_str(), call.args.as_slice()) {
+            (cost::COST, [inner]) => scalar_result(inner),
+            (op::CONDITIONAL, [_, yes, no]) => scalar_result(yes).or_else(|| scalar_result(no)),
+            // `+` joins lists too: it gives a list or a map only if neither side is sure not to.
+            (op::ADD, [a, b]) => scalar_result(a).or_else(|| scalar_result(b)),
+            (
+                op::LOGICAL_AND
+                | op::LOGICAL_OR
+                | op::LOGICAL_NOT
+                | op::EQUALS
+                | op::NOT_EQUALS
+                | op::GREATER
+                | op::GREATER_EQUALS
+                | op::LESS
+                | op::LESS_EQUALS
+                | op::IN
+                | op::NOT_STRICTLY_FALSE
+                | "matches"
+                | "startsWith"
+                | "endsWith"
+                | "contains"
+                | "bool",
+                _,
+            ) => Some("a bool"),
+            (op::SUBSTRACT | op::MULTIPLY | op::DIVIDE | op::MODULO | op::NEGATE, _) => Some("a number"),
+            ("size" | "int" | "uint" | "double" | "max" | "min", _) => Some("a number"),
+            ("string", _) => Some("a string"),
+            ("bytes", _) => Some("bytes"),
+            ("timestamp", _) => Some("a timestamp"),
+            ("duration", _) => Some("a duration"),
+            ("type", _) => Some("a type"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn unknown_field(e: &IdedExpr, shapes: &[(&str, &[&str])], bound: &mut Vec<String>) -> Option<(String, String)> {
+    match &e.expr {
+        Expr::Select(select) => {
+            if let Expr::Ident(name) = &select.operand.expr {
+                let shape = shapes.iter().find(|(variable, _)| variable == name && !bound.contains(name));
+                if let Some((variable, fields)) = shape {
+                    if !fields.contains(&select.field.as_str()) {
+                        return Some(((*variable).to_owned(), select.field.clone()));
+                    }
+                }
+            }
+            unknown_field(&select.operand, shapes, bound)
+        }
+        Expr::Comprehension(c) => {
+            let outside = [&c.iter_range, &c.accu_init];
+            if let Some(found) = outside.into_iter().find_map(|part| unknown_field(part, shapes, bound)) {
+                return Some(found);
+            }
+            let outer = bound.len();
+            bound.extend(std::iter::once(c.iter_var.clone()).chain(c.iter_var2.clone()));
+            bound.push(c.accu_var.clone());
+            let found =
+                [&c.loop_cond, &c.loop_step, &c.result].into_iter().find_map(|part| unknown_field(part, shapes, bound));
+            bound.truncate(outer);
+            found
+        }
+        _ => {
+            let mut found = None;
+            cost::for_each_child(e, |part| {
+                if found.is_none() {
+                    found = unknown_field(part, shapes, bound);
+                }
+            });
+            found
+        }
+    }
 }
 
 /// Compiles `source`, allowing only the variables in `variables`.

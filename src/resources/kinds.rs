@@ -50,6 +50,13 @@ pub struct EndpointSpec {
     /// Paused endpoints keep their deliveries queued.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// CEL over `event` and `endpoint` that gives a map or a list: its canonical JSON
+    /// (keys sorted, no whitespace) is the body sent and signed, instead of the standard
+    /// `{type, timestamp, data}` envelope, e.g.
+    /// `{"text": "Approval needed: " + event.data.reason}`. A delivery whose transform fails
+    /// fails, and is not retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
 }
 
 /// A signing secret, given inline or read from the server's environment or a file (only

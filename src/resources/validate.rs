@@ -16,12 +16,15 @@ use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, FilterSpec, RetryBudge
 use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
 pub use crate::delivery::guard::{is_private_host, is_private_ip};
+use crate::delivery::transform::Transform;
 use crate::policy::expr::{self, Limits};
 
 /// Variables of CEL evaluated over an event alone (filters, ordering keys).
 pub const EVENT_VARIABLES: &[&str] = &["event"];
 /// Variables of CEL evaluated by the policy gate (agent rules).
 pub const POLICY_VARIABLES: &[&str] = &["event", "endpoint", "agent", "spend", "now"];
+/// Variables of an endpoint's transform (see [`crate::delivery::transform`]).
+pub const TRANSFORM_VARIABLES: &[&str] = &["event", "endpoint"];
 
 /// Checks that depend on where validation runs.
 #[derive(Clone, Debug, Default)]
@@ -174,6 +177,11 @@ impl Validator<'_> {
         self.event_type_globs("spec.eventTypes", &spec.event_types);
         if let Some(ordering) = &spec.ordering {
             self.cel("spec.ordering.key", &ordering.key, EVENT_VARIABLES);
+        }
+        if let Some(source) = &spec.transform {
+            if let Err(message) = Transform::compile(source, &self.checks.cel) {
+                self.error("spec.transform", message);
+            }
         }
         if let Some(rate) = &spec.rate_limit {
             if !(1..=100_000).contains(&rate.per_second) {
