@@ -2,6 +2,7 @@
 //! listings across the namespaces a token may see (and never others), the CLI, and the
 //! audit record every final delivery state gets, approver denials and expiries included.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -379,17 +380,6 @@ async fn a_denied_hold_gives_back_the_spend_an_earlier_allow_reserved(db: TestDb
     let shown = json_with_status(app.get(&format!("/v1/approvals/{id}"), &approver).await, 200).await;
     assert_eq!(shown["spend"][0]["window_total"], 0, "{shown}");
     assert_eq!(receiver.on("/agent").len(), 1, "nothing more was sent");
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

@@ -2,6 +2,7 @@
 //! tampering (in an export and in the database), ordering before dispatch, concurrent
 //! writers across processes, and an independent verifier in another language.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -282,17 +283,6 @@ async fn with_agent_outcomes_only_plain_deliveries_stay_out_of_the_chain() {
         let expected: &[&str] = if d.endpoint == "agent" { &["policy.decision", "delivery.delivered"] } else { &[] };
         assert_eq!(actions, expected, "{}", d.endpoint);
     }
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

@@ -2,6 +2,7 @@
 //! endpoint's backlog is not claimed beyond its free slots while its healthy neighbour
 //! keeps flowing, and a backlog drains oldest first.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -173,18 +174,7 @@ async fn a_backlog_drains_oldest_first(db: TestDb) {
     }
 }
 
-macro_rules! both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
-}
-
-both_databases!(
+on_both_databases!(
     a_slow_endpoint_is_claimed_only_up_to_its_free_slots,
     a_stuck_agent_endpoint_decides_no_more_than_it_can_send,
     a_backlog_drains_oldest_first

@@ -1,5 +1,6 @@
 //! The delivery engine end to end: real receivers on loopback ports, real databases.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -369,17 +370,6 @@ async fn a_filter_computes_with_the_numbers_of_event_data(db: TestDb) {
         .collect();
     assert_eq!(totals.len(), 2);
     assert!(totals.contains(&6) && totals.contains(&20), "{totals:?}");
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

@@ -3,6 +3,7 @@
 //! family has help text, counters exist at 0 from start-up, open breakers and disabled
 //! endpoints are told apart; and every family the source emits is described.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -292,17 +293,6 @@ fn family_names_follow_the_conventions_promtool_checks() {
         assert!(family.zeros.is_empty() || family.kind == Kind::Counter, "{name}: only counters start at 0");
         assert!(FAMILIES[..i].iter().all(|f| f.name != name), "{name} is listed twice");
     }
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

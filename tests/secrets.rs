@@ -8,6 +8,7 @@
 //! never repeat a value written in a `secrets` field, and header values are shown only
 //! for headers listed in `plainHeaders`.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -356,17 +357,6 @@ fn settings_that_would_widen_what_namespaces_may_name_stop_the_server() {
         assert_eq!(failed.code, Some(2), "{failed}");
         assert!(failed.stderr.contains(setting), "{failed}");
     }
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

@@ -1,6 +1,7 @@
 //! Endpoint transforms end to end: real receivers on loopback, real databases, the
 //! official Standard Webhooks verifier, and `hookwarden transform test` as a process.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -186,17 +187,6 @@ async fn an_agent_endpoint_gets_the_transformed_body_once_the_gate_allows_it(db:
     assert_eq!(actions_on(&failed[0]), ["delivery.failed"]);
     let delivered = final_deliveries(&app, &sent).await;
     assert!(actions_on(&delivered[0]).contains(&"policy.decision".to_owned()), "{:?}", actions_on(&delivered[0]));
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

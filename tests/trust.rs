@@ -3,6 +3,7 @@
 //! path, fan-out failures are reported, applies are seen at once by every process, the
 //! half-open probe cannot stick, and status is written as things happen.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -333,17 +334,6 @@ async fn a_half_open_probe_refused_by_the_policy_gate_does_not_block_the_endpoin
         receiver.on("/agent").iter().any(|r| r.answered == 200)
     })
     .await;
-}
-
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
-        }
-    };
 }
 
 on_both_databases!(

@@ -6,6 +6,21 @@
 //! with `HOOKWARDEN_TEST_REQUIRE_POSTGRES=1` (set by `.ci/run`) a missing URL fails.
 #![allow(dead_code)]
 
+/// Runs each named `async fn case(db: TestDb)` as two tests, `sqlite::case` and
+/// `postgres::case` (skipped without a PostgreSQL URL, see [`TestDb::postgres`]), on a
+/// two-thread runtime. Test files take it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_both_databases {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::TestDb::sqlite()).await; } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { let Some(db) = super::TestDb::postgres().await else { return }; super::$case(db).await; } )*
+        }
+    };
+}
+
 pub mod pg_cluster;
 pub mod receiver;
 
