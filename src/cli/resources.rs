@@ -199,8 +199,9 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
-    let kind = Kind::parse(&args.kind)
-        .with_context(|| format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule", args.kind))?;
+    let kind = Kind::parse(&args.kind).with_context(|| {
+        format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType", args.kind)
+    })?;
     let client = Client::new(&args.client)?;
     let url = match &args.name {
         Some(name) => format!("{}/v1/resources/{kind}/{}/{name}", client.server, args.namespace),
