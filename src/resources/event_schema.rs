@@ -200,6 +200,8 @@ mod tests {
         ] {
             assert!(found.contains(&expected), "{expected:?} not in {found:?}");
         }
+        let below = violations(&schema, &json!({"order_id": 1, "total": -1}));
+        assert_eq!(below[0].message, "-1 is less than the minimum of 0", "the README shows this message");
         let missing = violations(&schema, &json!({"order_id": 1}));
         assert_eq!((missing[0].path.as_str(), missing[0].keyword.as_str()), ("/data", "required"));
     }
