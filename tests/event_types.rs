@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{json_with_status, spawn_app, spawn_app_with, TestDb};
+use common::{json_with_status, spawn_app, spawn_app_with, token, TestDb};
+use hookwarden::auth::Role;
 use hookwarden::config::UnknownEventTypes;
 use serde_json::{json, Value};
 
@@ -219,6 +220,93 @@ async fn apply_refuses_a_bad_schema_a_failing_example_and_a_remote_ref(db: TestD
     assert_eq!(stored["items"], json!([]), "nothing was applied");
 }
 
+async fn the_catalog_lists_types_with_their_subscribers_within_the_token_s_namespaces(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let secret = common::receiver::SECRET;
+    app.apply_yaml(&format!(
+        r#"{ORDER_TYPE}---
+apiVersion: hookwarden/v1
+kind: EventType
+metadata: {{name: order.paid, namespace: payments}}
+spec: {{description: Paid., deprecated: true}}
+---
+apiVersion: hookwarden/v1
+kind: EventType
+metadata: {{name: invoice.sent, namespace: billing}}
+spec: {{description: An invoice went out.}}
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: orders, namespace: payments}}
+spec: {{url: "https://orders.example.com/hooks", secrets: [{{value: {secret}}}], eventTypes: ["order.*"]}}
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: paid-only, namespace: payments}}
+spec: {{url: "https://paid.example.com/hooks", secrets: [{{value: {secret}}}], eventTypes: [order.paid]}}
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: everything, namespace: payments}}
+spec: {{url: "https://all.example.com/hooks", secrets: [{{value: {secret}}}]}}
+---
+apiVersion: hookwarden/v1
+kind: Endpoint
+metadata: {{name: billing-all, namespace: billing}}
+spec: {{url: "https://billing.example.com/hooks", secrets: [{{value: {secret}}}]}}
+"#
+    ))
+    .await;
+    let all = json_with_status(app.get("/v1/event-types", &app.admin).await, 200).await;
+    let names: Vec<(&str, &str)> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["namespace"].as_str().unwrap(), t["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, vec![("billing", "invoice.sent"), ("payments", "order.created"), ("payments", "order.paid")]);
+    let created = json_with_status(app.get("/v1/event-types/payments/order.created", &app.admin).await, 200).await;
+    assert_eq!(created["description"], "An order was placed.");
+    assert_eq!(created["schema"]["properties"]["total"], json!({"type": "integer", "minimum": 0}));
+    assert_eq!(created["examples"], json!([{"order_id": 1001, "total": 4200}]));
+    assert_eq!(created["deprecated"], false);
+    assert_eq!(created["subscribers"], json!(["everything", "orders"]));
+    let paid = json_with_status(app.get("/v1/event-types/payments/order.paid", &app.admin).await, 200).await;
+    assert_eq!((paid["deprecated"].clone(), paid["schema"].clone()), (json!(true), Value::Null));
+    assert_eq!(paid["subscribers"], json!(["everything", "orders", "paid-only"]));
+    assert_eq!(all["items"][0]["subscribers"], json!(["billing-all"]), "subscribers are of the type's own namespace");
+
+    // A token for payments sees payments only: listed, fetched, or asked for by name.
+    let viewer = token("viewer", &[Role::Viewer], &["payments"]);
+    let mine = json_with_status(app.get("/v1/event-types", &viewer).await, 200).await;
+    assert!(mine["items"].as_array().unwrap().iter().all(|t| t["namespace"] == "payments"), "{mine}");
+    assert_eq!(mine["items"].as_array().unwrap().len(), 2);
+    json_with_status(app.get("/v1/event-types?namespace=payments", &viewer).await, 200).await;
+    let response = app.get("/v1/event-types?namespace=billing", &viewer).await;
+    assert_eq!(refusal(response, 403).await.0, "forbidden");
+    let hidden = refusal(app.get("/v1/event-types/billing/invoice.sent", &viewer).await, 404).await;
+    let missing = refusal(app.get("/v1/event-types/billing/no.such", &viewer).await, 404).await;
+    assert_eq!(hidden.0, missing.0, "another namespace's type answers like a missing one");
+    assert_eq!(refusal(app.get("/v1/event-types/payments/no.such", &viewer).await, 404).await.0, "not_found");
+    let ingester = token("shop", &[Role::Ingest], &["payments"]);
+    assert_eq!(refusal(app.get("/v1/event-types", &ingester).await, 403).await.0, "forbidden");
+
+    // The CLI shows the same catalog.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+        .args(["get", "eventtypes", "-n", "payments"])
+        .env("HOOKWARDEN_SERVER", &app.base)
+        .env("HOOKWARDEN_TOKEN", &viewer)
+        .output()
+        .expect("run the CLI");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{table} {}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines[0], vec!["NAMESPACE", "NAME", "DEPRECATED", "SUBSCRIBERS", "DESCRIPTION"]);
+    assert_eq!(lines[1][..4], ["payments", "order.created", "false", "everything,orders"]);
+    assert_eq!(lines[2][..4], ["payments", "order.paid", "true", "everything,orders,paid-only"]);
+    assert_eq!(lines.len(), 3, "{table}");
+}
+
 macro_rules! on_both_databases {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -237,4 +325,5 @@ on_both_databases!(
     unknown_types_are_refused_everywhere_when_the_default_says_reject,
     a_deprecated_type_is_accepted_counted_and_warned_of,
     apply_refuses_a_bad_schema_a_failing_example_and_a_remote_ref,
+    the_catalog_lists_types_with_their_subscribers_within_the_token_s_namespaces,
 );
