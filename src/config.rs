@@ -259,6 +259,27 @@ pub struct IngestConfig {
     pub commit_timeout: Duration,
     /// Deepest nesting of arrays and objects in one event, the event itself at depth 1.
     pub max_json_depth: usize,
+    /// What happens to an event whose type has no EventType in its namespace.
+    pub unknown_event_types: UnknownEventTypes,
+    /// `unknownEventTypes` of particular namespaces, over the one above.
+    pub unknown_event_types_by_namespace: std::collections::BTreeMap<String, UnknownEventTypes>,
+}
+
+/// `ingest.unknownEventTypes`: an event whose type has no EventType in its namespace is
+/// accepted unchecked, or refused (`400 unknown_event_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(expecting = "`accept` or `reject`", rename_all = "lowercase")]
+pub enum UnknownEventTypes {
+    #[default]
+    Accept,
+    Reject,
+}
+
+impl IngestConfig {
+    /// What `namespace` does with event types it has no EventType for.
+    pub fn unknown_event_types_in(&self, namespace: &str) -> UnknownEventTypes {
+        self.unknown_event_types_by_namespace.get(namespace).copied().unwrap_or(self.unknown_event_types)
+    }
 }
 
 impl Default for IngestConfig {
@@ -272,6 +293,8 @@ impl Default for IngestConfig {
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             commit_timeout: Duration::from_millis(2500),
             max_json_depth: 64,
+            unknown_event_types: UnknownEventTypes::Accept,
+            unknown_event_types_by_namespace: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -500,6 +523,13 @@ impl Config {
         }
         if !(2..=100).contains(&i.max_json_depth) {
             return invalid("ingest.maxJsonDepth must be from 2 (an event with an object in it) to 100");
+        }
+        if let Some(bad) =
+            i.unknown_event_types_by_namespace.keys().find(|n| !crate::resources::validate::is_dns_label(n))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ingest.unknownEventTypesByNamespace: `{bad}` is not a namespace (a DNS label)"
+            )));
         }
         self.apply.validate().map_err(ConfigError::Invalid)?;
         self.cel.validate().map_err(ConfigError::Invalid)?;

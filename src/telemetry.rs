@@ -105,6 +105,11 @@ pub const FAMILIES: &[Family] = &[
         &[&[("outcome", "accepted")], &[("outcome", "duplicate")]],
     ),
     counter(
+        "hookwarden_ingest_deprecated_total",
+        "Events accepted whose type's EventType is deprecated, by type (the EventType's name: a bounded set, the applied types).",
+        &[],
+    ),
+    counter(
         "hookwarden_fanout_errors_total",
         "Events whose fan-out to an endpoint could not be decided, by namespace and endpoint: a Filter that failed or exceeded its evaluation budget (the endpoint was skipped) or an ordering key that did (sent in the (no key) lane).",
         &[],

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::auth::AuthError;
+use crate::ingest::types::{ItemViolation, TypeError};
 
 /// One problem with one field of the input, `path` in `a.b[2].c` form.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -35,6 +36,13 @@ pub enum ApiError {
     DuplicateKey(FieldError),
     #[error("{0}")]
     BadRequest(String),
+    /// Events whose data fails their EventType's schema; `batch`: the request was a batch
+    /// (each violation names its item).
+    #[error("{}", summarize_violations(.violations))]
+    SchemaViolation { violations: Vec<ItemViolation>, batch: bool },
+    /// Events of types without an EventType, in a namespace that refuses those.
+    #[error("{}", summarize(.errors))]
+    UnknownEventType { errors: Vec<FieldError>, items: Option<Vec<usize>> },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("unsupported media type: {0}")]
@@ -63,6 +71,38 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
+fn summarize_violations(violations: &[ItemViolation]) -> String {
+    match violations {
+        [one] => format!("{}: {}", one.violation.path, one.violation.message),
+        _ => format!("{} schema violations", violations.len()),
+    }
+}
+
+impl ApiError {
+    /// The refusal of a request's events by their EventTypes; `batch`: the request was
+    /// `POST /v1/events/batch`, whose details name each event's index as `item`.
+    pub fn from_types(error: TypeError, batch: bool) -> ApiError {
+        match error {
+            TypeError::Violations(violations) => ApiError::SchemaViolation { violations, batch },
+            TypeError::Unknown(unknown) => ApiError::UnknownEventType {
+                items: batch.then(|| unknown.iter().map(|u| u.item).collect()),
+                errors: unknown
+                    .into_iter()
+                    .map(|u| {
+                        FieldError::new(
+                            "/type",
+                            format!(
+                                "no EventType `{}` in namespace `{}`, which refuses event types it does not know (ingest.unknownEventTypes)",
+                                u.event_type, u.namespace
+                            ),
+                        )
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
 fn summarize(errors: &[FieldError]) -> String {
     match errors {
         [one] => format!("{}: {}", one.path, one.message),
@@ -78,6 +118,8 @@ impl ApiError {
             ApiError::Validation(_) => "validation_failed",
             ApiError::DuplicateKey(_) => "duplicate_key",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::SchemaViolation { .. } => "schema_violation",
+            ApiError::UnknownEventType { .. } => "unknown_event_type",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthenticated(_) => "unauthenticated",
@@ -99,7 +141,9 @@ impl ApiError {
             ApiError::MalformedJson(_)
             | ApiError::Validation(_)
             | ApiError::DuplicateKey(_)
-            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | ApiError::BadRequest(_)
+            | ApiError::SchemaViolation { .. }
+            | ApiError::UnknownEventType { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -117,6 +161,16 @@ impl ApiError {
         match self {
             ApiError::Validation(errors) => json!(errors),
             ApiError::DuplicateKey(error) => json!([error]),
+            ApiError::SchemaViolation { violations, batch: true } => json!(violations),
+            ApiError::SchemaViolation { violations, batch: false } => {
+                json!(violations.iter().map(|v| &v.violation).collect::<Vec<_>>())
+            }
+            ApiError::UnknownEventType { errors, items: None } => json!(errors),
+            ApiError::UnknownEventType { errors, items: Some(items) } => json!(errors
+                .iter()
+                .zip(items)
+                .map(|(e, item)| json!({"item": item, "path": e.path, "message": e.message}))
+                .collect::<Vec<_>>()),
             ApiError::InvalidResources(errors) => json!(errors),
             ApiError::PayloadTooLarge { limit } => json!({ "limit": limit }),
             _ => Value::Null,

@@ -7,7 +7,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -21,6 +21,7 @@ use super::strict_json::{self, Problem};
 use super::AppState;
 use crate::auth::{Principal, Role};
 use crate::ids::EventId;
+use crate::ingest::types::Deprecated;
 use crate::ingest::{AcceptError, Answer, EventAccepted, IngestError};
 use crate::resources::validate::is_dns_label;
 use crate::store::{EventQuery, IdempotencyKey, IngestRequest, NewEvent, StoredEvent};
@@ -68,6 +69,7 @@ impl From<AcceptError> for ApiError {
     fn from(e: AcceptError) -> Self {
         match e {
             AcceptError::Ingest(e) => e.into(),
+            AcceptError::Types(e) => ApiError::from_types(e, false),
             AcceptError::KeyReused => ApiError::IdempotencyKeyReused,
             AcceptError::Store(e) => e.into(),
         }
@@ -242,7 +244,23 @@ async fn ingest(
     let idempotency = idempotency_key(headers, principal, route, body)?;
     let trace = trace_id(headers);
     let events = validate_events(events, principal, &trace)?;
-    Ok(state.ingestor.accept(IngestRequest { idempotency, events }).await?)
+    let batch = route == "/v1/events/batch";
+    state.ingestor.accept(IngestRequest { idempotency, events }).await.map_err(|e| match e {
+        AcceptError::Types(e) => ApiError::from_types(e, batch),
+        e => e.into(),
+    })
+}
+
+/// A `Warning` header (RFC 9111 form, code 299) per deprecated type of the request.
+fn warn_deprecated(response: &mut Response, deprecated: &[Deprecated]) {
+    for d in deprecated {
+        let text =
+            format!("299 hookwarden \"event type `{}` in namespace `{}` is deprecated\"", d.event_type, d.namespace);
+        // EventType names and namespaces are plain ASCII: this always converts.
+        if let Ok(value) = HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
 }
 
 /// Refuses an event's JSON (at `prefix` in the body) that repeats a key or nests too deep;
@@ -314,10 +332,12 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let event = read_event(&bytes, state.config.max_json_depth)?;
-    let Answer { mut results, created } =
+    let Answer { mut results, created, deprecated } =
         ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
     let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
-    Ok((status(created), Json(result)).into_response())
+    let mut response = (status(created), Json(result)).into_response();
+    warn_deprecated(&mut response, &deprecated);
+    Ok(response)
 }
 
 pub async fn create_batch(
@@ -328,8 +348,11 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let events = read_batch(&bytes, state.config.max_batch_items, state.config.max_json_depth)?;
-    let Answer { results, created } = ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
-    Ok((status(created), Json(BatchAccepted { results })).into_response())
+    let Answer { results, created, deprecated } =
+        ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
+    let mut response = (status(created), Json(BatchAccepted { results })).into_response();
+    warn_deprecated(&mut response, &deprecated);
+    Ok(response)
 }
 
 /// An event as the API shows it; `data` is the stored JSON text, byte for byte.

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod deliveries;
 pub mod endpoints;
 pub mod error;
+pub mod event_types;
 pub mod events;
 pub mod extract;
 mod health;
@@ -111,6 +112,8 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/events", events::list)
         .add(Method::POST, "/v1/events/batch", events::create_batch)
         .add(Method::GET, "/v1/events/{id}", events::get)
+        .add(Method::GET, "/v1/event-types", event_types::list)
+        .add(Method::GET, "/v1/event-types/{namespace}/{name}", event_types::get)
         .add(Method::GET, "/v1/deliveries", deliveries::list)
         .add(Method::POST, "/v1/deliveries/replay", deliveries::replay_many)
         .add(Method::GET, "/v1/deliveries/{id}", deliveries::get)

@@ -269,7 +269,7 @@ async fn refresh_catalog(state: &AppState) {
 
 fn parse_kind(raw: &str) -> Result<Kind, ApiError> {
     Kind::parse(raw).ok_or_else(|| {
-        ApiError::NotFound(format!("unknown kind `{raw}`; one of Endpoint, RetryBudget, Filter, AgentRule"))
+        ApiError::NotFound(format!("unknown kind `{raw}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType"))
     })
 }
 

@@ -31,18 +31,85 @@ pub struct IngestArgs {
     /// Events sent before measuring (connections, caches).
     #[arg(long, default_value_t = 2_000)]
     pub warmup: usize,
+    /// Send realistic order data (10 properties, a nested object, an array) instead of
+    /// an id, a total and padding: the control for `--schema`.
+    #[arg(long)]
+    pub realistic: bool,
+    /// Apply an EventType whose schema covers the realistic data, so that every event is
+    /// validated (implies `--realistic`).
+    #[arg(long)]
+    pub schema: bool,
 }
 
-fn event_body(worker: usize, n: usize, size: usize, run: &str) -> String {
-    padded(size, |padding| {
-        json!({
-            "id": format!("{run}-{worker}-{n}"),
-            "source": "bench",
-            "type": "order.created",
-            "data": {"order_id": n, "total": 1234, "padding": padding}
-        })
-        .to_string()
+/// The EventType `--schema` applies: every property of [`realistic_data`] checked.
+const ORDER_TYPE: &str = r#"apiVersion: hookwarden/v1
+kind: EventType
+metadata: {name: order.created}
+spec:
+  schema:
+    type: object
+    required: [order_id, total, currency, status, customer, items]
+    additionalProperties: false
+    properties:
+      order_id: {type: integer, minimum: 1}
+      total: {type: integer, minimum: 0}
+      currency: {enum: [EUR, USD, GBP]}
+      status: {type: string, pattern: "^[a-z_]+$"}
+      placed_at: {type: string, maxLength: 40}
+      express: {type: boolean}
+      coupon: {type: [string, "null"]}
+      channel: {enum: [web, app, store]}
+      customer:
+        type: object
+        required: [id, email, country]
+        properties:
+          id: {type: integer}
+          email: {type: string, pattern: "^[^@]+@[^@]+$"}
+          country: {type: string, minLength: 2, maxLength: 2}
+      items:
+        type: array
+        minItems: 1
+        maxItems: 50
+        items:
+          type: object
+          required: [sku, qty, price]
+          properties:
+            sku: {type: string, pattern: "^[A-Z]{3}-[0-9]+$"}
+            qty: {type: integer, minimum: 1}
+            price: {type: integer, minimum: 0}
+      note: {type: string}
+"#;
+
+/// Order data with ten properties, a nested object and an array of three items; `note`
+/// pads it to the body size.
+fn realistic_data(n: usize, padding: &str) -> serde_json::Value {
+    json!({
+        "order_id": n + 1, "total": 4200, "currency": "EUR", "status": "placed",
+        "placed_at": "2026-12-04T02:30:00Z", "express": n.is_multiple_of(2), "coupon": null, "channel": "web",
+        "customer": {"id": 77, "email": "ada@example.com", "country": "DE"},
+        "items": [{"sku": "ABC-1", "qty": 1, "price": 1200}, {"sku": "DEF-22", "qty": 2, "price": 1000},
+                  {"sku": "GHI-333", "qty": 1, "price": 1000}],
+        "note": padding,
     })
+}
+
+fn event_body(worker: usize, n: usize, size: usize, run: &str, realistic: bool) -> String {
+    padded(size, |padding| {
+        let data = if realistic {
+            realistic_data(n, padding)
+        } else {
+            json!({"order_id": n, "total": 1234, "padding": padding})
+        };
+        json!({"id": format!("{run}-{worker}-{n}"), "source": "bench", "type": "order.created", "data": data})
+            .to_string()
+    })
+}
+
+/// How the bench's events are made.
+#[derive(Clone, Copy)]
+struct Shape {
+    size: usize,
+    realistic: bool,
 }
 
 /// Sends `total` events over `concurrency` clients; returns each request's latency.
@@ -51,7 +118,7 @@ async fn load(
     token: &str,
     total: usize,
     concurrency: usize,
-    size: usize,
+    shape: Shape,
     run: &str,
 ) -> anyhow::Result<(Vec<Duration>, Duration)> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
@@ -65,7 +132,7 @@ async fn load(
         tasks.spawn(async move {
             let mut latencies = Vec::with_capacity(count);
             for n in 0..count {
-                let body = event_body(worker, n, size, &run);
+                let body = event_body(worker, n, shape.size, &run, shape.realistic);
                 let sent = Instant::now();
                 let response = client
                     .post(url.as_str())
@@ -103,16 +170,32 @@ pub(super) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         &["*".to_owned()],
         Duration::from_secs(3600),
     );
+    if args.schema {
+        let operator = TokenKeys::new(&Secret::new(secret.clone())).mint(
+            "bench",
+            &[Role::Operator],
+            &["*".to_owned()],
+            Duration::from_secs(3600),
+        );
+        super::server::apply(&reqwest::Client::new(), &server.base, &operator, ORDER_TYPE.to_owned()).await?;
+    }
+    let shape = Shape { size: args.size, realistic: args.realistic || args.schema };
     let (idle_rss, _) = server.memory_kib()?;
     let run = ulid::Ulid::new().to_string();
-    load(&server.base, &token, args.warmup.max(args.concurrency), args.concurrency, args.size, &format!("w{run}"))
-        .await?;
-    let (mut latencies, elapsed) = load(&server.base, &token, args.events, args.concurrency, args.size, &run).await?;
+    load(&server.base, &token, args.warmup.max(args.concurrency), args.concurrency, shape, &format!("w{run}")).await?;
+    let cpu_before = server.cpu_time()?;
+    let (mut latencies, elapsed) = load(&server.base, &token, args.events, args.concurrency, shape, &run).await?;
+    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
     let (_, peak_rss) = server.memory_kib()?;
     latencies.sort();
     let database = if args.database_url.is_some() { "postgres" } else { "sqlite" };
+    let data = match (args.schema, shape.realistic) {
+        (true, _) => "realistic, validated",
+        (false, true) => "realistic, not validated",
+        (false, false) => "padding",
+    };
     outln!(
-        "bench ingest: database={database} events={} concurrency={} body≈{}B",
+        "bench ingest: database={database} events={} concurrency={} body≈{}B data={data}",
         args.events,
         args.concurrency,
         args.size
@@ -122,6 +205,7 @@ pub(super) async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         args.events as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     )?;
+    outln!("  server CPU   {:.0} µs per event", cpu.as_secs_f64() * 1e6 / args.events as f64)?;
     outln!("  latency p50  {:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1e3)?;
     outln!("  latency p99  {:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3)?;
     outln!("  latency max  {:.2} ms", latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3)?;

@@ -9,6 +9,7 @@
 //!   deliveries wait for it instead of being left out of fan-out;
 //! - a catalog is never replaced by one built from an older revision.
 
+pub mod event_types;
 mod fanout;
 pub mod follow;
 pub mod secrets;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+pub use event_types::EventTypeEntry;
 pub use fanout::{glob_matches, EventView, FanOut, FanOutError, FanOutResult, NO_KEY};
 pub use state::{waiting_by_reason, Sendability, WAIT_REASONS};
 
@@ -170,6 +172,8 @@ pub struct Catalog {
     by_namespace: HashMap<String, Vec<Arc<EndpointEntry>>>,
     /// The AgentRules in force, by namespace.
     policies: HashMap<String, Arc<PolicySet>>,
+    /// The EventTypes in force, their schemas compiled.
+    event_types: Arc<event_types::EventTypes>,
     /// The resource revision it was built from (`None`: nothing loaded yet).
     pub revision: Option<i64>,
     /// The bounds of each evaluation: a Filter, an ordering key, a policy decision.
@@ -208,6 +212,40 @@ impl Catalog {
     /// The names of the AgentRules in force, in every namespace (a name may repeat).
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.policies.values().flat_map(|p| p.rules.iter()).map(|r| r.name.as_str())
+    }
+
+    /// The EventType `name` of `namespace`, if there is one.
+    pub fn event_type(&self, namespace: &str, name: &str) -> Option<&Arc<EventTypeEntry>> {
+        self.event_types.get(namespace)?.get(name)
+    }
+
+    /// The EventTypes of `namespace` (every namespace when `None`), by namespace and name.
+    pub fn event_types<'a>(&'a self, namespace: Option<&'a str>) -> Vec<&'a Arc<EventTypeEntry>> {
+        let mut types: Vec<&Arc<EventTypeEntry>> = self
+            .event_types
+            .iter()
+            .filter(|(ns, _)| namespace.is_none_or(|wanted| wanted == ns.as_str()))
+            .flat_map(|(_, types)| types.values())
+            .collect();
+        types.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        types
+    }
+
+    /// The endpoints of the type's namespace whose `eventTypes` globs take it (no globs:
+    /// every type), by name. Filters are not looked at: they decide per event.
+    pub fn subscribers(&self, event_type: &EventTypeEntry) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .by_namespace
+            .get(&event_type.namespace)
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e.spec.event_types.is_empty() || e.spec.event_types.iter().any(|g| glob_matches(g, &event_type.name))
+            })
+            .map(|e| e.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     pub fn endpoint(&self, namespace: &str, name: &str) -> Option<Arc<EndpointEntry>> {
@@ -263,7 +301,8 @@ impl Catalog {
         }
         let policies =
             rules.into_iter().map(|(ns, (compiled, specs))| (ns, Arc::new(PolicySet::new(compiled, &specs)))).collect();
-        Catalog { by_namespace, policies, revision, budget: limits.budget() }
+        let event_types = Arc::new(event_types::build(resources));
+        Catalog { by_namespace, policies, event_types, revision, budget: limits.budget() }
     }
 
     fn entry(
@@ -463,6 +502,7 @@ impl CatalogHandle {
             changed.then(|| Catalog {
                 by_namespace,
                 policies: current.policies.clone(),
+                event_types: current.event_types.clone(),
                 revision: current.revision,
                 budget: current.budget,
             })

@@ -199,12 +199,15 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
-    let kind = Kind::parse(&args.kind)
-        .with_context(|| format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule", args.kind))?;
+    let kind = Kind::parse(&args.kind).with_context(|| {
+        format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType", args.kind)
+    })?;
     let client = Client::new(&args.client)?;
+    // Event types come from the catalog, which adds what subscribes to each.
+    let route = if kind == Kind::EventType { "event-types".to_owned() } else { format!("resources/{kind}") };
     let url = match &args.name {
-        Some(name) => format!("{}/v1/resources/{kind}/{}/{name}", client.server, args.namespace),
-        None => format!("{}/v1/resources/{kind}", client.server),
+        Some(name) => format!("{}/v1/{route}/{}/{name}", client.server, args.namespace),
+        None => format!("{}/v1/{route}", client.server),
     };
     let mut request = client.http.get(url);
     if args.name.is_none() && !args.all_namespaces {
@@ -232,9 +235,29 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
                 out!("{}", yaml_serde::to_string(item)?)?;
             }
         }
+        None if kind == Kind::EventType => out!("{}", event_type_table(&items))?,
         None => out!("{}", table(kind, &items))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The catalog's event types as an aligned table.
+fn event_type_table(items: &[Value]) -> String {
+    let mut rows: Vec<Vec<String>> =
+        vec![["NAMESPACE", "NAME", "DEPRECATED", "SUBSCRIBERS", "DESCRIPTION"].map(str::to_owned).to_vec()];
+    for item in items {
+        let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+        let subscribers: Vec<&str> =
+            item["subscribers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        rows.push(vec![
+            text(&item["namespace"]),
+            text(&item["name"]),
+            item["deprecated"].as_bool().unwrap_or(false).to_string(),
+            if subscribers.is_empty() { "-".to_owned() } else { subscribers.join(",") },
+            text(&item["description"]),
+        ]);
+    }
+    aligned(rows)
 }
 
 /// The resources as an aligned table; endpoints with their delivery state and breaker.
@@ -271,6 +294,11 @@ fn table(kind: Kind, items: &[Value]) -> String {
         }
         rows.push(row);
     }
+    aligned(rows)
+}
+
+/// Rows as columns padded to their widest cell.
+fn aligned(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> =
         (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();

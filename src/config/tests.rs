@@ -121,3 +121,20 @@ fn postgres_without_a_shared_jwt_secret_is_refused() {
     let config = Config { database_url: Some(Secret::new("postgres://localhost/x")), ..Config::default() };
     assert!(config.validate().unwrap_err().to_string().contains("HOOKWARDEN_JWT_SECRET"));
 }
+
+#[test]
+fn unknown_event_types_are_accepted_unless_a_namespace_or_the_default_rejects_them() {
+    let mut config = Config::default();
+    assert_eq!(config.ingest.unknown_event_types_in("payments"), UnknownEventTypes::Accept);
+    config.apply_file(
+        parse_file_config("ingest: {unknownEventTypes: accept, unknownEventTypesByNamespace: {payments: reject}}\n")
+            .unwrap(),
+    );
+    assert_eq!(config.ingest.unknown_event_types_in("payments"), UnknownEventTypes::Reject);
+    assert_eq!(config.ingest.unknown_event_types_in("default"), UnknownEventTypes::Accept);
+    config.validate().unwrap();
+    let err = parse_file_config("ingest: {unknownEventTypes: refuse}\n").unwrap_err();
+    assert!(err.starts_with("ingest.unknownEventTypes: "), "{err}");
+    config.ingest.unknown_event_types_by_namespace.insert("Not A Label".into(), UnknownEventTypes::Reject);
+    assert!(config.validate().unwrap_err().to_string().contains("unknownEventTypesByNamespace"));
+}

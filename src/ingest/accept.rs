@@ -3,12 +3,15 @@
 //! per event out: its deliveries (for a duplicate, the original's, as stored), and where
 //! fan-out could not decide. Also counts and logs what was accepted.
 //!
-//! Invariant: the answer costs one store read whatever the number of duplicates in it.
+//! Invariants: the answer costs one store read whatever the number of duplicates in it;
+//! a request whose events their EventTypes refuse is answered before anything is queued
+//! (see [`super::types`]).
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
+use super::types::{check_types, Deprecated, TypeError};
 use super::{Accepted, EventFanOut, IngestError, Ingestor};
 use crate::catalog::FanOutError;
 use crate::ids::{DeliveryId, EventId};
@@ -51,6 +54,8 @@ impl From<&DeliveryRecord> for DeliverySummary {
 pub struct Answer {
     pub results: Vec<EventAccepted>,
     pub created: bool,
+    /// The deprecated types the request's events have, each once.
+    pub deprecated: Vec<Deprecated>,
 }
 
 /// Why a request got no answer.
@@ -58,6 +63,9 @@ pub struct Answer {
 pub enum AcceptError {
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// The events' EventTypes refuse some of them; nothing written.
+    #[error(transparent)]
+    Types(#[from] TypeError),
     /// The idempotency key was used before with a different request; nothing written.
     #[error("the idempotency key was used with a different request")]
     KeyReused,
@@ -85,6 +93,10 @@ impl Ingestor {
 
     /// Commits `request` (see [`Ingestor::submit`]) and answers per event.
     pub async fn accept(&self, request: IngestRequest) -> Result<Answer, AcceptError> {
+        let checked = check_types(&self.catalog.current(), &request.events, |namespace| {
+            self.config.unknown_event_types_in(namespace)
+        })?;
+        let deprecated = checked.deprecated_types(&request.events);
         let trace_id = request.events.first().map(|e| e.trace_id.clone()).unwrap_or_default();
         let fields: Vec<LogFields> = request
             .events
@@ -99,6 +111,7 @@ impl Ingestor {
         let (outcomes, created) = match outcome {
             RequestOutcome::Accepted(items) => {
                 log_accepted(&fields, &items, &fan_out, &trace_id);
+                count_deprecated(&fields, &items, &checked.deprecated);
                 let created = items.iter().any(|i| !i.duplicate);
                 (items, created)
             }
@@ -114,7 +127,16 @@ impl Ingestor {
         let fan_out = fan_out.into_iter().chain(std::iter::repeat_with(EventFanOut::default));
         let results =
             outcomes.into_iter().zip(fan_out).map(|(outcome, fanned)| answer(outcome, fanned, &stored)).collect();
-        Ok(Answer { results, created })
+        Ok(Answer { results, created, deprecated })
+    }
+}
+
+/// `hookwarden_ingest_deprecated_total{type}` of the new events of deprecated types.
+fn count_deprecated(fields: &[LogFields], outcomes: &[EventOutcome], deprecated: &[bool]) {
+    for ((event, outcome), deprecated) in fields.iter().zip(outcomes).zip(deprecated) {
+        if *deprecated && !outcome.duplicate {
+            metrics::counter!("hookwarden_ingest_deprecated_total", "type" => event.event_type.clone()).increment(1);
+        }
     }
 }
 

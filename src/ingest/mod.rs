@@ -16,10 +16,12 @@
 //! - fan-out that evaluates CEL runs on the evaluation threads
 //!   ([`CatalogHandle::evaluate`]), never on an async worker.
 //!
+//! Before any of that, [`types`] checks the events against their namespace's EventTypes.
 //! [`keys`] forgets idempotency keys after their time to live.
 
 mod accept;
 pub mod keys;
+pub mod types;
 mod writer;
 
 use std::sync::Arc;
@@ -193,6 +195,8 @@ pub struct Ingestor {
     /// Deliveries waiting, as last sampled; [`Ingestor::admit`] refuses above `max_backlog`.
     backlog: Backlog,
     max_backlog: u64,
+    /// For `unknownEventTypes`.
+    config: Arc<IngestConfig>,
 }
 
 /// What [`Ingestor::start`] needs besides the store and the catalog.
@@ -215,7 +219,15 @@ impl Ingestor {
     ) -> Ingestor {
         let IngestSettings { config, max_backlog, backlog, wake } = settings;
         let queue = writer::start(store.clone(), catalog.clone(), config, tracker, wake);
-        Ingestor { queue, catalog, commit_timeout: config.commit_timeout, store, backlog, max_backlog }
+        Ingestor {
+            queue,
+            catalog,
+            commit_timeout: config.commit_timeout,
+            store,
+            backlog,
+            max_backlog,
+            config: Arc::new(config.clone()),
+        }
     }
 
     /// Decides the fan-out of `request`, queues it, and waits until it is committed (or

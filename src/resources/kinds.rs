@@ -276,3 +276,26 @@ pub enum Enforcement {
     /// Shadow mode: record what the rule would decide, enforce nothing.
     Audit,
 }
+
+/// A type of event a namespace takes: what it means, the JSON Schema (2020-12) its `data`
+/// must match, examples that must match it, and whether it is deprecated. The resource's
+/// name is the event type itself (`order.created`): see [`super::validate`] for the
+/// characters it may hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EventTypeSpec {
+    /// What an event of this type says, for the catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema (draft 2020-12) for the event's `data`; none means any JSON. Compiled
+    /// at apply; a `$ref` may only point inside the schema itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// Values of `data` that must match `schema` (checked at apply).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<serde_json::Value>,
+    /// Events of a deprecated type are still accepted, counted and answered with a
+    /// `Warning` header.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deprecated: bool,
+}

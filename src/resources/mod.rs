@@ -7,6 +7,7 @@
 
 mod conceal;
 pub mod diff;
+pub mod event_schema;
 pub mod kinds;
 pub mod limits;
 pub mod secret_sources;
@@ -19,7 +20,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use kinds::{AgentRuleSpec, EndpointSpec, FilterSpec, RetryBudgetSpec};
+pub use kinds::{AgentRuleSpec, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec};
 pub use limits::ApplyLimits;
 use limits::Budget;
 
@@ -33,10 +34,11 @@ pub enum Kind {
     RetryBudget,
     Filter,
     AgentRule,
+    EventType,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::RetryBudget, Kind::Filter, Kind::Endpoint, Kind::AgentRule];
+    pub const ALL: [Kind; 5] = [Kind::RetryBudget, Kind::Filter, Kind::Endpoint, Kind::AgentRule, Kind::EventType];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,6 +46,7 @@ impl Kind {
             Kind::RetryBudget => "RetryBudget",
             Kind::Filter => "Filter",
             Kind::AgentRule => "AgentRule",
+            Kind::EventType => "EventType",
         }
     }
 
@@ -80,7 +83,9 @@ impl fmt::Display for ResourceKey {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
-    /// A DNS label: 1-63 of a-z, 0-9 and '-', starting and ending alphanumeric.
+    /// A DNS label: 1-63 of a-z, 0-9 and '-', starting and ending alphanumeric. An
+    /// EventType's name is its event type: 1-253 of a-z, A-Z, 0-9, '.', '_' and '-',
+    /// starting and ending alphanumeric.
     pub name: String,
     /// The tenant boundary; `default` when omitted.
     #[serde(default = "default_namespace")]
@@ -128,6 +133,7 @@ pub enum Spec {
     RetryBudget(RetryBudgetSpec),
     Filter(FilterSpec),
     AgentRule(AgentRuleSpec),
+    EventType(EventTypeSpec),
 }
 
 impl Spec {
@@ -137,6 +143,7 @@ impl Spec {
             Spec::RetryBudget(_) => Kind::RetryBudget,
             Spec::Filter(_) => Kind::Filter,
             Spec::AgentRule(_) => Kind::AgentRule,
+            Spec::EventType(_) => Kind::EventType,
         }
     }
 
@@ -147,6 +154,7 @@ impl Spec {
             Spec::RetryBudget(s) => serde_json::to_value(s),
             Spec::Filter(s) => serde_json::to_value(s),
             Spec::AgentRule(s) => serde_json::to_value(s),
+            Spec::EventType(s) => serde_json::to_value(s),
         };
         value.expect("specs are plain data and always serialize")
     }
@@ -162,6 +170,7 @@ impl Spec {
             Kind::RetryBudget => RetryBudgetSpec::deserialize(&stored).map(Spec::RetryBudget),
             Kind::Filter => FilterSpec::deserialize(&stored).map(Spec::Filter),
             Kind::AgentRule => AgentRuleSpec::deserialize(&stored).map(Spec::AgentRule),
+            Kind::EventType => EventTypeSpec::deserialize(&stored).map(Spec::EventType),
         };
         canonical.map(|spec| spec.to_json()).unwrap_or(stored)
     }
@@ -173,6 +182,7 @@ impl Spec {
             Kind::RetryBudget => Spec::RetryBudget(serde_json::from_value(value)?),
             Kind::Filter => Spec::Filter(serde_json::from_value(value)?),
             Kind::AgentRule => Spec::AgentRule(serde_json::from_value(value)?),
+            Kind::EventType => Spec::EventType(serde_json::from_value(value)?),
         })
     }
 }
@@ -416,15 +426,14 @@ fn parse_document(
         }
         None => return Err(ResourceError::at(origin, "apiVersion", format!("missing; must be `{API_VERSION}`"))),
     }
-    let kind_name = map
-        .get("kind")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| ResourceError::at(origin, "kind", "missing; one of Endpoint, RetryBudget, Filter, AgentRule"))?;
+    let kind_name = map.get("kind").and_then(|v| v.as_str()).ok_or_else(|| {
+        ResourceError::at(origin, "kind", "missing; one of Endpoint, RetryBudget, Filter, AgentRule, EventType")
+    })?;
     let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind_name).ok_or_else(|| {
         ResourceError::at(
             origin,
             "kind",
-            format!("unknown kind `{kind_name}`; one of Endpoint, RetryBudget, Filter, AgentRule"),
+            format!("unknown kind `{kind_name}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType"),
         )
     })?;
     // The document again, in the typed shape, for field paths with lines.
@@ -433,6 +442,7 @@ fn parse_document(
         Kind::RetryBudget => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::RetryBudget(s)))?,
         Kind::Filter => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Filter(s)))?,
         Kind::AgentRule => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::AgentRule(s)))?,
+        Kind::EventType => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::EventType(s)))?,
     };
     Ok(Resource { metadata, spec })
 }
@@ -523,6 +533,7 @@ pub fn json_schema() -> serde_json::Value {
         kind_schema(Kind::RetryBudget, schemars::schema_for!(Document<RetryBudgetSpec>).to_value()),
         kind_schema(Kind::Filter, schemars::schema_for!(Document<FilterSpec>).to_value()),
         kind_schema(Kind::AgentRule, schemars::schema_for!(Document<AgentRuleSpec>).to_value()),
+        kind_schema(Kind::EventType, schemars::schema_for!(Document<EventTypeSpec>).to_value()),
     ];
     serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",

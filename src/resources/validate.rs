@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 
-use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, FilterSpec, RetryBudgetSpec, SecretSource};
+use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec, SecretSource};
 use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
 pub use crate::delivery::guard::{is_private_host, is_private_ip};
@@ -63,7 +63,7 @@ pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: &C
     for located in resources {
         let mut v = Validator { origin: &located.origin, errors: &mut errors, checks };
         let metadata = &located.resource.metadata;
-        v.metadata(metadata);
+        v.metadata(metadata, located.resource.kind());
         let namespace = metadata.namespace.as_str();
         let reference = |v: &mut Validator<'_>, path: &str, kind: Kind, name: &str| {
             if !known(kind, namespace, name) {
@@ -91,6 +91,7 @@ pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: &C
                     reference(&mut v, &format!("spec.endpointRefs[{i}]"), Kind::Endpoint, name);
                 }
             }
+            Spec::EventType(spec) => v.event_type(spec),
         }
     }
     errors
@@ -109,6 +110,20 @@ pub fn is_dns_label(name: &str) -> bool {
 const DNS_LABEL_RULE: &str =
     "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
 
+/// An EventType is named by its event type, which may hold dots (`order.created`): 1-253
+/// characters of a-z, A-Z, 0-9, '.', '_' and '-', starting and ending with a letter or
+/// digit. No '/' or ':', so that the name stays one segment of a URL path.
+pub fn is_event_type_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+}
+
+const EVENT_TYPE_NAME_RULE: &str = "an EventType's name is its event type: 1-253 characters of a-z, A-Z, 0-9, '.', '_' and '-', starting and ending with a letter or digit";
+
 struct Validator<'a> {
     origin: &'a Origin,
     errors: &'a mut Vec<ResourceError>,
@@ -126,8 +141,12 @@ impl Validator<'_> {
         }
     }
 
-    fn metadata(&mut self, m: &super::Metadata) {
-        if !is_dns_label(&m.name) {
+    fn metadata(&mut self, m: &super::Metadata, kind: Kind) {
+        if kind == Kind::EventType {
+            if !is_event_type_name(&m.name) {
+                self.error("metadata.name", EVENT_TYPE_NAME_RULE);
+            }
+        } else if !is_dns_label(&m.name) {
             self.error("metadata.name", DNS_LABEL_RULE);
         }
         if !is_dns_label(&m.namespace) {
@@ -297,6 +316,18 @@ impl Validator<'_> {
                     "must be a 4xx status other than 410 (5xx are always retried)",
                 );
             }
+        }
+    }
+
+    fn event_type(&mut self, spec: &EventTypeSpec) {
+        if spec.description.as_ref().is_some_and(|d| d.len() > 4096) {
+            self.error("spec.description", "must be at most 4096 bytes long");
+        }
+        if spec.schema.is_none() && !spec.examples.is_empty() {
+            self.error("spec.examples", "examples need a `schema` to be checked against");
+        }
+        for problem in super::event_schema::check_spec(spec.schema.as_ref(), &spec.examples) {
+            self.error(&problem.path, problem.message);
         }
     }
 
@@ -507,6 +538,29 @@ spec: {{expression: "event.data.total >= "}}
         assert!(!is_dns_label("Payments"));
         assert!(!is_dns_label(""));
         assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn event_type_names_may_hold_dots_and_other_names_may_not() {
+        let yaml = "apiVersion: hookwarden/v1\nkind: EventType\nmetadata: {name: order.created_v2, namespace: payments}\nspec:\n  schema: {type: object, required: [total], properties: {total: {type: integer, minimum: 0}}}\n  examples: [{total: 1}]\n";
+        assert_eq!(errors_of(yaml, Checks::default()), vec![]);
+        for bad in [".order", "order.", "order/created", "order:created", ""] {
+            let errors = errors_of(&yaml.replace("order.created_v2", &format!("'{bad}'")), Checks::default());
+            assert_eq!(paths(&errors), vec![(0, "metadata.name".to_owned())], "{bad}: {errors:#?}");
+        }
+        let budget = "apiVersion: hookwarden/v1\nkind: RetryBudget\nmetadata: {name: a.b}\nspec: {maxAttempts: 3, backoff: {base: 1s, max: 2s}}\n";
+        assert_eq!(paths(&errors_of(budget, Checks::default())), vec![(0, "metadata.name".to_owned())]);
+    }
+
+    #[test]
+    fn an_event_type_with_a_bad_schema_or_example_is_refused_at_its_path() {
+        let yaml = "apiVersion: hookwarden/v1\nkind: EventType\nmetadata: {name: order.created}\nspec:\n  schema: {type: object, properties: {total: {type: integer, minimum: 0}}}\n  examples: [{total: -1}]\n---\napiVersion: hookwarden/v1\nkind: EventType\nmetadata: {name: order.paid}\nspec:\n  schema: {type: objekt}\n";
+        let errors = errors_of(yaml, Checks::default());
+        assert_eq!(
+            paths(&errors),
+            vec![(0, "spec.examples[0].total".to_owned()), (1, "spec.schema.type".to_owned())],
+            "{errors:#?}"
+        );
     }
 
     #[test]
