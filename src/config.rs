@@ -77,6 +77,8 @@ pub struct Config {
     pub apply: crate::resources::ApplyLimits,
     /// What CEL expressions may be, and what one evaluation may cost.
     pub cel: CelLimits,
+    pub operational_events: OperationalEventsConfig,
+    pub console: ConsoleConfig,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -236,6 +238,50 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// Where people open what Hookwarden tells them of.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ConsoleConfig {
+    /// The base URL (`https://…`) of a console where approvers open a request: the
+    /// `link` of `hookwarden.approval.requested` is this and `/approvals/<id>`.
+    pub public_url: Option<String>,
+}
+
+/// Operational events (`hookwarden.*`, see `docs/operational-events.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct OperationalEventsConfig {
+    /// `hookwarden.endpoint.failing` is emitted when an endpoint's consecutive failures
+    /// reach this share of its breaker's threshold (rounded up, at least 1; not emitted
+    /// when that is the threshold itself: `breaker_opened` tells it). Above 0, at most 1.
+    pub failing_share: f64,
+    /// How often each process looks for operational events to fan out when nothing
+    /// signalled one (its own transitions signal at once).
+    #[serde(with = "crate::duration::text")]
+    pub fan_out_interval: Duration,
+    /// `hookwarden.dead_letters.threshold` is emitted when this many of an endpoint's
+    /// deliveries ended dead within `deadLetterWindow` (once per crossing).
+    pub dead_letters: u32,
+    #[serde(with = "crate::duration::text")]
+    pub dead_letter_window: Duration,
+    /// `hookwarden.approval.expiring` is emitted this long before a pending approval
+    /// request's deadline (at once for a request opened closer to it than that).
+    #[serde(with = "crate::duration::text")]
+    pub approval_expiring_before: Duration,
+}
+
+impl Default for OperationalEventsConfig {
+    fn default() -> Self {
+        Self {
+            failing_share: 0.5,
+            fan_out_interval: Duration::from_millis(500),
+            dead_letters: 10,
+            dead_letter_window: Duration::from_secs(3600),
+            approval_expiring_before: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
 /// Limits and batching of `POST /v1/events`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -318,6 +364,8 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             apply: crate::resources::ApplyLimits::default(),
             cel: CelLimits::default(),
+            operational_events: OperationalEventsConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -341,6 +389,8 @@ pub struct FileConfig {
     pub secrets: Option<SecretsConfig>,
     pub apply: Option<crate::resources::ApplyLimits>,
     pub cel: Option<CelLimits>,
+    pub operational_events: Option<OperationalEventsConfig>,
+    pub console: Option<ConsoleConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -404,7 +454,15 @@ impl Config {
             secrets,
             apply,
             cel,
+            operational_events,
+            console,
         } = file;
+        if let Some(v) = operational_events {
+            self.operational_events = v;
+        }
+        if let Some(v) = console {
+            self.console = v;
+        }
         if let Some(v) = cel {
             self.cel = v;
         }
@@ -555,6 +613,32 @@ impl Config {
         }
         if d.poll_interval.is_zero() {
             return invalid("delivery.pollInterval must be above 0");
+        }
+        let o = &self.operational_events;
+        if !(o.failing_share > 0.0 && o.failing_share <= 1.0) {
+            return invalid("operationalEvents.failingShare must be above 0 and at most 1");
+        }
+        if o.fan_out_interval < Duration::from_millis(10) {
+            return invalid("operationalEvents.fanOutInterval must be at least 10ms");
+        }
+        if o.dead_letters == 0
+            || o.dead_letter_window.is_zero()
+            || o.dead_letter_window > Duration::from_secs(7 * 86_400)
+        {
+            return invalid("operationalEvents.deadLetters must be at least 1 and operationalEvents.deadLetterWindow above 0, at most 7d");
+        }
+        if let Some(url) = &self.console.public_url {
+            let parsed = reqwest::Url::parse(url).ok().filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            });
+            if parsed.is_none() || url.len() > 2048 {
+                return invalid(
+                    "console.publicUrl must be an http(s) URL without a query or fragment, at most 2048 bytes",
+                );
+            }
         }
         let c = &self.controller;
         if c.applyset.is_empty() || c.applyset.len() > 253 {

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod ingest;
 pub mod jobs;
 pub mod messages;
+pub mod operational;
 pub mod output;
 pub mod policy;
 pub mod private_files;

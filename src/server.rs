@@ -36,11 +36,12 @@ use crate::controller::leadership::{self, CampaignSettings, Leadership};
 use crate::controller::Controller;
 use crate::delivery::dispatch::{DispatchSettings, Dispatcher};
 use crate::ingest::keys::ForgetOldKeys;
+use crate::ingest::outbox::FanOutOutbox;
 use crate::ingest::{IngestSettings, Ingestor};
 use crate::jobs::Jobs;
 use crate::private_files;
 use crate::resources::validate::Checks;
-use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, ProbeDatabase, Store};
+use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, DeadLetterAlert, ProbeDatabase, Store};
 use crate::telemetry::backlog::{Backlog, SampleBacklog};
 
 /// File name of the embedded database inside the data directory.
@@ -60,6 +61,11 @@ pub struct Server {
     backlog: Backlog,
     /// Held while this server uses a SQLite file; `None` on PostgreSQL and in memory.
     lock: Option<DatabaseLock>,
+    /// How often the outbox of operational events is looked at, and its signal.
+    fan_out_interval: Duration,
+    outbox: Arc<Notify>,
+    /// `operationalEvents.approvalExpiringBefore`.
+    expiring_before: Duration,
 }
 
 /// Takes the lock of the SQLite database file the server will open, before anything opens
@@ -188,6 +194,7 @@ impl Server {
         let checks =
             Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone(), cel: config.cel };
         let status_changed = Arc::new(Notify::new());
+        let outbox = Arc::new(Notify::new());
         let leadership = Leadership::default();
         let (controller, controller_status) = Controller::new(
             store.clone(),
@@ -229,6 +236,13 @@ impl Server {
                 allow_private: config.allow_private_urls,
                 audited: config.audit.delivery_outcomes,
                 status_changed,
+                failing_share: config.operational_events.failing_share,
+                outbox: outbox.clone(),
+                console: config.console.public_url.clone(),
+                dead_letters: DeadLetterAlert {
+                    count: config.operational_events.dead_letters,
+                    window: config.operational_events.dead_letter_window,
+                },
             },
             wake,
             signer,
@@ -240,6 +254,9 @@ impl Server {
             },
             backlog,
             lock,
+            fan_out_interval: config.operational_events.fan_out_interval,
+            outbox,
+            expiring_before: config.operational_events.approval_expiring_before,
         })
     }
 
@@ -266,6 +283,9 @@ impl Server {
             campaign,
             backlog,
             lock,
+            fan_out_interval,
+            outbox,
+            expiring_before,
         } = self;
         let store = state.store.clone();
         let leadership = state.leadership.clone();
@@ -281,8 +301,15 @@ impl Server {
             wake: wake.clone(),
         });
         jobs.spawn(SampleBacklog { store: store.clone(), catalog: state.catalog.clone(), backlog });
-        jobs.spawn(ExpireDueRequests { store: store.clone(), wake: wake.clone() });
+        jobs.spawn(ExpireDueRequests { store: store.clone(), wake: wake.clone(), expiring_before });
         jobs.spawn(ForgetOldKeys { store: store.clone(), ttl: idempotency_key_ttl });
+        jobs.spawn(FanOutOutbox {
+            store: store.clone(),
+            catalog: state.catalog.clone(),
+            wake: wake.clone(),
+            signal: outbox,
+            period: fan_out_interval,
+        });
         tracker.spawn(crate::store::forward_notices(
             store.clone(),
             wake.clone(),

@@ -275,6 +275,7 @@ fn delivered(claim: &ClaimedDelivery) -> Completion {
     let now = Utc::now();
     Completion {
         id: claim.id.clone(),
+        event_id: claim.event_id.clone(),
         lease_token: claim.lease_token.clone(),
         namespace: claim.namespace.clone(),
         endpoint: claim.endpoint.clone(),
@@ -296,6 +297,10 @@ fn delivered(claim: &ClaimedDelivery) -> Completion {
         settle_spend: true,
         ordered: claim.ordered,
         audit_outcome: true,
+        operational: false,
+        failing_at: None,
+        dead_letters: None,
+        tells: Vec::new(),
     }
 }
 

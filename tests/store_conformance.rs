@@ -13,8 +13,8 @@ use hookwarden::resources::{Kind, ResourceKey};
 use hookwarden::store::policy::{DecisionWrite, NewApproval, Recorded, SpendReservation, ToRecord};
 use hookwarden::store::{
     ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
-    EndpointQuota, EventOutcome, EventQuery, IdempotencyKey, IngestRequest, NewDelivery, NewEvent, RequestOutcome,
-    Store, StoreError,
+    EndpointQuota, EventOutcome, EventQuery, EventStatus, IdempotencyKey, IngestRequest, NewDelivery, NewEvent,
+    OutboxCommitted, RequestOutcome, Store, StoreError,
 };
 
 fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
@@ -80,6 +80,7 @@ fn approval_request(id: &str, event: &EventId, endpoint: &str) -> NewApproval {
         on_expiry: "deny".into(),
         expires_at: Utc::now() + chrono::Duration::hours(1),
         requested_by: "tester".into(),
+        link: None,
     }
 }
 
@@ -87,6 +88,7 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
     let now = Utc::now();
     Completion {
         id: claim.id.clone(),
+        event_id: claim.event_id.clone(),
         lease_token: claim.lease_token.clone(),
         namespace: claim.namespace.clone(),
         endpoint: claim.endpoint.clone(),
@@ -108,6 +110,10 @@ fn completion(claim: &ClaimedDelivery, state: DeliveryState, success: bool) -> C
         settle_spend: true,
         ordered: claim.ordered,
         audit_outcome: true,
+        operational: false,
+        failing_at: None,
+        dead_letters: None,
+        tells: Vec::new(),
     }
 }
 
@@ -316,6 +322,66 @@ async fn an_operator_enables_a_disabled_endpoint_without_a_spec_change(store: &S
     let enabled: Vec<_> = chain.iter().filter(|r| r.action == "endpoint.enabled").collect();
     assert_eq!(enabled.len(), 1);
     assert_eq!(enabled[0].actor, "operator-1");
+}
+
+/// A transition's operational events wait in the outbox, written with it; they are fanned
+/// out once (of two fan-outs at once, one writes) and only at the revision decided by; a
+/// delivery of an operational event tells nothing itself.
+async fn operational_events_leave_the_outbox_once(store: &Store) {
+    let mut owned = endpoint_resource("flaky", "https://a.example/hooks");
+    owned.spec["owner"] = serde_json::json!("team-a");
+    apply_one(store, owned).await;
+    store.accept_events(&[request(vec![fanned_out("o-1", &["flaky"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    let report = store.complete_attempts(&[completion(&claimed[0], DeliveryState::Dead, false)]).await.unwrap();
+    assert_eq!(report.operational_events, 1, "one failure of two opens nothing; the death is told");
+    let waiting = store.outbox_events(10).await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    let told = &waiting[0];
+    assert_eq!(
+        (told.event.event_type.as_str(), told.event.source.as_str()),
+        ("hookwarden.delivery.dead", "hookwarden")
+    );
+    assert_eq!(told.about_endpoint.as_deref(), Some("flaky"));
+    let data: serde_json::Value = serde_json::from_str(&told.event.data).unwrap();
+    assert_eq!((data["delivery"].as_str(), data["owner"].as_str()), (Some(claimed[0].id.as_str()), Some("team-a")));
+    assert_eq!(store.get_event(&told.event.id).await.unwrap().unwrap().status, EventStatus::Outbox);
+
+    let revision = store.resource_revision().await.unwrap();
+    let decided = |endpoint: &str| {
+        let mut event = told.event.clone();
+        event.deliveries =
+            vec![NewDelivery { id: DeliveryId::generate(), endpoint: endpoint.into(), ordering_key: None }];
+        event
+    };
+    let stale = store.fan_out_outbox(&[decided("notify")], revision - 1).await.unwrap();
+    assert_eq!(stale, OutboxCommitted::Stale { revision });
+    assert_eq!(store.outbox_events(10).await.unwrap().len(), 1, "nothing written at another revision");
+    let (one, two) = ([decided("notify")], [decided("notify")]);
+    let (a, b) = tokio::join!(store.fan_out_outbox(&one, revision), store.fan_out_outbox(&two, revision));
+    let written: usize = [a.unwrap(), b.unwrap()]
+        .into_iter()
+        .map(|c| match c {
+            OutboxCommitted::Written(ids) => ids.len(),
+            stale => panic!("{stale:?}"),
+        })
+        .sum();
+    assert_eq!(written, 1, "fanned out once");
+    assert!(store.outbox_events(10).await.unwrap().is_empty());
+    assert_eq!(store.get_event(&told.event.id).await.unwrap().unwrap().status, EventStatus::Accepted);
+    let query =
+        DeliveryQuery { namespace: "default".into(), endpoint: Some("notify".into()), limit: 10, ..Default::default() };
+    assert_eq!(store.list_deliveries(&query).await.unwrap().len(), 1);
+
+    let notify = store.claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), LEASE, 10).await.unwrap();
+    assert_eq!(notify.len(), 1);
+    let mut dead = completion(&notify[0], DeliveryState::Dead, false);
+    dead.operational = true;
+    dead.breaker = Some((1, Utc::now() + chrono::Duration::minutes(5)));
+    let report = store.complete_attempts(&[dead]).await.unwrap();
+    assert_eq!(report.operational_events, 0, "its breaker opened and it died, untold");
+    assert!(store.endpoint_state("default", "notify").await.unwrap().breaker_open_until.is_some());
+    assert!(store.outbox_events(10).await.unwrap().is_empty());
 }
 
 async fn every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it(store: &Store) {
@@ -801,6 +867,7 @@ async fn an_overdue_approval(store: &Store) -> String {
         on_expiry: "deny".into(),
         expires_at: Utc::now() - chrono::Duration::seconds(1),
         requested_by: "tester".into(),
+        link: None,
     };
     let now = Utc::now();
     assert_eq!(hold(store, &claim, approval.clone(), now).await, Recorded::Held);
@@ -1310,6 +1377,7 @@ conformance!(
     an_open_breaker_holds_an_endpoints_deliveries,
     a_disabled_endpoint_parks_its_deliveries_until_its_spec_changes,
     an_operator_enables_a_disabled_endpoint_without_a_spec_change,
+    operational_events_leave_the_outbox_once,
     every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it,
     final_deliveries_can_be_replayed_and_released_ones_keep_their_count,
     concurrent_audit_appends_keep_each_chain_gapless_and_linked,

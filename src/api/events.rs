@@ -107,6 +107,15 @@ impl EventIn {
         }
         check_text(errors, &path("source"), &self.source, 1024);
         check_text(errors, &path("type"), &self.event_type, 256);
+        if crate::operational::is_reserved(&self.event_type) {
+            errors.push(FieldError::new(
+                path("type"),
+                format!(
+                    "types starting with `{}` are reserved for Hookwarden's operational events",
+                    crate::operational::RESERVED_PREFIX
+                ),
+            ));
+        }
         if let Some(subject) = &self.subject {
             check_text(errors, &path("subject"), subject, 1024);
         }

@@ -19,11 +19,15 @@ use crate::store::{Store, Term};
 /// How often pending requests are checked against their deadlines.
 pub const EXPIRY_PERIOD: Duration = Duration::from_millis(500);
 
-/// Every [`EXPIRY_PERIOD`] while this process leads: closes the requests past their
-/// deadline and wakes the delivery workers for deliveries an expiry released.
+/// Every [`EXPIRY_PERIOD`] while this process leads: tells approvers of requests whose
+/// deadline is near, closes the requests past their deadline and wakes the delivery
+/// workers for deliveries an expiry released.
 pub struct ExpireDueRequests {
     pub store: Store,
     pub wake: Arc<Notify>,
+    /// `operationalEvents.approvalExpiringBefore`: approvers are told this long before a
+    /// deadline (`hookwarden.approval.expiring`).
+    pub expiring_before: Duration,
 }
 
 impl Job for ExpireDueRequests {
@@ -33,11 +37,17 @@ impl Job for ExpireDueRequests {
 
     async fn run(&mut self, term: Option<Term>) -> Result<(), JobError> {
         let term = leader_term(term)?;
-        let expired = self
+        let now = chrono::Utc::now();
+        let expiring = self
             .store
-            .expire_approvals(term, chrono::Utc::now())
+            .tell_expiring_approvals(term, now, self.expiring_before)
             .await
-            .map_err(JobError::store("expiring approval requests"))?;
+            .map_err(JobError::store("telling approvers of near deadlines"))?;
+        if expiring > 0 {
+            Leadership::wrote(term, "expiry");
+        }
+        let expired =
+            self.store.expire_approvals(term, now).await.map_err(JobError::store("expiring approval requests"))?;
         if expired.is_empty() {
             return Ok(());
         }

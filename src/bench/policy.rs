@@ -334,7 +334,7 @@ async fn allow(
     let totals = store.spend_totals(&delivery.namespace, &spend_windows(&probe), Some(&delivery.id), now).await?;
     let read = reading.elapsed();
     let decision = decide(policy, &event, endpoint, &totals, now, budget);
-    let facts = facts(delivery, &event, "apr_bench");
+    let facts = facts(delivery, &event, "apr_bench", None);
     let Verdict::Send { reservations, enforce_limits, record } = judge(decision, &facts, now) else {
         bail!("the bench rule did not allow");
     };

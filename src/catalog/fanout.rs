@@ -1,7 +1,8 @@
 //! Fan-out: which endpoints of its namespace an event goes to, decided at ingest.
 //!
 //! An endpoint gets an event when one of its `eventTypes` globs matches and every Filter
-//! it names passes. Invariants:
+//! it names passes (an operational event, only one that names `hookwarden.…` types).
+//! Invariants:
 //! - fan-out never depends on secrets or on the endpoint being sendable now: such an
 //!   endpoint still gets its deliveries, which wait;
 //! - a Filter that cannot decide (its expression fails on this event or exceeds its
@@ -21,6 +22,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{eval, Catalog, EndpointEntry, FilterRef};
+use crate::operational;
 use crate::policy::expr;
 use crate::policy::meter::Budget;
 use crate::store::ClaimedDelivery;
@@ -120,11 +122,20 @@ pub(super) fn types_match(globs: &[String], event_type: &str) -> bool {
 }
 
 impl Catalog {
-    /// The endpoints of `namespace` whose event types match `event_type`.
+    /// The endpoints of `namespace` whose event types match `event_type`. An operational
+    /// event (`hookwarden.*`) goes only to endpoints that name it by a glob of that prefix:
+    /// `*`, or no `eventTypes`, does not subscribe to Hookwarden's own events.
     fn candidates<'c>(&'c self, namespace: &str, event_type: &str) -> impl Iterator<Item = &'c EndpointEntry> {
         let endpoints = self.by_namespace.get(namespace).map(Vec::as_slice).unwrap_or_default();
         let event_type = event_type.to_owned();
-        endpoints.iter().map(|e| &**e).filter(move |e| types_match(&e.spec.event_types, &event_type))
+        let reserved = operational::is_reserved(&event_type);
+        endpoints.iter().map(|e| &**e).filter(move |e| {
+            if reserved {
+                e.spec.event_types.iter().any(|g| operational::is_reserved(g) && glob_matches(g, &event_type))
+            } else {
+                types_match(&e.spec.event_types, &event_type)
+            }
+        })
     }
 
     /// Whether the fan-out of an event of `event_type` in `namespace` evaluates CEL (a

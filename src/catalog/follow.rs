@@ -1,13 +1,15 @@
 //! Keeping the catalog true: the periodic job that follows the stored resources and the
 //! secrets the catalog could not read yet, and what to do when an endpoint becomes
-//! sendable or stops being so. It runs in every process (each has its own catalog).
+//! sendable or stops being so (a secret that cannot be read is recorded in the store, which
+//! tells it once as `hookwarden.endpoint.secret_unavailable`). It runs in every process
+//! (each has its own catalog).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{CatalogHandle, Transition};
+use super::{BlockReason, Blocked, CatalogHandle, Transition};
 use crate::jobs::{Failures, FirstRun, Job, JobError, Schedule};
 use crate::store::{Store, Term};
 
@@ -64,6 +66,22 @@ async fn act_on(store: &Store, t: &Transition, wake: &Notify) {
             reason = b.reason.as_str(), problem = %b.message, "endpoint cannot be sent to; its deliveries wait until it can"),
         (Some(_), None) => tracing::info!(endpoint = %name, %namespace,
             "endpoint can be sent to again; its waiting deliveries go out now"),
+        _ => {}
+    }
+    // Told once to the namespace (whichever process finds it first), and again after it
+    // could be read for a while.
+    let unreadable = |b: &Option<Blocked>| b.as_ref().filter(|b| b.reason == BlockReason::SecretUnavailable).cloned();
+    match (unreadable(&t.before), unreadable(&t.after)) {
+        (None, Some(now)) => {
+            if let Err(e) = store.mark_secret_unavailable(namespace, name, &now.message).await {
+                tracing::warn!(error = %e, endpoint = %name, %namespace, "could not record that the endpoint's secret cannot be read");
+            }
+        }
+        (Some(_), None) => {
+            if let Err(e) = store.clear_secret_unavailable(namespace, name).await {
+                tracing::warn!(error = %e, endpoint = %name, %namespace, "could not record that the endpoint's secret can be read");
+            }
+        }
         _ => {}
     }
     if t.sendable_again {

@@ -138,3 +138,36 @@ fn unknown_event_types_are_accepted_unless_a_namespace_or_the_default_rejects_th
     config.ingest.unknown_event_types_by_namespace.insert("Not A Label".into(), UnknownEventTypes::Reject);
     assert!(config.validate().unwrap_err().to_string().contains("unknownEventTypesByNamespace"));
 }
+
+#[test]
+fn operational_events_and_the_console_are_read_from_the_file_and_checked() {
+    let mut config = Config::default();
+    assert_eq!(config.operational_events.failing_share, 0.5);
+    config.apply_file(
+        parse_file_config(
+            "operationalEvents: {failingShare: 0.25, fanOutInterval: 20ms, deadLetters: 3, deadLetterWindow: 10m, approvalExpiringBefore: 1h}\nconsole: {publicUrl: 'https://console.example.com'}\n",
+        )
+        .unwrap(),
+    );
+    let o = &config.operational_events;
+    assert_eq!((o.failing_share, o.fan_out_interval, o.dead_letters), (0.25, Duration::from_millis(20), 3));
+    assert_eq!(
+        (o.dead_letter_window, o.approval_expiring_before),
+        (Duration::from_secs(600), Duration::from_secs(3600))
+    );
+    assert_eq!(config.console.public_url.as_deref(), Some("https://console.example.com"));
+    config.validate().unwrap();
+    for (bad, named) in [
+        ("operationalEvents: {failingShare: 0}\n", "operationalEvents.failingShare"),
+        ("operationalEvents: {failingShare: 1.5}\n", "operationalEvents.failingShare"),
+        ("operationalEvents: {fanOutInterval: 1ms}\n", "operationalEvents.fanOutInterval"),
+        ("operationalEvents: {deadLetters: 0}\n", "operationalEvents.deadLetters"),
+        ("console: {publicUrl: 'ftp://console.example.com'}\n", "console.publicUrl"),
+        ("console: {publicUrl: 'https://console.example.com/?a=1'}\n", "console.publicUrl"),
+    ] {
+        let mut config = Config::default();
+        config.apply_file(parse_file_config(bad).unwrap());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(named), "{bad}: {err}");
+    }
+}

@@ -32,6 +32,7 @@ use super::outcome::{decide, AttemptResult};
 use super::{signing, transform};
 use crate::catalog::{EndpointEntry, EventView};
 use crate::config::AuditedOutcomes;
+use crate::operational;
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState};
 use crate::threads::JobFailed;
 
@@ -91,6 +92,7 @@ impl Dispatcher {
         );
         Completion {
             id: delivery.id.clone(),
+            event_id: delivery.event_id.clone(),
             lease_token: delivery.lease_token.clone(),
             namespace: delivery.namespace.clone(),
             endpoint: delivery.endpoint.clone(),
@@ -114,6 +116,10 @@ impl Dispatcher {
             settle_spend: true,
             ordered: delivery.ordered,
             audit_outcome: true,
+            operational: operational::is_reserved(&delivery.event_type),
+            failing_at: None,
+            dead_letters: Some(self.dead_letters),
+            tells: Vec::new(),
         }
     }
 
@@ -225,8 +231,23 @@ impl Dispatcher {
         metrics::counter!("hookwarden_delivery_attempts_total", "outcome" => decision.outcome).increment(1);
         metrics::histogram!("hookwarden_delivery_attempt_seconds", "outcome" => decision.outcome)
             .record(duration_ms as f64 / 1000.0);
+        let of_operational = operational::is_reserved(&delivery.event_type);
         if decision.state == DeliveryState::Dead {
             metrics::counter!("hookwarden_delivery_dead_letters_total").increment(1);
+            if of_operational {
+                // Told to nobody (that could loop): logged and counted instead.
+                tracing::warn!(
+                    event_id = %delivery.event_id,
+                    delivery_id = %delivery.id,
+                    endpoint = %delivery.endpoint,
+                    namespace = %delivery.namespace,
+                    event_type = %delivery.event_type,
+                    "a delivery of an operational event is dead"
+                );
+                metrics::counter!("hookwarden_operational_dead_deliveries_total",
+                    "namespace" => delivery.namespace.clone(), "endpoint" => delivery.endpoint.clone())
+                .increment(1);
+            }
         }
         if decision.state == DeliveryState::Retrying {
             metrics::counter!("hookwarden_delivery_retries_total").increment(1);
@@ -236,6 +257,7 @@ impl Dispatcher {
         });
         let completion = Completion {
             id: delivery.id.clone(),
+            event_id: delivery.event_id.clone(),
             lease_token: delivery.lease_token.clone(),
             namespace: delivery.namespace.clone(),
             endpoint: delivery.endpoint.clone(),
@@ -257,6 +279,13 @@ impl Dispatcher {
             settle_spend: ep.spec.agent,
             ordered: delivery.ordered,
             audit_outcome: self.audits_outcomes_of(&ep),
+            operational: of_operational,
+            failing_at: ep
+                .budget
+                .breaker
+                .and_then(|(failures, _)| operational::failing_at(self.failing_share, failures)),
+            dead_letters: Some(self.dead_letters),
+            tells: Vec::new(),
         };
         if self.completions.send(completion).await.is_err() {
             tracing::warn!(delivery_id = %delivery.id, "completion writer stopped; the lease will expire and the delivery be retried");

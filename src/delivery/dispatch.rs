@@ -27,7 +27,7 @@ use super::upkeep::{tend_queue, write_completions};
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::config::{AuditedOutcomes, DeliveryConfig};
 use crate::ids::DeliveryId;
-use crate::store::{ClaimedDelivery, Completion, DeliveryState, EndpointQuota, Store};
+use crate::store::{ClaimedDelivery, Completion, DeadLetterAlert, DeliveryState, EndpointQuota, Store};
 
 /// How long a paused endpoint's claimed delivery waits before it is looked at again.
 /// Lifting the pause makes its deliveries due at once (see the resource apply).
@@ -80,6 +80,14 @@ pub struct DispatchSettings {
     pub audited: AuditedOutcomes,
     /// Signalled when a completion opened a breaker or disabled an endpoint.
     pub status_changed: Arc<Notify>,
+    /// `operationalEvents.failingShare`.
+    pub failing_share: f64,
+    /// Signalled when completions wrote operational events to the outbox.
+    pub outbox: Arc<Notify>,
+    /// `console.publicUrl`, for the links of approval requests.
+    pub console: Option<String>,
+    /// `operationalEvents.deadLetters` and `.deadLetterWindow`.
+    pub dead_letters: DeadLetterAlert,
 }
 
 /// Shared by the claim loops and attempt tasks.
@@ -89,6 +97,12 @@ pub struct Dispatcher {
     pub(super) http: Sender,
     pub(super) config: DeliveryConfig,
     pub(super) audited: AuditedOutcomes,
+    /// `operationalEvents.failingShare`.
+    pub(super) failing_share: f64,
+    /// `console.publicUrl`.
+    pub(super) console: Option<String>,
+    /// When an endpoint's dead letters are told.
+    pub(super) dead_letters: DeadLetterAlert,
     pub(super) wake: Arc<Notify>,
     pub(super) admission: Admission,
     pub(super) completions: mpsc::Sender<Completion>,
@@ -127,7 +141,16 @@ impl Dispatcher {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let DispatchSettings { delivery: config, allow_private, audited, status_changed } = settings;
+        let DispatchSettings {
+            delivery: config,
+            allow_private,
+            audited,
+            status_changed,
+            failing_share,
+            outbox,
+            console,
+            dead_letters,
+        } = settings;
         let http = Sender::new(allow_private, config.response_bytes)?;
         let (completions, pending) = mpsc::channel(8192);
         let (decisions, undecided) = mpsc::channel(8192);
@@ -138,6 +161,9 @@ impl Dispatcher {
             http,
             config: config.clone(),
             audited,
+            failing_share,
+            console,
+            dead_letters,
             wake,
             admission: Admission::new(config.per_endpoint_concurrency),
             completions,
@@ -146,7 +172,7 @@ impl Dispatcher {
             claiming: tokio::sync::Mutex::new(()),
             deleted: std::sync::Mutex::new(Vec::new()),
         });
-        tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone(), status_changed));
+        tracker.spawn(write_completions(store.clone(), pending, dispatcher.wake.clone(), status_changed, outbox));
         tracker.spawn(write_decisions(store.clone(), undecided));
         tracker.spawn(tend_queue(store, config.lease_margin, shutdown.clone()));
         tracker.spawn(dispatcher.clone().find_deleted_endpoints(shutdown.clone()));

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use super::decisions::{self, NotRecorded};
 use super::dispatch::Dispatcher;
 use crate::catalog::{EndpointEntry, EventView};
+use crate::operational::{self, OperationalEvent, SpendDenied};
 use crate::policy::decision::{rule_word, DecisionRecord, PolicyDecision};
 use crate::policy::engine::{self, EndpointView as PolicyEndpoint, PolicySet};
 use crate::policy::gate::{self, Facts, Verdict};
@@ -57,7 +58,7 @@ impl Dispatcher {
             let verdict = match self.decide_spend(&policy, &event, ep, delivery, now, budget).await {
                 Ok(decision) => {
                     let approval_id = format!("apr_{}", ulid::Ulid::new());
-                    gate::judge(decision, &facts(delivery, &event, &approval_id), now)
+                    gate::judge(decision, &facts(delivery, &event, &approval_id, self.console.as_deref()), now)
                 }
                 Err(e) => Verdict::Retry { after: undecided(delivery, e) },
             };
@@ -170,6 +171,18 @@ impl Dispatcher {
             }
             Verdict::Deny { reason, record } => {
                 let mut completion = self.refuse(delivery, DeliveryState::Denied, "denied", &reason);
+                if let DecisionRecord::Evaluated(decision) = &record {
+                    if let Some(spend) = operational::spend_denial(decision) {
+                        completion.tells.push(OperationalEvent::spend_limit_reached(&SpendDenied {
+                            namespace: &delivery.namespace,
+                            endpoint: &delivery.endpoint,
+                            delivery: delivery.id.as_str(),
+                            event: delivery.event_id.as_str(),
+                            spend,
+                            reason: &reason,
+                        }));
+                    }
+                }
                 completion.decision = Some(record.to_json());
                 let _ = self.completions.send(completion).await;
                 Gated::Stop
@@ -192,6 +205,7 @@ pub(crate) fn facts<'a>(
     delivery: &'a ClaimedDelivery,
     event: &'a serde_json::Value,
     approval_id: &'a str,
+    console: Option<&'a str>,
 ) -> Facts<'a> {
     Facts {
         event,
@@ -201,6 +215,7 @@ pub(crate) fn facts<'a>(
         requested_by: &delivery.ingested_by,
         approved: delivery.approved,
         approval_id,
+        console,
     }
 }
 

@@ -20,12 +20,14 @@ use crate::store::{Completion, Store};
 
 /// Writes completions in batches until every sender is gone. A batch that ends a delivery
 /// of an ordered lane makes the lane's next delivery claimable, so it wakes a claim loop;
-/// one that opened a breaker or disabled an endpoint signals `status_changed`.
+/// one that opened a breaker or disabled an endpoint signals `status_changed`; one that
+/// wrote operational events signals `outbox`.
 pub(super) async fn write_completions(
     store: Store,
     mut pending: mpsc::Receiver<Completion>,
     wake: Arc<Notify>,
     status_changed: Arc<Notify>,
+    outbox: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(256);
     while pending.recv_many(&mut batch, 256).await > 0 {
@@ -46,6 +48,9 @@ pub(super) async fn write_completions(
                         metrics::counter!("hookwarden_policy_spend_committed_total", "namespace" => spend.namespace.clone(),
                             "agent" => spend.endpoint.clone(), "currency" => spend.currency.clone())
                         .increment(spend.amount.max(0) as u64);
+                    }
+                    if report.operational_events > 0 {
+                        outbox.notify_one();
                     }
                     if report.endpoints_changed {
                         status_changed.notify_one();

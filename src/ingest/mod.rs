@@ -17,10 +17,12 @@
 //!   ([`CatalogHandle::evaluate`]), never on an async worker.
 //!
 //! Before any of that, [`types`] checks the events against their namespace's EventTypes.
-//! [`keys`] forgets idempotency keys after their time to live.
+//! [`keys`] forgets idempotency keys after their time to live; [`outbox`] fans out the
+//! operational events that transitions wrote (see [`crate::operational`]).
 
 mod accept;
 pub mod keys;
+pub mod outbox;
 pub mod types;
 mod writer;
 

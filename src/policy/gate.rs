@@ -44,6 +44,8 @@ pub struct Facts<'a> {
     pub approved: bool,
     /// The id the approval request gets if the delivery is held.
     pub approval_id: &'a str,
+    /// `console.publicUrl`: the request's link is this and `/approvals/<id>`.
+    pub console: Option<&'a str>,
 }
 
 /// What to do with a delivery.
@@ -123,6 +125,7 @@ fn approval_request(decision: &PolicyDecision, facts: &Facts<'_>, now: DateTime<
         },
         expires_at: now + chrono::Duration::from_std(approval.expires_after.0).unwrap_or(chrono::Duration::MAX),
         requested_by: facts.requested_by.to_owned(),
+        link: facts.console.map(|url| format!("{}/approvals/{}", url.trim_end_matches('/'), facts.approval_id)),
     }
 }
 
@@ -170,6 +173,7 @@ mod tests {
             requested_by: "shop-ingest",
             approved,
             approval_id: "apr_1",
+            console: None,
         }
     }
 

@@ -57,6 +57,11 @@ pub struct EndpointSpec {
     /// fails, and is not retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<String>,
+    /// Who owns the endpoint (free text: a team, a contact), carried in the data of its
+    /// operational events (`hookwarden.endpoint.*`, `hookwarden.delivery.dead`) so that a
+    /// notification endpoint can route them by owner with a Filter. At most 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A signing secret, given inline or read from the server's environment or a file (only

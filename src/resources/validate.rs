@@ -202,6 +202,13 @@ impl Validator<'_> {
                 self.error("spec.transform", message);
             }
         }
+        if let Some(owner) = &spec.owner {
+            if owner.is_empty() || owner.len() > crate::operational::MAX_OWNER_BYTES {
+                self.error("spec.owner", format!("must be 1 to {} bytes long", crate::operational::MAX_OWNER_BYTES));
+            } else if owner.chars().any(char::is_control) {
+                self.error("spec.owner", "must not contain control characters");
+            }
+        }
         if let Some(rate) = &spec.rate_limit {
             if !(1..=100_000).contains(&rate.per_second) {
                 self.error("spec.rateLimit.perSecond", "must be between 1 and 100000");
@@ -568,5 +575,17 @@ spec: {{expression: "event.data.total >= "}}
         assert!(check_whsec(SECRET).is_ok());
         assert!(check_whsec("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(check_whsec("whsec_c2hvcnQ=").unwrap_err().contains("bytes"));
+    }
+
+    #[test]
+    fn an_owner_is_free_text_bounded_and_on_one_line() {
+        let endpoint = |owner: &str| {
+            format!("apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: ep}}\nspec:\n  url: https://a.example.com/hooks\n  secrets: [{{value: {SECRET}}}]\n  owner: {owner}\n")
+        };
+        assert_eq!(errors_of(&endpoint("\"payments-team <pay@example.com>\""), Checks::default()), vec![]);
+        for bad in [format!("\"{}\"", "x".repeat(257)), "\"\"".to_owned(), "\"two\\nlines\"".to_owned()] {
+            let errors = errors_of(&endpoint(&bad), Checks::default());
+            assert_eq!(paths(&errors), [(0, "spec.owner".to_owned())], "{bad}");
+        }
     }
 }

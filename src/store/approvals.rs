@@ -6,14 +6,19 @@
 //!   row (PostgreSQL: `FOR UPDATE`; SQLite: its one writer) and acts only on a pending one;
 //! - one vote per subject;
 //! - a held delivery that a request ends `denied` gets its `delivery.denied` audit record,
-//!   its reservations released and its lane's next delivery freed, in the same transaction.
+//!   its reservations released and its lane's next delivery freed, in the same transaction;
+//! - a request's decision or expiry writes its operational event
+//!   (`hookwarden.approval.decided` / `.expired`) in the same transaction; its
+//!   `hookwarden.approval.expiring` is written once (`expiring_told`).
 
 use chrono::{DateTime, Utc};
 
+use super::operational::emit_in;
 use super::policy::{ApprovalQuery, ApprovalRecord, VoteOutcome, VoteRecord};
-use super::sql::{sql, PerBackend, Statement, Tx};
-use super::{audit, lanes, leadership, spend, Backend, Store, StoreError, Term};
+use super::sql::{row_lock, sql, PerBackend, Statement, Tx};
+use super::{audit, lanes, leadership, spend, Store, StoreError, Term};
 use crate::audit::NewAuditRecord;
+use crate::operational::{ApprovalClosed, ApprovalExpiring, OperationalEvent};
 
 /// The columns of an [`ApprovalRecord`], in its field order.
 const APPROVAL_COLUMNS: &str = "id, namespace, delivery_id, event_id, endpoint, rule, reason, action_hash, role, \
@@ -124,6 +129,52 @@ impl Store {
         self.observed(sql("SELECT COUNT(*) FROM approvals WHERE state = 'pending'").scalar(self.reader())).await
     }
 
+    /// Writes `hookwarden.approval.expiring` for every pending approval whose deadline is
+    /// within `before` of `now` (and not past), once per request; returns how many. A
+    /// leader-only write, refused ([`StoreError::Fenced`]) once `term` is over.
+    pub async fn tell_expiring_approvals(
+        &self,
+        term: Term,
+        now: DateTime<Utc>,
+        before: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let until = now + chrono::Duration::from_std(before).unwrap_or(chrono::Duration::MAX);
+        self.observed(async {
+            let due: Vec<String> = sql("SELECT id FROM approvals WHERE state = 'pending' AND NOT expiring_told \
+                 AND expires_at <= $1 AND expires_at > $2 ORDER BY expires_at LIMIT 500")
+            .bind(until)
+            .bind(now)
+            .scalars(self.reader())
+            .await?;
+            let mut told = 0;
+            for id in due {
+                let mut tx = self.begin_write().await?;
+                leadership::hold_term_in(&mut tx, term).await?;
+                let row: Option<(String, String, String, String, DateTime<Utc>, i32)> =
+                    sql("UPDATE approvals SET expiring_told = TRUE WHERE id = $1 AND state = 'pending' \
+                     AND NOT expiring_told RETURNING namespace, endpoint, event_id, delivery_id, expires_at, quorum")
+                    .bind(&id)
+                    .fetch_optional(&mut tx)
+                    .await?;
+                let Some((namespace, endpoint, event, delivery, expires_at, quorum)) = row else { continue };
+                let expiring = OperationalEvent::approval_expiring(&ApprovalExpiring {
+                    namespace: &namespace,
+                    endpoint: &endpoint,
+                    approval: &id,
+                    delivery: &delivery,
+                    event: &event,
+                    expires_at,
+                    quorum: quorum.max(0) as u32,
+                });
+                emit_in(&mut tx, &[expiring], now).await?;
+                tx.commit().await?;
+                told += 1;
+            }
+            Ok(told)
+        })
+        .await
+    }
+
     /// Applies the expiry outcome of every pending approval past its deadline; returns
     /// `(approval, delivery)` of each request it closed. A leader-only write, refused
     /// ([`StoreError::Fenced`]) once `term` is over.
@@ -158,15 +209,6 @@ impl Store {
     }
 }
 
-/// What locks an approval's row for its decision: PostgreSQL's `FOR UPDATE`; SQLite's one
-/// writer already serializes votes.
-fn row_lock(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Postgres => " FOR UPDATE",
-        Backend::Sqlite => "",
-    }
-}
-
 /// The `list_approvals` query.
 fn approval_query(query: &ApprovalQuery) -> Statement<'_> {
     static SELECT: std::sync::LazyLock<String> =
@@ -196,7 +238,19 @@ async fn settle_in(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
-    let namespace: String = sql("SELECT namespace FROM approvals WHERE id = $1").bind(id).scalar(&mut *tx).await?;
+    let (namespace, endpoint, event): (String, String, String) =
+        sql("SELECT namespace, endpoint, event_id FROM approvals WHERE id = $1").bind(id).fetch_one(&mut *tx).await?;
+    let told = OperationalEvent::approval(&ApprovalClosed {
+        namespace: &namespace,
+        endpoint: &endpoint,
+        approval: id,
+        delivery,
+        event: &event,
+        state,
+        reason,
+        released: release,
+    });
+    emit_in(tx, &[told], now).await?;
     let record = NewAuditRecord::new(
         "system",
         &format!("approval.{state}"),

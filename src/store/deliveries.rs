@@ -27,6 +27,7 @@ use super::StoreError;
 /// Where a delivery is in its life: a domain type, stored as its name.
 pub use crate::delivery::state::DeliveryState;
 use crate::ids::{DeliveryId, EventId};
+use crate::operational::OperationalEvent;
 
 /// A delivery created by fan-out, in the ingest transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +85,8 @@ pub struct Attempt {
 #[derive(Clone, Debug)]
 pub struct Completion {
     pub id: DeliveryId,
+    /// The delivery's event (for `hookwarden.delivery.dead`).
+    pub event_id: EventId,
     pub lease_token: String,
     pub namespace: String,
     pub endpoint: String,
@@ -106,6 +109,26 @@ pub struct Completion {
     pub ordered: bool,
     /// Record a final outcome in the audit chain (see `audit.deliveryOutcomes`).
     pub audit_outcome: bool,
+    /// A delivery of an operational event: what it does to its endpoint (a breaker
+    /// opened, its death) is not told as operational events, so that they cannot loop
+    /// (see [`crate::operational`]).
+    pub operational: bool,
+    /// The consecutive failures at which the endpoint is told `hookwarden.endpoint.failing`
+    /// (see [`crate::operational::failing_at`]); with `breaker`.
+    pub failing_at: Option<u32>,
+    /// When the endpoint's dead letters are told `hookwarden.dead_letters.threshold`.
+    pub dead_letters: Option<DeadLetterAlert>,
+    /// Operational events the attempt itself tells (a denial for spend), written with the
+    /// completion when it applies.
+    pub tells: Vec<OperationalEvent>,
+}
+
+/// `hookwarden.dead_letters.threshold` is told when an endpoint's deliveries that ended
+/// dead within the last `window` reach `count` (once per crossing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeadLetterAlert {
+    pub count: u32,
+    pub window: std::time::Duration,
 }
 
 /// A delivery as shown.
@@ -151,6 +174,8 @@ pub struct CompletionReport {
     pub endpoints_changed: bool,
     /// Spend reservations the batch committed (its deliveries were delivered).
     pub committed_spend: Vec<CommittedSpend>,
+    /// Operational events the batch's transitions wrote to the outbox.
+    pub operational_events: usize,
 }
 
 /// Spend that moved from reserved to committed in the ledger.

@@ -3,16 +3,19 @@
 //!
 //! Invariant: an endpoint enabled again (by an operator, or by an apply that changed the
 //! spec of one a 410 disabled) has its waiting deliveries due in the same transaction, so
-//! nothing stays parked behind a block that is gone. Health is written by completions
+//! nothing stays parked behind a block that is gone; the same transaction writes its
+//! `hookwarden.endpoint.enabled` (see [`crate::operational`]). Health is written by completions
 //! ([`super::completions`]).
 
 use chrono::{DateTime, Utc};
 
 use super::deliveries::{BlockedEndpoints, EndpointState};
+use super::operational::emit_in;
 use super::queue::resume_in;
 use super::sql::{sql, Tx};
 use super::{audit, Store, StoreError};
 use crate::audit::NewAuditRecord;
+use crate::operational::{OperationalEvent, ENDPOINT_ENABLED, ENDPOINT_SECRET_UNAVAILABLE};
 
 /// The columns of an [`EndpointStateRow`].
 const STATE_COLUMNS: &str =
@@ -104,6 +107,53 @@ impl Store {
         .await
     }
 
+    /// Records that the endpoint's secret cannot be read (`problem`), and writes its
+    /// `hookwarden.endpoint.secret_unavailable`, unless that is recorded already (by this
+    /// or another process): told once until [`Store::clear_secret_unavailable`]. True when
+    /// it was told now.
+    pub async fn mark_secret_unavailable(
+        &self,
+        namespace: &str,
+        name: &str,
+        problem: &str,
+    ) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        self.observed(async {
+            let mut tx = self.begin_write().await?;
+            let marked: Option<i32> = sql("INSERT INTO endpoint_state (namespace, name, secret_unavailable) \
+                 VALUES ($1, $2, $3) ON CONFLICT (namespace, name) DO UPDATE SET secret_unavailable = excluded.secret_unavailable \
+                 WHERE endpoint_state.secret_unavailable IS NULL RETURNING 1")
+            .bind(namespace)
+            .bind(name)
+            .bind(problem)
+            .scalar_optional(&mut tx)
+            .await?;
+            if marked.is_none() {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            let told = OperationalEvent::endpoint(
+                ENDPOINT_SECRET_UNAVAILABLE,
+                namespace,
+                name,
+                serde_json::json!({"problem": problem}),
+            );
+            emit_in(&mut tx, &[told], now).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The endpoint's secret can be read again: a later failure is told again.
+    pub async fn clear_secret_unavailable(&self, namespace: &str, name: &str) -> Result<(), StoreError> {
+        let clear = sql("UPDATE endpoint_state SET secret_unavailable = NULL \
+             WHERE namespace = $1 AND name = $2 AND secret_unavailable IS NOT NULL")
+        .bind(namespace)
+        .bind(name);
+        self.observed(clear.execute(self.writer())).await.map(|_| ())
+    }
+
     /// The run-time state of every endpoint that has any, by `(namespace, name)`.
     pub async fn list_endpoint_states(&self) -> Result<Vec<(String, String, EndpointState)>, StoreError> {
         static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -157,6 +207,9 @@ pub(super) async fn enable_in(
     if updated == 1 {
         // What waited while it was disabled (or its breaker open) goes out now.
         resume_in(tx, namespace, endpoint, now).await?;
+        let by = if older_than.is_some() { "apply" } else { "operator" };
+        let told = OperationalEvent::endpoint(ENDPOINT_ENABLED, namespace, endpoint, serde_json::json!({"by": by}));
+        emit_in(tx, &[told], now).await?;
     }
     Ok(updated == 1)
 }

@@ -87,6 +87,11 @@ pub(crate) trait IngestTx {
     async fn record_keys(&mut self, results: &[(&IdempotencyKey, Vec<EventId>)]) -> Result<(), StoreError>;
     /// The revision of the resources in force, as this transaction sees it.
     async fn resource_revision(&mut self) -> Result<i64, StoreError>;
+    /// Of these events, those still in the outbox of operational events, locked until
+    /// the transaction ends (see [`super::operational`]).
+    async fn lock_outbox(&mut self, ids: &[&str]) -> Result<HashSet<EventId>, StoreError>;
+    /// Takes these events out of the outbox: they are fanned out.
+    async fn end_outbox(&mut self, ids: &[&str]) -> Result<(), StoreError>;
 }
 
 enum Plan {

@@ -12,7 +12,7 @@
 //! row-lock suffix) the method chooses it by backend, as a value. Statements whose best
 //! shape differs per backend (ingest, the claims, the completion batch) are written per
 //! backend, in `postgres.rs`, `sqlite.rs` and `claims.rs`. The methods live by use case:
-//! events here and in `ingest`, `resources`, `queue`, `claims`, `completions`,
+//! events here and in `ingest` (operational events' outbox in `operational`), `resources`, `queue`, `claims`, `completions`,
 //! `endpoint_state`, `delivery_reads`, `policy`, `approvals`, `audit` and `leadership`.
 
 mod approvals;
@@ -28,6 +28,7 @@ mod ingest;
 mod lanes;
 mod leadership;
 mod notices;
+mod operational;
 pub mod policy;
 mod postgres;
 mod queue;
@@ -52,12 +53,13 @@ pub use availability::{DatabaseHealth, ProbeDatabase};
 pub use claims::{ClaimCost, EndpointQuota};
 pub use deliveries::{
     Attempt, AttemptStats, BlockedEndpoints, ClaimedDelivery, CommittedSpend, Completion, CompletionReport,
-    DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
+    DeadLetterAlert, DeliveryQuery, DeliveryRecord, DeliveryState, EndpointState, NewDelivery,
 };
 pub use error::StoreError;
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use leadership::{LeaderLease, Term};
 pub use notices::forward_notices;
+pub use operational::{OutboxCommitted, OutboxEvent};
 pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;
@@ -99,18 +101,23 @@ pub struct NewEvent {
 pub enum EventStatus {
     /// Durably stored; fan-out happens in the same transaction.
     Accepted,
+    /// An operational event written by the transaction of its transition, waiting for its
+    /// fan-out (see [`crate::operational`]); `accepted` once fanned out.
+    Outbox,
 }
 
 impl EventStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             EventStatus::Accepted => "accepted",
+            EventStatus::Outbox => "outbox",
         }
     }
 
     fn parse(raw: &str) -> Result<Self, StoreError> {
         match raw {
             "accepted" => Ok(EventStatus::Accepted),
+            "outbox" => Ok(EventStatus::Outbox),
             other => Err(StoreError::Corrupt(format!("unknown event status `{other}`"))),
         }
     }

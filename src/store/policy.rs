@@ -7,6 +7,8 @@
 //!   failed, dead or denied (by the gate, an approver or an expiry);
 //! - a held delivery that an approval request ends `denied` gets its `delivery.denied`
 //!   audit record in the same transaction, like every other final outcome;
+//! - an approval request opened writes its `hookwarden.approval.requested` in the same
+//!   transaction;
 //! - the first final decision on an approval wins; one vote per subject.
 //!
 //! Spend windows are kept by [`super::spend`]; approval requests and their votes by
@@ -17,10 +19,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::operational::emit_in;
 use super::sql::{in_list, sql, PerBackend, Tx};
-use super::{audit, spend, Backend, Store, StoreError};
+use super::{audit, spend, Backend, EventRow, Store, StoreError, StoredEvent, EVENT_COLUMNS};
 use crate::audit::NewAuditRecord;
 use crate::ids::DeliveryId;
+use crate::operational::OperationalEvent;
 use crate::policy::decision::DecisionRecord;
 
 /// Spend to reserve for one delivery under one rule.
@@ -85,6 +89,9 @@ pub struct NewApproval {
     pub on_expiry: String,
     pub expires_at: DateTime<Utc>,
     pub requested_by: String,
+    /// Where approvers open it (`console.publicUrl` + `/approvals/<id>`), for its
+    /// `hookwarden.approval.requested`; `None` without `console.publicUrl`.
+    pub link: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
@@ -284,6 +291,13 @@ async fn hold_in(tx: &mut Tx, w: &DecisionWrite, approval: &NewApproval, now: Da
     .bind(now)
     .execute(&mut *tx)
     .await?;
+    // Approvers are told, with the action as they see it.
+    static EVENT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"));
+    let event: Option<EventRow> = sql(&EVENT).bind(&a.event_id).fetch_optional(&mut *tx).await?;
+    let event = event.map(StoredEvent::try_from).transpose()?;
+    let told = OperationalEvent::approval_requested(a, w.id.as_str(), event.as_ref());
+    emit_in(tx, &[told], now).await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::operational::{fan_out_in, OutboxCommitted};
 use super::spend::SettledEntry;
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
 use crate::ids::EventId;
@@ -143,6 +144,21 @@ impl PgStore {
         match committed {
             Committed::Written(_) => tx.0.commit().await?,
             Committed::Stale { .. } => tx.0.rollback().await?,
+        }
+        Ok(committed)
+    }
+
+    /// See [`super::Store::fan_out_outbox`].
+    pub(super) async fn fan_out_outbox(
+        &self,
+        events: &[NewEvent],
+        fanned_out_at: i64,
+    ) -> Result<OutboxCommitted, StoreError> {
+        let mut tx = PgIngest(self.begin_write().await?, &self.instance);
+        let committed = fan_out_in(&mut tx, events, fanned_out_at).await?;
+        match committed {
+            OutboxCommitted::Written(_) => tx.0.commit().await?,
+            OutboxCommitted::Stale { .. } => tx.0.rollback().await?,
         }
         Ok(committed)
     }
@@ -315,6 +331,26 @@ impl IngestTx for PgIngest<'_> {
 
     async fn resource_revision(&mut self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1").fetch_one(&mut *self.0).await?)
+    }
+
+    async fn lock_outbox(&mut self, ids: &[&str]) -> Result<HashSet<EventId>, StoreError> {
+        // Rows another process's fan-out holds are skipped, not waited for; once it
+        // commits they are out of the outbox.
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM events WHERE id = ANY($1::text[]) AND status = 'outbox' ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        found.into_iter().map(parse_id).collect()
+    }
+
+    async fn end_outbox(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE events SET status = 'accepted' WHERE id = ANY($1::text[])")
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
     }
 }
 

@@ -138,6 +138,15 @@ pub(super) fn in_list(backend: Backend, placeholder: &str) -> String {
     }
 }
 
+/// What locks the rows a statement reads until its transaction ends: PostgreSQL's
+/// `FOR UPDATE`; SQLite's one writer already holds the whole database.
+pub(super) fn row_lock(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => " FOR UPDATE",
+        Backend::Sqlite => "",
+    }
+}
+
 /// A statement whose text differs per backend (see [`in_list`]), built once for each on
 /// first use.
 pub(super) struct PerBackend {

@@ -31,6 +31,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Sqlite, Transaction};
 
 use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::operational::{fan_out_in, OutboxCommitted};
 use super::spend::SettledEntry;
 use super::sqlite_file::Snapshot;
 use super::sqlite_write::{write_pool_options, WriteHealth};
@@ -154,6 +155,21 @@ impl SqliteStore {
         match committed {
             Committed::Written(_) => tx.0.commit().await?,
             Committed::Stale { .. } => tx.0.rollback().await?,
+        }
+        Ok(committed)
+    }
+
+    /// See [`super::Store::fan_out_outbox`].
+    pub(super) async fn fan_out_outbox(
+        &self,
+        events: &[NewEvent],
+        fanned_out_at: i64,
+    ) -> Result<OutboxCommitted, StoreError> {
+        let mut tx = SqliteIngest(self.begin_write().await?);
+        let committed = fan_out_in(&mut tx, events, fanned_out_at).await?;
+        match committed {
+            OutboxCommitted::Written(_) => tx.0.commit().await?,
+            OutboxCommitted::Stale { .. } => tx.0.rollback().await?,
         }
         Ok(committed)
     }
@@ -300,6 +316,30 @@ impl IngestTx for SqliteIngest {
 
     async fn resource_revision(&mut self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT revision FROM resource_revision WHERE id = 1").fetch_one(&mut *self.0).await?)
+    }
+
+    async fn lock_outbox(&mut self, ids: &[&str]) -> Result<HashSet<EventId>, StoreError> {
+        // The one writer holds the database: nobody else can take them meanwhile.
+        let ids = serde_json::to_string(ids).expect("a list of strings always serializes");
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM events WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'outbox'",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        found
+            .into_iter()
+            .map(|raw| EventId::parse(&raw).map_err(|e| StoreError::Corrupt(format!("event id `{raw}`: {e}"))))
+            .collect()
+    }
+
+    async fn end_outbox(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        let ids = serde_json::to_string(ids).expect("a list of strings always serializes");
+        sqlx::query("UPDATE events SET status = 'accepted' WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
     }
 }
 
