@@ -291,4 +291,10 @@ fn the_notification_examples_build_the_bodies_their_readme_shows() {
     assert_eq!(body["payload"]["custom_details"]["value"], 2300);
     let shown = r#"# {"dedup_key":"checkout-incidents/mon_42","event_action":"trigger","payload":{"#;
     assert!(readme.contains(shown) && out.starts_with(&shown[2..]), "{out}");
+
+    let (code, out, err) = transform_test(&examples, &["-f", "ops-chat.yaml", "--event", "events/breaker-opened.json"]);
+    assert_eq!(code, 0, "{err}");
+    let ops = r#"{"text":"hookwarden.endpoint.breaker_opened: warehouse (owner: fulfilment-team)"}"#;
+    assert_eq!(out.trim_end(), ops);
+    assert!(readme.contains(&format!("# {ops}\n")), "the README shows the body");
 }
