@@ -122,18 +122,15 @@ impl OperationalEvent {
     /// `hookwarden.approval.decided` (granted or denied) or `.expired`: an approval request
     /// closed. It is about the agent endpoint the held delivery is for.
     pub fn approval(closed: &ApprovalClosed<'_>) -> OperationalEvent {
-        let (event_type, decision) = match closed.state {
-            "expired" => (APPROVAL_EXPIRED, None),
-            decided => (APPROVAL_DECIDED, Some(decided)),
+        let mut data = json!({"reason": closed.reason, "released": closed.released});
+        let event_type = match closed.state {
+            "expired" => APPROVAL_EXPIRED,
+            decided => {
+                data["decision"] = json!(decided);
+                APPROVAL_DECIDED
+            }
         };
-        let mut data = json!({"approval": closed.approval, "delivery": closed.delivery, "event": closed.event,
-            "reason": closed.reason, "released": closed.released});
-        if let Some(decision) = decision {
-            data["decision"] = json!(decision);
-        }
-        let mut event = OperationalEvent::endpoint(event_type, closed.namespace, closed.endpoint, data);
-        event.subject = format!("approval/{}", closed.approval);
-        event
+        closed.request.told(event_type, data)
     }
 
     /// `hookwarden.approval.requested`: a delivery to an agent endpoint is held for
@@ -157,15 +154,8 @@ impl OperationalEvent {
     /// `hookwarden.approval.expiring`: an approval request's deadline is near
     /// (`operationalEvents.approvalExpiringBefore`), and it is still pending.
     pub fn approval_expiring(expiring: &ApprovalExpiring<'_>) -> OperationalEvent {
-        let mut told = OperationalEvent::endpoint(
-            APPROVAL_EXPIRING,
-            expiring.namespace,
-            expiring.endpoint,
-            json!({"approval": expiring.approval, "delivery": expiring.delivery, "event": expiring.event,
-                "expiresAt": timestamp(expiring.expires_at), "quorum": expiring.quorum}),
-        );
-        told.subject = format!("approval/{}", expiring.approval);
-        told
+        let data = json!({"expiresAt": timestamp(expiring.expires_at), "quorum": expiring.quorum});
+        expiring.request.told(APPROVAL_EXPIRING, data)
     }
 
     /// `hookwarden.agent.spend_limit_reached`: the policy gate denied a delivery to an
@@ -206,14 +196,33 @@ pub struct DeadDelivery<'a> {
     pub last_error: Option<&'a str>,
 }
 
-/// What `hookwarden.approval.decided` and `.expired` tell.
-pub struct ApprovalClosed<'a> {
+/// An approval request, as its operational events name it.
+pub struct ApprovalRef<'a> {
     pub namespace: &'a str,
     /// The agent endpoint of the held delivery.
     pub endpoint: &'a str,
     pub approval: &'a str,
     pub delivery: &'a str,
     pub event: &'a str,
+}
+
+impl ApprovalRef<'_> {
+    /// An event of `event_type` about this request (and its agent endpoint), with `data`
+    /// besides the ids.
+    fn told(&self, event_type: &'static str, data: Value) -> OperationalEvent {
+        let mut data = data;
+        data["approval"] = json!(self.approval);
+        data["delivery"] = json!(self.delivery);
+        data["event"] = json!(self.event);
+        let mut told = OperationalEvent::endpoint(event_type, self.namespace, self.endpoint, data);
+        told.subject = format!("approval/{}", self.approval);
+        told
+    }
+}
+
+/// What `hookwarden.approval.decided` and `.expired` tell.
+pub struct ApprovalClosed<'a> {
+    pub request: ApprovalRef<'a>,
     /// `granted`, `denied` or `expired`.
     pub state: &'a str,
     pub reason: &'a str,
@@ -223,11 +232,7 @@ pub struct ApprovalClosed<'a> {
 
 /// What `hookwarden.approval.expiring` tells.
 pub struct ApprovalExpiring<'a> {
-    pub namespace: &'a str,
-    pub endpoint: &'a str,
-    pub approval: &'a str,
-    pub delivery: &'a str,
-    pub event: &'a str,
+    pub request: ApprovalRef<'a>,
     pub expires_at: DateTime<Utc>,
     pub quorum: u32,
 }

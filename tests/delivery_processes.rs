@@ -8,25 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::receiver::{Script, TestReceiver, SECRET};
-use common::{Process, TestDb};
+use common::{apply_at as apply, Process, TestDb};
 use serde_json::{json, Value};
 
 const CONFIG: &str = "allowPrivateUrls: true\ndelivery: {pollInterval: 50ms, leaseMargin: 1s}\n";
 
 fn admin() -> String {
     common::token("admin", &[hookwarden::auth::Role::Admin], &["*"])
-}
-
-async fn apply(base: &str, yaml: &str) {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/apply"))
-        .bearer_auth(admin())
-        .header("content-type", "application/yaml")
-        .body(yaml.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
 fn endpoint(url: &str) -> String {
@@ -71,33 +59,6 @@ async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Posts probe events to the process at `base` until one fans out to an endpoint (a second
-/// process learns of an applied endpoint by its periodic catalog refresh); returns how many
-/// deliveries the probes made.
-async fn wait_until_it_fans_out(base: &str) -> usize {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let probe = json!({"source": "probe", "type": "t", "data": {}});
-        let r: Value = client
-            .post(format!("{base}/v1/events"))
-            .bearer_auth(admin())
-            .json(&probe)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let fanned_out = r["deliveries"].as_array().unwrap().len();
-        if fanned_out > 0 {
-            return fanned_out;
-        }
-        assert!(Instant::now() < deadline, "the second process never saw the endpoint");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -153,7 +114,7 @@ async fn two_processes_on_one_postgres_deliver_everything_exactly_once() {
     let args = ["--config", config.to_str().unwrap()];
     let (one, two) = (Process::start(&db, &args), Process::start(&db, &args));
     apply(&one.base, &endpoint(&receiver.url("/sink"))).await;
-    wait_until_it_fans_out(&two.base).await;
+    common::wait_until_it_fans_out(&two.base, "t").await;
     let base = receiver.on("/sink").len();
     let (a, b) = tokio::join!(post_events(&one.base, 0, EVENTS / 2), post_events(&two.base, EVENTS / 2, EVENTS / 2));
     let ids: Vec<String> = a.into_iter().chain(b).collect();
@@ -233,7 +194,7 @@ async fn two_processes_with(db: &TestDb, yaml: &str) -> (Process, Process, tempf
     let args = ["--config", config.to_str().unwrap()];
     let (one, two) = (Process::start(db, &args), Process::start(db, &args));
     apply(&one.base, yaml).await;
-    let probes = wait_until_it_fans_out(&two.base).await;
+    let probes = common::wait_until_it_fans_out(&two.base, "t").await["deliveries"].as_array().unwrap().len();
     (one, two, dir, probes)
 }
 

@@ -522,37 +522,10 @@ async fn two_processes_on_one_postgres_tell_each_transition_once() {
         endpoint("notify", &receiver.url("/notify"), "\"hookwarden.*\"", ""),
     ]
     .join("---\n");
-    let applied = client
-        .post(format!("{}/v1/apply", one.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/yaml")
-        .body(yaml)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(applied.status(), 200);
-    // The second process learns of the endpoints by its catalog refresh.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut posted = Vec::new();
-    loop {
-        let event = json!({"source": "probe", "type": "order.probe", "data": {}});
-        let r: Value = client
-            .post(format!("{}/v1/events", two.base))
-            .bearer_auth(&admin)
-            .json(&event)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !r["deliveries"].as_array().unwrap().is_empty() {
-            posted.push(r["id"].as_str().unwrap().to_owned());
-            break;
-        }
-        assert!(Instant::now() < deadline, "the second process never saw the endpoints");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::apply_at(&one.base, &yaml).await;
+    // The probe that fans out dies too.
+    let probe = common::wait_until_it_fans_out(&two.base, "order.probe").await;
+    let mut posted = vec![probe["id"].as_str().unwrap().to_owned()];
     for n in 0..EVENTS {
         let base = if n % 2 == 0 { &one.base } else { &two.base };
         let event = json!({"source": "shop", "type": "order.created", "data": {"n": n}});

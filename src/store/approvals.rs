@@ -18,7 +18,7 @@ use super::policy::{ApprovalQuery, ApprovalRecord, VoteOutcome, VoteRecord};
 use super::sql::{row_lock, sql, PerBackend, Statement, Tx};
 use super::{audit, lanes, leadership, spend, Store, StoreError, Term};
 use crate::audit::NewAuditRecord;
-use crate::operational::{ApprovalClosed, ApprovalExpiring, OperationalEvent};
+use crate::operational::{ApprovalClosed, ApprovalExpiring, ApprovalRef, OperationalEvent};
 
 /// The columns of an [`ApprovalRecord`], in its field order.
 const APPROVAL_COLUMNS: &str = "id, namespace, delivery_id, event_id, endpoint, rule, reason, action_hash, role, \
@@ -157,12 +157,15 @@ impl Store {
                     .fetch_optional(&mut tx)
                     .await?;
                 let Some((namespace, endpoint, event, delivery, expires_at, quorum)) = row else { continue };
-                let expiring = OperationalEvent::approval_expiring(&ApprovalExpiring {
+                let request = ApprovalRef {
                     namespace: &namespace,
                     endpoint: &endpoint,
                     approval: &id,
                     delivery: &delivery,
                     event: &event,
+                };
+                let expiring = OperationalEvent::approval_expiring(&ApprovalExpiring {
+                    request,
                     expires_at,
                     quorum: quorum.max(0) as u32,
                 });
@@ -241,11 +244,7 @@ async fn settle_in(
     let (namespace, endpoint, event): (String, String, String) =
         sql("SELECT namespace, endpoint, event_id FROM approvals WHERE id = $1").bind(id).fetch_one(&mut *tx).await?;
     let told = OperationalEvent::approval(&ApprovalClosed {
-        namespace: &namespace,
-        endpoint: &endpoint,
-        approval: id,
-        delivery,
-        event: &event,
+        request: ApprovalRef { namespace: &namespace, endpoint: &endpoint, approval: id, delivery, event: &event },
         state,
         reason,
         released: release,

@@ -213,17 +213,7 @@ impl TestApp {
 
     /// Applies multi-document YAML as the admin; the apply must succeed.
     pub async fn apply_yaml(&self, yaml: &str) {
-        let response = self
-            .client
-            .post(self.url("/v1/apply"))
-            .bearer_auth(&self.admin)
-            .header("content-type", "application/yaml")
-            .body(yaml.to_owned())
-            .send()
-            .await
-            .expect("request sent");
-        let status = response.status();
-        assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
+        apply_at(&self.base, yaml).await;
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
@@ -417,4 +407,46 @@ pub async fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             && labels.iter().all(|(k, v)| series_labels.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
         matches.then(|| value.parse().ok()).flatten()
     })
+}
+
+/// Applies multi-document YAML as an admin to the server at `base` (a [`Process`] or a
+/// [`TestApp`]); the apply must succeed.
+pub async fn apply_at(base: &str, yaml: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/apply"))
+        .bearer_auth(token("admin", &[Role::Admin], &["*"]))
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
+}
+
+/// Posts probe events of `event_type` to the server at `base` until one fans out to an
+/// endpoint (a second process learns of an endpoint applied through another by its
+/// periodic catalog refresh); returns the answer to that probe.
+pub async fn wait_until_it_fans_out(base: &str, event_type: &str) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    let admin = token("admin", &[Role::Admin], &["*"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = serde_json::json!({"source": "probe", "type": event_type, "data": {}});
+        let answer: serde_json::Value = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(&admin)
+            .json(&probe)
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON answer");
+        if answer["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
+            return answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "the process at {base} never saw the endpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
