@@ -224,6 +224,17 @@ async fn a_410_is_told_as_disabled_and_enabling_is_told(db: TestDb) {
     let again = json_with_status(app.post_json("/v1/endpoints/default/gone/enable", &app.admin, "").await, 200).await;
     assert_eq!(again["enabled"], false);
     settled(&receiver, "/notify", 2).await;
+    // Another 410 disables it again; an apply that changes its spec enables it, told so.
+    post_event(&app, "order.created").await;
+    settled(&receiver, "/notify", 3).await;
+    app.apply_yaml(&endpoint("gone", &receiver.url("/gone"), "\"order.*\"", "  owner: new-team\n")).await;
+    let all = settled(&receiver, "/notify", 4).await;
+    let by: Vec<&str> =
+        all.iter().filter(|t| t.event_type.ends_with("enabled")).map(|t| t.data["by"].as_str().unwrap()).collect();
+    assert_eq!(by.iter().filter(|b| **b == "apply").count(), 1, "{all:#?}");
+    let by_apply = all.iter().find(|t| t.data["by"] == "apply").unwrap();
+    assert_eq!(by_apply.data["owner"], "new-team", "the owner of the spec just applied");
+    assert_eq!(all.iter().filter(|t| t.event_type.ends_with("disabled")).count(), 2);
 }
 
 async fn a_dead_letter_is_told_with_its_attempts_and_last_error(db: TestDb) {
