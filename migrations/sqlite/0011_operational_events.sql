@@ -14,3 +14,7 @@ ALTER TABLE approvals ADD COLUMN expiring_told BOOLEAN NOT NULL DEFAULT FALSE;
 -- Why the endpoint's secret cannot be read, as the first process to find it said (its
 -- `hookwarden.endpoint.secret_unavailable` was told); NULL once it can be read.
 ALTER TABLE endpoint_state ADD COLUMN secret_unavailable TEXT;
+
+-- An endpoint's dead letters of the last window, counted when more die
+-- (`hookwarden.dead_letters.threshold`): read from the window, not every dead letter kept.
+CREATE INDEX deliveries_dead_by_endpoint ON deliveries (namespace, endpoint, completed_at) WHERE state = 'dead';
