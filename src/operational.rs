@@ -22,7 +22,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
-use crate::approvals::view::EventShown;
+use crate::approvals::view::{spend_of, EventShown};
 use crate::policy::decision::{Outcome, PolicyDecision, SpendCheck};
 use crate::store::policy::NewApproval;
 use crate::store::StoredEvent;
@@ -135,9 +135,16 @@ impl OperationalEvent {
 
     /// `hookwarden.approval.requested`: a delivery to an agent endpoint is held for
     /// `approval`, with the action as approvers see it (`GET /v1/approvals/{id}`'s `event`,
-    /// its data bounded) and where they open it (`link`, with `console.publicUrl`).
-    pub fn approval_requested(approval: &NewApproval, delivery: &str, event: Option<&StoredEvent>) -> OperationalEvent {
+    /// its data bounded, and its `spend` figures from the holding `decision`) and where they
+    /// open it (`link`, with `console.publicUrl`).
+    pub fn approval_requested(
+        approval: &NewApproval,
+        delivery: &str,
+        event: Option<&StoredEvent>,
+        decision: &Value,
+    ) -> OperationalEvent {
         let action = event.map(|e| serde_json::to_value(EventShown::of(e)).unwrap_or(Value::Null));
+        let spend = serde_json::to_value(spend_of(decision)).unwrap_or(Value::Null);
         let mut told = OperationalEvent::endpoint(
             APPROVAL_REQUESTED,
             &approval.namespace,
@@ -145,7 +152,7 @@ impl OperationalEvent {
             json!({"approval": approval.id, "delivery": delivery, "event": approval.event_id,
                 "rule": approval.rule, "reason": approval.reason, "role": approval.role, "quorum": approval.quorum,
                 "expiresAt": timestamp(approval.expires_at), "onExpiry": approval.on_expiry,
-                "link": approval.link, "action": action}),
+                "link": approval.link, "action": action, "spend": spend}),
         );
         told.subject = format!("approval/{}", approval.id);
         told

@@ -392,7 +392,8 @@ async fn approvals_requested_expiring_decided_and_expired_are_told_once_each(db:
         &[
             endpoint("agent", &receiver.url("/agent"), "\"act\"", "  agent: true\n  owner: refunds-team\n"),
             endpoint("notify", &receiver.url("/notify"), "\"hookwarden.approval.*\"", ""),
-            rule("refunds", "refund", "{quorum: 1, expiresAfter: 4h}"),
+            // Held for going over its spend limit.
+            "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: refunds}\nspec:\n  endpointRefs: [agent]\n  match: \"event.data.kind == 'refund'\"\n  decision: allow\n  spend: {amount: \"1500\", currency: USD, limit: 1000, window: 24h, overLimit: hold}\n  approval: {quorum: 1, expiresAfter: 4h}\n".to_owned(),
             rule("slow", "slow", "{quorum: 1, expiresAfter: 2s, onExpiry: deny}"),
         ]
         .join("---\n"),
@@ -446,6 +447,12 @@ async fn approvals_requested_expiring_decided_and_expired_are_told_once_each(db:
     assert_eq!(requested["action"]["type"], "act");
     assert_eq!(requested["action"]["data"], json!({"kind": "refund"}), "the action as approvers see it");
     assert_eq!(requested["owner"], "refunds-team");
+    let spend = &requested["spend"][0];
+    assert_eq!(
+        (spend["rule"].as_str(), spend["amount"].as_i64(), spend["limit"].as_i64()),
+        (Some("refunds"), Some(1500), Some(1000))
+    );
+    assert_eq!(spend["remaining"], 1000, "{requested}");
     let decided = all.iter().find(|t| t.event_type.ends_with("decided")).unwrap();
     assert_eq!(decided.data["approval"], approval.as_str());
     assert_eq!(decided.data["event"], refund.as_str());

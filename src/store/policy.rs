@@ -296,7 +296,8 @@ async fn hold_in(tx: &mut Tx, w: &DecisionWrite, approval: &NewApproval, now: Da
         std::sync::LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"));
     let event: Option<EventRow> = sql(&EVENT).bind(&a.event_id).fetch_optional(&mut *tx).await?;
     let event = event.map(StoredEvent::try_from).transpose()?;
-    let told = OperationalEvent::approval_requested(a, w.id.as_str(), event.as_ref());
+    let decision = serde_json::to_value(&w.record).unwrap_or(serde_json::Value::Null);
+    let told = OperationalEvent::approval_requested(a, w.id.as_str(), event.as_ref(), &decision);
     emit_in(tx, &[told], now).await?;
     Ok(())
 }
