@@ -316,16 +316,7 @@ async fn globs_that_match_no_event_type_are_warned_of_at_apply_and_in_status(db:
     let documents = format!(
         "{ORDER_TYPE}---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: orders, namespace: payments}}\nspec:\n  url: https://orders.example.com/hooks\n  secrets: [{{value: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}}]\n  eventTypes: [\"order.*\", \"ordr.created\"]\n---\napiVersion: hookwarden/v1\nkind: Filter\nmetadata: {{name: refunds, namespace: payments}}\nspec:\n  eventTypes: [\"refund.*\"]\n  expression: \"true\"\n---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: anything, namespace: billing}}\nspec:\n  url: https://billing.example.com/hooks\n  secrets: [{{value: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}}]\n  eventTypes: [\"invoice.*\"]\n"
     );
-    let answer = app
-        .client
-        .post(app.url("/v1/apply?dryRun=true"))
-        .bearer_auth(&app.admin)
-        .header("content-type", "application/yaml")
-        .body(documents.clone())
-        .send()
-        .await
-        .unwrap();
-    let answer = json_with_status(answer, 200).await;
+    let answer = json_with_status(app.post_yaml("/v1/apply?dryRun=true", &documents).await, 200).await;
     let warnings_of = |answer: &Value, name: &str| -> Value {
         let results = answer["results"].as_array().unwrap();
         let result = results.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} in {answer:#}"));
