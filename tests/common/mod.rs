@@ -211,17 +211,21 @@ impl TestApp {
             .expect("request sent")
     }
 
-    /// Applies multi-document YAML as the admin; the apply must succeed.
-    pub async fn apply_yaml(&self, yaml: &str) {
-        let response = self
-            .client
-            .post(self.url("/v1/apply"))
+    /// `POST path` (`/v1/apply?…`) of multi-document YAML as the admin.
+    pub async fn post_yaml(&self, path: &str, yaml: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
             .bearer_auth(&self.admin)
             .header("content-type", "application/yaml")
             .body(yaml.to_owned())
             .send()
             .await
-            .expect("request sent");
+            .expect("request sent")
+    }
+
+    /// Applies multi-document YAML as the admin; the apply must succeed.
+    pub async fn apply_yaml(&self, yaml: &str) {
+        let response = self.post_yaml("/v1/apply", yaml).await;
         let status = response.status();
         assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
     }
