@@ -56,7 +56,11 @@ async fn the_trace_id_of_a_traceparent_is_kept() {
         .bearer_auth(&app.admin)
         .header("content-type", "application/cloudevents+json; charset=utf-8")
         .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .body(order("t-1").to_string())
+        // Structured mode: a CloudEvent, whose `specversion` is required.
+        .body(
+            json!({"specversion": "1.0", "id": "t-1", "source": "shop", "type": "order.created", "data": {}})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();

@@ -257,6 +257,7 @@ fn event(external_id: &str, data_bytes: usize, endpoints: &[&str]) -> NewEvent {
         time: None,
         data: json!({ "pad": "x".repeat(data_bytes) }).to_string(),
         content_type: "application/json".to_owned(),
+        attributes: Default::default(),
         ingested_by: "tester".to_owned(),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
         received_at: Utc::now() - chrono::Duration::seconds(1),

@@ -308,6 +308,60 @@ spec: {{url: "https://billing.example.com/hooks", secrets: [{{value: {secret}}}]
     assert_eq!(lines.len(), 3, "{table}");
 }
 
+/// An Endpoint's or Filter's `eventTypes` glob that matches no EventType of its namespace
+/// applies, with a warning in the apply answer, in `hookwarden apply`'s output and in the
+/// resource's status; a namespace without EventTypes warns of nothing.
+async fn globs_that_match_no_event_type_are_warned_of_at_apply_and_in_status(db: TestDb) {
+    let app = spawn_app(&db).await;
+    let documents = format!(
+        "{ORDER_TYPE}---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: orders, namespace: payments}}\nspec:\n  url: https://orders.example.com/hooks\n  secrets: [{{value: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}}]\n  eventTypes: [\"order.*\", \"ordr.created\"]\n---\napiVersion: hookwarden/v1\nkind: Filter\nmetadata: {{name: refunds, namespace: payments}}\nspec:\n  eventTypes: [\"refund.*\"]\n  expression: \"true\"\n---\napiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: anything, namespace: billing}}\nspec:\n  url: https://billing.example.com/hooks\n  secrets: [{{value: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}}]\n  eventTypes: [\"invoice.*\"]\n"
+    );
+    let answer = json_with_status(app.post_yaml("/v1/apply?dryRun=true", &documents).await, 200).await;
+    let warnings_of = |answer: &Value, name: &str| -> Value {
+        let results = answer["results"].as_array().unwrap();
+        let result = results.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} in {answer:#}"));
+        result.get("warnings").cloned().unwrap_or(Value::Null)
+    };
+    let endpoint = warnings_of(&answer, "orders");
+    assert_eq!(endpoint.as_array().map(Vec::len), Some(1), "a dry run warns as the apply would: {endpoint:#}");
+    assert_eq!(endpoint[0]["path"], "spec.eventTypes[1]");
+    assert!(endpoint[0]["message"].as_str().unwrap().contains("`ordr.created`"), "{endpoint:#}");
+    assert_eq!(warnings_of(&answer, "refunds")[0]["path"], "spec.eventTypes[0]");
+    assert_eq!(warnings_of(&answer, "anything"), Value::Null, "billing has no EventTypes");
+    assert_eq!(warnings_of(&answer, "order.created"), Value::Null);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resources.yaml");
+    std::fs::write(&path, &documents).unwrap();
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))
+            .args(["apply", "-f", path.to_str().unwrap()])
+            .env("HOOKWARDEN_SERVER", &app.base)
+            .env("HOOKWARDEN_TOKEN", &app.admin)
+            .output()
+            .expect("run the CLI")
+    });
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        printed.lines().any(|l| l.starts_with("  warning: spec.eventTypes[1]: `ordr.created` matches no EventType")),
+        "{printed}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let shown = json_with_status(app.get("/v1/resources/Endpoint/payments/orders", &app.admin).await, 200).await;
+        let other = json_with_status(app.get("/v1/resources/Endpoint/billing/anything", &app.admin).await, 200).await;
+        if shown["status"]["warnings"].is_array() && other["status"]["observedGeneration"] == 1 {
+            assert_eq!(shown["status"]["warnings"][0]["path"], "spec.eventTypes[1]", "{shown:#}");
+            assert!(other["status"].get("warnings").is_none(), "{other:#}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no warnings in the status: {shown:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 on_both_databases!(
     data_is_checked_by_every_keyword_of_its_schema,
     a_batch_with_one_bad_item_is_answered_per_item_and_writes_nothing,
@@ -316,4 +370,5 @@ on_both_databases!(
     a_deprecated_type_is_accepted_counted_and_warned_of,
     apply_refuses_a_bad_schema_a_failing_example_and_a_remote_ref,
     the_catalog_lists_types_with_their_subscribers_within_the_token_s_namespaces,
+    globs_that_match_no_event_type_are_warned_of_at_apply_and_in_status,
 );

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use hookwarden::api::cloudevents;
 use hookwarden::api::events::{read_batch, read_event, validate_events};
 use hookwarden::api::strict_json::{self, Problem};
 use hookwarden::auth::{Principal, Role, TokenKeys};
@@ -203,10 +204,23 @@ proptest! {
         let shown = String::from_utf8_lossy(&bytes).into_owned();
         let principal = principal();
         if let Ok(event) = timed("reading an event", &shown, || read_event(&bytes, 64)) {
-            let _ = validate_events(vec![(String::new(), event)], &principal, "0af7651916cd43dd8448eb211c80319c");
+            let _ = validate_events(vec![(String::new(), event)], &principal, "0af7651916cd43dd8448eb211c80319c", None);
         }
         if let Ok(events) = timed("reading a batch", &shown, || read_batch(&bytes, 1000, 64)) {
-            let _ = validate_events(events, &principal, "0af7651916cd43dd8448eb211c80319c");
+            let _ = validate_events(events, &principal, "0af7651916cd43dd8448eb211c80319c", None);
+        }
+        if let Ok(event) = timed("reading a structured CloudEvent", &shown, || cloudevents::read_structured(&bytes, 64)) {
+            let _ = validate_events(vec![(String::new(), event)], &principal, "0af7651916cd43dd8448eb211c80319c", Some("a"));
+        }
+        if let Ok(events) = timed("reading a CloudEvents batch", &shown, || cloudevents::read_batch(&bytes, 1000, 64)) {
+            let _ = validate_events(events, &principal, "0af7651916cd43dd8448eb211c80319c", None);
+        }
+        let mut headers = axum::http::HeaderMap::new();
+        for (name, value) in [("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t")] {
+            headers.insert(name, value.parse().unwrap());
+        }
+        if let Ok(event) = timed("reading a binary CloudEvent", &shown, || cloudevents::read_binary(&headers, &bytes, 64)) {
+            let _ = validate_events(vec![(String::new(), event)], &principal, "0af7651916cd43dd8448eb211c80319c", None);
         }
         let _ = strict_json::check(&bytes, "", 8);
     }
@@ -226,7 +240,7 @@ proptest! {
         let read = read_event(text.as_bytes(), max);
         prop_assert_eq!(read.is_ok(), !too_deep && !repeats, "{}: {:?}", text, read.err());
         if let Ok(event) = read {
-            prop_assert!(validate_events(vec![(String::new(), event)], &principal(), "0af7651916cd43dd8448eb211c80319c").is_ok());
+            prop_assert!(validate_events(vec![(String::new(), event)], &principal(), "0af7651916cd43dd8448eb211c80319c", None).is_ok());
         }
     }
 }

@@ -140,6 +140,22 @@ async fn reserved_types_are_refused_at_ingest(db: TestDb) {
         assert_eq!(details[0]["path"], expected, "{answer}");
         assert!(details[0]["message"].as_str().unwrap().contains("reserved"), "{answer}");
     }
+    // In CloudEvents binary mode too, named where it was sent.
+    let binary = app
+        .client
+        .post(app.url("/v1/events"))
+        .bearer_auth(&app.admin)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "op-1")
+        .header("ce-source", "/shop")
+        .header("ce-type", "hookwarden.approval.requested")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let answer = json_with_status(binary, 400).await;
+    assert_eq!(answer["error"]["details"][0]["path"], "header:ce-type", "{answer}");
     // A type that only looks alike is an ordinary one.
     post_event(&app, "order.hookwarden.created").await;
 }

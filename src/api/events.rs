@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use super::cloudevents::{self, attribute_path, Carrier, Mode};
 use super::error::{ApiError, FieldError};
-use super::extract::{parse_json, parse_object_at, read_json_body, ApiQuery};
+use super::extract::{parse_json, parse_object_at, read_body, read_json_body, ApiQuery};
 use super::strict_json::{self, Problem};
 use super::AppState;
 use crate::auth::{Principal, Role};
@@ -24,23 +25,54 @@ use crate::ids::EventId;
 use crate::ingest::types::Deprecated;
 use crate::ingest::{AcceptError, Answer, EventAccepted, IngestError};
 use crate::resources::validate::is_dns_label;
-use crate::store::{EventQuery, IdempotencyKey, IngestRequest, NewEvent, StoredEvent};
+use crate::store::{Attributes, EventQuery, IdempotencyKey, IngestRequest, NewEvent, StoredEvent};
 
-/// A CloudEvents-shaped event as clients send it.
+/// A CloudEvents-shaped event as clients send it: Hookwarden's envelope (read by serde,
+/// no other member allowed), or a CloudEvent of any content mode (read by
+/// [`super::cloudevents`], which fills the fields serde skips).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventIn {
-    id: Option<String>,
-    source: String,
+    pub(super) id: Option<String>,
+    pub(super) source: String,
     #[serde(rename = "type")]
-    event_type: String,
-    subject: Option<String>,
-    time: Option<String>,
-    namespace: Option<String>,
-    specversion: Option<String>,
-    datacontenttype: Option<String>,
-    data: Box<RawValue>,
+    pub(super) event_type: String,
+    pub(super) subject: Option<String>,
+    pub(super) time: Option<String>,
+    pub(super) namespace: Option<String>,
+    pub(super) specversion: Option<String>,
+    pub(super) datacontenttype: Option<String>,
+    pub(super) data: Box<RawValue>,
+    /// A CloudEvent's other attributes (`dataschema`, extensions); the envelope has none.
+    #[serde(skip)]
+    pub(super) attributes: Attributes,
+    /// Where the attributes were sent, for the paths of errors.
+    #[serde(skip)]
+    pub(super) carrier: Carrier,
 }
+
+/// The query of `POST /v1/events` and `POST /v1/events/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestParams {
+    /// The namespace of the events that do not name their own.
+    namespace: Option<String>,
+}
+
+impl IngestParams {
+    /// The namespace the query gives, checked.
+    fn namespace(self) -> Result<Option<String>, ApiError> {
+        match self.namespace {
+            Some(namespace) if !is_dns_label(&namespace) => {
+                Err(ApiError::Validation(vec![FieldError::new("query:namespace", DNS_LABEL)]))
+            }
+            namespace => Ok(namespace),
+        }
+    }
+}
+
+const DNS_LABEL: &str =
+    "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
 
 #[derive(Debug, Serialize)]
 pub struct BatchAccepted {
@@ -94,13 +126,16 @@ struct Context<'a> {
     principal: &'a Principal,
     trace_id: &'a str,
     received_at: DateTime<Utc>,
+    /// The namespace of events that name none (the query's), else `default`.
+    namespace: Option<&'a str>,
 }
 
 impl EventIn {
     /// Validates the event; `prefix` is the path of the event in the body (`""` or `[3]`).
     fn into_new_event(self, prefix: &str, ctx: &Context<'_>, errors: &mut Vec<FieldError>) -> Option<NewEvent> {
         let before = errors.len();
-        let path = |field: &str| if prefix.is_empty() { field.to_owned() } else { format!("{prefix}.{field}") };
+        let carrier = self.carrier;
+        let path = |field: &str| attribute_path(carrier, prefix, field);
         let id = EventId::generate();
         if let Some(external) = &self.id {
             check_text(errors, &path("id"), external, 256);
@@ -119,12 +154,10 @@ impl EventIn {
         if let Some(subject) = &self.subject {
             check_text(errors, &path("subject"), subject, 1024);
         }
-        let namespace = self.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        // The query's namespace was checked once for the request.
+        let namespace = self.namespace.unwrap_or_else(|| ctx.namespace.unwrap_or(DEFAULT_NAMESPACE).to_owned());
         if !is_dns_label(&namespace) {
-            errors.push(FieldError::new(
-                path("namespace"),
-                "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
-            ));
+            errors.push(FieldError::new(path("namespace"), DNS_LABEL));
         }
         if let Some(version) = &self.specversion {
             if version != "1.0" {
@@ -154,6 +187,7 @@ impl EventIn {
             time,
             data: self.data.get().to_owned(),
             content_type,
+            attributes: self.attributes,
             ingested_by: ctx.principal.subject.clone(),
             trace_id: ctx.trace_id.to_owned(),
             received_at: ctx.received_at,
@@ -181,12 +215,12 @@ fn trace_id(headers: &HeaderMap) -> String {
     })
 }
 
-/// The `Idempotency-Key` header, bound to the caller and to the exact request.
+/// The `Idempotency-Key` header, bound to the caller and to the exact request: its route,
+/// its body and, where they say what the events are, its query and `ce-` headers.
 fn idempotency_key(
     headers: &HeaderMap,
     principal: &Principal,
-    route: &str,
-    body: &[u8],
+    request: &Submission<'_>,
 ) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key = value
@@ -195,9 +229,16 @@ fn idempotency_key(
         .filter(|k| !k.is_empty() && k.len() <= 255)
         .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()))?;
     let mut hasher = Sha256::new();
-    hasher.update(route.as_bytes());
+    hasher.update(request.route.as_bytes());
     hasher.update([0]);
-    hasher.update(body);
+    hasher.update(request.body);
+    // A JSON body holds no NUL byte, so this cannot be mistaken for one. The envelope
+    // without a query adds nothing: its keys keep the fingerprints they had.
+    let context = request_context(request.mode, headers, request.namespace);
+    if !context.is_empty() {
+        hasher.update([0]);
+        hasher.update(context.as_bytes());
+    }
     Ok(Some(IdempotencyKey {
         scope: principal.subject.clone(),
         key: key.to_owned(),
@@ -221,14 +262,39 @@ fn status(created: bool) -> StatusCode {
     }
 }
 
+/// What besides its route and body tells what a request's events are: the content mode,
+/// the binary mode's `ce-` headers and `Content-Type`, and the query's namespace. Empty
+/// for the envelope without a query.
+fn request_context(mode: Mode, headers: &HeaderMap, namespace: Option<&str>) -> String {
+    let mut context = String::new();
+    if mode != Mode::Envelope {
+        context.push_str(&format!("mode={}\n", mode.name()));
+    }
+    if mode == Mode::Binary {
+        let mut lines: Vec<String> = headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("ce-") || name.as_str() == "content-type")
+            .map(|(name, value)| format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())))
+            .collect();
+        lines.sort();
+        context.extend(lines);
+    }
+    if let Some(namespace) = namespace {
+        context.push_str(&format!("namespace={namespace}\n"));
+    }
+    context
+}
+
 /// Applies the field rules to the events read from a request (every problem at once),
-/// then checks that `principal` may ingest into their namespaces.
+/// then checks that `principal` may ingest into their namespaces. `namespace` is that of
+/// events that name none (a checked DNS label; `default` when `None`).
 pub fn validate_events(
     events: Vec<(String, EventIn)>,
     principal: &Principal,
     trace_id: &str,
+    namespace: Option<&str>,
 ) -> Result<Vec<NewEvent>, ApiError> {
-    let ctx = Context { principal, trace_id, received_at: Utc::now() };
+    let ctx = Context { principal, trace_id, received_at: Utc::now(), namespace };
     let mut errors = Vec::new();
     let events: Vec<NewEvent> =
         events.into_iter().filter_map(|(prefix, e)| e.into_new_event(&prefix, &ctx, &mut errors)).collect();
@@ -239,23 +305,32 @@ pub fn validate_events(
     Ok(events)
 }
 
+/// One ingest request as read: where it came, how, and what it holds.
+struct Submission<'a> {
+    route: &'static str,
+    mode: Mode,
+    /// The body holds an array of events (the answer names each by its index).
+    batch: bool,
+    body: &'a [u8],
+    /// The query's namespace.
+    namespace: Option<&'a str>,
+}
+
 /// Validates the events, checks the caller may ingest into their namespaces, and hands
 /// them to the ingest use case.
 async fn ingest(
     state: &AppState,
     principal: &Principal,
     headers: &HeaderMap,
-    route: &str,
-    body: &[u8],
+    request: Submission<'_>,
     events: Vec<(String, EventIn)>,
 ) -> Result<Answer, ApiError> {
     state.ingestor.admit()?;
-    let idempotency = idempotency_key(headers, principal, route, body)?;
+    let idempotency = idempotency_key(headers, principal, &request)?;
     let trace = trace_id(headers);
-    let events = validate_events(events, principal, &trace)?;
-    let batch = route == "/v1/events/batch";
+    let events = validate_events(events, principal, &trace, request.namespace)?;
     state.ingestor.accept(IngestRequest { idempotency, events }).await.map_err(|e| match e {
-        AcceptError::Types(e) => ApiError::from_types(e, batch),
+        AcceptError::Types(e) => ApiError::from_types(e, request.batch),
         e => e.into(),
     })
 }
@@ -274,7 +349,7 @@ fn warn_deprecated(response: &mut Response, deprecated: &[Deprecated]) {
 
 /// Refuses an event's JSON (at `prefix` in the body) that repeats a key or nests too deep;
 /// see [`strict_json`].
-fn check_strict(json: &[u8], prefix: &str, max_depth: usize) -> Result<(), ApiError> {
+pub(super) fn check_strict(json: &[u8], prefix: &str, max_depth: usize) -> Result<(), ApiError> {
     strict_json::check(json, prefix, max_depth).map_err(|problem| match problem {
         Problem::DuplicateKey { path } => ApiError::DuplicateKey(FieldError::new(
             path,
@@ -298,6 +373,19 @@ pub fn read_event(bytes: &[u8], max_json_depth: usize) -> Result<EventIn, ApiErr
 /// The body of `POST /v1/events/batch` as events with their paths (`[3]`): JSON syntax,
 /// the number of items, then [`check_strict`] and the shape of each.
 pub fn read_batch(bytes: &[u8], max_items: usize, max_json_depth: usize) -> Result<Vec<(String, EventIn)>, ApiError> {
+    read_items(bytes, max_items, |raw, prefix| {
+        check_strict(raw, prefix, max_json_depth)?;
+        parse_object_at::<EventIn>(raw, prefix)
+    })
+}
+
+/// A batch body as events with their paths (`[3]`): JSON syntax, the number of items, then
+/// `read` of each (its bytes and path).
+pub(super) fn read_items(
+    bytes: &[u8],
+    max_items: usize,
+    read: impl Fn(&[u8], &str) -> Result<EventIn, ApiError>,
+) -> Result<Vec<(String, EventIn)>, ApiError> {
     let items: Vec<&RawValue> = parse_json_borrowed(bytes)?;
     if items.is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new("(body)", "the batch must hold at least one event")]));
@@ -313,8 +401,7 @@ pub fn read_batch(bytes: &[u8], max_items: usize, max_json_depth: usize) -> Resu
         .enumerate()
         .map(|(i, raw)| {
             let prefix = format!("[{i}]");
-            check_strict(raw.get().as_bytes(), &prefix, max_json_depth)?;
-            parse_object_at::<EventIn>(raw.get().as_bytes(), &prefix).map(|e| (prefix, e))
+            read(raw.get().as_bytes(), &prefix).map(|e| (prefix, e))
         })
         .collect()
 }
@@ -333,35 +420,77 @@ fn parse_json_borrowed(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
     Ok(items)
 }
 
-pub async fn create(
-    State(state): State<AppState>,
-    principal: Principal,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let event = read_event(&bytes, state.config.max_json_depth)?;
-    let Answer { mut results, created, deprecated } =
-        ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
-    let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
-    let mut response = (status(created), Json(result)).into_response();
+/// The answer to an ingest request: one event's, or a batch's (every event's, in order).
+fn answered(Answer { mut results, created, deprecated }: Answer, batch: bool) -> Result<Response, ApiError> {
+    let mut response = if batch {
+        (status(created), Json(BatchAccepted { results })).into_response()
+    } else {
+        let result =
+            results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
+        (status(created), Json(result)).into_response()
+    };
     warn_deprecated(&mut response, &deprecated);
     Ok(response)
 }
 
-pub async fn create_batch(
+/// `POST /v1/events`: one event in Hookwarden's envelope or a CloudEvent in structured or
+/// binary mode, or a batch in the CloudEvents batched mode (see [`super::cloudevents`]).
+pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
+    ApiQuery(params): ApiQuery<IngestParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let namespace = params.namespace()?;
+    let (limit, depth) = (state.config.max_body_bytes, state.config.max_json_depth);
+    let mode = Mode::of(&headers);
+    let bytes = if mode == Mode::Binary {
+        cloudevents::check_binary_media_type(&headers)?;
+        read_body(&headers, body, limit).await?
+    } else {
+        read_json_body(&headers, body, limit).await?
+    };
+    let events = match mode {
+        Mode::Envelope => vec![(String::new(), read_event(&bytes, depth)?)],
+        Mode::Structured => vec![(String::new(), cloudevents::read_structured(&bytes, depth)?)],
+        Mode::Binary => vec![(String::new(), cloudevents::read_binary(&headers, &bytes, depth)?)],
+        Mode::Batch => cloudevents::read_batch(&bytes, state.config.max_batch_items, depth)?,
+    };
+    let batch = mode == Mode::Batch;
+    let request = Submission { route: "/v1/events", mode, batch, body: &bytes, namespace: namespace.as_deref() };
+    answered(ingest(&state, &principal, &headers, request, events).await?, batch)
+}
+
+/// `POST /v1/events/batch`: an array of events in Hookwarden's envelope, or of CloudEvents
+/// in the batched mode.
+pub async fn create_batch(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(params): ApiQuery<IngestParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let namespace = params.namespace()?;
+    let mode = match Mode::of(&headers) {
+        Mode::Batch => Mode::Batch,
+        Mode::Structured => {
+            return Err(ApiError::UnsupportedMediaType(
+                "POST /v1/events/batch takes an array: send `Content-Type: application/cloudevents-batch+json`, or one CloudEvent to POST /v1/events",
+            ))
+        }
+        // As before CloudEvents: `ce-` headers mean nothing to a batch.
+        Mode::Envelope | Mode::Binary => Mode::Envelope,
+    };
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
-    let events = read_batch(&bytes, state.config.max_batch_items, state.config.max_json_depth)?;
-    let Answer { results, created, deprecated } =
-        ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
-    let mut response = (status(created), Json(BatchAccepted { results })).into_response();
-    warn_deprecated(&mut response, &deprecated);
-    Ok(response)
+    let (max_items, depth) = (state.config.max_batch_items, state.config.max_json_depth);
+    let events = match mode {
+        Mode::Batch => cloudevents::read_batch(&bytes, max_items, depth)?,
+        _ => read_batch(&bytes, max_items, depth)?,
+    };
+    let request =
+        Submission { route: "/v1/events/batch", mode, batch: true, body: &bytes, namespace: namespace.as_deref() };
+    answered(ingest(&state, &principal, &headers, request, events).await?, true)
 }
 
 /// An event as the API shows it; `data` is the stored JSON text, byte for byte.
@@ -378,6 +507,9 @@ pub struct EventOut {
     received_at: DateTime<Utc>,
     datacontenttype: String,
     data: Box<RawValue>,
+    /// Its other CloudEvents attributes (`dataschema`, extensions), when it had any.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    attributes: Attributes,
     ingested_by: String,
     trace_id: String,
     status: crate::store::EventStatus,
@@ -410,6 +542,7 @@ impl TryFrom<StoredEvent> for EventOut {
             received_at: e.received_at,
             datacontenttype: e.content_type,
             data,
+            attributes: e.attributes,
             ingested_by: e.ingested_by,
             trace_id: e.trace_id,
             status: stored.status,

@@ -35,11 +35,12 @@ impl FromRequestParts<AppState> for Principal {
 
 /// Whether `Content-Type` names JSON (`application/json` or `application/*+json`).
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    content_type(headers).is_some_and(crate::cloudevents::is_json_media_type)
+}
+
+/// The `Content-Type` header, when it is text.
+pub fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
 }
 
 /// Reads a JSON request body of at most `limit` bytes.
@@ -49,6 +50,12 @@ pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Re
             "the request body must be JSON: send `Content-Type: application/json`",
         ));
     }
+    read_body(headers, body, limit).await
+}
+
+/// Reads a request body of at most `limit` bytes, whatever its media type (the caller
+/// checked it).
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });

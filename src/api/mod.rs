@@ -7,6 +7,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod cloudevents;
 pub mod deliveries;
 pub mod endpoints;
 pub mod error;

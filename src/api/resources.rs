@@ -13,7 +13,7 @@
 //! nor a hostile body can stall the async workers (`/healthz`, ingest) or hold more than
 //! the limits allow.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -26,6 +26,7 @@ use super::error::{ApiError, FieldError};
 use super::extract::{parse_json, ApiQuery};
 use super::AppState;
 use crate::auth::{Principal, Role};
+use crate::catalog::event_types::{event_type_warnings, Warning};
 use crate::controller::apply::{apply, ApplyError, ApplyOptions};
 use crate::resources::diff::{diff, redact};
 use crate::resources::{parse_files_within, ApplyLimits, Kind, Parsed, ResourceKey, API_VERSION};
@@ -69,6 +70,11 @@ pub struct ApplyResult {
     /// An Endpoint a 410 had disabled, enabled again because its spec changed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     reenabled: bool,
+    /// What applies but likely is not meant: an Endpoint's or Filter's `eventTypes` glob
+    /// that matches no EventType of its namespace (see
+    /// [`crate::catalog::event_types::unmatched_event_types`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<Warning>,
 }
 
 #[derive(Debug, Serialize)]
@@ -201,9 +207,34 @@ pub async fn apply_resources(
             let _ = state.store.notify_work().await;
         }
     }
-    let results =
-        outcomes.iter().map(|o| result(o, desired.iter().find(|(k, _)| *k == o.key).map(|(_, s)| s))).collect();
+    let mut warnings = warnings_after(&state, &desired, &outcomes).await?;
+    let results = outcomes
+        .iter()
+        .map(|o| {
+            let mut result = result(o, desired.iter().find(|(k, _)| *k == o.key).map(|(_, s)| s));
+            result.warnings = warnings.remove(&o.key).unwrap_or_default();
+            result
+        })
+        .collect();
     Ok(Json(ApplyResponse { dry_run: params.dry_run, results }))
+}
+
+/// The warnings of the resources in force once the apply is done (a dry run's as if it
+/// were): what is stored, as `desired` has it, less what was pruned.
+async fn warnings_after(
+    state: &AppState,
+    desired: &[(ResourceKey, Value)],
+    outcomes: &[ApplyOutcome],
+) -> Result<HashMap<ResourceKey, Vec<Warning>>, ApiError> {
+    let mut in_force: HashMap<ResourceKey, Value> =
+        state.store.list_resources(None, None).await?.into_iter().map(|r| (r.key, r.spec)).collect();
+    for (key, shown) in desired {
+        in_force.insert(key.clone(), shown["spec"].clone());
+    }
+    for pruned in outcomes.iter().filter(|o| o.action == ApplyAction::Pruned) {
+        in_force.remove(&pruned.key);
+    }
+    Ok(event_type_warnings(in_force.iter()))
 }
 
 /// `desired` is `{"metadata": {"labels", "annotations"}, "spec"}` as applied.
@@ -227,6 +258,7 @@ fn result(outcome: &ApplyOutcome, desired: Option<&Value>) -> ApplyResult {
         generation: outcome.generation,
         diff: lines,
         reenabled: outcome.reenabled,
+        warnings: Vec::new(),
     }
 }
 

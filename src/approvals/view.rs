@@ -201,6 +201,7 @@ mod tests {
                 time: None,
                 data: data.to_owned(),
                 content_type: "application/json".into(),
+                attributes: Default::default(),
                 ingested_by: "shop".into(),
                 trace_id: "0".repeat(32),
                 received_at: now,

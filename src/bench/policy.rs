@@ -293,6 +293,7 @@ async fn claimed_deliveries(store: &Store, count: usize) -> anyhow::Result<Vec<C
                 time: None,
                 data: data.clone(),
                 content_type: "application/json".to_owned(),
+                attributes: Default::default(),
                 ingested_by: "bench".to_owned(),
                 trace_id: String::new(),
                 received_at: Utc::now(),

@@ -33,8 +33,10 @@ impl ChildServer {
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // A directory `serve` creates (0700), not the temporary one (whose mode
+            // follows the umask, which `serve` would warn about).
             .arg("--data-dir")
-            .arg(data_dir.path())
+            .arg(data_dir.path().join("data"))
             .env("HOOKWARDEN_JWT_SECRET", secret)
             .env("RUST_LOG", "warn")
             .env_remove("DATABASE_URL")
@@ -71,8 +73,8 @@ impl ChildServer {
         super::procfs::cpu_time(self.pid()?)
     }
 
-    /// The server's data directory, which lives as long as the server: room for the
-    /// bench's scratch files too.
+    /// The temporary directory that holds the server's data directory and lives as long
+    /// as the server: room for the bench's scratch files.
     pub(super) fn data_dir(&self) -> &std::path::Path {
         self.data_dir.path()
     }

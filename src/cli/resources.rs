@@ -136,6 +136,13 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         let enabled =
             if r["reenabled"] == true { " (enabled again: its spec changed since it answered 410)" } else { "" };
         outln!("{} {}{suffix}{enabled}", resource_name(r), r["action"].as_str().unwrap_or("?"))?;
+        for warning in r["warnings"].as_array().into_iter().flatten() {
+            outln!(
+                "  warning: {}: {}",
+                warning["path"].as_str().unwrap_or("?"),
+                warning["message"].as_str().unwrap_or("")
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::apply::{apply, read_resource_files, ApplyError, ApplyOptions};
 use self::leadership::Leadership;
+use crate::catalog::event_types::event_type_warnings;
 use crate::catalog::{CatalogHandle, Sendability};
 use crate::config::ControllerConfig;
 use crate::resources::validate::{self, Checks};
@@ -232,6 +233,7 @@ impl Controller {
         let catalog = self.catalog.current();
         let now = Utc::now();
         let keys: HashSet<ResourceKey> = stored.iter().map(|s| s.key.clone()).collect();
+        let mut warnings = event_type_warnings(stored.iter().map(|s| (&s.key, &s.spec)));
         let mut next = Action::AwaitChange;
         for resource in &stored {
             let mut status = json!({ "observedGeneration": resource.generation });
@@ -260,6 +262,9 @@ impl Controller {
                 });
             }
             status["conditions"] = json!(conditions);
+            if let Some(warnings) = warnings.remove(&resource.key) {
+                status["warnings"] = json!(warnings);
+            }
             if !same_status(resource.status.as_ref(), &status) {
                 if !self.leadership.holds(term) {
                     return Ok(Action::AwaitChange);

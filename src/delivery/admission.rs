@@ -27,7 +27,8 @@ use tokio::sync::Notify;
 pub struct Admission {
     per_endpoint: usize,
     endpoints: Mutex<HashMap<EndpointKey, Arc<Mutex<Limits>>>>,
-    /// Signalled whenever a slot is freed: a claim capped by busy endpoints may take more.
+    /// Signalled when a slot of an endpoint that capped a claim is freed: that claim may
+    /// take more.
     freed: Arc<Notify>,
 }
 
@@ -57,6 +58,9 @@ struct Limits {
     probing: bool,
     /// Start times of recent requests, for `rateLimit.perSecond`.
     recent: VecDeque<Instant>,
+    /// A claim was capped by this endpoint's slots: the next slot it frees signals
+    /// [`Admission::freed`]. Other endpoints' attempts ending wake no claim.
+    wanted: bool,
 }
 
 fn lock(limits: &Mutex<Limits>) -> MutexGuard<'_, Limits> {
@@ -127,8 +131,11 @@ impl Drop for Slot {
         if self.probe {
             limits.probing = false;
         }
+        let wanted = std::mem::take(&mut limits.wanted);
         drop(limits);
-        self.freed.notify_one();
+        if wanted {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -145,9 +152,16 @@ impl Admission {
         Admission { per_endpoint: per_endpoint.max(1), endpoints: Mutex::new(HashMap::new()), freed: Arc::default() }
     }
 
-    /// Signalled when a slot is freed (an attempt ended).
+    /// Signalled when a slot is freed (an attempt ended) at an endpoint that capped a claim:
+    /// one [`Self::free_slots`] found without a slot, or one [`Self::want`] was called for.
     pub fn freed(&self) -> &Notify {
         &self.freed
+    }
+
+    /// A claim took all it could of the endpoint: the next slot it frees signals
+    /// [`Self::freed`].
+    pub fn want(&self, namespace: &str, name: &str) {
+        lock(&self.limits(namespace, name)).wanted = true;
     }
 
     fn limits(&self, namespace: &str, name: &str) -> Arc<Mutex<Limits>> {
@@ -208,6 +222,9 @@ impl Admission {
         }
         if breaker_threshold.is_some_and(|threshold| state.failing >= threshold) {
             slots = if state.probing { 0 } else { slots.min(1) };
+        }
+        if slots == 0 {
+            state.wanted = true;
         }
         let mut rate_wait = None;
         if let Some(rate) = per_second {
@@ -425,6 +442,31 @@ mod tests {
         let freed = tokio::time::timeout(Duration::from_secs(5), admission.freed().notified()).await;
         assert!(freed.is_ok(), "a claim capped by the busy endpoint is woken");
         assert_eq!(admission.free_slots("ns", "e", None, None, false, Instant::now()).slots, 1);
+    }
+
+    /// A claim capped by a busy endpoint is not woken by every other endpoint's attempts
+    /// ending (beside a slow endpoint, that is every healthy attempt), only by the capped
+    /// endpoint's, or by one the claim took its whole cap of.
+    #[tokio::test]
+    async fn only_an_endpoint_that_capped_a_claim_wakes_it() {
+        let admission = Admission::new(1);
+        let (slow, healthy) = (
+            admission.admit("ns", "slow", None, false).unwrap(),
+            admission.admit("ns", "healthy", None, false).unwrap(),
+        );
+        assert_eq!(admission.free_slots("ns", "slow", None, None, false, Instant::now()).slots, 0);
+        let woken = || tokio::time::timeout(Duration::from_millis(50), admission.freed().notified());
+        drop(healthy);
+        assert!(woken().await.is_err(), "the healthy endpoint capped nothing");
+        drop(slow);
+        assert!(woken().await.is_ok(), "the capped endpoint freed a slot");
+        // Once woken, the next slot it frees wakes nothing until a claim is capped again.
+        drop(admission.admit("ns", "slow", None, false).unwrap());
+        assert!(woken().await.is_err(), "no claim waits for it");
+        let taken = admission.admit("ns", "healthy", None, false).unwrap();
+        admission.want("ns", "healthy");
+        drop(taken);
+        assert!(woken().await.is_ok(), "a claim took all it could of the healthy endpoint");
     }
 
     #[test]

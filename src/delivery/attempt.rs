@@ -1,5 +1,6 @@
 //! One attempt of a claimed delivery, from admission to its queued outcome: the body (the
-//! standard envelope, or the endpoint's transform, see [`super::transform`]), the policy
+//! standard envelope, or the endpoint's transform, see [`super::transform`], in the
+//! endpoint's format, see [`super::wire`]), the policy
 //! gate (agent endpoints, see [`super::gate`]), the rate limit, the request (see
 //! [`super::http`]), what its result means (see [`super::outcome`]), the hourly retry
 //! budget, and the completion for the writer.
@@ -29,10 +30,12 @@ use super::admission::Slot;
 use super::dispatch::Dispatcher;
 use super::gate::Gated;
 use super::outcome::{decide, AttemptResult};
+use super::wire::Outgoing;
 use super::{signing, transform};
 use crate::catalog::{EndpointEntry, EventView};
 use crate::config::AuditedOutcomes;
 use crate::operational;
+use crate::resources::kinds::DeliveryFormat;
 use crate::store::{Attempt, ClaimedDelivery, Completion, DeliveryState};
 use crate::threads::JobFailed;
 
@@ -123,18 +126,32 @@ impl Dispatcher {
         }
     }
 
-    /// The body of `delivery`: the standard envelope, or what the endpoint's transform
-    /// builds (on an evaluation thread, within the catalog's budget).
-    async fn body(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> Result<String, Unbuilt> {
-        let transform = match &ep.transform {
-            None => {
-                let timestamp = delivery.event_time.unwrap_or(delivery.received_at);
-                let timestamp = timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                return Ok(signing::body(&delivery.event_type, &timestamp, &delivery.data));
-            }
-            Some(Ok(transform)) => transform.clone(),
+    /// What `delivery` sends: the standard envelope, or what the endpoint's transform
+    /// builds (on an evaluation thread, within the catalog's budget), in the endpoint's
+    /// format (see [`super::wire`]).
+    async fn body(&self, delivery: &ClaimedDelivery, ep: &EndpointEntry) -> Result<Outgoing, Unbuilt> {
+        let transformed = match &ep.transform {
+            None => None,
+            Some(Ok(transform)) => Some(self.render(transform.clone(), delivery, ep).await?),
             Some(Err(message)) => return Err(Unbuilt::Failed(format!("the transform cannot be compiled: {message}"))),
         };
+        Ok(match ep.spec.format {
+            DeliveryFormat::Cloudevents => Outgoing::cloudevents(delivery, transformed),
+            DeliveryFormat::Standard => Outgoing::standard(transformed.unwrap_or_else(|| {
+                let timestamp = delivery.event_time.unwrap_or(delivery.received_at);
+                let timestamp = timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                signing::body(&delivery.event_type, &timestamp, &delivery.data)
+            })),
+        })
+    }
+
+    /// The body `transform` builds for `delivery` to `ep`.
+    async fn render(
+        &self,
+        transform: transform::Transform,
+        delivery: &ClaimedDelivery,
+        ep: &EndpointEntry,
+    ) -> Result<String, Unbuilt> {
         let event = EventView::of_delivery(delivery).to_json();
         let endpoint = transform::endpoint_json(&ep.namespace, &ep.name, &ep.labels);
         let budget = self.catalog.current().budget;

@@ -304,12 +304,16 @@ impl Dispatcher {
                 }
             };
             metrics::histogram!("hookwarden_delivery_claim_seconds").record(started.elapsed().as_secs_f64());
-            // Capped: some endpoint got all its cap, or had no slot: more may wait for it.
-            let capped = busy
-                || quotas.iter().any(|q| {
-                    claimed.iter().filter(|d| d.namespace == q.namespace && d.endpoint == q.endpoint).count()
-                        >= q.cap as usize
-                });
+            // Capped: some endpoint got all its cap, or had no slot: more may wait for it,
+            // and a claim loop is woken when it frees a slot (see `Admission::want`).
+            let mut capped = busy;
+            for q in &quotas {
+                let taken = claimed.iter().filter(|d| d.namespace == q.namespace && d.endpoint == q.endpoint).count();
+                if taken >= q.cap as usize {
+                    self.admission.want(&q.namespace, &q.endpoint);
+                    capped = true;
+                }
+            }
             next = if claimed.len() >= free {
                 Next::Claim
             } else if capped {

@@ -5,8 +5,9 @@
 //!   address: a literal address in the URL is refused before sending, and names are
 //!   resolved by [`GuardedResolver`], which keeps only public addresses, so the check
 //!   holds at connect time whatever the name resolved to when the endpoint was applied;
-//! - the body comes in built (the standard envelope or the endpoint's transform, see
-//!   [`super::attempt`]) and is signed and sent byte for byte as it came;
+//! - the body comes in built (the standard envelope or the endpoint's transform, in the
+//!   endpoint's format, see [`super::attempt`] and [`super::wire`]) and is signed and sent
+//!   byte for byte as it came, with the headers it came with;
 //! - no redirect is followed and no proxy is used;
 //! - an attempt ends within the endpoint's timeout, and at most `delivery.responseBytes` of
 //!   the answer are kept, as text every store can hold;
@@ -20,6 +21,7 @@ use chrono::Utc;
 use super::guard::{is_private_host, GuardedResolver};
 use super::outcome::AttemptResult;
 use super::signing;
+use super::wire::Outgoing;
 use crate::catalog::EndpointEntry;
 use crate::store::ClaimedDelivery;
 
@@ -46,13 +48,15 @@ impl Sender {
         Ok(Sender { client, allow_private, response_bytes })
     }
 
-    /// One HTTP request carrying `body`, signed: `(result, first bytes of the response)`.
+    /// One HTTP request carrying `outgoing`, its body signed: `(result, first bytes of the
+    /// response)`.
     pub async fn send(
         &self,
         delivery: &ClaimedDelivery,
         ep: &EndpointEntry,
-        body: String,
+        outgoing: Outgoing,
     ) -> (AttemptResult, Option<String>) {
+        let Outgoing { body, content_type, headers } = outgoing;
         if !self.allow_private {
             if let Ok(url) = reqwest::Url::parse(&ep.spec.url) {
                 if let Some(host) = url.host() {
@@ -72,11 +76,16 @@ impl Sender {
             .client
             .post(&ep.spec.url)
             .timeout(ep.timeout)
-            .header("content-type", "application/json")
             .header("webhook-id", &signature.id)
             .header("webhook-timestamp", signature.timestamp.to_string())
             .header("webhook-signature", &signature.signature)
             .header("traceparent", format!("00-{}-{}-01", delivery.trace_id, hex::encode(span)));
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
         for (name, value) in &ep.spec.headers {
             request = request.header(name, value);
         }

@@ -15,3 +15,4 @@ pub mod signing;
 pub mod state;
 pub mod transform;
 mod upkeep;
+pub mod wire;

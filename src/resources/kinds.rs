@@ -62,6 +62,28 @@ pub struct EndpointSpec {
     /// notification endpoint can route them by owner with a Filter. At most 256 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// How a delivery is sent: `standard` (the default: the `{type, timestamp, data}`
+    /// envelope, or the transform's result) or `cloudevents` (CloudEvents binary mode: the
+    /// event's attributes as `ce-` headers, the body its `data`, or the transform's
+    /// result). Signed per Standard Webhooks over the body either way.
+    #[serde(default, skip_serializing_if = "DeliveryFormat::is_standard")]
+    pub format: DeliveryFormat,
+}
+
+/// The wire format of an endpoint's deliveries (see [`EndpointSpec::format`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(expecting = "`standard` or `cloudevents`", rename_all = "lowercase")]
+pub enum DeliveryFormat {
+    #[default]
+    Standard,
+    /// CloudEvents 1.0, HTTP binding, binary content mode.
+    Cloudevents,
+}
+
+impl DeliveryFormat {
+    pub fn is_standard(&self) -> bool {
+        *self == DeliveryFormat::Standard
+    }
 }
 
 /// A signing secret, given inline or read from the server's environment or a file (only

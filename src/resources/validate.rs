@@ -12,7 +12,9 @@ use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 
-use super::kinds::{AgentRuleSpec, Decision, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec, SecretSource};
+use super::kinds::{
+    AgentRuleSpec, Decision, DeliveryFormat, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec, SecretSource,
+};
 use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
 pub use crate::delivery::guard::{is_private_host, is_private_ip};
@@ -229,6 +231,11 @@ impl Validator<'_> {
                         ["content-type", "content-length", "host", "traceparent", "transfer-encoding", "connection"];
                     if reserved.contains(&header.as_str()) || header.as_str().starts_with("webhook-") {
                         self.error(&path, "is set by Hookwarden itself and cannot be overridden");
+                    } else if spec.format == DeliveryFormat::Cloudevents && header.as_str().starts_with("ce-") {
+                        self.error(
+                            &path,
+                            "is set from the event's attributes with `format: cloudevents` and cannot be overridden",
+                        );
                     }
                 }
             }
@@ -535,6 +542,25 @@ spec: {{expression: "event.data.total >= "}}
         );
         let errors = errors_of(&yaml, Checks::default());
         assert_eq!((errors[0].path.as_str(), errors[0].line), ("spec.timeout", Some(8)), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_cloudevents_endpoint_may_not_set_ce_headers_and_the_format_is_one_of_two() {
+        let endpoint = |format: &str| {
+            format!(
+                "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: a}}\nspec:\n  url: https://a.example.com\n  secrets: [{{value: {SECRET}}}]\n  format: {format}\n  headers: {{ce-source: x, x-team: billing}}\n"
+            )
+        };
+        assert_eq!(errors_of(&endpoint("standard"), Checks::default()), vec![]);
+        let errors = errors_of(&endpoint("cloudevents"), Checks::default());
+        assert_eq!(paths(&errors), vec![(0, "spec.headers.ce-source".to_owned())], "{errors:#?}");
+        let errors = errors_of(&endpoint("cloudevent"), Checks::default());
+        assert_eq!(paths(&errors), vec![(0, "spec.format".to_owned())], "{errors:#?}");
+        assert!(
+            errors[0].message.contains("standard") && errors[0].message.contains("cloudevents"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub struct ClaimedDelivery {
     pub lease_token: String,
     pub event_type: String,
     pub data: String,
+    /// The event's `datacontenttype`.
+    pub content_type: String,
+    /// The client's CloudEvents `id` of the event (see [`super::NewEvent::external_id`]).
+    pub external_id: String,
+    /// The event's other CloudEvents attributes (see [`super::NewEvent::attributes`]).
+    pub attributes: super::Attributes,
     pub event_time: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
     pub trace_id: String,
@@ -276,6 +282,9 @@ pub(super) struct ClaimRow {
     pub attempt_base: i32,
     pub event_type: String,
     pub data: String,
+    pub content_type: String,
+    pub external_id: String,
+    pub attributes: Option<String>,
     pub event_time: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
     pub trace_id: String,
@@ -300,6 +309,9 @@ impl ClaimRow {
             lease_token: lease_token.to_owned(),
             event_type: self.event_type,
             data: self.data,
+            content_type: self.content_type,
+            external_id: self.external_id,
+            attributes: super::attributes_of_column(self.attributes.as_deref())?,
             event_time: self.event_time,
             received_at: self.received_at,
             trace_id: self.trace_id,
@@ -350,5 +362,6 @@ pub struct BlockedEndpoints {
 /// What a claim returns of each delivery and its event, from `d` (the claimed
 /// deliveries) joined with `e` (their events).
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.event_id, d.namespace, d.endpoint, d.attempts, d.attempt_base, \
-     e.type AS event_type, e.data, e.time AS event_time, e.received_at, e.trace_id, e.source, e.subject, e.ingested_by, \
+     e.type AS event_type, e.data, e.content_type, e.external_id, e.attributes, e.time AS event_time, e.received_at, \
+     e.trace_id, e.source, e.subject, e.ingested_by, \
      d.approved, d.ordering_key IS NOT NULL AS ordered, d.next_attempt_at AS due_at";

@@ -73,6 +73,22 @@ pub enum Backend {
     Postgres,
 }
 
+/// CloudEvents context attributes beyond those an event has fields for, by name.
+pub type Attributes = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// The `attributes` column: a JSON object, or NULL when there are none.
+pub(crate) fn attributes_column(attributes: &Attributes) -> Option<String> {
+    (!attributes.is_empty()).then(|| serde_json::to_string(attributes).expect("JSON values always serialize"))
+}
+
+/// The attributes the `attributes` column holds.
+pub(crate) fn attributes_of_column(column: Option<&str>) -> Result<Attributes, StoreError> {
+    match column {
+        None => Ok(Attributes::new()),
+        Some(text) => serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("event attributes: {e}"))),
+    }
+}
+
 /// An event ready to be written: validated, with its Hookwarden id assigned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEvent {
@@ -87,6 +103,9 @@ pub struct NewEvent {
     /// The exact JSON text of the event's `data`, as it arrived.
     pub data: String,
     pub content_type: String,
+    /// The other CloudEvents context attributes it came with (`dataschema`, extension
+    /// attributes), by name: strings, numbers and booleans (see [`crate::cloudevents`]).
+    pub attributes: Attributes,
     /// Subject of the token that ingested the event.
     pub ingested_by: String,
     pub trace_id: String,
@@ -345,14 +364,15 @@ struct EventRow {
     time: Option<DateTime<Utc>>,
     data: String,
     content_type: String,
+    attributes: Option<String>,
     ingested_by: String,
     trace_id: String,
     received_at: DateTime<Utc>,
     status: String,
 }
 
-const EVENT_COLUMNS: &str =
-    "id, namespace, source, external_id, type, subject, time, data, content_type, ingested_by, trace_id, received_at, status";
+const EVENT_COLUMNS: &str = "id, namespace, source, external_id, type, subject, time, data, content_type, attributes, \
+     ingested_by, trace_id, received_at, status";
 
 impl TryFrom<EventRow> for StoredEvent {
     type Error = StoreError;
@@ -369,6 +389,7 @@ impl TryFrom<EventRow> for StoredEvent {
                 time: row.time,
                 data: row.data,
                 content_type: row.content_type,
+                attributes: attributes_of_column(row.attributes.as_deref())?,
                 ingested_by: row.ingested_by,
                 trace_id: row.trace_id,
                 received_at: row.received_at,

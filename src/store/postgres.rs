@@ -228,14 +228,16 @@ impl IngestTx for PgIngest<'_> {
         let times: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.time).collect();
         let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
         let content_types: Vec<&str> = events.iter().map(|e| e.content_type.as_str()).collect();
+        let attributes: Vec<Option<String>> = events.iter().map(|e| super::attributes_column(&e.attributes)).collect();
         let ingested_by: Vec<&str> = events.iter().map(|e| e.ingested_by.as_str()).collect();
         let trace_ids: Vec<&str> = events.iter().map(|e| e.trace_id.as_str()).collect();
         let received: Vec<DateTime<Utc>> = events.iter().map(|e| e.received_at).collect();
         let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO events (id, namespace, source, external_id, type, subject, time, data, content_type, \
-             ingested_by, trace_id, received_at, status) \
+             ingested_by, trace_id, received_at, attributes, status) \
              SELECT *, 'accepted' FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[]) \
+             $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], \
+             $13::text[]) \
              ON CONFLICT (namespace, source, external_id) DO NOTHING RETURNING id",
         )
         .bind(&ids)
@@ -250,6 +252,7 @@ impl IngestTx for PgIngest<'_> {
         .bind(&ingested_by)
         .bind(&trace_ids)
         .bind(&received)
+        .bind(&attributes)
         .fetch_all(&mut *self.0)
         .await?;
         inserted.into_iter().map(parse_id).collect()

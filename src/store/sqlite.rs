@@ -226,7 +226,8 @@ impl IngestTx for SqliteIngest {
         for e in events {
             let affected = sqlx::query(
                 "INSERT INTO events (id, namespace, source, external_id, type, subject, time, data, content_type, \
-                 ingested_by, trace_id, received_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted') \
+                 ingested_by, trace_id, received_at, attributes, status) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted') \
                  ON CONFLICT (namespace, source, external_id) DO NOTHING",
             )
             .bind(e.id.as_str())
@@ -241,6 +242,7 @@ impl IngestTx for SqliteIngest {
             .bind(&e.ingested_by)
             .bind(&e.trace_id)
             .bind(e.received_at)
+            .bind(super::attributes_column(&e.attributes))
             .execute(&mut *self.0)
             .await?
             .rows_affected();

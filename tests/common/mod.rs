@@ -211,9 +211,23 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// `POST path` (`/v1/apply?…`) of multi-document YAML as the admin.
+    pub async fn post_yaml(&self, path: &str, yaml: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(&self.admin)
+            .header("content-type", "application/yaml")
+            .body(yaml.to_owned())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// Applies multi-document YAML as the admin; the apply must succeed.
     pub async fn apply_yaml(&self, yaml: &str) {
-        apply_at(&self.base, yaml).await;
+        let response = self.post_yaml("/v1/apply", yaml).await;
+        let status = response.status();
+        assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {

@@ -1,0 +1,100 @@
+//! CloudEvents 1.0 rules that ingest and delivery share: attribute names and bounds, JSON
+//! media types, and the percent-encoding of attribute values in the `ce-` headers of the
+//! HTTP binding's binary mode.
+//!
+//! Invariants: an attribute name is 1 to [`MAX_NAME`] lowercase ASCII letters or digits
+//! (the specification's MUST, with our bound on length); a value written into a header by
+//! [`encode_header_value`] is visible ASCII, so it always makes a valid header value, and
+//! [`decode_header_value`] gives it back unchanged.
+//!
+//! Pure: no I/O.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use serde_json::Value;
+
+/// The only `specversion` Hookwarden reads and writes.
+pub const SPECVERSION: &str = "1.0";
+
+/// The longest attribute name taken (the specification asks for at most 20; a sender may
+/// go over, so the bound is looser).
+pub const MAX_NAME: usize = 64;
+
+/// At most this many other attributes (`dataschema`, extensions) per event.
+pub const MAX_ATTRIBUTES: usize = 32;
+
+/// The longest value of one other attribute, in bytes of its text.
+pub const MAX_VALUE: usize = 1024;
+
+/// Whether `name` may name an attribute: 1 to [`MAX_NAME`] of `a-z` and `0-9`.
+pub fn is_attribute_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// What the HTTP binding (3.1.3.2) has percent-encoded in a header value: space, `"` and
+/// `%`, besides controls and everything beyond ASCII (which `utf8_percent_encode` always
+/// encodes).
+const HEADER_UNSAFE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+
+/// `value` as a `ce-` header value: percent-encoded UTF-8, visible ASCII only.
+pub fn encode_header_value(value: &str) -> String {
+    utf8_percent_encode(value, HEADER_UNSAFE).to_string()
+}
+
+/// The attribute value a `ce-` header carries (percent-decoded); `None` when the decoded
+/// bytes are not UTF-8.
+pub fn decode_header_value(value: &str) -> Option<String> {
+    percent_decode_str(value).decode_utf8().ok().map(|text| text.into_owned())
+}
+
+/// An attribute value as the text of a header: a string as it is, a number or a boolean
+/// in its JSON form.
+pub fn value_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether `content_type` names JSON: `application/json` or `application/*+json`, with or
+/// without parameters, in any case.
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_names_are_lowercase_letters_and_digits() {
+        assert!(is_attribute_name("namespace"));
+        assert!(is_attribute_name("traceparent2"));
+        assert!(!is_attribute_name(""));
+        assert!(!is_attribute_name("Tenant"));
+        assert!(!is_attribute_name("data_base64"));
+        assert!(!is_attribute_name("a-b"));
+        assert!(!is_attribute_name(&"a".repeat(MAX_NAME + 1)));
+    }
+
+    #[test]
+    fn header_values_are_percent_encoded_as_the_http_binding_says_and_decode_back() {
+        let value = "Grüße, \"world\" 100%";
+        let encoded = encode_header_value(value);
+        assert_eq!(encoded, "Gr%C3%BC%C3%9Fe,%20%22world%22%20100%25");
+        assert!(encoded.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        assert_eq!(decode_header_value(&encoded).as_deref(), Some(value));
+        assert_eq!(decode_header_value("2026-12-04T10:00:00Z").as_deref(), Some("2026-12-04T10:00:00Z"));
+        assert_eq!(decode_header_value("%FF"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn json_media_types_are_json_and_its_structured_suffix() {
+        assert!(is_json_media_type("application/json"));
+        assert!(is_json_media_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_media_type("application/vnd.shop+json"));
+        assert!(!is_json_media_type("text/plain"));
+        assert!(!is_json_media_type("application/xml"));
+        assert!(!is_json_media_type(""));
+    }
+}
