@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::policy::expr::Limits as CelLimits;
+pub use crate::resources::namespace::NamespaceDefaults;
 pub use crate::resources::secret_sources::SecretsConfig;
 
 /// A secret value whose `Debug` and `Display` never show it.
@@ -77,6 +78,8 @@ pub struct Config {
     pub apply: crate::resources::ApplyLimits,
     /// What CEL expressions may be, and what one evaluation may cost.
     pub cel: CelLimits,
+    /// Retention and the dedup window of namespaces their Namespace leaves them to.
+    pub namespace_defaults: NamespaceDefaults,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -265,15 +268,8 @@ pub struct IngestConfig {
     pub unknown_event_types_by_namespace: std::collections::BTreeMap<String, UnknownEventTypes>,
 }
 
-/// `ingest.unknownEventTypes`: an event whose type has no EventType in its namespace is
-/// accepted unchecked, or refused (`400 unknown_event_type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(expecting = "`accept` or `reject`", rename_all = "lowercase")]
-pub enum UnknownEventTypes {
-    #[default]
-    Accept,
-    Reject,
-}
+/// `ingest.unknownEventTypes`, the same setting a Namespace's `unknownEventTypes` gives.
+pub use crate::resources::kinds::UnknownEventTypes;
 
 impl IngestConfig {
     /// What `namespace` does with event types it has no EventType for.
@@ -318,6 +314,7 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             apply: crate::resources::ApplyLimits::default(),
             cel: CelLimits::default(),
+            namespace_defaults: NamespaceDefaults::default(),
         }
     }
 }
@@ -341,6 +338,7 @@ pub struct FileConfig {
     pub secrets: Option<SecretsConfig>,
     pub apply: Option<crate::resources::ApplyLimits>,
     pub cel: Option<CelLimits>,
+    pub namespace_defaults: Option<NamespaceDefaults>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -404,7 +402,11 @@ impl Config {
             secrets,
             apply,
             cel,
+            namespace_defaults,
         } = file;
+        if let Some(v) = namespace_defaults {
+            self.namespace_defaults = v;
+        }
         if let Some(v) = cel {
             self.cel = v;
         }
@@ -497,6 +499,9 @@ impl Config {
     /// Refuses settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Some((path, message)) = self.namespace_defaults.problems().into_iter().next() {
+            return Err(ConfigError::Invalid(format!("namespaceDefaults.{path} {message}")));
+        }
         let i = &self.ingest;
         if i.max_body_bytes < 1024 {
             return invalid("ingest.maxBodyBytes must be at least 1024");

@@ -22,6 +22,7 @@ pub mod output;
 pub mod policy;
 pub mod private_files;
 pub mod resources;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -40,6 +40,7 @@ use crate::ingest::{IngestSettings, Ingestor};
 use crate::jobs::Jobs;
 use crate::private_files;
 use crate::resources::validate::Checks;
+use crate::retention::EnforceRetention;
 use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, ProbeDatabase, Store};
 use crate::telemetry::backlog::{Backlog, SampleBacklog};
 
@@ -51,6 +52,7 @@ pub struct Server {
     state: AppState,
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
+    namespace_defaults: crate::config::NamespaceDefaults,
     controller: Controller,
     dispatch: DispatchSettings,
     wake: Arc<Notify>,
@@ -183,10 +185,15 @@ impl Server {
             max_backlog: config.delivery.max_backlog,
             backlog: backlog.clone(),
             wake: wake.clone(),
+            namespace_defaults: config.namespace_defaults.clone(),
         };
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
-        let checks =
-            Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone(), cel: config.cel };
+        let checks = Checks {
+            allow_private_urls: config.allow_private_urls,
+            secrets: config.secrets.clone(),
+            cel: config.cel,
+            namespace_defaults: config.namespace_defaults.clone(),
+        };
         let status_changed = Arc::new(Notify::new());
         let leadership = Leadership::default();
         let (controller, controller_status) = Controller::new(
@@ -223,6 +230,7 @@ impl Server {
             state,
             tracker,
             idempotency_key_ttl: config.ingest.idempotency_key_ttl,
+            namespace_defaults: config.namespace_defaults.clone(),
             controller,
             dispatch: DispatchSettings {
                 delivery: config.delivery.clone(),
@@ -258,6 +266,7 @@ impl Server {
             state,
             tracker,
             idempotency_key_ttl,
+            namespace_defaults,
             controller,
             dispatch,
             wake,
@@ -282,7 +291,17 @@ impl Server {
         });
         jobs.spawn(SampleBacklog { store: store.clone(), catalog: state.catalog.clone(), backlog });
         jobs.spawn(ExpireDueRequests { store: store.clone(), wake: wake.clone() });
-        jobs.spawn(ForgetOldKeys { store: store.clone(), ttl: idempotency_key_ttl });
+        jobs.spawn(ForgetOldKeys {
+            store: store.clone(),
+            ttl: idempotency_key_ttl,
+            catalog: state.catalog.clone(),
+            defaults: namespace_defaults.clone(),
+        });
+        jobs.spawn(EnforceRetention {
+            store: store.clone(),
+            catalog: state.catalog.clone(),
+            defaults: namespace_defaults,
+        });
         tracker.spawn(crate::store::forward_notices(
             store.clone(),
             wake.clone(),

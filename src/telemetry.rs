@@ -239,6 +239,12 @@ pub const FAMILIES: &[Family] = &[
         "Spend committed in the ledger (the delivery was delivered), in minor units of the currency, by namespace, agent endpoint and currency.",
         &[],
     ),
+    // Retention
+    counter(
+        "hookwarden_retention_deleted_total",
+        "Rows deleted by retention, by table: events (with their deliveries and attempts, once every delivery is final), deliveries (those of deleted events, and dead ones past retention.deadLetters), delivery_attempts, event_identities (identities past their dedup window).",
+        &[],
+    ),
     // Periodic jobs
     counter(
         "hookwarden_jobs_runs_total",

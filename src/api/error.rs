@@ -45,6 +45,9 @@ pub enum ApiError {
     UnknownEventType { errors: Vec<FieldError>, items: Option<Vec<usize>> },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// Events whose `data` is over their namespace's `quotas.maxPayloadBytes`.
+    #[error("{}", summarize(.0))]
+    DataTooLarge(Vec<FieldError>),
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(&'static str),
     #[error("{0}")]
@@ -92,7 +95,7 @@ impl ApiError {
                         FieldError::new(
                             "/type",
                             format!(
-                                "no EventType `{}` in namespace `{}`, which refuses event types it does not know (ingest.unknownEventTypes)",
+                                "no EventType `{}` in namespace `{}`, which refuses event types it does not know (its Namespace's unknownEventTypes, or ingest.unknownEventTypes)",
                                 u.event_type, u.namespace
                             ),
                         )
@@ -100,6 +103,26 @@ impl ApiError {
                     .collect(),
             },
         }
+    }
+}
+
+impl ApiError {
+    /// The refusal of events whose `data` is over their namespace's `maxPayloadBytes`, each
+    /// at `data` (`[3].data` in a batch).
+    pub fn data_too_large(items: Vec<crate::ingest::TooLarge>, batch: bool) -> ApiError {
+        ApiError::DataTooLarge(
+            items
+                .into_iter()
+                .map(|t| {
+                    let path = if batch { format!("[{}].data", t.item) } else { "data".to_owned() };
+                    let message = format!(
+                        "is {} bytes; namespace `{}` takes at most {} (its Namespace's spec.quotas.maxPayloadBytes)",
+                        t.size, t.namespace, t.limit
+                    );
+                    FieldError::new(path, message)
+                })
+                .collect(),
+        )
     }
 }
 
@@ -120,7 +143,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::SchemaViolation { .. } => "schema_violation",
             ApiError::UnknownEventType { .. } => "unknown_event_type",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. } | ApiError::DataTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
@@ -144,7 +167,7 @@ impl ApiError {
             | ApiError::BadRequest(_)
             | ApiError::SchemaViolation { .. }
             | ApiError::UnknownEventType { .. } => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::DataTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -159,7 +182,7 @@ impl ApiError {
 
     fn details(&self) -> Value {
         match self {
-            ApiError::Validation(errors) => json!(errors),
+            ApiError::Validation(errors) | ApiError::DataTooLarge(errors) => json!(errors),
             ApiError::DuplicateKey(error) => json!([error]),
             ApiError::SchemaViolation { violations, batch: true } => json!(violations),
             ApiError::SchemaViolation { violations, batch: false } => {
@@ -182,9 +205,10 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => ApiError::Unauthenticated(e),
-            AuthError::MissingRole(_) | AuthError::NamespaceNotAllowed(_) | AuthError::SelfApproval => {
-                ApiError::Forbidden(e)
-            }
+            AuthError::MissingRole(_)
+            | AuthError::NamespaceNotAllowed(_)
+            | AuthError::SelfApproval
+            | AuthError::ClusterScope => ApiError::Forbidden(e),
         }
     }
 }

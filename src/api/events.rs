@@ -72,6 +72,7 @@ impl From<AcceptError> for ApiError {
             AcceptError::Types(e) => ApiError::from_types(e, false),
             AcceptError::KeyReused => ApiError::IdempotencyKeyReused,
             AcceptError::Store(e) => e.into(),
+            AcceptError::DataTooLarge(items) => ApiError::data_too_large(items, false),
         }
     }
 }
@@ -149,6 +150,7 @@ impl EventIn {
             trace_id: ctx.trace_id.to_owned(),
             received_at: ctx.received_at,
             deliveries: Vec::new(),
+            dedup_window: None,
         })
     }
 }
@@ -247,6 +249,7 @@ async fn ingest(
     let batch = route == "/v1/events/batch";
     state.ingestor.accept(IngestRequest { idempotency, events }).await.map_err(|e| match e {
         AcceptError::Types(e) => ApiError::from_types(e, batch),
+        AcceptError::DataTooLarge(items) => ApiError::data_too_large(items, batch),
         e => e.into(),
     })
 }

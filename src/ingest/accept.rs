@@ -66,12 +66,27 @@ pub enum AcceptError {
     /// The events' EventTypes refuse some of them; nothing written.
     #[error(transparent)]
     Types(#[from] TypeError),
+    /// Some events' `data` is larger than their namespace's `quotas.maxPayloadBytes`;
+    /// nothing written.
+    #[error("{} event(s) with data over their namespace's maxPayloadBytes", .0.len())]
+    DataTooLarge(Vec<TooLarge>),
     /// The idempotency key was used before with a different request; nothing written.
     #[error("the idempotency key was used with a different request")]
     KeyReused,
     /// The request was committed, but its duplicates' deliveries could not be read.
     #[error("cannot read the deliveries of the duplicates")]
     Store(#[from] StoreError),
+}
+
+/// An event whose `data` is over its namespace's `quotas.maxPayloadBytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    /// The event's index in the request (0 for a single event).
+    pub item: usize,
+    pub namespace: String,
+    /// The bytes of its `data`'s JSON text.
+    pub size: usize,
+    pub limit: u64,
 }
 
 /// What the "event accepted" log line says of an event, kept while the event is queued.
@@ -91,10 +106,26 @@ impl Ingestor {
         Ok(())
     }
 
-    /// Commits `request` (see [`Ingestor::submit`]) and answers per event.
-    pub async fn accept(&self, request: IngestRequest) -> Result<Answer, AcceptError> {
-        let checked = check_types(&self.catalog.current(), &request.events, |namespace| {
-            self.config.unknown_event_types_in(namespace)
+    /// Commits `request` (see [`Ingestor::submit`]) and answers per event. Each event gets
+    /// its namespace's settings first (its dedup window, the largest `data` it may have,
+    /// what it does with unknown types: the Namespace's, over the configuration's).
+    pub async fn accept(&self, mut request: IngestRequest) -> Result<Answer, AcceptError> {
+        let catalog = self.catalog.current();
+        let defaults = &self.namespace_defaults;
+        let mut too_large = Vec::new();
+        for (item, event) in request.events.iter_mut().enumerate() {
+            let settings = catalog.namespace_settings(&event.namespace, defaults);
+            event.dedup_window = Some(settings.dedup_window);
+            if let Some(limit) = settings.max_payload_bytes.filter(|limit| event.data.len() as u64 > *limit) {
+                too_large.push(TooLarge { item, namespace: event.namespace.clone(), size: event.data.len(), limit });
+            }
+        }
+        if !too_large.is_empty() {
+            return Err(AcceptError::DataTooLarge(too_large));
+        }
+        let checked = check_types(&catalog, &request.events, |namespace| {
+            let set = catalog.namespace_settings(namespace, defaults).unknown_event_types;
+            set.unwrap_or_else(|| self.config.unknown_event_types_in(namespace))
         })?;
         let deprecated = checked.deprecated_types(&request.events);
         let trace_id = request.events.first().map(|e| e.trace_id.clone()).unwrap_or_default();

@@ -17,7 +17,7 @@
 //!   ([`CatalogHandle::evaluate`]), never on an async worker.
 //!
 //! Before any of that, [`types`] checks the events against their namespace's EventTypes.
-//! [`keys`] forgets idempotency keys after their time to live.
+//! [`keys`] forgets idempotency keys once no window can use them.
 
 mod accept;
 pub mod keys;
@@ -30,12 +30,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::{Catalog, CatalogHandle, EventView, FanOutError};
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, NamespaceDefaults};
 use crate::ids::DeliveryId;
 use crate::store::{IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError};
 use crate::telemetry::backlog::Backlog;
 
-pub use accept::{AcceptError, Answer, DeliverySummary, EventAccepted};
+pub use accept::{AcceptError, Answer, DeliverySummary, EventAccepted, TooLarge};
 
 /// Why a request was not written.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -197,6 +197,8 @@ pub struct Ingestor {
     max_backlog: u64,
     /// For `unknownEventTypes`.
     config: Arc<IngestConfig>,
+    /// What namespaces without a Namespace (or a setting of one) get.
+    namespace_defaults: Arc<NamespaceDefaults>,
 }
 
 /// What [`Ingestor::start`] needs besides the store and the catalog.
@@ -207,6 +209,8 @@ pub struct IngestSettings<'a> {
     pub backlog: Backlog,
     /// Signalled after a commit that created deliveries.
     pub wake: Arc<Notify>,
+    /// `namespaceDefaults` (the dedup window of namespaces their Namespace leaves it to).
+    pub namespace_defaults: NamespaceDefaults,
 }
 
 impl Ingestor {
@@ -217,7 +221,7 @@ impl Ingestor {
         settings: IngestSettings<'_>,
         tracker: &TaskTracker,
     ) -> Ingestor {
-        let IngestSettings { config, max_backlog, backlog, wake } = settings;
+        let IngestSettings { config, max_backlog, backlog, wake, namespace_defaults } = settings;
         let queue = writer::start(store.clone(), catalog.clone(), config, tracker, wake);
         Ingestor {
             queue,
@@ -227,6 +231,7 @@ impl Ingestor {
             backlog,
             max_backlog,
             config: Arc::new(config.clone()),
+            namespace_defaults: Arc::new(namespace_defaults),
         }
     }
 
