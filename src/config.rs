@@ -80,6 +80,7 @@ pub struct Config {
     pub cel: CelLimits,
     /// Retention and the dedup window of namespaces their Namespace leaves them to.
     pub namespace_defaults: NamespaceDefaults,
+    pub retention: RetentionConfig,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -116,6 +117,23 @@ impl Default for ControllerConfig {
             leader_retry: Duration::from_secs(5),
             leader_check: Duration::from_secs(1),
         }
+    }
+}
+
+/// The leader's retention job (see [`crate::retention`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RetentionConfig {
+    /// How often the leader deletes what is past retention.
+    #[serde(with = "crate::duration::text")]
+    pub period: Duration,
+    /// Rows of each table one batch deletes per scope (one short transaction each).
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { period: Duration::from_secs(60), batch_size: 500 }
     }
 }
 
@@ -315,6 +333,7 @@ impl Default for Config {
             apply: crate::resources::ApplyLimits::default(),
             cel: CelLimits::default(),
             namespace_defaults: NamespaceDefaults::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -339,6 +358,7 @@ pub struct FileConfig {
     pub apply: Option<crate::resources::ApplyLimits>,
     pub cel: Option<CelLimits>,
     pub namespace_defaults: Option<NamespaceDefaults>,
+    pub retention: Option<RetentionConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -403,9 +423,13 @@ impl Config {
             apply,
             cel,
             namespace_defaults,
+            retention,
         } = file;
         if let Some(v) = namespace_defaults {
             self.namespace_defaults = v;
+        }
+        if let Some(v) = retention {
+            self.retention = v;
         }
         if let Some(v) = cel {
             self.cel = v;
@@ -501,6 +525,12 @@ impl Config {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if let Some((path, message)) = self.namespace_defaults.problems().into_iter().next() {
             return Err(ConfigError::Invalid(format!("namespaceDefaults.{path} {message}")));
+        }
+        if self.retention.period < Duration::from_millis(100) {
+            return invalid("retention.period must be at least 100ms");
+        }
+        if !(1..=10_000).contains(&self.retention.batch_size) {
+            return invalid("retention.batchSize must be between 1 and 10000");
         }
         let i = &self.ingest;
         if i.max_body_bytes < 1024 {

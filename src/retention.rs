@@ -7,20 +7,15 @@
 //! backlog is worked off over several runs instead of in one long one. Progress is counted
 //! in `hookwarden_retention_deleted_total{table}` and logged per run.
 
-use std::time::Duration;
-
 use chrono::Utc;
 
 use crate::catalog::{Catalog, CatalogHandle};
+use crate::config::RetentionConfig;
 use crate::jobs::{FirstRun, Job, JobError, Schedule};
 use crate::resources::namespace::{NamespaceDefaults, Settings};
 use crate::store::retention::{Deleted, Namespaces, Scope};
 use crate::store::{Store, Term};
 
-/// How often the leader looks for rows past retention.
-pub const PERIOD: Duration = Duration::from_secs(60);
-/// Rows of each kind one batch deletes per scope.
-pub const BATCH: u32 = 500;
 /// Batches per run, at most: what is left waits for the next run.
 const BATCHES_PER_RUN: usize = 200;
 
@@ -43,16 +38,18 @@ pub fn scopes(catalog: &Catalog, defaults: &NamespaceDefaults) -> Vec<Scope> {
 }
 
 /// Deletes what is past retention, in batches, at most [`BATCHES_PER_RUN`] per run; a
-/// leader-only job.
+/// leader-only job, every `retention.period`.
 pub struct EnforceRetention {
     pub store: Store,
     pub catalog: CatalogHandle,
     pub defaults: NamespaceDefaults,
+    /// `retention` in the configuration: the period and the batch size.
+    pub config: RetentionConfig,
 }
 
 impl Job for EnforceRetention {
     fn schedule(&self) -> Schedule {
-        Schedule { name: "retention", period: PERIOD, leader_only: true, first_run: FirstRun::AfterPeriod }
+        Schedule { name: "retention", period: self.config.period, leader_only: true, first_run: FirstRun::AfterPeriod }
     }
 
     async fn run(&mut self, _: Option<Term>) -> Result<(), JobError> {
@@ -61,13 +58,13 @@ impl Job for EnforceRetention {
         for _ in 0..BATCHES_PER_RUN {
             let deleted = self
                 .store
-                .delete_expired(&scopes, Utc::now(), BATCH)
+                .delete_expired(&scopes, Utc::now(), self.config.batch_size)
                 .await
                 .map_err(JobError::store("deleting rows past retention"))?;
             for (table, count) in deleted.by_table() {
                 metrics::counter!("hookwarden_retention_deleted_total", "table" => table).increment(count);
             }
-            let full = deleted.by_table().iter().any(|(_, count)| *count >= u64::from(BATCH));
+            let full = deleted.by_table().iter().any(|(_, count)| *count >= u64::from(self.config.batch_size));
             total.add(deleted);
             if !full {
                 break;

@@ -53,6 +53,7 @@ pub struct Server {
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
     namespace_defaults: crate::config::NamespaceDefaults,
+    retention: crate::config::RetentionConfig,
     controller: Controller,
     dispatch: DispatchSettings,
     wake: Arc<Notify>,
@@ -231,6 +232,7 @@ impl Server {
             tracker,
             idempotency_key_ttl: config.ingest.idempotency_key_ttl,
             namespace_defaults: config.namespace_defaults.clone(),
+            retention: config.retention.clone(),
             controller,
             dispatch: DispatchSettings {
                 delivery: config.delivery.clone(),
@@ -267,6 +269,7 @@ impl Server {
             tracker,
             idempotency_key_ttl,
             namespace_defaults,
+            retention,
             controller,
             dispatch,
             wake,
@@ -301,6 +304,7 @@ impl Server {
             store: store.clone(),
             catalog: state.catalog.clone(),
             defaults: namespace_defaults,
+            config: retention,
         });
         tracker.spawn(crate::store::forward_notices(
             store.clone(),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use common::receiver::{TestReceiver, SECRET};
 use common::{eventually, json_with_status, spawn_app, spawn_app_with, token, TestDb};
 use hookwarden::auth::Role;
+use hookwarden::ids::EventId;
+use hookwarden::store::{IngestRequest, NewEvent};
 use serde_json::{json, Value};
 
 const PAYMENTS: &str = r#"
@@ -272,7 +274,47 @@ async fn a_repeat_past_the_dedup_window_is_delivered_again(db: TestDb) {
     assert_eq!(receiver.on("/hook").len(), 2, "once per window, not per repeat");
 }
 
+/// An event of namespace `shop` received `age` ago (the clock retention reads), written
+/// through the store.
+fn stored_event(external_id: &str, age: chrono::Duration) -> NewEvent {
+    NewEvent {
+        id: EventId::generate(),
+        namespace: "shop".into(),
+        source: "shop".into(),
+        external_id: external_id.into(),
+        event_type: "order.created".into(),
+        subject: None,
+        time: None,
+        data: "{}".into(),
+        content_type: "application/json".into(),
+        ingested_by: "tester".into(),
+        trace_id: String::new(),
+        received_at: chrono::Utc::now() - age,
+        deliveries: Vec::new(),
+        dedup_window: Some(Duration::from_secs(3600)),
+    }
+}
+
+async fn the_leader_deletes_what_is_past_retention_and_counts_it(db: TestDb) {
+    let mut config = db.config();
+    config.retention.period = Duration::from_millis(100);
+    let app = spawn_app_with(config).await;
+    app.apply_yaml("apiVersion: hookwarden/v1\nkind: Namespace\nmetadata: {name: shop}\nspec: {retention: {events: 1h}, dedupWindow: 1h}\n").await;
+    let (old, recent) =
+        (stored_event("r-old", chrono::Duration::hours(2)), stored_event("r-new", chrono::Duration::minutes(1)));
+    let request = IngestRequest { idempotency: None, events: vec![old.clone(), recent.clone()] };
+    app.store.accept_events(&[request]).await.unwrap();
+    eventually(Duration::from_secs(20), "the old event deleted by the leader", || async {
+        app.store.get_event(&old.id).await.unwrap().is_none()
+    })
+    .await;
+    assert!(app.store.get_event(&recent.id).await.unwrap().is_some(), "within retention: kept");
+    let deleted = common::metric(&app.base, "hookwarden_retention_deleted_total", &[("table", "events")]).await;
+    assert!(deleted.is_some_and(|n| n >= 1.0), "{deleted:?}");
+}
+
 on_both_databases!(
+    the_leader_deletes_what_is_past_retention_and_counts_it,
     applying_a_namespace_needs_admin_over_every_namespace,
     a_bad_namespace_is_refused_at_each_field_path,
     a_namespace_shows_its_settings_and_what_it_holds,
