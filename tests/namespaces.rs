@@ -257,15 +257,16 @@ async fn a_repeat_past_the_dedup_window_is_delivered_again(db: TestDb) {
     let receiver = TestReceiver::start(Arc::new(|_, _| (204, None, Duration::ZERO))).await;
     // A short window (a small configured delay, not a long sleep).
     app.apply_yaml(&format!(
-        "apiVersion: hookwarden/v1\nkind: Namespace\nmetadata: {{name: shop}}\nspec: {{dedupWindow: 400ms}}\n---\n{}",
+        "apiVersion: hookwarden/v1\nkind: Namespace\nmetadata: {{name: shop}}\nspec: {{dedupWindow: 1s}}\n---\n{}",
         endpoint("hook", "shop", &receiver.url("/hook"))
     ))
     .await;
     let post = || app.post_json("/v1/events", &app.admin, event("shop", "order-7", json!({"n": 7})).to_string());
     let first = json_with_status(post().await, 202).await;
+    let accepted = std::time::Instant::now();
     let repeat = json_with_status(post().await, 200).await;
     assert_eq!((repeat["duplicate"].as_bool(), &repeat["id"]), (Some(true), &first["id"]), "within the window");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(accepted.elapsed())).await;
     let later = json_with_status(post().await, 202).await;
     assert_eq!(later["duplicate"], false, "past the window: a new event");
     assert_ne!(later["id"], first["id"]);
@@ -309,8 +310,12 @@ async fn the_leader_deletes_what_is_past_retention_and_counts_it(db: TestDb) {
     })
     .await;
     assert!(app.store.get_event(&recent.id).await.unwrap().is_some(), "within retention: kept");
-    let deleted = common::metric(&app.base, "hookwarden_retention_deleted_total", &[("table", "events")]).await;
-    assert!(deleted.is_some_and(|n| n >= 1.0), "{deleted:?}");
+    // Counted once the batch returns, a moment after its transaction committed.
+    eventually(Duration::from_secs(5), "the deletion counted", || async {
+        let deleted = common::metric(&app.base, "hookwarden_retention_deleted_total", &[("table", "events")]).await;
+        deleted.is_some_and(|n| n >= 1.0)
+    })
+    .await;
 }
 
 on_both_databases!(

@@ -813,6 +813,7 @@ async fn a_namespace_usage_counts_what_it_holds(store: &Store) {
     let usage = store.namespace_usage("usage", today).await.unwrap();
     assert_eq!((usage.events_today, usage.events, usage.deliveries, usage.attempts), (1, 2, 2, 0));
     assert_eq!(usage.oldest_event.map(|t| t.timestamp_micros()), Some(old.received_at.timestamp_micros()));
+    assert!(!usage.capped);
     assert_eq!(store.namespace_usage("empty", today).await.unwrap(), Default::default());
 }
 

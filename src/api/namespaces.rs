@@ -62,7 +62,7 @@ async fn namespace_document(
 ) -> Result<Value, ApiError> {
     let catalog = state.catalog.current();
     let settings = catalog.namespace_settings(name, &state.checks.namespace_defaults);
-    let NamespaceUsage { events_today, events, deliveries, attempts, oldest_event } =
+    let NamespaceUsage { events_today, events, deliveries, attempts, oldest_event, capped } =
         state.store.namespace_usage(name, day_start(Utc::now())).await?;
     let mut doc = match stored {
         Some(resource) => document(resource),
@@ -75,6 +75,7 @@ async fn namespace_document(
         "rows": { "events": events, "deliveries": deliveries, "attempts": attempts },
         "oldestEvent": oldest_event,
         "endpoints": endpoints,
+        "countsCapped": capped,
     });
     Ok(doc)
 }

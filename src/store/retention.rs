@@ -80,7 +80,13 @@ pub struct NamespaceUsage {
     pub attempts: i64,
     /// When the oldest event it holds was received.
     pub oldest_event: Option<DateTime<Utc>>,
+    /// Some count reached [`COUNT_CAP`]: it says "at least".
+    pub capped: bool,
 }
+
+/// The most rows one count of [`Store::namespace_usage`] reads, so that a status read
+/// costs bounded time however much a namespace holds.
+pub const COUNT_CAP: i64 = 1_000_000;
 
 /// `namespace` in the scope's namespaces, the list bound at `$1`.
 fn in_scope(backend: Backend, namespaces: &Namespaces, column: &str) -> String {
@@ -250,34 +256,45 @@ impl Store {
         self.observed(delete.execute(self.writer())).await
     }
 
-    /// What `namespace` holds: its events since `day_start`, its rows, its oldest event.
-    /// Counts are exact: each reads the namespace's part of an index.
+    /// What `namespace` holds: its events since `day_start`, its rows, its oldest event
+    /// (the first by id, which is arrival order). Each count reads at most [`COUNT_CAP`]
+    /// rows of the namespace's part of an index.
     pub async fn namespace_usage(
         &self,
         namespace: &str,
         day_start: DateTime<Utc>,
     ) -> Result<NamespaceUsage, StoreError> {
         self.observed(async {
-            let mut rows = [0i64; 3];
-            for (held, table) in rows.iter_mut().zip(["events", "deliveries", "delivery_attempts"]) {
-                let (count,): (i64,) = sql(&format!("SELECT COUNT(*) FROM {table} WHERE namespace = $1"))
-                    .bind(namespace)
-                    .fetch_one(self.reader())
-                    .await?;
-                *held = count;
+            let mut counts = [0i64; 4];
+            let tables = [
+                ("events WHERE namespace = $1 AND received_at >= $3", Some(day_start)),
+                ("events WHERE namespace = $1", None),
+                ("deliveries WHERE namespace = $1", None),
+                ("delivery_attempts WHERE namespace = $1", None),
+            ];
+            for (count, (rows, since)) in counts.iter_mut().zip(tables) {
+                let text = format!("SELECT COUNT(*) FROM (SELECT 1 FROM {rows} LIMIT $2) AS capped");
+                let mut statement = sql(&text).bind(namespace).bind(COUNT_CAP);
+                if let Some(since) = since {
+                    statement = statement.bind(since);
+                }
+                let (n,): (i64,) = statement.fetch_one(self.reader()).await?;
+                *count = n;
             }
-            let [events, deliveries, attempts] = rows;
-            let (events_today,): (i64,) = sql("SELECT COUNT(*) FROM events WHERE namespace = $1 AND received_at >= $2")
-                .bind(namespace)
-                .bind(day_start)
-                .fetch_one(self.reader())
-                .await?;
+            let [events_today, events, deliveries, attempts] = counts;
             let oldest: Option<(DateTime<Utc>,)> =
-                sql("SELECT received_at FROM events WHERE namespace = $1 ORDER BY received_at LIMIT 1")
+                sql("SELECT received_at FROM events WHERE namespace = $1 ORDER BY id LIMIT 1")
                     .bind(namespace)
                     .fetch_optional(self.reader())
                     .await?;
-            Ok(NamespaceUsage { events_today, events, deliveries, attempts, oldest_event: oldest.map(|(t,)| t) })
+            Ok(NamespaceUsage {
+                events_today,
+                events,
+                deliveries,
+                attempts,
+                oldest_event: oldest.map(|(t,)| t),
+                capped: counts.contains(&COUNT_CAP),
+            })
         })
         .await
     }
