@@ -92,6 +92,15 @@ async fn applying_a_namespace_needs_admin_over_every_namespace(db: TestDb) {
     assert_eq!(shown["status"]["resource"], false, "the defaults again");
     // Another tenant's namespace answers like a missing one.
     assert_eq!(app.get("/v1/namespaces/other", &tenant_admin).await.status(), 404);
+    // Both changes are in the audit chain of the namespace the Namespace governs.
+    let page = json_with_status(app.get("/v1/audit?namespace=payments", &app.admin).await, 200).await;
+    let actions: Vec<(&str, &str)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["subject"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions, [("resource.created", "Namespace/payments"), ("resource.deleted", "Namespace/payments")]);
 }
 
 async fn a_bad_namespace_is_refused_at_each_field_path(db: TestDb) {
