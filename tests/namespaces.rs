@@ -182,6 +182,8 @@ async fn a_namespace_shows_its_settings_and_what_it_holds(db: TestDb) {
         listed["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["payments"]);
     assert_eq!(app.get("/v1/namespaces/Not_A_Label", &app.admin).await.status(), 404);
+    let body = json_with_status(app.get("/v1/namespaces?namespace=payments", &app.admin).await, 400).await;
+    assert_eq!(body["error"]["code"], "validation_failed", "{body}");
     // `hookwarden get namespaces`: a table of the same.
     let output = tokio::task::block_in_place(|| {
         std::process::Command::new(env!("CARGO_BIN_EXE_hookwarden"))

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::extract::ApiQuery;
 use super::resources::{delete, document};
 use super::AppState;
 use crate::auth::{Principal, Role};
@@ -89,7 +90,16 @@ fn endpoints_of(resources: &[StoredResource], namespace: &str) -> usize {
     resources.iter().filter(|r| r.key.kind == Kind::Endpoint && r.key.namespace == namespace).count()
 }
 
-pub async fn list(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
+/// The list takes no query parameters: any is refused (`400`), as on the other lists.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {}
+
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(ListParams {}): ApiQuery<ListParams>,
+) -> Result<Json<Value>, ApiError> {
     principal.require_role(Role::Viewer)?;
     let resources = stored(&state).await?;
     let names: BTreeSet<&str> = resources
