@@ -24,11 +24,7 @@ const BATCHES_PER_RUN: usize = 200;
 pub fn scopes(catalog: &Catalog, defaults: &NamespaceDefaults) -> Vec<Scope> {
     let mut named: Vec<String> = catalog.namespaces().keys().cloned().collect();
     named.sort();
-    let scope = |namespaces: Namespaces, settings: Settings| Scope {
-        namespaces,
-        retention: settings.retention,
-        dedup_window: settings.dedup_window,
-    };
+    let scope = |namespaces: Namespaces, settings: Settings| Scope { namespaces, retention: settings.retention };
     let mut scopes: Vec<Scope> = named
         .iter()
         .map(|name| scope(Namespaces::Only(name.clone()), catalog.namespace_settings(name, defaults)))

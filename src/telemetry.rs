@@ -242,7 +242,7 @@ pub const FAMILIES: &[Family] = &[
     // Retention
     counter(
         "hookwarden_retention_deleted_total",
-        "Rows deleted by retention, by table: events (with their deliveries and attempts, once every delivery is final), deliveries (those of deleted events, and dead ones past retention.deadLetters), delivery_attempts, event_identities (identities past their dedup window).",
+        "Rows deleted by retention, by table: events (with their deliveries and attempts, once every delivery is final), deliveries (those of deleted events, and dead ones past retention.deadLetters), delivery_attempts, event_identities (those of the deleted events).",
         &[],
     ),
     // Periodic jobs

@@ -11,14 +11,16 @@
 //!   the deliveries about to go are then locked `FOR UPDATE SKIP LOCKED` (a delivery a
 //!   replay holds is skipped, not waited for), and final deliveries are never claimed, so
 //!   neither ingest nor claims wait on a retention batch;
-//! - an identity (`event_identities`) is forgotten only past its namespace's dedup window,
-//!   when no repeat could be a duplicate of it any more.
+//! - an identity (`event_identities`) is forgotten with the event it names, deleted past
+//!   `retention.events`, which is never shorter than the dedup window (checked at apply):
+//!   no repeat could be a duplicate of it any more. It has no age index of its own, which
+//!   ingest would keep for every event.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::sql::{in_list, sql, Tx};
+use super::sql::{in_list, sql, PerBackend, Tx};
 use super::{Backend, Store, StoreError};
 use crate::resources::namespace::Retention;
 
@@ -39,7 +41,6 @@ pub enum Namespaces {
 pub struct Scope {
     pub namespaces: Namespaces,
     pub retention: Retention,
-    pub dedup_window: Duration,
 }
 
 /// What one call of [`Store::delete_expired`] deleted, by table.
@@ -133,6 +134,20 @@ async fn delete_deliveries_in(tx: &mut Tx, deliveries: &[String]) -> Result<(u64
     Ok((deleted, attempts))
 }
 
+/// Deletes the identities `($1[i], $2[i], $3[i])` that still name the event `$4[i]`, once
+/// that event is gone.
+static IDENTITIES_OF_DELETED: PerBackend = PerBackend::new(|backend| match backend {
+    Backend::Postgres => "DELETE FROM event_identities i USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+         AS t(n, s, x, e) WHERE i.namespace = t.n AND i.source = t.s AND i.external_id = t.x AND i.event_id = t.e \
+         AND NOT EXISTS (SELECT 1 FROM events WHERE id = t.e)"
+        .to_owned(),
+    Backend::Sqlite => "DELETE FROM event_identities WHERE (namespace, source, external_id, event_id) IN \
+         (SELECT n.value, s.value, x.value, e.value FROM json_each($1) n JOIN json_each($2) s ON s.key = n.key \
+         JOIN json_each($3) x ON x.key = n.key JOIN json_each($4) e ON e.key = n.key) \
+         AND NOT EXISTS (SELECT 1 FROM events WHERE id = event_identities.event_id)"
+        .to_owned(),
+});
+
 /// A delivery with no approval request or spend entry: its records need nothing of it.
 const UNRECORDED: &str = "NOT EXISTS (SELECT 1 FROM approvals a WHERE a.delivery_id = d.id) \
      AND NOT EXISTS (SELECT 1 FROM spend_ledger s WHERE s.delivery_id = d.id)";
@@ -152,7 +167,6 @@ impl Store {
             total.add(self.delete_expired_events(scope, before(now, scope.retention.events), limit).await?);
             total.add(self.delete_dead_letters(scope, before(now, scope.retention.dead_letters), limit).await?);
             total.attempts += self.delete_old_attempts(scope, before(now, scope.retention.attempts), limit).await?;
-            total.identities += self.forget_identities(scope, before(now, scope.dedup_window), limit).await?;
         }
         Ok(total)
     }
@@ -165,21 +179,23 @@ impl Store {
     ) -> Result<Deleted, StoreError> {
         self.observed(async {
             let backend = self.backend();
-            let candidates: Vec<String> = sql(&format!(
-                "SELECT e.id FROM events e WHERE e.received_at < $2 AND {} AND NOT EXISTS \
-                 (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND (d.state NOT IN {FINAL} OR NOT ({UNRECORDED}))) \
-                 ORDER BY e.received_at LIMIT $3",
+            // Any expired events, not the oldest first: on PostgreSQL the age index is a
+            // BRIN index (cheap for ingest to keep), which finds old rows but does not order.
+            let candidates: Vec<(String, String, String, String)> = sql(&format!(
+                "SELECT e.id, e.namespace, e.source, e.external_id FROM events e WHERE e.received_at < $2 AND {} \
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND \
+                 (d.state NOT IN {FINAL} OR NOT ({UNRECORDED}))) LIMIT $3",
                 in_scope(backend, &scope.namespaces, "e.namespace")
             ))
             .bind(scope_list(&scope.namespaces))
             .bind(cutoff)
             .bind(i64::from(limit))
-            .scalars(self.reader())
+            .fetch_all(self.reader())
             .await?;
             if candidates.is_empty() {
                 return Ok(Deleted::default());
             }
-            let events: Vec<&str> = candidates.iter().map(String::as_str).collect();
+            let events: Vec<&str> = candidates.iter().map(|c| c.0.as_str()).collect();
             let mut tx = self.begin_write().await?;
             let deliveries: Vec<String> = sql(&format!(
                 "SELECT d.id FROM deliveries d WHERE d.event_id {} AND d.state IN {FINAL} ORDER BY d.id{}",
@@ -196,11 +212,21 @@ impl Store {
                 "DELETE FROM events WHERE id {} AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
                 in_list(backend, "$1")
             ))
-            .bind(events)
+            .bind(events.clone())
             .execute(&mut tx)
             .await?;
+            // The identities that still name a deleted event go with it (by their key, no
+            // index of their own to keep at ingest); one another event took over stays.
+            let column = |f: fn(&(String, String, String, String)) -> &str| candidates.iter().map(f).collect::<Vec<_>>();
+            let identities = sql(IDENTITIES_OF_DELETED.get(backend))
+                .bind(column(|c| &c.1))
+                .bind(column(|c| &c.2))
+                .bind(column(|c| &c.3))
+                .bind(events)
+                .execute(&mut tx)
+                .await?;
             tx.commit().await?;
-            Ok(Deleted { events: deleted_events, deliveries: deleted_deliveries, attempts, identities: 0 })
+            Ok(Deleted { events: deleted_events, deliveries: deleted_deliveries, attempts, identities })
         })
         .await
     }
@@ -241,16 +267,6 @@ impl Store {
             "DELETE FROM delivery_attempts WHERE (delivery_id, attempt) IN (SELECT a.delivery_id, a.attempt \
              FROM delivery_attempts a WHERE a.started_at < $2 AND {} LIMIT $3)",
             in_scope(self.backend(), &scope.namespaces, "a.namespace")
-        );
-        let delete = sql(&text).bind(scope_list(&scope.namespaces)).bind(cutoff).bind(i64::from(limit));
-        self.observed(delete.execute(self.writer())).await
-    }
-
-    async fn forget_identities(&self, scope: &Scope, cutoff: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
-        let text = format!(
-            "DELETE FROM event_identities WHERE (namespace, source, external_id) IN (SELECT i.namespace, i.source, \
-             i.external_id FROM event_identities i WHERE i.received_at < $2 AND {} LIMIT $3)",
-            in_scope(self.backend(), &scope.namespaces, "i.namespace")
         );
         let delete = sql(&text).bind(scope_list(&scope.namespaces)).bind(cutoff).bind(i64::from(limit));
         self.observed(delete.execute(self.writer())).await
