@@ -81,6 +81,9 @@ pub struct Config {
     /// Retention and the dedup window of namespaces their Namespace leaves them to.
     pub namespace_defaults: NamespaceDefaults,
     pub retention: RetentionConfig,
+    /// "Now" for the ingest quotas: the system clock; tests set a
+    /// [`crate::clock::ManualClock`].
+    pub clock: crate::clock::Clock,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -334,6 +337,7 @@ impl Default for Config {
             cel: CelLimits::default(),
             namespace_defaults: NamespaceDefaults::default(),
             retention: RetentionConfig::default(),
+            clock: crate::clock::Clock::system(),
         }
     }
 }

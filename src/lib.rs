@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod delivery;

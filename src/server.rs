@@ -187,6 +187,7 @@ impl Server {
             backlog: backlog.clone(),
             wake: wake.clone(),
             namespace_defaults: config.namespace_defaults.clone(),
+            clock: config.clock.clone(),
         };
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
         let checks = Checks {

@@ -101,8 +101,8 @@ pub const FAMILIES: &[Family] = &[
     // Ingest and fan-out
     counter(
         "hookwarden_ingest_events_total",
-        "Events ingested, by outcome: accepted (stored, fanned out) or duplicate (a repeated source and id or idempotency key; nothing new fanned out).",
-        &[&[("outcome", "accepted")], &[("outcome", "duplicate")]],
+        "Events ingested, by outcome: accepted (stored, fanned out) duplicate (a repeated source and id or idempotency key; nothing new fanned out) or over_quota (refused with 429 by the namespace's quotas.ingest; nothing written).",
+        &[&[("outcome", "accepted")], &[("outcome", "duplicate")], &[("outcome", "over_quota")]],
     ),
     counter(
         "hookwarden_ingest_deprecated_total",

@@ -1441,6 +1441,40 @@ async fn migrating_counts_an_existing_ledger_into_buckets(db: &TestDb) {
     );
 }
 
+async fn ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day(store: &Store) {
+    use hookwarden::ingest::quota::{Lease, Limit};
+    let limit = Limit { per_second: 10, burst: 20, per_day: Some(30) };
+    let t0 = DateTime::parse_from_rfc3339("2026-12-04T23:59:58Z").unwrap().with_timezone(&Utc);
+    let lease = |need: u64, batch: u64, at: DateTime<Utc>| store.lease_ingest_tokens("shop", &limit, need, batch, at);
+    let Some(first) = lease(5, 15, t0).await.unwrap() else {
+        // SQLite: one process, its buckets in memory (`ingest::quota`).
+        assert!(matches!(store.backend(), hookwarden::store::Backend::Sqlite));
+        return;
+    };
+    assert_eq!(first, Lease { granted: 15, bucket_micro: 5_000_000, used_today: 15 }, "a new bucket starts full");
+    // Fewer than the batch but at least what is needed: what is there.
+    assert_eq!(lease(3, 15, t0).await.unwrap().unwrap(), Lease { granted: 5, bucket_micro: 0, used_today: 20 });
+    // Less than needed: nothing taken.
+    let later = t0 + chrono::Duration::milliseconds(500);
+    assert_eq!(
+        lease(6, 6, later).await.unwrap().unwrap(),
+        Lease { granted: 0, bucket_micro: 5_000_000, used_today: 20 }
+    );
+    // Refilled at 10/s, up to the burst, and the day's count caps the grant.
+    let full = t0 + chrono::Duration::milliseconds(1900);
+    assert_eq!(
+        lease(1, 20, full).await.unwrap().unwrap(),
+        Lease { granted: 10, bucket_micro: 9_000_000, used_today: 30 }
+    );
+    assert_eq!(lease(1, 1, full).await.unwrap().unwrap().granted, 0, "perDay spent");
+    // A new UTC day counts from zero.
+    let next_day = t0 + chrono::Duration::seconds(3);
+    assert_eq!(
+        lease(1, 5, next_day).await.unwrap().unwrap(),
+        Lease { granted: 5, bucket_micro: 15_000_000, used_today: 5 }
+    );
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?; $($db_case:ident),* $(,)?) => {
         mod sqlite {
@@ -1493,6 +1527,7 @@ conformance!(
     retention_deletes_old_events_with_their_deliveries_and_attempts_but_not_waiting_ones,
     retention_works_in_bounded_batches,
     a_namespace_usage_counts_what_it_holds,
+    ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
     readiness_requires_the_migrations,
     resources_apply_atomically_and_keep_status_per_generation,

@@ -73,6 +73,7 @@ impl From<AcceptError> for ApiError {
             AcceptError::KeyReused => ApiError::IdempotencyKeyReused,
             AcceptError::Store(e) => e.into(),
             AcceptError::DataTooLarge(items) => ApiError::data_too_large(items, false),
+            AcceptError::Quota(refusal) => ApiError::QuotaExceeded(refusal),
         }
     }
 }
@@ -266,6 +267,15 @@ fn warn_deprecated(response: &mut Response, deprecated: &[Deprecated]) {
     }
 }
 
+/// The headers of an accepted request: a `Warning` per deprecated type, and the
+/// `RateLimit` fields where a namespace of the request has a quota.
+fn finish(response: &mut Response, deprecated: &[Deprecated], quota: Option<&crate::ingest::quota::Usage>) {
+    warn_deprecated(response, deprecated);
+    if let Some(usage) = quota {
+        super::error::insert_rate_limit(response.headers_mut(), usage);
+    }
+}
+
 /// Refuses an event's JSON (at `prefix` in the body) that repeats a key or nests too deep;
 /// see [`strict_json`].
 fn check_strict(json: &[u8], prefix: &str, max_depth: usize) -> Result<(), ApiError> {
@@ -335,11 +345,11 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let event = read_event(&bytes, state.config.max_json_depth)?;
-    let Answer { mut results, created, deprecated } =
+    let Answer { mut results, created, deprecated, quota } =
         ingest(&state, &principal, &headers, "/v1/events", &bytes, vec![(String::new(), event)]).await?;
     let result = results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
     let mut response = (status(created), Json(result)).into_response();
-    warn_deprecated(&mut response, &deprecated);
+    finish(&mut response, &deprecated, quota.as_ref());
     Ok(response)
 }
 
@@ -351,10 +361,10 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     let bytes = read_json_body(&headers, body, state.config.max_body_bytes).await?;
     let events = read_batch(&bytes, state.config.max_batch_items, state.config.max_json_depth)?;
-    let Answer { results, created, deprecated } =
+    let Answer { results, created, deprecated, quota } =
         ingest(&state, &principal, &headers, "/v1/events/batch", &bytes, events).await?;
     let mut response = (status(created), Json(BatchAccepted { results })).into_response();
-    warn_deprecated(&mut response, &deprecated);
+    finish(&mut response, &deprecated, quota.as_ref());
     Ok(response)
 }
 

@@ -21,6 +21,7 @@
 
 mod accept;
 pub mod keys;
+pub mod quota;
 pub mod types;
 mod writer;
 
@@ -199,6 +200,9 @@ pub struct Ingestor {
     config: Arc<IngestConfig>,
     /// What namespaces without a Namespace (or a setting of one) get.
     namespace_defaults: Arc<NamespaceDefaults>,
+    /// The ingest quotas' buckets (`spec.quotas.ingest`), read by [`Ingestor::accept`].
+    quotas: Arc<quota::Quotas>,
+    clock: crate::clock::Clock,
 }
 
 /// What [`Ingestor::start`] needs besides the store and the catalog.
@@ -211,6 +215,8 @@ pub struct IngestSettings<'a> {
     pub wake: Arc<Notify>,
     /// `namespaceDefaults` (the dedup window of namespaces their Namespace leaves it to).
     pub namespace_defaults: NamespaceDefaults,
+    /// "Now" for the ingest quotas.
+    pub clock: crate::clock::Clock,
 }
 
 impl Ingestor {
@@ -221,8 +227,10 @@ impl Ingestor {
         settings: IngestSettings<'_>,
         tracker: &TaskTracker,
     ) -> Ingestor {
-        let IngestSettings { config, max_backlog, backlog, wake, namespace_defaults } = settings;
+        let IngestSettings { config, max_backlog, backlog, wake, namespace_defaults, clock } = settings;
         let queue = writer::start(store.clone(), catalog.clone(), config, tracker, wake);
+        // PostgreSQL may be shared by several processes: its buckets are in the database.
+        let shared = matches!(store.backend(), crate::store::Backend::Postgres);
         Ingestor {
             queue,
             catalog,
@@ -232,6 +240,8 @@ impl Ingestor {
             max_backlog,
             config: Arc::new(config.clone()),
             namespace_defaults: Arc::new(namespace_defaults),
+            quotas: Arc::new(quota::Quotas::new(shared)),
+            clock,
         }
     }
 

@@ -340,7 +340,7 @@ pub struct Retention {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Quotas {
-    /// Ingest rates (accepted and validated; enforcement is not built yet).
+    /// Ingest rates, enforced at `POST /v1/events` and `/v1/events/batch` (`429` over them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<IngestQuota>,
     /// Most Endpoints the namespace may hold (checked at apply).

@@ -115,6 +115,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub max_endpoints: Option<u32>,
     pub max_payload_bytes: Option<u64>,
+    /// `quotas.ingest`: the events the namespace may write per second, at once and per day.
+    pub ingest_quota: Option<crate::ingest::quota::Limit>,
     /// `None`: the configuration's `ingest.unknownEventTypes[ByNamespace]` decides.
     pub unknown_event_types: Option<UnknownEventTypes>,
 }
@@ -134,6 +136,7 @@ impl Settings {
             dedup_window: pick(spec.and_then(|s| s.dedup_window), defaults.dedup_window),
             max_endpoints: quotas.and_then(|q| q.max_endpoints),
             max_payload_bytes: quotas.and_then(|q| q.max_payload_bytes),
+            ingest_quota: quotas.and_then(|q| q.ingest.as_ref()).map(crate::ingest::quota::Limit::of),
             unknown_event_types: spec.and_then(|s| s.unknown_event_types),
         }
     }

@@ -31,6 +31,7 @@ mod notices;
 pub mod policy;
 mod postgres;
 mod queue;
+mod quotas;
 pub mod resources;
 pub mod retention;
 pub mod spend;
