@@ -85,6 +85,11 @@ pub enum AuthError {
     NamespaceNotAllowed(String),
     #[error("the subject that submitted the event cannot approve or deny it")]
     SelfApproval,
+    /// A cluster-scoped resource (a Namespace) needs `admin` over every namespace.
+    #[error(
+        "a Namespace is cluster-scoped: applying or deleting one needs role `admin` with every namespace (`\"*\"`)"
+    )]
+    ClusterScope,
 }
 
 impl Principal {
@@ -94,6 +99,17 @@ impl Principal {
         self.require_role(role)?;
         if !self.may_access(namespace) {
             return Err(AuthError::NamespaceNotAllowed(namespace.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Checks that the caller may change cluster-scoped resources (a Namespace: a tenant's
+    /// limits): role `admin` over every namespace (`"*"`). A token limited to some
+    /// namespaces never may, whatever its roles, so no tenant raises its own limits.
+    pub fn authorize_cluster(&self) -> Result<(), AuthError> {
+        self.require_role(Role::Admin)?;
+        if self.namespace_scope().is_some() {
+            return Err(AuthError::ClusterScope);
         }
         Ok(())
     }

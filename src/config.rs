@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::policy::expr::Limits as CelLimits;
+pub use crate::resources::namespace::NamespaceDefaults;
 pub use crate::resources::secret_sources::SecretsConfig;
 
 /// A secret value whose `Debug` and `Display` never show it.
@@ -79,6 +80,12 @@ pub struct Config {
     pub cel: CelLimits,
     pub operational_events: OperationalEventsConfig,
     pub console: ConsoleConfig,
+    /// Retention and the dedup window of namespaces their Namespace leaves them to.
+    pub namespace_defaults: NamespaceDefaults,
+    pub retention: RetentionConfig,
+    /// "Now" for the ingest quotas: the system clock; tests set a
+    /// [`crate::clock::ManualClock`].
+    pub clock: crate::clock::Clock,
 }
 
 /// The resource controller: the watched directory, status reconciliation, leadership.
@@ -115,6 +122,23 @@ impl Default for ControllerConfig {
             leader_retry: Duration::from_secs(5),
             leader_check: Duration::from_secs(1),
         }
+    }
+}
+
+/// The leader's retention job (see [`crate::retention`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RetentionConfig {
+    /// How often the leader deletes what is past retention.
+    #[serde(with = "crate::duration::text")]
+    pub period: Duration,
+    /// Rows of each table one batch deletes per scope (one short transaction each).
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { period: Duration::from_secs(60), batch_size: 500 }
     }
 }
 
@@ -311,15 +335,8 @@ pub struct IngestConfig {
     pub unknown_event_types_by_namespace: std::collections::BTreeMap<String, UnknownEventTypes>,
 }
 
-/// `ingest.unknownEventTypes`: an event whose type has no EventType in its namespace is
-/// accepted unchecked, or refused (`400 unknown_event_type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(expecting = "`accept` or `reject`", rename_all = "lowercase")]
-pub enum UnknownEventTypes {
-    #[default]
-    Accept,
-    Reject,
-}
+/// `ingest.unknownEventTypes`, the same setting a Namespace's `unknownEventTypes` gives.
+pub use crate::resources::kinds::UnknownEventTypes;
 
 impl IngestConfig {
     /// What `namespace` does with event types it has no EventType for.
@@ -366,6 +383,9 @@ impl Default for Config {
             cel: CelLimits::default(),
             operational_events: OperationalEventsConfig::default(),
             console: ConsoleConfig::default(),
+            namespace_defaults: NamespaceDefaults::default(),
+            retention: RetentionConfig::default(),
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -391,6 +411,8 @@ pub struct FileConfig {
     pub cel: Option<CelLimits>,
     pub operational_events: Option<OperationalEventsConfig>,
     pub console: Option<ConsoleConfig>,
+    pub namespace_defaults: Option<NamespaceDefaults>,
+    pub retention: Option<RetentionConfig>,
 }
 
 /// Values taken from the environment or the command line; set ones win over the file.
@@ -456,12 +478,20 @@ impl Config {
             cel,
             operational_events,
             console,
+            namespace_defaults,
+            retention,
         } = file;
         if let Some(v) = operational_events {
             self.operational_events = v;
         }
         if let Some(v) = console {
             self.console = v;
+        }
+        if let Some(v) = namespace_defaults {
+            self.namespace_defaults = v;
+        }
+        if let Some(v) = retention {
+            self.retention = v;
         }
         if let Some(v) = cel {
             self.cel = v;
@@ -555,6 +585,15 @@ impl Config {
     /// Refuses settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Some((path, message)) = self.namespace_defaults.problems().into_iter().next() {
+            return Err(ConfigError::Invalid(format!("namespaceDefaults.{path} {message}")));
+        }
+        if self.retention.period < Duration::from_millis(100) {
+            return invalid("retention.period must be at least 100ms");
+        }
+        if !(1..=10_000).contains(&self.retention.batch_size) {
+            return invalid("retention.batchSize must be between 1 and 10000");
+        }
         let i = &self.ingest;
         if i.max_body_bytes < 1024 {
             return invalid("ingest.maxBodyBytes must be at least 1024");

@@ -41,6 +41,7 @@ use crate::ingest::{IngestSettings, Ingestor};
 use crate::jobs::Jobs;
 use crate::private_files;
 use crate::resources::validate::Checks;
+use crate::retention::EnforceRetention;
 use crate::store::{sqlite_file_of_url, DatabaseHealth, DatabaseLock, DeadLetterAlert, ProbeDatabase, Store};
 use crate::telemetry::backlog::{Backlog, SampleBacklog};
 
@@ -52,6 +53,8 @@ pub struct Server {
     state: AppState,
     tracker: TaskTracker,
     idempotency_key_ttl: Duration,
+    namespace_defaults: crate::config::NamespaceDefaults,
+    retention: crate::config::RetentionConfig,
     controller: Controller,
     dispatch: DispatchSettings,
     wake: Arc<Notify>,
@@ -189,10 +192,16 @@ impl Server {
             max_backlog: config.delivery.max_backlog,
             backlog: backlog.clone(),
             wake: wake.clone(),
+            namespace_defaults: config.namespace_defaults.clone(),
+            clock: config.clock.clone(),
         };
         let ingestor = Ingestor::start(store.clone(), catalog.clone(), ingest, &tracker);
-        let checks =
-            Checks { allow_private_urls: config.allow_private_urls, secrets: config.secrets.clone(), cel: config.cel };
+        let checks = Checks {
+            allow_private_urls: config.allow_private_urls,
+            secrets: config.secrets.clone(),
+            cel: config.cel,
+            namespace_defaults: config.namespace_defaults.clone(),
+        };
         let status_changed = Arc::new(Notify::new());
         let outbox = Arc::new(Notify::new());
         let leadership = Leadership::default();
@@ -230,6 +239,8 @@ impl Server {
             state,
             tracker,
             idempotency_key_ttl: config.ingest.idempotency_key_ttl,
+            namespace_defaults: config.namespace_defaults.clone(),
+            retention: config.retention.clone(),
             controller,
             dispatch: DispatchSettings {
                 delivery: config.delivery.clone(),
@@ -275,6 +286,8 @@ impl Server {
             state,
             tracker,
             idempotency_key_ttl,
+            namespace_defaults,
+            retention,
             controller,
             dispatch,
             wake,
@@ -302,13 +315,24 @@ impl Server {
         });
         jobs.spawn(SampleBacklog { store: store.clone(), catalog: state.catalog.clone(), backlog });
         jobs.spawn(ExpireDueRequests { store: store.clone(), wake: wake.clone(), expiring_before });
-        jobs.spawn(ForgetOldKeys { store: store.clone(), ttl: idempotency_key_ttl });
+        jobs.spawn(ForgetOldKeys {
+            store: store.clone(),
+            ttl: idempotency_key_ttl,
+            catalog: state.catalog.clone(),
+            defaults: namespace_defaults.clone(),
+        });
         jobs.spawn(FanOutOutbox {
             store: store.clone(),
             catalog: state.catalog.clone(),
             wake: wake.clone(),
             signal: outbox,
             period: fan_out_interval,
+        });
+        jobs.spawn(EnforceRetention {
+            store: store.clone(),
+            catalog: state.catalog.clone(),
+            defaults: namespace_defaults,
+            config: retention,
         });
         tracker.spawn(crate::store::forward_notices(
             store.clone(),

@@ -101,8 +101,8 @@ pub const FAMILIES: &[Family] = &[
     // Ingest and fan-out
     counter(
         "hookwarden_ingest_events_total",
-        "Events ingested, by outcome: accepted (stored, fanned out) or duplicate (a repeated source and id or idempotency key; nothing new fanned out).",
-        &[&[("outcome", "accepted")], &[("outcome", "duplicate")]],
+        "Events ingested, by outcome: accepted (stored, fanned out) duplicate (a repeated source and id or idempotency key; nothing new fanned out) or over_quota (refused with 429 by the namespace's quotas.ingest; nothing written).",
+        &[&[("outcome", "accepted")], &[("outcome", "duplicate")], &[("outcome", "over_quota")]],
     ),
     counter(
         "hookwarden_ingest_deprecated_total",
@@ -261,6 +261,12 @@ pub const FAMILIES: &[Family] = &[
     counter(
         "hookwarden_policy_spend_committed_total",
         "Spend committed in the ledger (the delivery was delivered), in minor units of the currency, by namespace, agent endpoint and currency.",
+        &[],
+    ),
+    // Retention
+    counter(
+        "hookwarden_retention_deleted_total",
+        "Rows deleted by retention, by table: events (with their deliveries and attempts, once every delivery is final), deliveries (those of deleted events, and dead ones past retention.deadLetters), delivery_attempts, event_identities (those of the deleted events).",
         &[],
     ),
     // Periodic jobs

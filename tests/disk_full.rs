@@ -265,6 +265,7 @@ fn event(external_id: &str, data_bytes: usize, endpoints: &[&str]) -> NewEvent {
             .iter()
             .map(|e| NewDelivery { id: DeliveryId::generate(), endpoint: e.to_string(), ordering_key: None })
             .collect(),
+        dedup_window: None,
     }
 }
 

@@ -9,8 +9,10 @@ use common::TestDb;
 use hookwarden::ids::DeliveryId;
 use hookwarden::ids::EventId;
 use hookwarden::policy::decision::{DecisionRecord, Outcome, PolicyDecision};
+use hookwarden::resources::namespace::Retention;
 use hookwarden::resources::{Kind, ResourceKey};
 use hookwarden::store::policy::{DecisionWrite, NewApproval, Recorded, SpendReservation, ToRecord};
+use hookwarden::store::retention::{Deleted, Namespaces, Scope};
 use hookwarden::store::{
     ApplyRequest, Attempt, ClaimedDelivery, Committed, Completion, DeliveryQuery, DeliveryState, DesiredResource,
     EndpointQuota, EventOutcome, EventQuery, EventStatus, IdempotencyKey, IngestRequest, NewDelivery, NewEvent,
@@ -34,6 +36,7 @@ fn event(namespace: &str, source: &str, external_id: &str) -> NewEvent {
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
         received_at: Utc::now(),
         deliveries: Vec::new(),
+        dedup_window: None,
     }
 }
 
@@ -750,6 +753,167 @@ async fn keys_of_different_callers_do_not_collide(store: &Store) {
     assert!(!accepted(&outcomes[1])[0].duplicate);
 }
 
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(72 * 3600);
+
+/// An event of `default`/`shop` with id `external_id`, received `age` before `now`, in a
+/// namespace whose dedup window is [`WINDOW`]: the injected clock of the dedup window.
+fn received(external_id: &str, now: DateTime<Utc>, age: chrono::Duration) -> NewEvent {
+    let mut e = event("default", "shop", external_id);
+    e.received_at = now - age;
+    e.dedup_window = Some(WINDOW);
+    e
+}
+
+async fn a_repeated_id_is_a_duplicate_within_the_dedup_window_and_a_new_event_after_it(store: &Store) {
+    let now = Utc::now();
+    let first = received("w-1", now, chrono::Duration::days(7));
+    store.accept_events(&[request(vec![first.clone()])]).await.unwrap();
+    // Three days and a minute later (past 72h): a new event, which takes the id over.
+    let after = received("w-1", now, chrono::Duration::days(4) - chrono::Duration::minutes(1));
+    let outcomes = store.accept_events(&[request(vec![after.clone()])]).await.unwrap();
+    assert_eq!(accepted(&outcomes[0]), &[EventOutcome { id: after.id.clone(), duplicate: false }]);
+    assert!(store.get_event(&after.id).await.unwrap().is_some(), "written");
+    assert!(store.get_event(&first.id).await.unwrap().is_some(), "the first event is kept");
+    // Within the window of the new one: a duplicate of it, not of the first.
+    let within = received("w-1", now, chrono::Duration::days(4) - chrono::Duration::hours(2));
+    let outcomes = store.accept_events(&[request(vec![within.clone()])]).await.unwrap();
+    assert_eq!(accepted(&outcomes[0]), &[EventOutcome { id: after.id.clone(), duplicate: true }]);
+    assert!(store.get_event(&within.id).await.unwrap().is_none(), "a duplicate writes nothing");
+    // An event without a window (`None`) is a duplicate however old the first is.
+    let mut forever = received("w-1", now, chrono::Duration::zero());
+    forever.dedup_window = None;
+    let outcomes = store.accept_events(&[request(vec![forever])]).await.unwrap();
+    assert_eq!(accepted(&outcomes[0]), &[EventOutcome { id: after.id.clone(), duplicate: true }]);
+}
+
+async fn a_replay_past_the_window_is_delivered_again_and_one_within_it_is_not(store: &Store) {
+    let now = Utc::now();
+    let mut first = received("w-2", now, chrono::Duration::days(7));
+    first.deliveries = fanned_out("unused", &["a"], None).deliveries;
+    store.accept_events(&[request(vec![first.clone()])]).await.unwrap();
+    let mut replay = received("w-2", now, chrono::Duration::zero());
+    replay.deliveries = fanned_out("unused", &["a"], None).deliveries;
+    store.accept_events(&[request(vec![replay.clone()])]).await.unwrap();
+    let mut again = received("w-2", now, chrono::Duration::zero());
+    again.deliveries = fanned_out("unused", &["a"], None).deliveries;
+    store.accept_events(&[request(vec![again])]).await.unwrap();
+    assert_eq!(store.deliveries_of_event(&first.id).await.unwrap().len(), 1);
+    assert_eq!(store.deliveries_of_event(&replay.id).await.unwrap().len(), 1, "the week-old id is delivered again");
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 2, "one delivery per window, not per repeat");
+}
+
+async fn an_idempotency_key_is_free_again_past_the_dedup_window(store: &Store) {
+    let now = Utc::now();
+    let old = keyed("k-w", "fp-a", vec![received("kw-1", now, chrono::Duration::days(4))]);
+    store.accept_events(std::slice::from_ref(&old)).await.unwrap();
+    // Within the window, another request with the key is refused.
+    let other = keyed("k-w", "fp-b", vec![received("kw-2", now, chrono::Duration::days(2))]);
+    assert_eq!(store.accept_events(&[other]).await.unwrap()[0], RequestOutcome::KeyReused);
+    // Past it, the key is taken over: written, and replayed from then on.
+    let later = keyed("k-w", "fp-b", vec![received("kw-3", now, chrono::Duration::zero())]);
+    let outcomes = store.accept_events(std::slice::from_ref(&later)).await.unwrap();
+    let id = accepted(&outcomes[0])[0].id.clone();
+    assert_eq!(id, later.events[0].id);
+    let retry = keyed("k-w", "fp-b", vec![received("kw-4", now, chrono::Duration::zero())]);
+    assert_eq!(store.accept_events(&[retry]).await.unwrap()[0], RequestOutcome::Replayed(vec![id]));
+}
+
+fn scope_of_all(events: std::time::Duration) -> Vec<Scope> {
+    vec![Scope {
+        namespaces: Namespaces::AllBut(vec!["kept-long".into()]),
+        retention: Retention { events, dead_letters: events, attempts: events },
+    }]
+}
+
+/// Claims every due delivery and ends each with `state`.
+async fn end_all(store: &Store, state: DeliveryState) -> usize {
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 100).await.unwrap();
+    let completions: Vec<Completion> = claimed.iter().map(|c| completion(c, state, true)).collect();
+    store.complete_attempts(&completions).await.unwrap();
+    claimed.len()
+}
+
+async fn retention_deletes_old_events_with_their_deliveries_and_attempts_but_not_waiting_ones(store: &Store) {
+    let now = Utc::now();
+    let old = |id: &str, endpoints: &[&str]| {
+        let mut e = received(id, now, chrono::Duration::days(40));
+        e.deliveries = fanned_out("unused", endpoints, None).deliveries;
+        e
+    };
+    let (done, waiting, bare) = (old("r-done", &["a", "b"]), old("r-waiting", &["c"]), old("r-bare", &[]));
+    let mut recent = received("r-recent", now, chrono::Duration::days(1));
+    recent.deliveries = fanned_out("unused", &["a"], None).deliveries;
+    let mut elsewhere = old("r-elsewhere", &[]);
+    elsewhere.namespace = "kept-long".into();
+    store.accept_events(&[request(vec![done.clone(), bare.clone(), recent.clone(), elsewhere.clone()])]).await.unwrap();
+    assert_eq!(end_all(store, DeliveryState::Delivered).await, 3);
+    // Accepted after the others ended: its delivery is still pending.
+    store.accept_events(&[request(vec![waiting.clone()])]).await.unwrap();
+    let attempt_of_done = store.deliveries_of_event(&done.id).await.unwrap()[0].id.clone();
+    assert_eq!(store.get_delivery(&attempt_of_done).await.unwrap().unwrap().1.len(), 1);
+
+    let deleted =
+        store.delete_expired(&scope_of_all(std::time::Duration::from_secs(30 * 86400)), now, 100).await.unwrap();
+    assert_eq!((deleted.events, deleted.deliveries, deleted.attempts), (2, 2, 2), "{deleted:?}");
+    assert!(store.get_event(&done.id).await.unwrap().is_none(), "past retention, every delivery final: gone");
+    assert!(store.get_event(&bare.id).await.unwrap().is_none());
+    assert!(store.deliveries_of_event(&done.id).await.unwrap().is_empty(), "with its deliveries");
+    assert!(store.get_delivery(&attempt_of_done).await.unwrap().is_none(), "and their attempts");
+    assert!(store.get_event(&waiting.id).await.unwrap().is_some(), "a waiting delivery keeps its event");
+    assert_eq!(store.deliveries_of_event(&waiting.id).await.unwrap().len(), 1);
+    assert!(store.get_event(&recent.id).await.unwrap().is_some(), "within retention: kept");
+    assert!(store.get_event(&elsewhere.id).await.unwrap().is_some(), "another scope's namespace: kept");
+    // The identities of the deleted events go with them (the waiting one's stays, naming
+    // its event): the old ids are new events again.
+    assert_eq!(deleted.identities, 2, "{deleted:?}");
+    let replay = received("r-done", now, chrono::Duration::zero());
+    let outcomes = store.accept_events(&[request(vec![replay.clone()])]).await.unwrap();
+    assert_eq!(accepted(&outcomes[0]), &[EventOutcome { id: replay.id.clone(), duplicate: false }]);
+
+    // Once the waiting delivery ends, its event goes too; a second pass finds nothing more.
+    assert_eq!(end_all(store, DeliveryState::Dead).await, 1);
+    let deleted =
+        store.delete_expired(&scope_of_all(std::time::Duration::from_secs(30 * 86400)), now, 100).await.unwrap();
+    assert_eq!((deleted.events, deleted.deliveries, deleted.identities), (1, 1, 1), "{deleted:?}");
+    assert!(store.get_event(&waiting.id).await.unwrap().is_none());
+    let deleted =
+        store.delete_expired(&scope_of_all(std::time::Duration::from_secs(30 * 86400)), now, 100).await.unwrap();
+    assert_eq!(deleted, Deleted::default());
+}
+
+async fn retention_works_in_bounded_batches(store: &Store) {
+    let now = Utc::now();
+    let events: Vec<NewEvent> = (0..5).map(|i| received(&format!("b-{i}"), now, chrono::Duration::days(40))).collect();
+    store.accept_events(&[request(events)]).await.unwrap();
+    let scopes = scope_of_all(std::time::Duration::from_secs(30 * 86400));
+    let mut batches = Vec::new();
+    loop {
+        let deleted = store.delete_expired(&scopes, now, 2).await.unwrap();
+        if deleted.events == 0 {
+            break;
+        }
+        batches.push(deleted.events);
+    }
+    assert_eq!(batches, vec![2, 2, 1]);
+}
+
+async fn a_namespace_usage_counts_what_it_holds(store: &Store) {
+    let now = Utc::now();
+    let today = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let mut old = event("usage", "shop", "u-1");
+    old.received_at = today - chrono::Duration::days(3);
+    old.deliveries = fanned_out("unused", &["a", "b"], None).deliveries;
+    let mut new = event("usage", "shop", "u-2");
+    new.received_at = today + chrono::Duration::seconds(1);
+    store.accept_events(&[request(vec![old.clone(), new, event("other", "shop", "u-3")])]).await.unwrap();
+    let usage = store.namespace_usage("usage", today).await.unwrap();
+    assert_eq!((usage.events_today, usage.events, usage.deliveries, usage.attempts), (1, 2, 2, 0));
+    assert_eq!(usage.oldest_event.map(|t| t.timestamp_micros()), Some(old.received_at.timestamp_micros()));
+    assert!(!usage.capped);
+    assert_eq!(store.namespace_usage("empty", today).await.unwrap(), Default::default());
+}
+
 async fn events_list_newest_first_by_source_and_type_with_paging(store: &Store) {
     let mut events = Vec::new();
     for i in 0..5 {
@@ -1317,7 +1481,32 @@ async fn migrating_counts_an_existing_ledger_into_buckets(db: &TestDb) {
             old.run(&mut c).await.unwrap();
         }
     }
-    let d = claimed_for_agent(&store, "m", 4).await;
+    // Four deliveries to the agent, written as the schema before 0010 holds them (this
+    // build's ingest needs later tables), then claimed by this build.
+    for n in 0..4 {
+        let (event, delivery) = (EventId::generate(), DeliveryId::generate());
+        let statements = [
+            "INSERT INTO events (id, namespace, source, external_id, type, data, content_type, ingested_by, \
+             trace_id, received_at, status) VALUES ($1, 'default', 'shop', $2, 'order.created', '{}', \
+             'application/json', 'tester', '', $3, 'accepted')",
+            "INSERT INTO deliveries (id, event_id, namespace, endpoint, state, next_attempt_at, created_at, \
+             updated_at) VALUES ($1, $2, 'default', 'agent', 'pending', $3, $3, $3)",
+        ];
+        let now = Utc::now() - chrono::Duration::seconds(1);
+        use sqlx::Connection as _;
+        let (first, second) = ([event.as_str(), &format!("m-{n}")], [delivery.as_str(), event.as_str()]);
+        for (insert, [a, b]) in statements.into_iter().zip([first, second]) {
+            if db.is_postgres() {
+                let mut c = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+                sqlx::query(insert).bind(a).bind(b).bind(now).execute(&mut c).await.unwrap();
+            } else {
+                let mut c = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+                sqlx::query(insert).bind(a).bind(b).bind(now).execute(&mut c).await.unwrap();
+            }
+        }
+    }
+    let d = store.claim_due_deliveries(Utc::now(), LEASE, 100).await.unwrap();
+    assert_eq!(d.len(), 4);
     let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
     let entries = [
         (&d[0], "agent", 100, "reserved", at("2026-12-01T10:00:01.5Z")),
@@ -1349,6 +1538,40 @@ async fn migrating_counts_an_existing_ledger_into_buckets(db: &TestDb) {
     assert_eq!(
         buckets,
         [row("agent", minute("2026-12-01T10:01:00Z"), 300), row("agent/x", minute("2026-12-01T10:02:00Z"), 800)]
+    );
+}
+
+async fn ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day(store: &Store) {
+    use hookwarden::ingest::quota::{Lease, Limit};
+    let limit = Limit { per_second: 10, burst: 20, per_day: Some(30) };
+    let t0 = DateTime::parse_from_rfc3339("2026-12-04T23:59:58Z").unwrap().with_timezone(&Utc);
+    let lease = |need: u64, batch: u64, at: DateTime<Utc>| store.lease_ingest_tokens("shop", &limit, need, batch, at);
+    let Some(first) = lease(5, 15, t0).await.unwrap() else {
+        // SQLite: one process, its buckets in memory (`ingest::quota`).
+        assert!(matches!(store.backend(), hookwarden::store::Backend::Sqlite));
+        return;
+    };
+    assert_eq!(first, Lease { granted: 15, bucket_micro: 5_000_000, used_today: 15 }, "a new bucket starts full");
+    // Fewer than the batch but at least what is needed: what is there.
+    assert_eq!(lease(3, 15, t0).await.unwrap().unwrap(), Lease { granted: 5, bucket_micro: 0, used_today: 20 });
+    // Less than needed: nothing taken.
+    let later = t0 + chrono::Duration::milliseconds(500);
+    assert_eq!(
+        lease(6, 6, later).await.unwrap().unwrap(),
+        Lease { granted: 0, bucket_micro: 5_000_000, used_today: 20 }
+    );
+    // Refilled at 10/s, up to the burst, and the day's count caps the grant.
+    let full = t0 + chrono::Duration::milliseconds(1900);
+    assert_eq!(
+        lease(1, 20, full).await.unwrap().unwrap(),
+        Lease { granted: 10, bucket_micro: 9_000_000, used_today: 30 }
+    );
+    assert_eq!(lease(1, 1, full).await.unwrap().unwrap().granted, 0, "perDay spent");
+    // A new UTC day counts from zero.
+    let next_day = t0 + chrono::Duration::seconds(3);
+    assert_eq!(
+        lease(1, 5, next_day).await.unwrap().unwrap(),
+        Lease { granted: 5, bucket_micro: 15_000_000, used_today: 5 }
     );
 }
 
@@ -1398,6 +1621,13 @@ conformance!(
     keys_of_different_callers_do_not_collide,
     expired_idempotency_keys_are_forgotten,
     events_list_newest_first_by_source_and_type_with_paging,
+    a_repeated_id_is_a_duplicate_within_the_dedup_window_and_a_new_event_after_it,
+    a_replay_past_the_window_is_delivered_again_and_one_within_it_is_not,
+    an_idempotency_key_is_free_again_past_the_dedup_window,
+    retention_deletes_old_events_with_their_deliveries_and_attempts_but_not_waiting_ones,
+    retention_works_in_bounded_batches,
+    a_namespace_usage_counts_what_it_holds,
+    ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
     readiness_requires_the_migrations,
     resources_apply_atomically_and_keep_status_per_generation,

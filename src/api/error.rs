@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::auth::AuthError;
+use crate::ingest::quota::{Refusal, Usage};
 use crate::ingest::types::{ItemViolation, TypeError};
 
 /// One problem with one field of the input, `path` in `a.b[2].c` form.
@@ -45,6 +46,13 @@ pub enum ApiError {
     UnknownEventType { errors: Vec<FieldError>, items: Option<Vec<usize>> },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// Events whose `data` is over their namespace's `quotas.maxPayloadBytes`.
+    #[error("{}", summarize(.0))]
+    DataTooLarge(Vec<FieldError>),
+    /// Over a namespace's `quotas.ingest` (`429`, with `Retry-After` and the `RateLimit`
+    /// fields).
+    #[error("{}", quota_message(.0))]
+    QuotaExceeded(crate::ingest::quota::Refusal),
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(&'static str),
     #[error("{0}")]
@@ -92,7 +100,7 @@ impl ApiError {
                         FieldError::new(
                             "/type",
                             format!(
-                                "no EventType `{}` in namespace `{}`, which refuses event types it does not know (ingest.unknownEventTypes)",
+                                "no EventType `{}` in namespace `{}`, which refuses event types it does not know (its Namespace's unknownEventTypes, or ingest.unknownEventTypes)",
                                 u.event_type, u.namespace
                             ),
                         )
@@ -103,10 +111,69 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The refusal of events whose `data` is over their namespace's `maxPayloadBytes`, each
+    /// at `data` (`[3].data` in a batch).
+    pub fn data_too_large(items: Vec<crate::ingest::TooLarge>, batch: bool) -> ApiError {
+        ApiError::DataTooLarge(
+            items
+                .into_iter()
+                .map(|t| {
+                    let path = if batch { format!("[{}].data", t.item) } else { "data".to_owned() };
+                    let message = format!(
+                        "is {} bytes; namespace `{}` takes at most {} (its Namespace's spec.quotas.maxPayloadBytes)",
+                        t.size, t.namespace, t.limit
+                    );
+                    FieldError::new(path, message)
+                })
+                .collect(),
+        )
+    }
+}
+
 fn summarize(errors: &[FieldError]) -> String {
     match errors {
         [one] => format!("{}: {}", one.path, one.message),
         _ => format!("{} fields are invalid", errors.len()),
+    }
+}
+
+/// The usage, the events wanted and the seconds to wait (none: waiting does not help).
+fn refusal_parts(refusal: &Refusal) -> (&Usage, u64, Option<u64>) {
+    match refusal {
+        Refusal::Rate { usage, wanted, retry_after } | Refusal::Day { usage, wanted, retry_after } => {
+            (usage, *wanted, Some(*retry_after))
+        }
+        Refusal::TooMany { usage, wanted, .. } => (usage, *wanted, None),
+    }
+}
+
+fn quota_message(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::Rate { usage, wanted, retry_after } => format!(
+            "namespace `{}` may ingest {} events per second (burst {}); {wanted} do not fit now, retry in {retry_after}s",
+            usage.namespace, usage.limit.per_second, usage.limit.burst
+        ),
+        Refusal::Day { usage, wanted, retry_after } => format!(
+            "namespace `{}` may ingest {} events per UTC day; {wanted} more are over it, retry after the next UTC midnight (in {retry_after}s)",
+            usage.namespace,
+            usage.limit.per_day.unwrap_or_default()
+        ),
+        Refusal::TooMany { usage, wanted, most } => format!(
+            "namespace `{}` takes at most {most} events at once (its quotas.ingest); split the {wanted} events into smaller requests",
+            usage.namespace
+        ),
+    }
+}
+
+/// Sets `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) to
+/// `usage`.
+pub fn insert_rate_limit(headers: &mut axum::http::HeaderMap, usage: &Usage) {
+    // Digits, quotes, `;`, `=`, `,` and spaces: always a valid header value.
+    for (name, value) in [("ratelimit-policy", usage.policy_field()), ("ratelimit", usage.field())] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -120,7 +187,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::SchemaViolation { .. } => "schema_violation",
             ApiError::UnknownEventType { .. } => "unknown_event_type",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. } | ApiError::DataTooLarge(_) => "payload_too_large",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
@@ -144,7 +212,8 @@ impl ApiError {
             | ApiError::BadRequest(_)
             | ApiError::SchemaViolation { .. }
             | ApiError::UnknownEventType { .. } => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::DataTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -159,7 +228,7 @@ impl ApiError {
 
     fn details(&self) -> Value {
         match self {
-            ApiError::Validation(errors) => json!(errors),
+            ApiError::Validation(errors) | ApiError::DataTooLarge(errors) => json!(errors),
             ApiError::DuplicateKey(error) => json!([error]),
             ApiError::SchemaViolation { violations, batch: true } => json!(violations),
             ApiError::SchemaViolation { violations, batch: false } => {
@@ -173,6 +242,10 @@ impl ApiError {
                 .collect::<Vec<_>>()),
             ApiError::InvalidResources(errors) => json!(errors),
             ApiError::PayloadTooLarge { limit } => json!({ "limit": limit }),
+            ApiError::QuotaExceeded(refusal) => {
+                let (usage, wanted, retry_after) = refusal_parts(refusal);
+                json!({ "namespace": usage.namespace, "events": wanted, "retryAfter": retry_after })
+            }
             _ => Value::Null,
         }
     }
@@ -182,9 +255,10 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => ApiError::Unauthenticated(e),
-            AuthError::MissingRole(_) | AuthError::NamespaceNotAllowed(_) | AuthError::SelfApproval => {
-                ApiError::Forbidden(e)
-            }
+            AuthError::MissingRole(_)
+            | AuthError::NamespaceNotAllowed(_)
+            | AuthError::SelfApproval
+            | AuthError::ClusterScope => ApiError::Forbidden(e),
         }
     }
 }
@@ -223,6 +297,13 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            ApiError::QuotaExceeded(refusal) => {
+                let (usage, _, retry_after) = refusal_parts(refusal);
+                if let Some(seconds) = retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                insert_rate_limit(headers, usage);
             }
             _ => {}
         }

@@ -104,6 +104,8 @@ impl From<AcceptError> for ApiError {
             AcceptError::Types(e) => ApiError::from_types(e, false),
             AcceptError::KeyReused => ApiError::IdempotencyKeyReused,
             AcceptError::Store(e) => e.into(),
+            AcceptError::DataTooLarge(items) => ApiError::data_too_large(items, false),
+            AcceptError::Quota(refusal) => ApiError::QuotaExceeded(refusal),
         }
     }
 }
@@ -192,6 +194,7 @@ impl EventIn {
             trace_id: ctx.trace_id.to_owned(),
             received_at: ctx.received_at,
             deliveries: Vec::new(),
+            dedup_window: None,
         })
     }
 }
@@ -331,6 +334,7 @@ async fn ingest(
     let events = validate_events(events, principal, &trace, request.namespace)?;
     state.ingestor.accept(IngestRequest { idempotency, events }).await.map_err(|e| match e {
         AcceptError::Types(e) => ApiError::from_types(e, request.batch),
+        AcceptError::DataTooLarge(items) => ApiError::data_too_large(items, request.batch),
         e => e.into(),
     })
 }
@@ -344,6 +348,15 @@ fn warn_deprecated(response: &mut Response, deprecated: &[Deprecated]) {
         if let Ok(value) = HeaderValue::from_str(&text) {
             response.headers_mut().append(header::WARNING, value);
         }
+    }
+}
+
+/// The headers of an accepted request: a `Warning` per deprecated type, and the
+/// `RateLimit` fields where a namespace of the request has a quota.
+fn finish(response: &mut Response, deprecated: &[Deprecated], quota: Option<&crate::ingest::quota::Usage>) {
+    warn_deprecated(response, deprecated);
+    if let Some(usage) = quota {
+        super::error::insert_rate_limit(response.headers_mut(), usage);
     }
 }
 
@@ -421,7 +434,7 @@ fn parse_json_borrowed(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
 }
 
 /// The answer to an ingest request: one event's, or a batch's (every event's, in order).
-fn answered(Answer { mut results, created, deprecated }: Answer, batch: bool) -> Result<Response, ApiError> {
+fn answered(Answer { mut results, created, deprecated, quota }: Answer, batch: bool) -> Result<Response, ApiError> {
     let mut response = if batch {
         (status(created), Json(BatchAccepted { results })).into_response()
     } else {
@@ -429,7 +442,7 @@ fn answered(Answer { mut results, created, deprecated }: Answer, batch: bool) ->
             results.pop().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no result for a single event")))?;
         (status(created), Json(result)).into_response()
     };
-    warn_deprecated(&mut response, &deprecated);
+    finish(&mut response, &deprecated, quota.as_ref());
     Ok(response)
 }
 

@@ -15,6 +15,7 @@ pub mod event_types;
 pub mod events;
 pub mod extract;
 mod health;
+pub mod namespaces;
 pub mod resources;
 pub mod strict_json;
 pub mod text;
@@ -132,6 +133,9 @@ fn routes() -> Routes {
         .add(Method::GET, "/v1/resources/{kind}", resources::list_resources)
         .add(Method::GET, "/v1/resources/{kind}/{namespace}/{name}", resources::get_resource)
         .add(Method::DELETE, "/v1/resources/{kind}/{namespace}/{name}", resources::delete_resource)
+        .add(Method::GET, "/v1/namespaces", namespaces::list)
+        .add(Method::GET, "/v1/namespaces/{name}", namespaces::get)
+        .add(Method::DELETE, "/v1/namespaces/{name}", namespaces::remove)
 }
 
 /// Every `(method, path)` the router serves, paths in OpenAPI template form.

@@ -2,7 +2,9 @@
 //! `DELETE /v1/resources/{kind}/{namespace}/{name}`.
 //!
 //! Applying needs `operator` on every namespace the apply touches (pruned resources
-//! included); reading needs `viewer`. An apply set is a name within a namespace: a prune
+//! included), and `admin` over every namespace when it applies or prunes a Namespace
+//! (cluster-scoped, stored under the namespace `""`, which no token names); reading needs
+//! `viewer`. An apply set is a name within a namespace: a prune
 //! reaches its set's members in the token's namespaces only. Secret values never leave the server: every spec
 //! shown is redacted (signing secrets, and header values not listed in `plainHeaders`),
 //! every diff too.
@@ -60,6 +62,8 @@ struct ApplyFile {
 #[derive(Debug, Serialize)]
 pub struct ApplyResult {
     kind: Kind,
+    /// None for a cluster-scoped resource.
+    #[serde(skip_serializing_if = "String::is_empty")]
     namespace: String,
     name: String,
     action: ApplyAction,
@@ -155,18 +159,24 @@ pub async fn apply_resources(
     let reach = principal.namespace_scope().map(<[String]>::to_vec);
     let mut namespaces: BTreeSet<String> =
         parsed.resources.iter().map(|l| l.resource.metadata.namespace.clone()).collect();
+    let mut cluster_scoped = parsed.resources.iter().any(|l| l.resource.kind().is_cluster_scoped());
     if params.prune {
         if let Some(set) = &params.applyset {
             let members = state.store.list_resources(None, None).await?;
-            namespaces.extend(
-                members
-                    .into_iter()
-                    .filter(|m| m.applyset.as_ref() == Some(set) && set_reaches(reach.as_deref(), &m.key.namespace))
-                    .map(|m| m.key.namespace),
-            );
+            let reached = members
+                .into_iter()
+                .filter(|m| m.applyset.as_ref() == Some(set) && set_reaches(reach.as_deref(), &m.key.namespace));
+            for member in reached {
+                cluster_scoped |= member.key.kind.is_cluster_scoped();
+                namespaces.insert(member.key.namespace);
+            }
         }
     }
-    for namespace in &namespaces {
+    // A Namespace (stored under no namespace) needs `admin` over every namespace.
+    if cluster_scoped {
+        principal.authorize_cluster()?;
+    }
+    for namespace in namespaces.iter().filter(|n| !n.is_empty()) {
         principal.authorize(Role::Operator, namespace)?;
     }
     let options = ApplyOptions {
@@ -268,11 +278,14 @@ pub fn document(resource: &StoredResource) -> Value {
     redact(resource.key.kind, &mut spec);
     let mut metadata = json!({
         "name": resource.key.name,
-        "namespace": resource.key.namespace,
         "generation": resource.generation,
         "createdAt": resource.created_at,
         "updatedAt": resource.updated_at,
     });
+    // A cluster-scoped resource has no namespace (and would be refused with one).
+    if !resource.key.kind.is_cluster_scoped() {
+        metadata["namespace"] = json!(resource.key.namespace);
+    }
     if !resource.labels.is_empty() {
         metadata["labels"] = json!(resource.labels);
     }
@@ -300,9 +313,8 @@ async fn refresh_catalog(state: &AppState) {
 }
 
 fn parse_kind(raw: &str) -> Result<Kind, ApiError> {
-    Kind::parse(raw).ok_or_else(|| {
-        ApiError::NotFound(format!("unknown kind `{raw}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType"))
-    })
+    Kind::parse(raw)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown kind `{raw}`; one of {}", crate::resources::KIND_NAMES)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,15 +376,24 @@ pub async fn delete_resource(
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let (key, _) = find(&state, &principal, &kind, namespace, name, Role::Operator).await?;
+    delete(&state, &principal, key).await
+}
+
+/// Deletes the resource at `key` (the caller is authorized), audited, and refreshes the
+/// catalog.
+pub(super) async fn delete(state: &AppState, principal: &Principal, key: ResourceKey) -> Result<Json<Value>, ApiError> {
     let deleted = state
         .store
         .delete_resource(&key, &principal.subject)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     tracing::info!(resource = %key, actor = %principal.subject, "resource deleted");
-    refresh_catalog(&state).await;
+    refresh_catalog(state).await;
     state.status_changed().await;
-    Ok(Json(
-        json!({ "kind": key.kind, "namespace": key.namespace, "name": key.name, "action": "deleted", "generation": deleted.generation }),
-    ))
+    let mut answer =
+        json!({ "kind": key.kind, "name": key.name, "action": "deleted", "generation": deleted.generation });
+    if !key.kind.is_cluster_scoped() {
+        answer["namespace"] = json!(key.namespace);
+    }
+    Ok(Json(answer))
 }

@@ -206,6 +206,7 @@ mod tests {
                 trace_id: "0".repeat(32),
                 received_at: now,
                 deliveries: Vec::new(),
+                dedup_window: None,
             },
             status: EventStatus::Accepted,
         }

@@ -302,6 +302,7 @@ async fn claimed_deliveries(store: &Store, count: usize) -> anyhow::Result<Vec<C
                     endpoint: AGENT.to_owned(),
                     ordering_key: None,
                 }],
+                dedup_window: None,
             })
             .collect();
         store.accept_events(&[IngestRequest { idempotency: None, events }]).await?;

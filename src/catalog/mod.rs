@@ -31,7 +31,8 @@ use crate::delivery::transform::Transform;
 use crate::policy::engine::{CompiledRule, PolicySet};
 use crate::policy::expr::{self, CompiledExpr, Limits};
 use crate::policy::meter;
-use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, RetryBudgetSpec};
+use crate::resources::kinds::{EndpointSpec, FilterSpec, Jitter, NamespaceSpec, RetryBudgetSpec};
+use crate::resources::namespace::{NamespaceDefaults, Settings};
 use crate::resources::secret_sources::SecretsConfig;
 use crate::resources::validate::EVENT_VARIABLES;
 use crate::resources::{Kind, Spec};
@@ -174,6 +175,8 @@ pub struct Catalog {
     policies: HashMap<String, Arc<PolicySet>>,
     /// The EventTypes in force, their schemas compiled.
     event_types: Arc<event_types::EventTypes>,
+    /// The Namespaces in force, by name (a namespace without one is not here).
+    namespaces: Arc<HashMap<String, NamespaceSpec>>,
     /// The resource revision it was built from (`None`: nothing loaded yet).
     pub revision: Option<i64>,
     /// The bounds of each evaluation: a Filter, an ordering key, a policy decision.
@@ -189,6 +192,16 @@ impl Catalog {
     /// The longest attempt timeout of any endpoint (a claim's lease must outlast it).
     pub fn max_timeout(&self) -> Duration {
         self.endpoints().map(|e| e.timeout).max().unwrap_or(DEFAULT_TIMEOUT)
+    }
+
+    /// The settings `namespace` runs with: its Namespace over `defaults`.
+    pub fn namespace_settings(&self, namespace: &str, defaults: &NamespaceDefaults) -> Settings {
+        Settings::of(self.namespaces.get(namespace), defaults)
+    }
+
+    /// The Namespaces in force, by name.
+    pub fn namespaces(&self) -> &HashMap<String, NamespaceSpec> {
+        &self.namespaces
     }
 
     /// Every endpoint.
@@ -302,7 +315,27 @@ impl Catalog {
         let policies =
             rules.into_iter().map(|(ns, (compiled, specs))| (ns, Arc::new(PolicySet::new(compiled, &specs)))).collect();
         let event_types = Arc::new(event_types::build(resources));
-        Catalog { by_namespace, policies, event_types, revision, budget: limits.budget() }
+        let namespaces = resources
+            .iter()
+            .filter(|r| r.key.kind == Kind::Namespace)
+            .filter_map(|r| match Spec::from_json(Kind::Namespace, r.spec.clone()) {
+                Ok(Spec::Namespace(spec)) => Some((r.key.name.clone(), spec)),
+                // It passed validation when applied: only stored data gone bad gets here,
+                // and the namespace then runs with the server's defaults.
+                _ => {
+                    tracing::error!(namespace = %r.key.name, "Namespace cannot be read; the namespace gets the defaults");
+                    None
+                }
+            })
+            .collect();
+        Catalog {
+            by_namespace,
+            policies,
+            event_types,
+            namespaces: Arc::new(namespaces),
+            revision,
+            budget: limits.budget(),
+        }
     }
 
     fn entry(
@@ -503,6 +536,7 @@ impl CatalogHandle {
                 by_namespace,
                 policies: current.policies.clone(),
                 event_types: current.event_types.clone(),
+                namespaces: current.namespaces.clone(),
                 revision: current.revision,
                 budget: current.budget,
             })

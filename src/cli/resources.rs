@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::{print_error, Client, ClientArgs, ERROR};
 use hookwarden::controller::apply::read_resource_files;
 use hookwarden::resources::secret_sources::SecretsConfig;
-use hookwarden::resources::validate::{validate, Checks};
+use hookwarden::resources::validate::{check_endpoint_quotas, validate, Checks};
 use hookwarden::resources::{parse_files, Kind};
 use hookwarden::{errln, out, outln};
 
@@ -59,7 +59,8 @@ pub enum OutputFormat {
 
 #[derive(Args)]
 pub struct GetArgs {
-    /// Endpoint, RetryBudget, Filter or AgentRule (plural and lower case accepted).
+    /// Endpoint, RetryBudget, Filter, AgentRule, EventType or Namespace (plural and lower
+    /// case accepted).
     pub kind: String,
     pub name: Option<String>,
     #[arg(short = 'n', long, default_value = "default")]
@@ -114,13 +115,14 @@ fn query(prune: bool, applyset: &Option<String>, dry_run: bool) -> Vec<(&'static
     q
 }
 
+/// `kind/namespace/name`, or `kind/name` for a cluster-scoped resource (no namespace).
 fn resource_name(r: &Value) -> String {
-    format!(
-        "{}/{}/{}",
-        r["kind"].as_str().unwrap_or("?").to_ascii_lowercase(),
-        r["namespace"].as_str().unwrap_or("?"),
-        r["name"].as_str().unwrap_or("?")
-    )
+    let kind = r["kind"].as_str().unwrap_or("?").to_ascii_lowercase();
+    let name = r["name"].as_str().unwrap_or("?");
+    match r["namespace"].as_str() {
+        Some(namespace) => format!("{kind}/{namespace}/{name}"),
+        None => format!("{kind}/{name}"),
+    }
 }
 
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
@@ -194,6 +196,7 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
     let checks = Checks { allow_private_urls, secrets, ..Checks::default() };
     let (resources, mut errors) = (parsed.resources, parsed.errors);
     errors.extend(validate(&resources, &parsed.unparsed, &checks));
+    errors.extend(check_endpoint_quotas(&resources, &parsed.unparsed, &Default::default()));
     if errors.is_empty() {
         outln!("{} resources in {} files are valid", resources.len(), files.len())?;
         return Ok(ExitCode::SUCCESS);
@@ -206,18 +209,23 @@ pub fn validate_files(args: FilesArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
-    let kind = Kind::parse(&args.kind).with_context(|| {
-        format!("unknown kind `{}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType", args.kind)
-    })?;
+    let kind = Kind::parse(&args.kind)
+        .with_context(|| format!("unknown kind `{}`; one of {}", args.kind, hookwarden::resources::KIND_NAMES))?;
     let client = Client::new(&args.client)?;
-    // Event types come from the catalog, which adds what subscribes to each.
-    let route = if kind == Kind::EventType { "event-types".to_owned() } else { format!("resources/{kind}") };
+    // Event types come from the catalog, which adds what subscribes to each; namespaces
+    // (cluster-scoped) from their own routes, with what each holds.
+    let route = match kind {
+        Kind::EventType => "event-types".to_owned(),
+        Kind::Namespace => "namespaces".to_owned(),
+        _ => format!("resources/{kind}"),
+    };
     let url = match &args.name {
+        Some(name) if kind == Kind::Namespace => format!("{}/v1/{route}/{name}", client.server),
         Some(name) => format!("{}/v1/{route}/{}/{name}", client.server, args.namespace),
         None => format!("{}/v1/{route}", client.server),
     };
     let mut request = client.http.get(url);
-    if args.name.is_none() && !args.all_namespaces {
+    if args.name.is_none() && !args.all_namespaces && kind != Kind::Namespace {
         request = request.query(&[("namespace", &args.namespace)]);
     }
     let (status, body) = client.send(request).await?;
@@ -243,6 +251,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             }
         }
         None if kind == Kind::EventType => out!("{}", event_type_table(&items))?,
+        None if kind == Kind::Namespace => out!("{}", namespace_table(&items))?,
         None => out!("{}", table(kind, &items))?,
     }
     Ok(ExitCode::SUCCESS)
@@ -262,6 +271,30 @@ fn event_type_table(items: &[Value]) -> String {
             item["deprecated"].as_bool().unwrap_or(false).to_string(),
             if subscribers.is_empty() { "-".to_owned() } else { subscribers.join(",") },
             text(&item["description"]),
+        ]);
+    }
+    aligned(rows)
+}
+
+/// Namespaces as an aligned table: the settings each runs with and what it holds.
+fn namespace_table(items: &[Value]) -> String {
+    let mut rows: Vec<Vec<String>> =
+        vec![["NAME", "RESOURCE", "RETENTION", "DEDUP", "EVENTS-TODAY", "EVENTS", "DELIVERIES", "ATTEMPTS", "OLDEST"]
+            .map(str::to_owned)
+            .to_vec()];
+    for item in items {
+        let status = &item["status"];
+        let text = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+        rows.push(vec![
+            text(&item["metadata"]["name"]),
+            if status["resource"] == true { "yes" } else { "no (defaults)" }.to_owned(),
+            text(&status["settings"]["retention"]["events"]),
+            text(&status["settings"]["dedupWindow"]),
+            text(&status["eventsToday"]),
+            text(&status["rows"]["events"]),
+            text(&status["rows"]["deliveries"]),
+            text(&status["rows"]["attempts"]),
+            status["oldestEvent"].as_str().unwrap_or("-").to_owned(),
         ]);
     }
     aligned(rows)
@@ -320,7 +353,11 @@ fn aligned(rows: Vec<Vec<String>>) -> String {
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let kind = Kind::parse(&args.kind).with_context(|| format!("unknown kind `{}`", args.kind))?;
     let client = Client::new(&args.client)?;
-    let url = format!("{}/v1/resources/{kind}/{}/{}", client.server, args.namespace, args.name);
+    let url = if kind == Kind::Namespace {
+        format!("{}/v1/namespaces/{}", client.server, args.name)
+    } else {
+        format!("{}/v1/resources/{kind}/{}/{}", client.server, args.namespace, args.name)
+    };
     let (status, body) = client.send(client.http.delete(url)).await?;
     if status != 200 {
         print_error(status, &body);

@@ -171,3 +171,28 @@ fn operational_events_and_the_console_are_read_from_the_file_and_checked() {
         assert!(err.contains(named), "{bad}: {err}");
     }
 }
+
+#[test]
+fn namespace_defaults_and_retention_are_read_from_the_file_and_bad_ones_named() {
+    let mut config = Config::default();
+    config.apply_file(
+        parse_file_config(
+            "namespaceDefaults:\n  retention: {events: 2d}\n  dedupWindow: 12h\nretention: {period: 10s, batchSize: 50}\n",
+        )
+        .unwrap(),
+    );
+    assert_eq!(config.namespace_defaults.retention.events, Duration::from_secs(2 * 86400));
+    assert_eq!(config.namespace_defaults.retention.attempts, Duration::from_secs(7 * 86400), "the rest default");
+    assert_eq!(config.namespace_defaults.dedup_window, Duration::from_secs(12 * 3600));
+    assert_eq!((config.retention.period, config.retention.batch_size), (Duration::from_secs(10), 50));
+    assert!(config.validate().is_ok());
+    let mut longer = config.clone();
+    longer.namespace_defaults.dedup_window = Duration::from_secs(3 * 86400);
+    let err = longer.validate().unwrap_err().to_string();
+    assert!(err.contains("namespaceDefaults.dedupWindow"), "{err}");
+    let mut batch = config.clone();
+    batch.retention.batch_size = 0;
+    assert!(batch.validate().unwrap_err().to_string().contains("retention.batchSize"));
+    let err = parse_file_config("namespaceDefaults:\n  dedupWindow: never\n").unwrap_err();
+    assert!(err.starts_with("namespaceDefaults.dedupWindow: "), "{err}");
+}

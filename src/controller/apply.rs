@@ -1,11 +1,11 @@
 //! One apply, from parsed documents to stored rows: validate against what is stored,
 //! then write atomically. Shared by `POST /v1/apply` and the directory controller.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::resources::validate::{self, Checks};
-use crate::resources::{Parsed, ResourceError, ResourceKey};
+use crate::resources::{Kind, NamespaceSpec, Parsed, ResourceError, ResourceKey, Spec};
 use crate::store::resources::set_reaches;
 use crate::store::{ApplyOutcome, ApplyRequest, DesiredResource, Store, StoreError};
 
@@ -62,6 +62,15 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
             }
         }
     }
+    // The stored Namespaces' specs, for their quotas (one that no longer reads sets none).
+    let namespaces: HashMap<String, NamespaceSpec> = stored
+        .iter()
+        .filter(|s| s.key.kind == Kind::Namespace)
+        .filter_map(|s| match Spec::from_json(Kind::Namespace, s.spec.clone()) {
+            Ok(Spec::Namespace(spec)) => Some((s.key.name.clone(), spec)),
+            _ => None,
+        })
+        .collect();
     let known: HashSet<ResourceKey> = stored
         .into_iter()
         .filter(|s| {
@@ -78,7 +87,8 @@ pub async fn apply(store: &Store, parsed: Parsed, options: &ApplyOptions) -> Res
     // the async workers.
     let checks = options.checks.clone();
     let (resources, invalid) = tokio::task::spawn_blocking(move || {
-        let invalid = validate::validate(&resources, &known, &checks);
+        let mut invalid = validate::validate(&resources, &known, &checks);
+        invalid.extend(validate::check_endpoint_quotas(&resources, &known, &namespaces));
         (resources, invalid)
     })
     .await

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use super::quota::{lease_batch, Limit, Refusal, Shortfall, Taken, Usage};
 use super::types::{check_types, Deprecated, TypeError};
 use super::{Accepted, EventFanOut, IngestError, Ingestor};
 use crate::catalog::FanOutError;
@@ -56,6 +57,9 @@ pub struct Answer {
     pub created: bool,
     /// The deprecated types the request's events have, each once.
     pub deprecated: Vec<Deprecated>,
+    /// What is left of the quota of the request's namespace closest to its limit (none
+    /// when no namespace of it has `quotas.ingest`), for the `RateLimit` fields.
+    pub quota: Option<Usage>,
 }
 
 /// Why a request got no answer.
@@ -66,12 +70,36 @@ pub enum AcceptError {
     /// The events' EventTypes refuse some of them; nothing written.
     #[error(transparent)]
     Types(#[from] TypeError),
+    /// Some events' `data` is larger than their namespace's `quotas.maxPayloadBytes`;
+    /// nothing written.
+    #[error("{} event(s) with data over their namespace's maxPayloadBytes", .0.len())]
+    DataTooLarge(Vec<TooLarge>),
+    /// Over a namespace's `quotas.ingest`; nothing written.
+    #[error("over the ingest quota of namespace `{}`", quota_namespace(.0))]
+    Quota(Refusal),
     /// The idempotency key was used before with a different request; nothing written.
     #[error("the idempotency key was used with a different request")]
     KeyReused,
     /// The request was committed, but its duplicates' deliveries could not be read.
     #[error("cannot read the deliveries of the duplicates")]
     Store(#[from] StoreError),
+}
+
+fn quota_namespace(refusal: &Refusal) -> &str {
+    match refusal {
+        Refusal::Rate { usage, .. } | Refusal::Day { usage, .. } | Refusal::TooMany { usage, .. } => &usage.namespace,
+    }
+}
+
+/// An event whose `data` is over its namespace's `quotas.maxPayloadBytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    /// The event's index in the request (0 for a single event).
+    pub item: usize,
+    pub namespace: String,
+    /// The bytes of its `data`'s JSON text.
+    pub size: usize,
+    pub limit: u64,
 }
 
 /// What the "event accepted" log line says of an event, kept while the event is queued.
@@ -91,10 +119,33 @@ impl Ingestor {
         Ok(())
     }
 
-    /// Commits `request` (see [`Ingestor::submit`]) and answers per event.
-    pub async fn accept(&self, request: IngestRequest) -> Result<Answer, AcceptError> {
-        let checked = check_types(&self.catalog.current(), &request.events, |namespace| {
-            self.config.unknown_event_types_in(namespace)
+    /// Commits `request` (see [`Ingestor::submit`]) and answers per event. Each event gets
+    /// its namespace's settings first (its dedup window, the largest `data` it may have,
+    /// what it does with unknown types: the Namespace's, over the configuration's).
+    pub async fn accept(&self, mut request: IngestRequest) -> Result<Answer, AcceptError> {
+        let catalog = self.catalog.current();
+        let defaults = &self.namespace_defaults;
+        let mut too_large = Vec::new();
+        let mut wanted: Vec<(String, Limit, u64)> = Vec::new();
+        for (item, event) in request.events.iter_mut().enumerate() {
+            let settings = catalog.namespace_settings(&event.namespace, defaults);
+            event.dedup_window = Some(settings.dedup_window);
+            if let Some(limit) = settings.ingest_quota {
+                match wanted.iter_mut().find(|(namespace, _, _)| *namespace == event.namespace) {
+                    Some((_, _, n)) => *n += 1,
+                    None => wanted.push((event.namespace.clone(), limit, 1)),
+                }
+            }
+            if let Some(limit) = settings.max_payload_bytes.filter(|limit| event.data.len() as u64 > *limit) {
+                too_large.push(TooLarge { item, namespace: event.namespace.clone(), size: event.data.len(), limit });
+            }
+        }
+        if !too_large.is_empty() {
+            return Err(AcceptError::DataTooLarge(too_large));
+        }
+        let checked = check_types(&catalog, &request.events, |namespace| {
+            let set = catalog.namespace_settings(namespace, defaults).unknown_event_types;
+            set.unwrap_or_else(|| self.config.unknown_event_types_in(namespace))
         })?;
         let deprecated = checked.deprecated_types(&request.events);
         let trace_id = request.events.first().map(|e| e.trace_id.clone()).unwrap_or_default();
@@ -107,7 +158,17 @@ impl Ingestor {
                 event_type: e.event_type.clone(),
             })
             .collect();
+        // Last before the commit: a request refused for any other reason costs no quota,
+        // and `taken` gives its events back unless the request is written.
+        let taken = self.take_quota(&wanted).await.inspect_err(|e| {
+            if let AcceptError::Quota(_) = e {
+                metrics::counter!("hookwarden_ingest_events_total", "outcome" => "over_quota")
+                    .increment(request.events.len() as u64);
+            }
+        })?;
         let Accepted { outcome, fan_out } = self.submit(request).await?;
+        // A replay or a reused key wrote nothing: `taken` gives its events back.
+        let quota = if matches!(outcome, RequestOutcome::Accepted(_)) { taken.keep() } else { None };
         let (outcomes, created) = match outcome {
             RequestOutcome::Accepted(items) => {
                 log_accepted(&fields, &items, &fan_out, &trace_id);
@@ -127,7 +188,35 @@ impl Ingestor {
         let fan_out = fan_out.into_iter().chain(std::iter::repeat_with(EventFanOut::default));
         let results =
             outcomes.into_iter().zip(fan_out).map(|(outcome, fanned)| answer(outcome, fanned, &stored)).collect();
-        Ok(Answer { results, created, deprecated })
+        Ok(Answer { results, created, deprecated, quota })
+    }
+}
+
+impl Ingestor {
+    /// Takes the request's events from its namespaces' quotas: here (SQLite), or from what
+    /// this process leased of the shared buckets, leasing more where it is short
+    /// (PostgreSQL: one statement per namespace short, none while the leased tokens last).
+    async fn take_quota(&self, wanted: &[(String, Limit, u64)]) -> Result<Taken, AcceptError> {
+        // Another request may spend what was just leased: a few rounds, then a refusal.
+        for _ in 0..3 {
+            let now = self.clock.now();
+            let needs = match self.quotas.take(wanted, now) {
+                Ok(taken) => return Ok(taken),
+                Err(Shortfall::Refused(refusal)) => return Err(AcceptError::Quota(refusal)),
+                Err(Shortfall::Lease(needs)) => needs,
+            };
+            for need in needs {
+                let batch = lease_batch(&need.limit, need.need);
+                let lease = self.store.lease_ingest_tokens(&need.namespace, &need.limit, need.need, batch, now).await?;
+                // Leases are asked for in shared mode only, which PostgreSQL answers.
+                let Some(lease) = lease else { break };
+                self.quotas.leased(&need, lease, now).map_err(AcceptError::Quota)?;
+            }
+        }
+        match self.quotas.contended(wanted, self.clock.now()) {
+            Some(refusal) => Err(AcceptError::Quota(refusal)),
+            None => Ok(Taken::nothing()),
+        }
     }
 }
 

@@ -17,12 +17,13 @@
 //!   ([`CatalogHandle::evaluate`]), never on an async worker.
 //!
 //! Before any of that, [`types`] checks the events against their namespace's EventTypes.
-//! [`keys`] forgets idempotency keys after their time to live; [`outbox`] fans out the
-//! operational events that transitions wrote (see [`crate::operational`]).
+//! [`keys`] forgets idempotency keys once no window can use them; [`outbox`] fans out
+//! the operational events that transitions wrote (see [`crate::operational`]).
 
 mod accept;
 pub mod keys;
 pub mod outbox;
+pub mod quota;
 pub mod types;
 mod writer;
 
@@ -32,12 +33,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::{Catalog, CatalogHandle, EventView, FanOutError};
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, NamespaceDefaults};
 use crate::ids::DeliveryId;
 use crate::store::{IngestRequest, NewDelivery, NewEvent, RequestOutcome, Store, StoreError};
 use crate::telemetry::backlog::Backlog;
 
-pub use accept::{AcceptError, Answer, DeliverySummary, EventAccepted};
+pub use accept::{AcceptError, Answer, DeliverySummary, EventAccepted, TooLarge};
 
 /// Why a request was not written.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -199,6 +200,11 @@ pub struct Ingestor {
     max_backlog: u64,
     /// For `unknownEventTypes`.
     config: Arc<IngestConfig>,
+    /// What namespaces without a Namespace (or a setting of one) get.
+    namespace_defaults: Arc<NamespaceDefaults>,
+    /// The ingest quotas' buckets (`spec.quotas.ingest`), read by [`Ingestor::accept`].
+    quotas: Arc<quota::Quotas>,
+    clock: crate::clock::Clock,
 }
 
 /// What [`Ingestor::start`] needs besides the store and the catalog.
@@ -209,6 +215,10 @@ pub struct IngestSettings<'a> {
     pub backlog: Backlog,
     /// Signalled after a commit that created deliveries.
     pub wake: Arc<Notify>,
+    /// `namespaceDefaults` (the dedup window of namespaces their Namespace leaves it to).
+    pub namespace_defaults: NamespaceDefaults,
+    /// "Now" for the ingest quotas.
+    pub clock: crate::clock::Clock,
 }
 
 impl Ingestor {
@@ -219,8 +229,10 @@ impl Ingestor {
         settings: IngestSettings<'_>,
         tracker: &TaskTracker,
     ) -> Ingestor {
-        let IngestSettings { config, max_backlog, backlog, wake } = settings;
+        let IngestSettings { config, max_backlog, backlog, wake, namespace_defaults, clock } = settings;
         let queue = writer::start(store.clone(), catalog.clone(), config, tracker, wake);
+        // PostgreSQL may be shared by several processes: its buckets are in the database.
+        let shared = matches!(store.backend(), crate::store::Backend::Postgres);
         Ingestor {
             queue,
             catalog,
@@ -229,6 +241,9 @@ impl Ingestor {
             backlog,
             max_backlog,
             config: Arc::new(config.clone()),
+            namespace_defaults: Arc::new(namespace_defaults),
+            quotas: Arc::new(quota::Quotas::new(shared)),
+            clock,
         }
     }
 

@@ -326,3 +326,77 @@ pub struct EventTypeSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deprecated: bool,
 }
+
+/// A tenant's lifecycle and limits (cluster-scoped: `metadata.name` is the namespace it
+/// governs, and there is no `metadata.namespace`). What it leaves out, and every namespace
+/// without a Namespace, gets the server's `namespaceDefaults` (see [`crate::config`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceSpec {
+    /// How long what the namespace stores is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// How long a repeated `(source, id)` or `Idempotency-Key` is a duplicate of the
+    /// first; after it, the same id is a new event and is delivered again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_window: Option<DurationText>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
+    /// What happens to an event whose type has no EventType in the namespace (over the
+    /// server's `ingest.unknownEventTypes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_event_types: Option<UnknownEventTypes>,
+}
+
+/// How long rows are kept after they are written. Each left out is the server default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Retention {
+    /// An event (with its deliveries and their attempts) is deleted this long after it was
+    /// received, once every delivery of it is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<DurationText>,
+    /// A dead delivery (and its attempts) is deleted this long after it died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<DurationText>,
+    /// An attempt of a final delivery is deleted this long after it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<DurationText>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Quotas {
+    /// Ingest rates, enforced at `POST /v1/events` and `/v1/events/batch` (`429` over them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<IngestQuota>,
+    /// Most Endpoints the namespace may hold (checked at apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_endpoints: Option<u32>,
+    /// Largest `data` of one event, in bytes of its JSON text (`413` above it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IngestQuota {
+    /// Events per second, sustained.
+    pub per_second: u32,
+    /// Events allowed at once above the sustained rate (default: `perSecond`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Events per UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_day: Option<u64>,
+}
+
+/// An event whose type has no EventType in its namespace is accepted unchecked, or
+/// refused (`400 unknown_event_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(expecting = "`accept` or `reject`", rename_all = "lowercase")]
+pub enum UnknownEventTypes {
+    #[default]
+    Accept,
+    Reject,
+}

@@ -10,6 +10,7 @@ pub mod diff;
 pub mod event_schema;
 pub mod kinds;
 pub mod limits;
+pub mod namespace;
 pub mod secret_sources;
 pub mod validate;
 
@@ -20,7 +21,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use kinds::{AgentRuleSpec, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec};
+pub use kinds::{AgentRuleSpec, EndpointSpec, EventTypeSpec, FilterSpec, NamespaceSpec, RetryBudgetSpec};
 pub use limits::ApplyLimits;
 use limits::Budget;
 
@@ -35,10 +36,23 @@ pub enum Kind {
     Filter,
     AgentRule,
     EventType,
+    /// Cluster-scoped: a tenant's lifecycle and limits (see [`Kind::is_cluster_scoped`]).
+    Namespace,
 }
 
+/// The kinds by name, for messages.
+pub const KIND_NAMES: &str = "Endpoint, RetryBudget, Filter, AgentRule, EventType, Namespace";
+
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::RetryBudget, Kind::Filter, Kind::Endpoint, Kind::AgentRule, Kind::EventType];
+    pub const ALL: [Kind; 6] =
+        [Kind::Namespace, Kind::RetryBudget, Kind::Filter, Kind::Endpoint, Kind::AgentRule, Kind::EventType];
+
+    /// A cluster-scoped resource has a name and no namespace: it is stored under the
+    /// namespace `""`, which no token's namespaces and no namespace-scoped document can
+    /// name, and applying or deleting it needs `admin` over every namespace.
+    pub fn is_cluster_scoped(self) -> bool {
+        self == Kind::Namespace
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,6 +61,7 @@ impl Kind {
             Kind::Filter => "Filter",
             Kind::AgentRule => "AgentRule",
             Kind::EventType => "EventType",
+            Kind::Namespace => "Namespace",
         }
     }
 
@@ -72,9 +87,14 @@ pub struct ResourceKey {
     pub name: String,
 }
 
+/// `Kind/namespace/name`, or `Kind/name` for a cluster-scoped resource.
 impl fmt::Display for ResourceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+        if self.namespace.is_empty() {
+            write!(f, "{}/{}", self.kind, self.name)
+        } else {
+            write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+        }
     }
 }
 
@@ -87,8 +107,8 @@ pub struct Metadata {
     /// EventType's name is its event type: 1-253 of a-z, A-Z, 0-9, '.', '_' and '-',
     /// starting and ending alphanumeric.
     pub name: String,
-    /// The tenant boundary; `default` when omitted.
-    #[serde(default = "default_namespace")]
+    /// The tenant boundary; `default` when omitted. A Namespace (cluster-scoped) has none.
+    #[serde(default = "default_namespace", skip_serializing_if = "String::is_empty")]
     pub namespace: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -134,6 +154,7 @@ pub enum Spec {
     Filter(FilterSpec),
     AgentRule(AgentRuleSpec),
     EventType(EventTypeSpec),
+    Namespace(NamespaceSpec),
 }
 
 impl Spec {
@@ -144,6 +165,7 @@ impl Spec {
             Spec::Filter(_) => Kind::Filter,
             Spec::AgentRule(_) => Kind::AgentRule,
             Spec::EventType(_) => Kind::EventType,
+            Spec::Namespace(_) => Kind::Namespace,
         }
     }
 
@@ -155,6 +177,7 @@ impl Spec {
             Spec::Filter(s) => serde_json::to_value(s),
             Spec::AgentRule(s) => serde_json::to_value(s),
             Spec::EventType(s) => serde_json::to_value(s),
+            Spec::Namespace(s) => serde_json::to_value(s),
         };
         value.expect("specs are plain data and always serialize")
     }
@@ -171,6 +194,7 @@ impl Spec {
             Kind::Filter => FilterSpec::deserialize(&stored).map(Spec::Filter),
             Kind::AgentRule => AgentRuleSpec::deserialize(&stored).map(Spec::AgentRule),
             Kind::EventType => EventTypeSpec::deserialize(&stored).map(Spec::EventType),
+            Kind::Namespace => NamespaceSpec::deserialize(&stored).map(Spec::Namespace),
         };
         canonical.map(|spec| spec.to_json()).unwrap_or(stored)
     }
@@ -183,6 +207,7 @@ impl Spec {
             Kind::Filter => Spec::Filter(serde_json::from_value(value)?),
             Kind::AgentRule => Spec::AgentRule(serde_json::from_value(value)?),
             Kind::EventType => Spec::EventType(serde_json::from_value(value)?),
+            Kind::Namespace => Spec::Namespace(serde_json::from_value(value)?),
         })
     }
 }
@@ -372,6 +397,7 @@ fn named_key(value: &yaml_serde::Value) -> Option<ResourceKey> {
     let metadata = value.get("metadata")?;
     let name = metadata.get("name")?.as_str()?.to_owned();
     let namespace = match metadata.get("namespace") {
+        None if kind.is_cluster_scoped() => String::new(),
         None => DEFAULT_NAMESPACE.to_owned(),
         Some(namespace) => namespace.as_str()?.to_owned(),
     };
@@ -426,16 +452,21 @@ fn parse_document(
         }
         None => return Err(ResourceError::at(origin, "apiVersion", format!("missing; must be `{API_VERSION}`"))),
     }
-    let kind_name = map.get("kind").and_then(|v| v.as_str()).ok_or_else(|| {
-        ResourceError::at(origin, "kind", "missing; one of Endpoint, RetryBudget, Filter, AgentRule, EventType")
-    })?;
-    let kind = Kind::ALL.into_iter().find(|k| k.as_str() == kind_name).ok_or_else(|| {
-        ResourceError::at(
+    let kind_name = map
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| ResourceError::at(origin, "kind", format!("missing; one of {KIND_NAMES}")))?;
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == kind_name)
+        .ok_or_else(|| ResourceError::at(origin, "kind", format!("unknown kind `{kind_name}`; one of {KIND_NAMES}")))?;
+    if kind.is_cluster_scoped() && value.get("metadata").and_then(|m| m.get("namespace")).is_some() {
+        return Err(ResourceError::at(
             origin,
-            "kind",
-            format!("unknown kind `{kind_name}`; one of Endpoint, RetryBudget, Filter, AgentRule, EventType"),
-        )
-    })?;
+            "metadata.namespace",
+            format!("a {kind} is cluster-scoped: give `metadata.name` only (the namespace it governs)"),
+        ));
+    }
     // The document again, in the typed shape, for field paths with lines.
     let (metadata, spec) = match kind {
         Kind::Endpoint => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Endpoint(s)))?,
@@ -443,7 +474,9 @@ fn parse_document(
         Kind::Filter => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Filter(s)))?,
         Kind::AgentRule => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::AgentRule(s)))?,
         Kind::EventType => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::EventType(s)))?,
+        Kind::Namespace => typed_document(origin, text, lines, document).map(|(m, s)| (m, Spec::Namespace(s)))?,
     };
+    let metadata = if kind.is_cluster_scoped() { Metadata { namespace: String::new(), ..metadata } } else { metadata };
     Ok(Resource { metadata, spec })
 }
 
@@ -534,6 +567,7 @@ pub fn json_schema() -> serde_json::Value {
         kind_schema(Kind::Filter, schemars::schema_for!(Document<FilterSpec>).to_value()),
         kind_schema(Kind::AgentRule, schemars::schema_for!(Document<AgentRuleSpec>).to_value()),
         kind_schema(Kind::EventType, schemars::schema_for!(Document<EventTypeSpec>).to_value()),
+        kind_schema(Kind::Namespace, schemars::schema_for!(Document<NamespaceSpec>).to_value()),
     ];
     serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -591,6 +625,22 @@ mod tests {
             "apiVersion: hookwarden/v1\nkind: Endpoint\nmetadata: {{name: e}}\nspec:\n  url: https://e.example.com\n  secrets: [{secret}]\n"
         ));
         assert_eq!(error.message, "must be a mapping with `value` or `valueFrom`, not a text");
+    }
+
+    #[test]
+    fn a_namespace_is_cluster_scoped() {
+        let yaml = "apiVersion: hookwarden/v1\nkind: Namespace\nmetadata: {name: payments}\nspec: {dedupWindow: 24h}\n";
+        let parsed = parse_file("f.yaml", yaml);
+        assert_eq!(parsed.errors, vec![]);
+        let resource = &parsed.resources[0].resource;
+        assert_eq!(
+            resource.key(),
+            ResourceKey { kind: Kind::Namespace, namespace: String::new(), name: "payments".into() }
+        );
+        let error = only_error(&yaml.replace("{name: payments}", "{name: payments, namespace: default}"));
+        assert_eq!(error.path, "metadata.namespace");
+        assert!(error.message.contains("cluster-scoped"), "{error}");
+        assert_eq!(Kind::parse("namespaces"), Some(Kind::Namespace));
     }
 
     #[test]

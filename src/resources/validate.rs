@@ -13,8 +13,10 @@ use std::collections::{HashMap, HashSet};
 use base64::Engine as _;
 
 use super::kinds::{
-    AgentRuleSpec, Decision, DeliveryFormat, EndpointSpec, EventTypeSpec, FilterSpec, RetryBudgetSpec, SecretSource,
+    AgentRuleSpec, Decision, DeliveryFormat, EndpointSpec, EventTypeSpec, FilterSpec, NamespaceSpec, RetryBudgetSpec,
+    SecretSource,
 };
+use super::namespace::{retention_problem, window_problem, NamespaceDefaults, Settings};
 use super::secret_sources::SecretsConfig;
 use super::{Kind, Located, Origin, ResourceError, ResourceKey, Spec};
 pub use crate::delivery::guard::{is_private_host, is_private_ip};
@@ -37,6 +39,8 @@ pub struct Checks {
     pub secrets: SecretsConfig,
     /// What CEL may be (`cel` in the configuration).
     pub cel: Limits,
+    /// What a Namespace leaves out (`namespaceDefaults` in the configuration).
+    pub namespace_defaults: NamespaceDefaults,
 }
 
 /// Validates `resources`; references may resolve to them or to `stored`.
@@ -94,6 +98,59 @@ pub fn validate(resources: &[Located], stored: &HashSet<ResourceKey>, checks: &C
                 }
             }
             Spec::EventType(spec) => v.event_type(spec),
+            Spec::Namespace(spec) => v.namespace(spec),
+        }
+    }
+    errors
+}
+
+/// Checks each namespace's `quotas.maxEndpoints` against the Endpoints it would hold after
+/// an apply: those `known` (stored and not pruned, or applied) of kind Endpoint. The
+/// Namespace in force is the applied one, else `stored` (the stored Namespaces' specs, by
+/// name). Each Endpoint document applied to a namespace over its limit is named.
+pub fn check_endpoint_quotas(
+    resources: &[Located],
+    known: &HashSet<ResourceKey>,
+    stored: &HashMap<String, NamespaceSpec>,
+) -> Vec<ResourceError> {
+    let mut specs: HashMap<&str, &NamespaceSpec> = stored.iter().map(|(name, spec)| (name.as_str(), spec)).collect();
+    for located in resources {
+        if let Spec::Namespace(spec) = &located.resource.spec {
+            specs.insert(located.resource.metadata.name.as_str(), spec);
+        }
+    }
+    let applied: Vec<ResourceKey> = resources.iter().map(|l| l.resource.key()).collect();
+    let mut held: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for key in known.iter().chain(&applied).filter(|k| k.kind == Kind::Endpoint) {
+        held.entry(key.namespace.as_str()).or_default().insert(key.name.as_str());
+    }
+    let mut errors = Vec::new();
+    for located in resources {
+        let Spec::Namespace(spec) = &located.resource.spec else { continue };
+        let name = located.resource.metadata.name.as_str();
+        let count = held.get(name).map_or(0, HashSet::len);
+        if let Some(limit) = spec.quotas.as_ref().and_then(|q| q.max_endpoints).filter(|l| count > *l as usize) {
+            errors.push(ResourceError::at(
+                &located.origin,
+                "spec.quotas.maxEndpoints",
+                format!("namespace `{name}` would hold {count} Endpoints, more than {limit}: delete some first"),
+            ));
+        }
+    }
+    for located in resources.iter().filter(|l| l.resource.kind() == Kind::Endpoint) {
+        let namespace = located.resource.metadata.namespace.as_str();
+        let Some(limit) = specs.get(namespace).and_then(|s| s.quotas.as_ref()).and_then(|q| q.max_endpoints) else {
+            continue;
+        };
+        let count = held.get(namespace).map_or(0, HashSet::len);
+        if count > limit as usize {
+            errors.push(ResourceError::at(
+                &located.origin,
+                "metadata.name",
+                format!(
+                    "namespace `{namespace}` may hold at most {limit} Endpoints (its Namespace's spec.quotas.maxEndpoints); with this apply it would hold {count}"
+                ),
+            ));
         }
     }
     errors
@@ -151,7 +208,8 @@ impl Validator<'_> {
         } else if !is_dns_label(&m.name) {
             self.error("metadata.name", DNS_LABEL_RULE);
         }
-        if !is_dns_label(&m.namespace) {
+        // A cluster-scoped resource has no namespace (it was refused with one when read).
+        if !kind.is_cluster_scoped() && !is_dns_label(&m.namespace) {
             self.error("metadata.namespace", DNS_LABEL_RULE);
         }
         for (key, value) in &m.labels {
@@ -342,6 +400,59 @@ impl Validator<'_> {
         }
         for problem in super::event_schema::check_spec(spec.schema.as_ref(), &spec.examples) {
             self.error(&problem.path, problem.message);
+        }
+    }
+
+    fn namespace(&mut self, spec: &NamespaceSpec) {
+        let before = self.errors.len();
+        if let Some(retention) = &spec.retention {
+            let fields = [
+                ("spec.retention.events", retention.events),
+                ("spec.retention.deadLetters", retention.dead_letters),
+                ("spec.retention.attempts", retention.attempts),
+            ];
+            for (path, d) in fields {
+                if let Some(message) = d.and_then(|d| retention_problem(d.0)) {
+                    self.error(path, message);
+                }
+            }
+        }
+        if let Some(message) = spec.dedup_window.and_then(|d| window_problem(d.0)) {
+            self.error("spec.dedupWindow", message);
+        } else if self.errors.len() == before {
+            // Compared only when the retention itself is valid.
+            let settings = Settings::of(Some(spec), &self.checks.namespace_defaults);
+            if settings.dedup_window > settings.retention.events {
+                self.error(
+                    "spec.dedupWindow",
+                    format!(
+                        "must not be longer than retention.events ({}): a duplicate would be answered with an event that is gone",
+                        crate::duration::DurationText(settings.retention.events)
+                    ),
+                );
+            }
+        }
+        let Some(quotas) = &spec.quotas else { return };
+        if let Some(ingest) = &quotas.ingest {
+            if !(1..=1_000_000).contains(&ingest.per_second) {
+                self.error("spec.quotas.ingest.perSecond", "must be between 1 and 1000000");
+            }
+            if let Some(burst) = ingest.burst {
+                if burst < ingest.per_second || burst > 10_000_000 {
+                    self.error("spec.quotas.ingest.burst", "must be at least perSecond and at most 10000000");
+                }
+            }
+            if ingest.per_day == Some(0) {
+                self.error("spec.quotas.ingest.perDay", "must be at least 1 (leave it out for no daily limit)");
+            }
+        }
+        if quotas.max_endpoints == Some(0) {
+            self.error("spec.quotas.maxEndpoints", "must be at least 1 (leave it out for no limit)");
+        }
+        if let Some(bytes) = quotas.max_payload_bytes {
+            if !(1..=1 << 30).contains(&bytes) {
+                self.error("spec.quotas.maxPayloadBytes", "must be between 1 and 1073741824");
+            }
         }
     }
 

@@ -5,8 +5,16 @@
 //! `(namespace, source, external_id)` is inserted and later ones are duplicates of it. The
 //! backends supply four set-sized statements ([`IngestTx`]); the decisions are made here,
 //! once, so SQLite and PostgreSQL cannot drift apart.
+//!
+//! Both kinds of duplicate are windowed (each event's `dedup_window`, its namespace's
+//! `dedupWindow`): a key first used, or an identity first accepted, longer ago than the
+//! window is taken over by the new request or event, which is then new (written, fanned
+//! out, delivered again). The window is measured from the first acceptance, by each
+//! event's `received_at`, so a test drives it with the times it gives.
 
 use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 
 use super::{NewEvent, StoreError};
 use crate::ids::EventId;
@@ -57,6 +65,21 @@ pub enum Committed {
     Stale { revision: i64 },
 }
 
+/// An idempotency key to claim: used before `cutoff` (`None`: never), it is free again and
+/// is taken over at `at`.
+pub(crate) struct KeyClaim<'a> {
+    pub key: &'a IdempotencyKey,
+    pub at: DateTime<Utc>,
+    pub cutoff: Option<DateTime<Utc>>,
+}
+
+/// The time before which an identity first accepted is no longer a duplicate of `event`
+/// (`None`: it always is).
+pub(crate) fn dedup_cutoff(event: &NewEvent) -> Option<DateTime<Utc>> {
+    let window = chrono::Duration::from_std(event.dedup_window?).ok()?;
+    event.received_at.checked_sub_signed(window)
+}
+
 /// `(namespace, source, external_id)`: the CloudEvents identity of an event.
 pub(crate) type Identity = (String, String, String);
 
@@ -72,16 +95,17 @@ pub(crate) struct ExistingKey {
 
 /// The statements each backend runs inside its ingest transaction.
 pub(crate) trait IngestTx {
-    /// Inserts the keys that do not exist yet; returns the ones that already did.
-    async fn claim_keys(
-        &mut self,
-        keys: &[&IdempotencyKey],
-    ) -> Result<HashMap<(String, String), ExistingKey>, StoreError>;
-    /// Inserts the events whose identity is new; returns the ids of those inserted.
+    /// Inserts the keys that do not exist yet and takes over those used before their
+    /// cutoff; returns the ones that already existed and were not taken over.
+    async fn claim_keys(&mut self, keys: &[KeyClaim<'_>])
+        -> Result<HashMap<(String, String), ExistingKey>, StoreError>;
+    /// Inserts the events whose identity is new, or was first accepted before the event's
+    /// [`dedup_cutoff`] (the identity then names the new event); returns the ids of those
+    /// inserted.
     async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError>;
     /// Inserts the deliveries fan-out decided on for these (newly inserted) events.
     async fn insert_deliveries(&mut self, events: &[&NewEvent]) -> Result<(), StoreError>;
-    /// The stored ids of events with these identities.
+    /// The ids of the events these identities name now.
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError>;
     /// Binds each claimed key to the result of its request.
     async fn record_keys(&mut self, results: &[(&IdempotencyKey, Vec<EventId>)]) -> Result<(), StoreError>;
@@ -125,16 +149,16 @@ pub(crate) async fn accept_in<T: IngestTx>(
 async fn write_in<T: IngestTx>(tx: &mut T, requests: &[IngestRequest]) -> Result<Vec<RequestOutcome>, StoreError> {
     // 1. Idempotency keys: claim new ones (sorted, so concurrent writers lock in one order).
     let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut to_claim: Vec<&IdempotencyKey> = Vec::new();
+    let mut to_claim: Vec<KeyClaim<'_>> = Vec::new();
     for (i, request) in requests.iter().enumerate() {
         if let Some(k) = &request.idempotency {
             if let std::collections::hash_map::Entry::Vacant(slot) = first_with_key.entry((&k.scope, &k.key)) {
                 slot.insert(i);
-                to_claim.push(k);
+                to_claim.push(key_claim(k, request));
             }
         }
     }
-    to_claim.sort_by(|a, b| (&a.scope, &a.key).cmp(&(&b.scope, &b.key)));
+    to_claim.sort_by(|a, b| (&a.key.scope, &a.key.key).cmp(&(&b.key.scope, &b.key.key)));
     let mut existing = if to_claim.is_empty() { HashMap::new() } else { tx.claim_keys(&to_claim).await? };
 
     let plans: Vec<Plan> = requests
@@ -173,17 +197,37 @@ async fn write_in<T: IngestTx>(tx: &mut T, requests: &[IngestRequest]) -> Result
     let mut candidates: Vec<(&Identity, &NewEvent)> = first_of.iter().map(|(k, v)| (k, *v)).collect();
     candidates.sort_by(|a, b| a.0.cmp(b.0));
     let to_insert: Vec<&NewEvent> = candidates.iter().map(|(_, e)| *e).collect();
-    let inserted = if to_insert.is_empty() { HashSet::new() } else { tx.insert_events(&to_insert).await? };
+    let mut inserted = if to_insert.is_empty() { HashSet::new() } else { tx.insert_events(&to_insert).await? };
+
+    // 3. Identities that were already stored: look up the original ids. One that is gone
+    // meanwhile (retention forgot it, past its window, between the claim and the lookup)
+    // is claimed again: it is free now.
+    let mut stored: HashMap<Identity, EventId> = HashMap::new();
+    for round in 0.. {
+        let missing: Vec<Identity> = candidates
+            .iter()
+            .filter(|(k, e)| !inserted.contains(&e.id) && !stored.contains_key(*k))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        stored.extend(tx.find_event_ids(&missing).await?);
+        let vanished: Vec<&NewEvent> = candidates
+            .iter()
+            .filter(|(k, e)| !inserted.contains(&e.id) && !stored.contains_key(*k))
+            .map(|(_, e)| *e)
+            .collect();
+        if vanished.is_empty() || round == 3 {
+            break;
+        }
+        inserted.extend(tx.insert_events(&vanished).await?);
+    }
     let fanned_out: Vec<&NewEvent> =
         to_insert.iter().copied().filter(|e| inserted.contains(&e.id) && !e.deliveries.is_empty()).collect();
     if !fanned_out.is_empty() {
         tx.insert_deliveries(&fanned_out).await?;
     }
-
-    // 3. Identities that were already stored: look up the original ids.
-    let missing: Vec<Identity> =
-        candidates.iter().filter(|(_, e)| !inserted.contains(&e.id)).map(|(k, _)| (*k).clone()).collect();
-    let stored = if missing.is_empty() { HashMap::new() } else { tx.find_event_ids(&missing).await? };
 
     // 4. Outcomes, in request order; then bind fresh keys to their results.
     let mut outcomes: Vec<RequestOutcome> = Vec::with_capacity(requests.len());
@@ -229,6 +273,18 @@ async fn write_in<T: IngestTx>(tx: &mut T, requests: &[IngestRequest]) -> Result
         tx.record_keys(&results).await?;
     }
     Ok(outcomes)
+}
+
+/// A request's key, claimed when its events were received; free again before the
+/// shortest dedup window of its events (a request with none, or events without a window,
+/// keeps the key for as long as it is stored).
+fn key_claim<'a>(key: &'a IdempotencyKey, request: &IngestRequest) -> KeyClaim<'a> {
+    let at = request.events.iter().map(|e| e.received_at).min().unwrap_or_else(Utc::now);
+    let cutoff = request.events.iter().map(dedup_cutoff).try_fold(None::<DateTime<Utc>>, |latest, cutoff| {
+        // The latest cutoff is that of the shortest window; an event without one keeps the key.
+        cutoff.map(|c| Some(latest.map_or(c, |l| l.max(c))))
+    });
+    KeyClaim { key, at, cutoff: cutoff.flatten() }
 }
 
 fn event_ids(outcome: &RequestOutcome) -> Vec<EventId> {

@@ -32,7 +32,9 @@ mod operational;
 pub mod policy;
 mod postgres;
 mod queue;
+mod quotas;
 pub mod resources;
+pub mod retention;
 pub mod spend;
 mod sql;
 mod sqlite;
@@ -112,6 +114,10 @@ pub struct NewEvent {
     pub received_at: DateTime<Utc>,
     /// The deliveries fan-out decided on; written with the event, in one transaction.
     pub deliveries: Vec<NewDelivery>,
+    /// Its namespace's `dedupWindow`, set by the ingest use case: a repeat of its
+    /// `(source, id)` (or of its request's `Idempotency-Key`) received within it of the
+    /// first is a duplicate. `None`: always a duplicate.
+    pub dedup_window: Option<std::time::Duration>,
 }
 
 /// Where an event is in its life. Delivery states live on deliveries, not here.
@@ -394,6 +400,7 @@ impl TryFrom<EventRow> for StoredEvent {
                 trace_id: row.trace_id,
                 received_at: row.received_at,
                 deliveries: Vec::new(),
+                dedup_window: None,
             },
             status: EventStatus::parse(&row.status)?,
         })

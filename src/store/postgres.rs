@@ -13,7 +13,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::ingest::{
+    accept_in, decode_ids, dedup_cutoff, encode_ids, Committed, ExistingKey, Identity, IngestTx, KeyClaim,
+};
 use super::operational::{fan_out_in, OutboxCommitted};
 use super::spend::SettledEntry;
 use super::{check_migrated, IdempotencyKey, IngestRequest, NewEvent, StoreError};
@@ -171,6 +173,63 @@ impl PgStore {
 /// The ingest transaction, and the name work notifications carry.
 struct PgIngest<'a>(Transaction<'static, Postgres>, &'a str);
 
+impl PgIngest<'_> {
+    /// Claims the identities of `events` (sorted by identity, so that concurrent writers
+    /// lock them in one order): new ones are inserted, those first accepted before the
+    /// event's dedup cutoff are taken over. Returns the events that claimed theirs.
+    async fn claim_identities<'e>(&mut self, events: &[&'e NewEvent]) -> Result<Vec<&'e NewEvent>, StoreError> {
+        let columns = |events: &[&NewEvent]| {
+            let text = |f: fn(&NewEvent) -> &str| events.iter().map(|e| f(e).to_owned()).collect::<Vec<String>>();
+            (
+                text(|e| e.id.as_str()),
+                text(|e| &e.namespace),
+                text(|e| &e.source),
+                text(|e| &e.external_id),
+                events.iter().map(|e| e.received_at).collect::<Vec<DateTime<Utc>>>(),
+            )
+        };
+        let (ids, namespaces, sources, external_ids, received) = columns(events);
+        let mut claimed: HashSet<String> = sqlx::query_scalar::<_, String>(
+            "INSERT INTO event_identities (event_id, namespace, source, external_id, received_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind(&ids)
+        .bind(&namespaces)
+        .bind(&sources)
+        .bind(&external_ids)
+        .bind(&received)
+        .fetch_all(&mut *self.0)
+        .await?
+        .into_iter()
+        .collect();
+        // Only an identity past its event's window may be taken over.
+        let rest: Vec<&NewEvent> =
+            events.iter().copied().filter(|e| !claimed.contains(e.id.as_str()) && dedup_cutoff(e).is_some()).collect();
+        if !rest.is_empty() {
+            let (ids, namespaces, sources, external_ids, received) = columns(&rest);
+            let cutoffs: Vec<Option<DateTime<Utc>>> = rest.iter().copied().map(dedup_cutoff).collect();
+            let taken: Vec<String> = sqlx::query_scalar(
+                "UPDATE event_identities i SET event_id = t.ev, received_at = t.r \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
+                 AS t(ev, n, s, x, r, c) \
+                 WHERE i.namespace = t.n AND i.source = t.s AND i.external_id = t.x AND i.received_at < t.c \
+                 RETURNING t.ev",
+            )
+            .bind(&ids)
+            .bind(&namespaces)
+            .bind(&sources)
+            .bind(&external_ids)
+            .bind(&received)
+            .bind(&cutoffs)
+            .fetch_all(&mut *self.0)
+            .await?;
+            claimed.extend(taken);
+        }
+        Ok(events.iter().copied().filter(|e| claimed.contains(e.id.as_str())).collect())
+    }
+}
+
 fn parse_id(raw: String) -> Result<EventId, StoreError> {
     EventId::parse(&raw).map_err(|e| StoreError::Corrupt(format!("event id `{raw}`: {e}")))
 }
@@ -178,31 +237,54 @@ fn parse_id(raw: String) -> Result<EventId, StoreError> {
 impl IngestTx for PgIngest<'_> {
     async fn claim_keys(
         &mut self,
-        keys: &[&IdempotencyKey],
+        keys: &[KeyClaim<'_>],
     ) -> Result<HashMap<(String, String), ExistingKey>, StoreError> {
-        let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
-        let names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
-        let fingerprints: Vec<&str> = keys.iter().map(|k| k.fingerprint.as_str()).collect();
-        let claimed: Vec<(String, String)> = sqlx::query_as(
+        let scopes: Vec<&str> = keys.iter().map(|k| k.key.scope.as_str()).collect();
+        let names: Vec<&str> = keys.iter().map(|k| k.key.key.as_str()).collect();
+        let fingerprints: Vec<&str> = keys.iter().map(|k| k.key.fingerprint.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = keys.iter().map(|k| k.at).collect();
+        let mut claimed: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
             "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) \
-             SELECT s, k, f, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS t(s, k, f) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[]) \
              ON CONFLICT DO NOTHING RETURNING scope, key",
         )
         .bind(&scopes)
         .bind(&names)
         .bind(&fingerprints)
-        .bind(Utc::now())
+        .bind(&times)
         .fetch_all(&mut *self.0)
-        .await?;
+        .await?
+        .into_iter()
+        .collect();
         if claimed.len() == keys.len() {
             return Ok(HashMap::new());
         }
-        let claimed: HashSet<(String, String)> = claimed.into_iter().collect();
-        let (scopes, names): (Vec<&str>, Vec<&str>) = keys
+        // Keys used before their window: free again, taken over (the row is locked, so a
+        // concurrent claim of the same key waits and then finds it in use).
+        let rest: Vec<&KeyClaim<'_>> =
+            keys.iter().filter(|k| !claimed.contains(&(k.key.scope.clone(), k.key.key.clone()))).collect();
+        let cutoffs: Vec<Option<DateTime<Utc>>> = rest.iter().map(|k| k.cutoff).collect();
+        let taken: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE idempotency_keys i SET fingerprint = t.f, created_at = t.a, event_ids = NULL \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS t(s, k, f, a, c) \
+             WHERE i.scope = t.s AND i.key = t.k AND i.created_at < t.c RETURNING i.scope, i.key",
+        )
+        .bind(rest.iter().map(|k| k.key.scope.as_str()).collect::<Vec<_>>())
+        .bind(rest.iter().map(|k| k.key.key.as_str()).collect::<Vec<_>>())
+        .bind(rest.iter().map(|k| k.key.fingerprint.as_str()).collect::<Vec<_>>())
+        .bind(rest.iter().map(|k| k.at).collect::<Vec<_>>())
+        .bind(&cutoffs)
+        .fetch_all(&mut *self.0)
+        .await?;
+        claimed.extend(taken);
+        let (scopes, names): (Vec<&str>, Vec<&str>) = rest
             .iter()
-            .filter(|k| !claimed.contains(&(k.scope.clone(), k.key.clone())))
-            .map(|k| (k.scope.as_str(), k.key.as_str()))
+            .filter(|k| !claimed.contains(&(k.key.scope.clone(), k.key.key.clone())))
+            .map(|k| (k.key.scope.as_str(), k.key.key.as_str()))
             .unzip();
+        if scopes.is_empty() {
+            return Ok(HashMap::new());
+        }
         let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
             "SELECT i.scope, i.key, i.fingerprint, i.event_ids FROM idempotency_keys i \
              JOIN UNNEST($1::text[], $2::text[]) AS t(s, k) ON i.scope = t.s AND i.key = t.k",
@@ -219,6 +301,10 @@ impl IngestTx for PgIngest<'_> {
     }
 
     async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError> {
+        let events = self.claim_identities(events).await?;
+        if events.is_empty() {
+            return Ok(HashSet::new());
+        }
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let namespaces: Vec<&str> = events.iter().map(|e| e.namespace.as_str()).collect();
         let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
@@ -238,7 +324,7 @@ impl IngestTx for PgIngest<'_> {
              SELECT *, 'accepted' FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], \
              $13::text[]) \
-             ON CONFLICT (namespace, source, external_id) DO NOTHING RETURNING id",
+             RETURNING id",
         )
         .bind(&ids)
         .bind(&namespaces)
@@ -304,7 +390,7 @@ impl IngestTx for PgIngest<'_> {
         let sources: Vec<&str> = identities.iter().map(|i| i.1.as_str()).collect();
         let external_ids: Vec<&str> = identities.iter().map(|i| i.2.as_str()).collect();
         let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT e.namespace, e.source, e.external_id, e.id FROM events e \
+            "SELECT e.namespace, e.source, e.external_id, e.event_id FROM event_identities e \
              JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS t(n, s, x) \
              ON e.namespace = t.n AND e.source = t.s AND e.external_id = t.x",
         )

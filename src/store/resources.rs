@@ -91,6 +91,17 @@ pub struct ApplyRequest {
     pub leader: Option<Term>,
 }
 
+/// The audit chain a change of the resource at `key` is recorded in: its namespace's, and
+/// for a Namespace (cluster-scoped) the chain of the namespace it governs, so that the
+/// namespace's auditors see its limits change.
+fn audit_chain(key: &ResourceKey) -> &str {
+    if key.kind.is_cluster_scoped() {
+        &key.name
+    } else {
+        &key.namespace
+    }
+}
+
 /// Whether an apply set limited to `namespaces` (`None`: every one) reaches `namespace`.
 pub fn set_reaches(namespaces: Option<&[String]>, namespace: &str) -> bool {
     namespaces.is_none_or(|list| list.iter().any(|n| n == namespace))
@@ -252,7 +263,7 @@ impl Store {
             let record = NewAuditRecord::new(
                 actor,
                 "resource.deleted",
-                &key.namespace,
+                audit_chain(key),
                 key.to_string(),
                 serde_json::json!({"kind": key.kind.as_str(), "name": key.name, "generation": deleted.generation}),
             );
@@ -404,7 +415,7 @@ fn apply_records(request: &ApplyRequest, outcomes: &[ApplyOutcome]) -> Vec<NewAu
             NewAuditRecord::new(
                 actor,
                 action,
-                &o.key.namespace,
+                audit_chain(&o.key),
                 o.key.to_string(),
                 serde_json::json!({"kind": o.key.kind.as_str(), "name": o.key.name, "generation": o.generation,
                     "applyset": request.applyset}),

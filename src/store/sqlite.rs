@@ -30,7 +30,9 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, Transaction};
 
-use super::ingest::{accept_in, decode_ids, encode_ids, Committed, ExistingKey, Identity, IngestTx};
+use super::ingest::{
+    accept_in, decode_ids, dedup_cutoff, encode_ids, Committed, ExistingKey, Identity, IngestTx, KeyClaim,
+};
 use super::operational::{fan_out_in, OutboxCommitted};
 use super::spend::SettledEntry;
 use super::sqlite_file::Snapshot;
@@ -189,19 +191,22 @@ struct SqliteIngest(Transaction<'static, Sqlite>);
 impl IngestTx for SqliteIngest {
     async fn claim_keys(
         &mut self,
-        keys: &[&IdempotencyKey],
+        keys: &[KeyClaim<'_>],
     ) -> Result<HashMap<(String, String), ExistingKey>, StoreError> {
-        let now = Utc::now();
         let mut existing = HashMap::new();
-        for k in keys {
+        for claim in keys {
+            let k = claim.key;
+            // A key used before its cutoff is free again: taken over.
             let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                 created_at = excluded.created_at, event_ids = NULL WHERE idempotency_keys.created_at < ?5",
             )
             .bind(&k.scope)
             .bind(&k.key)
             .bind(&k.fingerprint)
-            .bind(now)
+            .bind(claim.at)
+            .bind(claim.cutoff)
             .execute(&mut *self.0)
             .await?
             .rows_affected();
@@ -224,11 +229,30 @@ impl IngestTx for SqliteIngest {
     async fn insert_events(&mut self, events: &[&NewEvent]) -> Result<HashSet<EventId>, StoreError> {
         let mut inserted = HashSet::with_capacity(events.len());
         for e in events {
+            // The identity first: new, or first accepted before the event's dedup cutoff
+            // (then taken over); else the event is a duplicate and is not written.
+            let claimed = sqlx::query(
+                "INSERT INTO event_identities (namespace, source, external_id, event_id, received_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (namespace, source, external_id) DO UPDATE SET \
+                 event_id = excluded.event_id, received_at = excluded.received_at \
+                 WHERE event_identities.received_at < ?6",
+            )
+            .bind(&e.namespace)
+            .bind(&e.source)
+            .bind(&e.external_id)
+            .bind(e.id.as_str())
+            .bind(e.received_at)
+            .bind(dedup_cutoff(e))
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+            if claimed == 0 {
+                continue;
+            }
             let affected = sqlx::query(
                 "INSERT INTO events (id, namespace, source, external_id, type, subject, time, data, content_type, \
                  ingested_by, trace_id, received_at, attributes, status) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted') \
-                 ON CONFLICT (namespace, source, external_id) DO NOTHING",
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'accepted')",
             )
             .bind(e.id.as_str())
             .bind(&e.namespace)
@@ -289,13 +313,14 @@ impl IngestTx for SqliteIngest {
     async fn find_event_ids(&mut self, identities: &[Identity]) -> Result<HashMap<Identity, EventId>, StoreError> {
         let mut found = HashMap::with_capacity(identities.len());
         for identity in identities {
-            let id: Option<String> =
-                sqlx::query_scalar("SELECT id FROM events WHERE namespace = ? AND source = ? AND external_id = ?")
-                    .bind(&identity.0)
-                    .bind(&identity.1)
-                    .bind(&identity.2)
-                    .fetch_optional(&mut *self.0)
-                    .await?;
+            let id: Option<String> = sqlx::query_scalar(
+                "SELECT event_id FROM event_identities WHERE namespace = ? AND source = ? AND external_id = ?",
+            )
+            .bind(&identity.0)
+            .bind(&identity.1)
+            .bind(&identity.2)
+            .fetch_optional(&mut *self.0)
+            .await?;
             if let Some(id) = id {
                 let id = EventId::parse(&id).map_err(|e| StoreError::Corrupt(format!("event id `{id}`: {e}")))?;
                 found.insert(identity.clone(), id);
