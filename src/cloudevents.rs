@@ -1,5 +1,5 @@
-//! CloudEvents 1.0 rules that ingest and delivery share: attribute names and bounds, JSON
-//! media types, and the percent-encoding of attribute values in the `ce-` headers of the
+//! CloudEvents 1.0 rules that ingest and delivery share: attribute names and bounds, media
+//! types (what a `datacontenttype` may be, which JSON), and the percent-encoding of attribute values in the `ce-` headers of the
 //! HTTP binding's binary mode.
 //!
 //! Invariants: an attribute name is 1 to [`MAX_NAME`] lowercase ASCII letters or digits
@@ -62,9 +62,119 @@ pub fn is_json_media_type(content_type: &str) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// Whether `text` is a media type as HTTP writes one (RFC 9110 8.3.1): `type/subtype`, each
+/// a token, then any `; name=value` parameters (a token, or a quoted string of visible
+/// ASCII, space and tab), with optional spaces or tabs around each `;`. Such a text is
+/// always a valid header value: no control character, nothing beyond ASCII.
+pub fn is_media_type(text: &str) -> bool {
+    let essence = text.split(';').next().unwrap_or("");
+    let Some((kind, subtype)) = essence.trim_end_matches([' ', '\t']).split_once('/') else { return false };
+    if !is_token(kind) || !is_token(subtype) {
+        return false;
+    }
+    // Quoted strings may hold `;`: the parameters are read from the rest as a whole.
+    let mut rest = &text.as_bytes()[essence.len()..];
+    while let [b';', after @ ..] = rest {
+        rest = skip_whitespace(after);
+        if rest.is_empty() || rest[0] == b';' {
+            continue;
+        }
+        let name_len = rest.iter().take_while(|b| is_token_byte(**b)).count();
+        let (name, after) = rest.split_at(name_len);
+        let [b'=', value @ ..] = after else { return false };
+        if name.is_empty() {
+            return false;
+        }
+        let value_len = match value.first() {
+            Some(b'"') => match quoted_len(value) {
+                Some(n) => n,
+                None => return false,
+            },
+            _ => value.iter().take_while(|b| is_token_byte(**b)).count(),
+        };
+        if value_len == 0 {
+            return false;
+        }
+        rest = skip_whitespace(&value[value_len..]);
+    }
+    rest.is_empty()
+}
+
+/// `tchar` of RFC 9110 5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(is_token_byte)
+}
+
+fn skip_whitespace(bytes: &[u8]) -> &[u8] {
+    let n = bytes.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+    &bytes[n..]
+}
+
+/// The length of the quoted string `bytes` starts with, quotes included; `None` when it is
+/// not closed or holds a control character or a byte beyond ASCII.
+fn quoted_len(bytes: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let next = *bytes.get(i + 1)?;
+                if !(next == b'\t' || (b' '..=b'~').contains(&next)) {
+                    return None;
+                }
+                i += 2;
+            }
+            b'\t' | b' '..=b'~' => i += 1,
+            _ => return None,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_media_type_is_type_slash_subtype_with_token_or_quoted_parameters() {
+        for good in [
+            "application/json",
+            "Application/JSON",
+            "application/vnd.shop.order+json",
+            "application/json; charset=utf-8",
+            "application/json;charset=utf-8;  x=\"a; \\\"b\\\" c\"",
+            "application/json ; charset=utf-8 ",
+            "text/plain",
+        ] {
+            assert!(is_media_type(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "application",
+            "application/",
+            "/json",
+            " application/json",
+            "application /json",
+            "application/json\n",
+            "application/json\r\nX-Injected: 1",
+            "application/json; x=\u{1}",
+            "application/json; x=\"\u{1}\"",
+            "application/json; x=\"open",
+            "application/json; x=",
+            "application/json; =y",
+            "application/json; x",
+            "application/json; x=a b",
+            "application/jsön",
+            "application/json; x=\"ü\"",
+            "application/json\u{7f}",
+        ] {
+            assert!(!is_media_type(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn attribute_names_are_lowercase_letters_and_digits() {

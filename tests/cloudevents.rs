@@ -328,7 +328,52 @@ async fn each_mode_refuses_what_it_cannot_take_by_its_path_and_keeps_ingest_rule
     app.stop().await;
 }
 
+/// A `datacontenttype` is sent as the `Content-Type` of CloudEvents deliveries: one that
+/// could not be a header value (a control character) or is no media type is refused at
+/// ingest, in every mode, by its path; nothing of the request is written.
+async fn a_datacontenttype_that_is_no_media_type_is_refused_in_every_mode_by_its_path(db: TestDb) {
+    let app = spawn_app_with(config_for(&db)).await;
+    let envelope = [("content-type", "application/json")];
+    let structured = [("content-type", "application/cloudevents+json")];
+    let batch = [("content-type", "application/cloudevents-batch+json")];
+    for bad in ["application/json\n", "application/json; x=\u{1}", "application/json; x", "json"] {
+        let event = json!({"source": "/curl", "type": "order.created", "datacontenttype": bad, "data": {}});
+        let (code, paths) = refused(post(&app, "/v1/events", &envelope, &event.to_string()).await, 400).await;
+        assert_eq!((code.as_str(), paths), ("validation_failed", vec!["datacontenttype".to_owned()]), "{bad:?}");
+        let fine = json!({"source": "/curl", "type": "order.created", "data": {}});
+        let (_, paths) =
+            refused(post(&app, "/v1/events/batch", &envelope, &json!([fine, event]).to_string()).await, 400).await;
+        assert_eq!(paths, ["[1].datacontenttype"], "{bad:?}");
+    }
+    // CloudEvents modes: JSON by its essence, but not a media type a header can carry.
+    for bad in ["application/json\r\nX-Injected: 1", "application/cloudevents+json; x=\"\u{7}\""] {
+        let event = json!({"specversion": "1.0", "id": "c-1", "source": "/curl", "type": "order.created",
+                           "datacontenttype": bad, "data": {}});
+        let (code, paths) = refused(post(&app, "/v1/events", &structured, &event.to_string()).await, 400).await;
+        assert_eq!((code.as_str(), paths), ("validation_failed", vec!["datacontenttype".to_owned()]), "{bad:?}");
+        let mut second = event.clone();
+        second["id"] = json!("c-2");
+        second["datacontenttype"] = json!("application/json");
+        let items = json!([second, event]).to_string();
+        let (_, paths) = refused(post(&app, "/v1/events/batch", &batch, &items).await, 400).await;
+        assert_eq!(paths, ["[1].datacontenttype"], "{bad:?}");
+    }
+    // Binary mode: the Content-Type is the datacontenttype.
+    let mut binary = BINARY.to_vec();
+    binary.push(("content-type", "application/json; charset"));
+    let (code, paths) = refused(post(&app, "/v1/events", &binary, "{}").await, 400).await;
+    assert_eq!((code.as_str(), paths), ("validation_failed", vec!["header:content-type".to_owned()]));
+
+    let listed = json_with_status(app.get("/v1/events?namespace=default", &app.admin).await, 200).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "nothing of a refused request is written");
+    // A media type with parameters, quoted or not, is taken.
+    let fine = json!({"source": "/curl", "type": "order.created", "datacontenttype": "application/json; charset=utf-8; v=\"1; 2\"", "data": {}});
+    json_with_status(post(&app, "/v1/events", &envelope, &fine.to_string()).await, 202).await;
+    app.stop().await;
+}
+
 on_both_databases!(
     events_sent_by_the_sdk_in_every_mode_are_accepted_and_delivered,
     each_mode_refuses_what_it_cannot_take_by_its_path_and_keeps_ingest_rules,
+    a_datacontenttype_that_is_no_media_type_is_refused_in_every_mode_by_its_path,
 );

@@ -1,7 +1,8 @@
 //! Ingest quotas (`spec.quotas.ingest`) against a real server and a real database: `429`
 //! with `Retry-After` and the `RateLimit-Policy` / `RateLimit` fields over the burst and
 //! over the day, the reset at UTC midnight, batches refused whole, a client that honours
-//! `Retry-After`, and two real processes sharing one PostgreSQL's buckets.
+//! `Retry-After`, a request whose client gave up during its commit still charged, and two
+//! real processes sharing one PostgreSQL's buckets.
 //!
 //! Time is the server's injectable clock ([`ManualClock`]) except where a real client
 //! waits (one second) or real processes run.
@@ -161,11 +162,76 @@ async fn a_client_honouring_retry_after_gets_through(db: TestDb) {
     assert_eq!(retried.status(), 202, "{}", retried.text().await.unwrap());
 }
 
+/// Holds the database's write lock (SQLite) or the events table's (PostgreSQL) from a
+/// connection of its own, so that a commit waits until [`Blocker::release`].
+enum Blocker {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Blocker {
+    async fn hold(db: &TestDb) -> Blocker {
+        use sqlx::Connection as _;
+        if db.is_postgres() {
+            let mut connection = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
+            sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE").execute(&mut connection).await.unwrap();
+            Blocker::Postgres(connection)
+        } else {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut connection).await.unwrap();
+            Blocker::Sqlite(connection)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Blocker::Sqlite(mut c) => sqlx::query("ROLLBACK").execute(&mut c).await.map(drop).unwrap(),
+            Blocker::Postgres(mut c) => sqlx::query("ROLLBACK").execute(&mut c).await.map(drop).unwrap(),
+        }
+    }
+}
+
+async fn a_request_whose_client_gave_up_while_it_was_committed_is_still_charged(db: TestDb) {
+    let clock = ManualClock::new(at("2026-12-04T12:00:00Z"));
+    let app = app_at(&db, &clock, "{perSecond: 1, burst: 3, perDay: 3}").await;
+    let batch = Value::Array((0..3).map(|_| event("payments")).collect());
+    // The commit waits for the lock; the client gives up meanwhile and closes the connection,
+    // so the server drops the request's handler while its job is in the writer's batch.
+    let blocker = Blocker::hold(&db).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let gave_up = impatient
+        .post(app.url("/v1/events/batch"))
+        .bearer_auth(ingester())
+        .header("content-type", "application/json")
+        .body(batch.to_string())
+        .send()
+        .await;
+    assert!(gave_up.as_ref().is_err_and(|e| e.is_timeout()), "the commit should have been waiting: {gave_up:?}");
+    drop(impatient);
+    // Time for the server to see the connection closed (well under ingest.commitTimeout).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker.release().await;
+    common::eventually(Duration::from_secs(5), "the abandoned batch is written", || async {
+        events_in(&app, "payments").await == 3
+    })
+    .await;
+
+    // Its three events were written, so they count against the burst and the day.
+    assert_eq!(post(&app, &event("payments")).await.status(), 429, "the burst was spent by the written batch");
+    clock.advance(Duration::from_secs(10));
+    let refused = post(&app, &event("payments")).await;
+    let body = json_with_status(refused, 429).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("per UTC day"), "{body}");
+    assert_eq!(events_in(&app, "payments").await, 3);
+}
+
 on_both_databases!(
     over_the_burst_ingest_is_answered_429_with_retry_after_and_the_rate_limit_fields,
     a_batch_over_the_remaining_quota_is_refused_whole_and_writes_nothing,
     over_per_day_ingest_is_refused_until_the_next_utc_midnight,
     a_client_honouring_retry_after_gets_through,
+    a_request_whose_client_gave_up_while_it_was_committed_is_still_charged,
 );
 
 const PER_SECOND: u64 = 100;

@@ -167,7 +167,15 @@ impl EventIn {
             }
         }
         let content_type = self.datacontenttype.unwrap_or_else(|| "application/json".to_owned());
+        let before_type = errors.len();
         check_text(errors, &path("datacontenttype"), &content_type, 256);
+        // Delivered as a `Content-Type` header (CloudEvents binary mode): it must make one.
+        if errors.len() == before_type && !crate::cloudevents::is_media_type(&content_type) {
+            errors.push(FieldError::new(
+                path("datacontenttype"),
+                "must be a media type (`type/subtype`, then `; name=value` parameters) of visible ASCII, without control characters",
+            ));
+        }
         let time = match self.time.as_deref().map(DateTime::parse_from_rfc3339) {
             None => None,
             Some(Ok(t)) => Some(t.with_timezone(&Utc)),

@@ -17,7 +17,7 @@
 //!
 //! Pure: no I/O.
 
-use crate::cloudevents::{encode_header_value, is_json_media_type, value_text, SPECVERSION};
+use crate::cloudevents::{encode_header_value, is_json_media_type, is_media_type, value_text, SPECVERSION};
 use crate::store::ClaimedDelivery;
 
 /// A delivery's request content.
@@ -57,7 +57,9 @@ impl Outgoing {
         let (body, content_type) = match transformed {
             Some(body) => (body, Some("application/json".to_owned())),
             None if delivery.data.trim() == "null" => (String::new(), None),
-            None if is_json_media_type(&delivery.content_type) => {
+            // A row stored before ingest checked media types may hold one that is no header
+            // value: JSON data then goes as `application/json`.
+            None if is_json_media_type(&delivery.content_type) && is_media_type(&delivery.content_type) => {
                 (delivery.data.clone(), Some(delivery.content_type.clone()))
             }
             None => (delivery.data.clone(), Some("application/json".to_owned())),
@@ -135,5 +137,19 @@ mod tests {
         let mut plain = delivery("1");
         plain.content_type = "text/plain".into();
         assert_eq!(Outgoing::cloudevents(&plain, None).content_type.as_deref(), Some("application/json"));
+    }
+
+    #[test]
+    fn a_stored_content_type_that_is_no_header_value_is_sent_as_application_json() {
+        for stored in ["application/json\n", "application/json; x=\u{1}", "application/vnd.shop+json\r\nX-Injected: 1"]
+        {
+            let mut old = delivery(r#"{"total":1}"#);
+            old.content_type = stored.into();
+            let out = Outgoing::cloudevents(&old, None);
+            assert_eq!(out.content_type.as_deref(), Some("application/json"), "{stored:?}");
+            let value = out.content_type.unwrap();
+            assert!(reqwest::header::HeaderValue::from_str(&value).is_ok());
+            assert_eq!(out.body, r#"{"total":1}"#, "the data is still sent");
+        }
     }
 }

@@ -158,17 +158,19 @@ impl Ingestor {
                 event_type: e.event_type.clone(),
             })
             .collect();
-        // Last before the commit: a request refused for any other reason costs no quota,
-        // and `taken` gives its events back unless the request is written.
-        let taken = self.take_quota(&wanted).await.inspect_err(|e| {
+        // Last before the commit: a request refused for any other reason costs no quota.
+        // `taken` goes to the writer, which keeps it if the events are (or may have been)
+        // written, even when this future is gone by then (a timeout, a client that left).
+        let mut taken = self.take_quota(&wanted).await.inspect_err(|e| {
             if let AcceptError::Quota(_) = e {
                 metrics::counter!("hookwarden_ingest_events_total", "outcome" => "over_quota")
                     .increment(request.events.len() as u64);
             }
         })?;
-        let Accepted { outcome, fan_out } = self.submit(request).await?;
-        // A replay or a reused key wrote nothing: `taken` gives its events back.
-        let quota = if matches!(outcome, RequestOutcome::Accepted(_)) { taken.keep() } else { None };
+        let usage = taken.usage.take();
+        let Accepted { outcome, fan_out } = self.submit(request, taken).await?;
+        // A replay or a reused key wrote nothing (the writer gave its events back).
+        let quota = if matches!(outcome, RequestOutcome::Accepted(_)) { usage } else { None };
         let (outcomes, created) = match outcome {
             RequestOutcome::Accepted(items) => {
                 log_accepted(&fields, &items, &fan_out, &trace_id);

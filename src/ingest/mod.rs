@@ -104,6 +104,10 @@ struct FannedOut {
     /// The resource revision the fan-out was decided by.
     revision: Option<i64>,
     reply: oneshot::Sender<Result<Accepted, IngestError>>,
+    /// What the request took of its namespaces' quotas. The writer keeps it once the
+    /// events are (or may have been) written, whether or not anyone still waits for the
+    /// answer; dropped anywhere else (not queued, skipped, refused), it gives them back.
+    taken: quota::Taken,
 }
 
 impl Job {
@@ -130,18 +134,30 @@ impl FannedOut {
         Ok(())
     }
 
-    /// Answers the handler with what was written.
-    fn answer(self, request: &IngestRequest, outcome: Result<RequestOutcome, IngestError>) {
+    /// Answers the handler with what was written, and settles the quota: what the request
+    /// took stays taken when its events were written, or may have been (`attempted` and
+    /// the commit's result is unknown: it timed out, or the database went away); it is
+    /// given back otherwise (a replay, a reused key, a refusal, a commit never tried).
+    fn answer(self, request: &IngestRequest, outcome: Result<RequestOutcome, IngestError>, attempted: bool) {
+        let FannedOut { errors, reply, taken, .. } = self;
+        let charged = match &outcome {
+            Ok(RequestOutcome::Accepted(_)) => true,
+            Ok(_) => false,
+            Err(e) => attempted && e.is_unavailable(),
+        };
+        if charged {
+            let _ = taken.keep();
+        }
         let answer = outcome.map(|outcome| {
             let fan_out = request
                 .events
                 .iter()
-                .zip(self.errors)
+                .zip(errors)
                 .map(|(event, errors)| EventFanOut { deliveries: event.deliveries.clone(), errors })
                 .collect();
             Accepted { outcome, fan_out }
         });
-        let _ = self.reply.send(answer);
+        let _ = reply.send(answer);
     }
 }
 
@@ -248,10 +264,12 @@ impl Ingestor {
     }
 
     /// Decides the fan-out of `request`, queues it, and waits until it is committed (or
-    /// refused), at most `ingest.commitTimeout`.
-    pub async fn submit(&self, request: IngestRequest) -> Result<Accepted, IngestError> {
+    /// refused), at most `ingest.commitTimeout`. `taken` goes with the request: the writer
+    /// settles it by the commit's result (see [`FannedOut::answer`]), also when this
+    /// future times out or is dropped after the request was queued.
+    pub async fn submit(&self, request: IngestRequest, taken: quota::Taken) -> Result<Accepted, IngestError> {
         let (reply, answer) = oneshot::channel();
-        let mut job = Job { request, fan_out: FannedOut { errors: Vec::new(), revision: None, reply } };
+        let mut job = Job { request, fan_out: FannedOut { errors: Vec::new(), revision: None, reply, taken } };
         job.fan_out.decide(&self.catalog, self.catalog.current(), &mut job.request).await?;
         self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,

@@ -20,7 +20,9 @@
 //!   over the remaining quota of one of its namespaces is refused whole);
 //! - what a request took is given back unless it was written ([`Taken::keep`]; a
 //!   [`Taken`] dropped without it refunds), so a request refused later (by the
-//!   EventTypes, the database) does not cost quota;
+//!   EventTypes, the database) does not cost quota. The ingest writer settles it by the
+//!   commit's result, not the handler: a request whose handler stopped waiting (timeout,
+//!   client gone) is charged if its events were written, or may have been;
 //! - namespaces without a quota cost nothing here (no lock is taken for them).
 
 use std::collections::HashMap;

@@ -88,7 +88,7 @@ impl Writer {
         match self.commit_fanned_out(&mut requests, &mut fanned).await {
             Ok(outcomes) => {
                 for ((request, fanned), outcome) in requests.iter().zip(fanned).zip(outcomes) {
-                    fanned.answer(request, Ok(outcome));
+                    fanned.answer(request, Ok(outcome), true);
                 }
                 Done { fanned_out: fans_out(&requests), unavailable: None }
             }
@@ -101,7 +101,7 @@ impl Writer {
                         continue;
                     }
                     if let Some(error) = &done.unavailable {
-                        fanned.answer(request, Err(error.clone()));
+                        fanned.answer(request, Err(error.clone()), false);
                         continue;
                     }
                     let mut one = [fanned];
@@ -109,13 +109,13 @@ impl Writer {
                     let [fanned] = one;
                     done.fanned_out |= result.is_ok() && fans_out(std::slice::from_ref(request));
                     done.unavailable = result.as_ref().err().filter(|e| e.is_unavailable()).cloned();
-                    fanned.answer(request, result.map(|mut outcomes| outcomes.remove(0)));
+                    fanned.answer(request, result.map(|mut outcomes| outcomes.remove(0)), true);
                 }
                 done
             }
             Err(error) => {
                 for (request, fanned) in requests.iter().zip(fanned) {
-                    fanned.answer(request, Err(error.clone()));
+                    fanned.answer(request, Err(error.clone()), true);
                 }
                 Done { fanned_out: false, unavailable: error.is_unavailable().then_some(error) }
             }
@@ -178,7 +178,7 @@ async fn refuse_waiting(queue: &Mutex<Queue>, error: &IngestError) {
     let mut next = carried.or_else(|| queue.receiver.try_recv().ok());
     while let Some(job) = next {
         if !job.abandoned() {
-            job.fan_out.answer(&job.request, Err(error.clone()));
+            job.fan_out.answer(&job.request, Err(error.clone()), false);
             refused += 1;
         }
         next = queue.receiver.try_recv().ok();
