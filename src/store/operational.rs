@@ -20,7 +20,7 @@ use super::ingest::IngestTx;
 use super::sql::{sql, Tx};
 use super::{EventRow, NewEvent, Store, StoreError, StoredEvent, EVENT_COLUMNS};
 use crate::ids::EventId;
-use crate::operational::{OperationalEvent, SOURCE};
+use crate::operational::{self, OperationalEvent, SOURCE};
 
 /// An event waiting in the outbox, and the endpoint it must not go to.
 #[derive(Clone, Debug)]
@@ -72,6 +72,16 @@ pub(super) async fn emit_in(tx: &mut Tx, events: &[OperationalEvent], now: DateT
         .await?;
     }
     Ok(())
+}
+
+/// Whether event `id` is an operational event (of a reserved `hookwarden.` type). What its
+/// deliveries go through (a hold, its decision, expiring or expiry, a denial for spend)
+/// tells nothing, so that operational events cannot loop between agent endpoints. An event
+/// that is gone is not one.
+pub(super) async fn is_operational_in(tx: &mut Tx, id: &str) -> Result<bool, StoreError> {
+    let event_type: Option<String> =
+        sql("SELECT type FROM events WHERE id = $1").bind(id).scalar_optional(&mut *tx).await?;
+    Ok(event_type.is_some_and(|t| operational::is_reserved(&t)))
 }
 
 /// The `spec.owner` of an Endpoint as stored (none when it has none, or is gone).
