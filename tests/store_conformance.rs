@@ -882,6 +882,28 @@ async fn retention_deletes_old_events_with_their_deliveries_and_attempts_but_not
     assert_eq!(deleted, Deleted::default());
 }
 
+/// An operational event waiting in the outbox has no deliveries yet: retention leaves it,
+/// however old, until it is fanned out.
+async fn retention_keeps_an_operational_event_until_it_is_fanned_out(store: &Store) {
+    apply_one(store, endpoint_resource("flaky", "https://a.example/hooks")).await;
+    store.accept_events(&[request(vec![fanned_out("ro-1", &["flaky"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    store.complete_attempts(&[completion(&claimed[0], DeliveryState::Dead, false)]).await.unwrap();
+    let waiting = store.outbox_events(10).await.unwrap();
+    assert_eq!(waiting.len(), 1, "its death is told");
+    let told = waiting[0].event.clone();
+    let (later, scopes) = (Utc::now() + chrono::Duration::hours(1), scope_of_all(std::time::Duration::from_secs(60)));
+    store.delete_expired(&scopes, later, 100).await.unwrap();
+    assert!(store.get_event(&claimed[0].event_id).await.unwrap().is_none(), "the old event and its dead delivery go");
+    assert_eq!(store.outbox_events(10).await.unwrap().len(), 1, "the told death waits for its fan-out");
+    let revision = store.resource_revision().await.unwrap();
+    let written = store.fan_out_outbox(std::slice::from_ref(&told), revision).await.unwrap();
+    assert_eq!(written, OutboxCommitted::Written(vec![told.id.clone()]));
+    let deleted = store.delete_expired(&scopes, later, 100).await.unwrap();
+    assert_eq!(deleted.events, 1, "{deleted:?}");
+    assert!(store.get_event(&told.id).await.unwrap().is_none(), "fanned out (to nobody), it may go");
+}
+
 async fn retention_works_in_bounded_batches(store: &Store) {
     let now = Utc::now();
     let events: Vec<NewEvent> = (0..5).map(|i| received(&format!("b-{i}"), now, chrono::Duration::days(40))).collect();
@@ -1626,6 +1648,7 @@ conformance!(
     an_idempotency_key_is_free_again_past_the_dedup_window,
     retention_deletes_old_events_with_their_deliveries_and_attempts_but_not_waiting_ones,
     retention_works_in_bounded_batches,
+    retention_keeps_an_operational_event_until_it_is_fanned_out,
     a_namespace_usage_counts_what_it_holds,
     ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
