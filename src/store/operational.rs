@@ -29,6 +29,16 @@ pub struct OutboxEvent {
     pub about_endpoint: Option<String>,
 }
 
+/// What [`Store::outbox_events`] read.
+#[derive(Debug, Default)]
+pub struct OutboxRead {
+    /// The events waiting, oldest first.
+    pub events: Vec<OutboxEvent>,
+    /// The ids of rows waiting in the outbox that do not read as an event, with why: left
+    /// where they are, so that they do not hold up the others.
+    pub unreadable: Vec<(String, StoreError)>,
+}
+
 /// What a fan-out of the outbox did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutboxCommitted {
@@ -114,19 +124,25 @@ struct OutboxRow {
 }
 
 impl Store {
-    /// Up to `limit` events waiting in the outbox, oldest first.
-    pub async fn outbox_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+    /// Up to `limit` rows waiting in the outbox, oldest first: the events, and the rows
+    /// that do not read as one (see [`OutboxRead`]).
+    pub async fn outbox_events(&self, limit: u32) -> Result<OutboxRead, StoreError> {
         static SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             format!("SELECT {EVENT_COLUMNS}, about_endpoint FROM events WHERE status = 'outbox' ORDER BY id LIMIT $1")
         });
         self.observed(async {
             let rows: Vec<OutboxRow> = sql(&SELECT).bind(i64::from(limit)).fetch_all(self.reader()).await?;
-            rows.into_iter()
-                .map(|row| {
-                    let stored = StoredEvent::try_from(row.event)?;
-                    Ok(OutboxEvent { event: stored.event, about_endpoint: row.about_endpoint })
-                })
-                .collect()
+            let mut read = OutboxRead::default();
+            for row in rows {
+                let id = row.event.id.clone();
+                match StoredEvent::try_from(row.event) {
+                    Ok(stored) => {
+                        read.events.push(OutboxEvent { event: stored.event, about_endpoint: row.about_endpoint })
+                    }
+                    Err(e) => read.unreadable.push((id, e)),
+                }
+            }
+            Ok(read)
         })
         .await
     }
