@@ -327,6 +327,7 @@ impl Server {
             wake: wake.clone(),
             signal: outbox,
             period: fan_out_interval,
+            unreadable: Default::default(),
         });
         jobs.spawn(EnforceRetention {
             store: store.clone(),

@@ -152,6 +152,11 @@ pub const FAMILIES: &[Family] = &[
         ],
     ),
     counter(
+        "hookwarden_operational_unreadable_events_total",
+        "Rows of the outbox of operational events that do not read as an event: logged with their id and skipped (once per process), so that they hold up no other.",
+        &[&[]],
+    ),
+    counter(
         "hookwarden_operational_dead_deliveries_total",
         "Deliveries of operational events that ended dead, by namespace and endpoint: logged and counted instead of told as operational events, which could loop.",
         &[],

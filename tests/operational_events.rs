@@ -519,7 +519,127 @@ async fn a_denial_for_spend_is_told_and_other_decisions_are_not(db: TestDb) {
     assert_eq!(receiver.on("/agent").len(), 1, "the denied action was not sent");
 }
 
+/// The types of every stored event, sorted.
+async fn stored_types(app: &TestApp) -> Vec<String> {
+    let page = json_with_status(app.get("/v1/events?limit=100", &app.admin).await, 200).await;
+    let mut types: Vec<String> =
+        page["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect();
+    types.sort_unstable();
+    types
+}
+
+/// Two agent endpoints `a` and `b`, both subscribed to `act` and to `hookwarden.*`, under
+/// `rule` (an AgentRule for both); one `act` event posted. What the gate does to the `act`
+/// deliveries is told to the other agent, whose gate decides that delivery in turn: it must
+/// tell nothing, or the two would tell each other forever.
+async fn two_agents_told_of_each_other(db: &TestDb, rule: &str) -> (TestApp, TestReceiver) {
+    let receiver = TestReceiver::start(answering(|_, _| 204)).await;
+    let app = spawn_app_with(config_for(db)).await;
+    let agent =
+        |name: &str| endpoint(name, &receiver.url(&format!("/{name}")), "\"act\", \"hookwarden.*\"", "  agent: true\n");
+    app.apply_yaml(&[agent("a"), agent("b"), rule.to_owned()].join("---\n")).await;
+    post_event(&app, "act").await;
+    (app, receiver)
+}
+
+/// Waits until the stored events are `expected` and stay so (many fan-out periods).
+async fn events_settle_at(app: &TestApp, expected: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let types = stored_types(app).await;
+        if types == expected {
+            break;
+        }
+        assert!(types.len() <= expected.len(), "operational events loop: {types:?}");
+        assert!(Instant::now() < deadline, "events did not settle at {expected:?}: {types:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stored_types(app).await, expected, "events kept coming");
+}
+
+async fn holds_of_operational_events_tell_nothing_so_agents_do_not_loop(db: TestDb) {
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: hold-all}\nspec:\n  endpointRefs: [a, b]\n  decision: hold\n  approval: {quorum: 1, expiresAfter: 3s, onExpiry: deny}\n";
+    let (app, receiver) = two_agents_told_of_each_other(&db, rule).await;
+    let approvals = || async {
+        let page = json_with_status(app.get("/v1/approvals?namespace=default&limit=100", &app.admin).await, 200).await;
+        page["items"].as_array().unwrap().clone()
+    };
+    // An approver denies a held delivery of an operational event: its decision tells nothing.
+    let act = stored_types(&app).await;
+    assert_eq!(act.len(), 1, "{act:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let of_operational = loop {
+        let events = json_with_status(app.get("/v1/events?limit=100&type=act", &app.admin).await, 200).await;
+        let act_id = events["items"][0]["id"].as_str().unwrap().to_owned();
+        if let Some(found) =
+            approvals().await.iter().find(|a| a["event_id"] != act_id.as_str() && a["state"] == "pending")
+        {
+            break found["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no held delivery of an operational event: {:?}", approvals().await);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let approver = common::token("alice", &[hookwarden::auth::Role::Approver], &["default"]);
+    let denied = app
+        .client
+        .post(app.url(&format!("/v1/approvals/{of_operational}/deny")))
+        .bearer_auth(&approver)
+        .json(&json!({"reason": "no"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 200);
+    // Each `act` hold is told requested, expiring (3s is within 15m) and expired, to the
+    // other agent; those deliveries are held (and denied or expired) telling nothing.
+    let expected = [
+        "act",
+        "hookwarden.approval.expired",
+        "hookwarden.approval.expired",
+        "hookwarden.approval.expiring",
+        "hookwarden.approval.expiring",
+        "hookwarden.approval.requested",
+        "hookwarden.approval.requested",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = approvals().await;
+        if all.len() == 8 && all.iter().all(|a| a["state"] != "pending") {
+            break;
+        }
+        assert!(all.len() <= 8, "holds loop: {} approval requests", all.len());
+        assert!(Instant::now() < deadline, "approval requests still pending: {all:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    events_settle_at(&app, &expected).await;
+    assert_eq!(approvals().await.len(), 8, "two holds of `act`, one of each of their six events");
+    assert!(receiver.on("/a").is_empty() && receiver.on("/b").is_empty(), "a held delivery was sent");
+}
+
+async fn denials_for_spend_of_operational_events_tell_nothing_so_agents_do_not_loop(db: TestDb) {
+    let rule = "apiVersion: hookwarden/v1\nkind: AgentRule\nmetadata: {name: cap}\nspec:\n  endpointRefs: [a, b]\n  decision: allow\n  spend: {amount: \"1500\", currency: USD, limit: 1000, window: 24h, overLimit: deny}\n";
+    let (app, receiver) = two_agents_told_of_each_other(&db, rule).await;
+    // Both `act` deliveries are denied for spend and told to the other agent, whose
+    // delivery of it is denied for spend too, telling nothing.
+    events_settle_at(&app, &["act", "hookwarden.agent.spend_limit_reached", "hookwarden.agent.spend_limit_reached"])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = json_with_status(app.get("/v1/deliveries?limit=100", &app.admin).await, 200).await;
+        let states: Vec<&str> =
+            page["items"].as_array().unwrap().iter().map(|d| d["state"].as_str().unwrap()).collect();
+        if states == ["denied"; 4] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not four denied deliveries: {page}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(receiver.on("/a").is_empty() && receiver.on("/b").is_empty(), "a denied delivery was sent");
+}
+
 on_both_databases!(
+    holds_of_operational_events_tell_nothing_so_agents_do_not_loop,
+    denials_for_spend_of_operational_events_tell_nothing_so_agents_do_not_loop,
     a_denial_for_spend_is_told_and_other_decisions_are_not,
     approvals_requested_expiring_decided_and_expired_are_told_once_each,
     reserved_types_are_refused_at_ingest,

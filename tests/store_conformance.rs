@@ -339,7 +339,7 @@ async fn operational_events_leave_the_outbox_once(store: &Store) {
     let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
     let report = store.complete_attempts(&[completion(&claimed[0], DeliveryState::Dead, false)]).await.unwrap();
     assert_eq!(report.operational_events, 1, "one failure of two opens nothing; the death is told");
-    let waiting = store.outbox_events(10).await.unwrap();
+    let waiting = store.outbox_events(10).await.unwrap().events;
     assert_eq!(waiting.len(), 1);
     let told = &waiting[0];
     assert_eq!(
@@ -360,7 +360,7 @@ async fn operational_events_leave_the_outbox_once(store: &Store) {
     };
     let stale = store.fan_out_outbox(&[decided("notify")], revision - 1).await.unwrap();
     assert_eq!(stale, OutboxCommitted::Stale { revision });
-    assert_eq!(store.outbox_events(10).await.unwrap().len(), 1, "nothing written at another revision");
+    assert_eq!(store.outbox_events(10).await.unwrap().events.len(), 1, "nothing written at another revision");
     let (one, two) = ([decided("notify")], [decided("notify")]);
     let (a, b) = tokio::join!(store.fan_out_outbox(&one, revision), store.fan_out_outbox(&two, revision));
     let written: usize = [a.unwrap(), b.unwrap()]
@@ -371,7 +371,7 @@ async fn operational_events_leave_the_outbox_once(store: &Store) {
         })
         .sum();
     assert_eq!(written, 1, "fanned out once");
-    assert!(store.outbox_events(10).await.unwrap().is_empty());
+    assert!(store.outbox_events(10).await.unwrap().events.is_empty());
     assert_eq!(store.get_event(&told.event.id).await.unwrap().unwrap().status, EventStatus::Accepted);
     let query =
         DeliveryQuery { namespace: "default".into(), endpoint: Some("notify".into()), limit: 10, ..Default::default() };
@@ -385,7 +385,40 @@ async fn operational_events_leave_the_outbox_once(store: &Store) {
     let report = store.complete_attempts(&[dead]).await.unwrap();
     assert_eq!(report.operational_events, 0, "its breaker opened and it died, untold");
     assert!(store.endpoint_state("default", "notify").await.unwrap().breaker_open_until.is_some());
-    assert!(store.outbox_events(10).await.unwrap().is_empty());
+    assert!(store.outbox_events(10).await.unwrap().events.is_empty());
+}
+
+/// A row of the outbox that does not read as an event (here an id that is not one, first
+/// in the outbox's order) is reported with its id and holds up none of the others.
+async fn an_outbox_row_that_does_not_read_holds_up_no_other(db: &TestDb) {
+    let store = db.store().await;
+    let insert = "INSERT INTO events (id, namespace, source, external_id, type, data, content_type, ingested_by, \
+         trace_id, received_at, status) VALUES ('0-not-an-id', 'default', 'hookwarden', '0-not-an-id', \
+         'hookwarden.delivery.dead', '{}', 'application/json', 'hookwarden', '', $1, 'outbox')";
+    use sqlx::Connection as _;
+    if db.is_postgres() {
+        let mut c = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+        sqlx::query(insert).bind(Utc::now()).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::SqliteConnection::connect(&db.url()).await.unwrap();
+        sqlx::query(insert).bind(Utc::now()).execute(&mut c).await.unwrap();
+    }
+    apply_one(&store, endpoint_resource("flaky", "https://a.example/hooks")).await;
+    store.accept_events(&[request(vec![fanned_out("u-1", &["flaky"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    store.complete_attempts(&[completion(&claimed[0], DeliveryState::Dead, false)]).await.unwrap();
+    let read = store.outbox_events(1).await.unwrap();
+    assert!(read.events.is_empty(), "the limit counts the row that does not read");
+    let read = store.outbox_events(10).await.unwrap();
+    let unreadable: Vec<&str> = read.unreadable.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(unreadable, ["0-not-an-id"]);
+    assert_eq!(read.events.len(), 1, "the told death reads all the same");
+    let revision = store.resource_revision().await.unwrap();
+    let written = store.fan_out_outbox(&[read.events[0].event.clone()], revision).await.unwrap();
+    assert_eq!(written, OutboxCommitted::Written(vec![read.events[0].event.id.clone()]));
+    let read = store.outbox_events(10).await.unwrap();
+    assert!(read.events.is_empty());
+    assert_eq!(read.unreadable.len(), 1, "left where it is");
 }
 
 async fn every_change_to_the_resources_moves_the_revision_and_ingest_commits_check_it(store: &Store) {
@@ -880,6 +913,28 @@ async fn retention_deletes_old_events_with_their_deliveries_and_attempts_but_not
     let deleted =
         store.delete_expired(&scope_of_all(std::time::Duration::from_secs(30 * 86400)), now, 100).await.unwrap();
     assert_eq!(deleted, Deleted::default());
+}
+
+/// An operational event waiting in the outbox has no deliveries yet: retention leaves it,
+/// however old, until it is fanned out.
+async fn retention_keeps_an_operational_event_until_it_is_fanned_out(store: &Store) {
+    apply_one(store, endpoint_resource("flaky", "https://a.example/hooks")).await;
+    store.accept_events(&[request(vec![fanned_out("ro-1", &["flaky"], None)])]).await.unwrap();
+    let claimed = store.claim_due_deliveries(Utc::now(), LEASE, 10).await.unwrap();
+    store.complete_attempts(&[completion(&claimed[0], DeliveryState::Dead, false)]).await.unwrap();
+    let waiting = store.outbox_events(10).await.unwrap().events;
+    assert_eq!(waiting.len(), 1, "its death is told");
+    let told = waiting[0].event.clone();
+    let (later, scopes) = (Utc::now() + chrono::Duration::hours(1), scope_of_all(std::time::Duration::from_secs(60)));
+    store.delete_expired(&scopes, later, 100).await.unwrap();
+    assert!(store.get_event(&claimed[0].event_id).await.unwrap().is_none(), "the old event and its dead delivery go");
+    assert_eq!(store.outbox_events(10).await.unwrap().events.len(), 1, "the told death waits for its fan-out");
+    let revision = store.resource_revision().await.unwrap();
+    let written = store.fan_out_outbox(std::slice::from_ref(&told), revision).await.unwrap();
+    assert_eq!(written, OutboxCommitted::Written(vec![told.id.clone()]));
+    let deleted = store.delete_expired(&scopes, later, 100).await.unwrap();
+    assert_eq!(deleted.events, 1, "{deleted:?}");
+    assert!(store.get_event(&told.id).await.unwrap().is_none(), "fanned out (to nobody), it may go");
 }
 
 async fn retention_works_in_bounded_batches(store: &Store) {
@@ -1626,6 +1681,7 @@ conformance!(
     an_idempotency_key_is_free_again_past_the_dedup_window,
     retention_deletes_old_events_with_their_deliveries_and_attempts_but_not_waiting_ones,
     retention_works_in_bounded_batches,
+    retention_keeps_an_operational_event_until_it_is_fanned_out,
     a_namespace_usage_counts_what_it_holds,
     ingest_leases_refill_take_all_or_nothing_and_count_per_utc_day,
     concurrent_group_commits_lose_nothing_and_store_each_identity_once,
@@ -1656,4 +1712,5 @@ conformance!(
     spend_leaves_its_window_and_a_longer_window_counts_it_again,
     a_batch_of_decisions_reserves_up_to_the_limit_and_records_each_outcome,
     migrating_counts_an_existing_ledger_into_buckets,
+    an_outbox_row_that_does_not_read_holds_up_no_other,
 );

@@ -7,8 +7,12 @@
 //!   is left out by the commit;
 //! - the fan-out is committed only at the resource revision it was decided by (decided
 //!   again otherwise), like an ingest commit;
-//! - an event about an endpoint is never delivered to that endpoint.
+//! - an event about an endpoint is never delivered to that endpoint;
+//! - a row of the outbox that does not read as an event holds up no other: it is left
+//!   there, logged with its id and counted once per process
+//!   (`hookwarden_operational_unreadable_events_total`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +39,8 @@ pub struct FanOutOutbox {
     /// Signalled by this process's transitions that wrote operational events.
     pub signal: Arc<Notify>,
     pub period: Duration,
+    /// Ids of outbox rows that do not read as an event, already logged and counted.
+    pub unreadable: HashSet<String>,
 }
 
 impl Job for FanOutOutbox {
@@ -54,12 +60,21 @@ impl Job for FanOutOutbox {
 
     async fn run(&mut self, _term: Option<Term>) -> Result<(), JobError> {
         for _ in 0..ROUNDS {
-            let waiting =
+            let read =
                 self.store.outbox_events(ROUND).await.map_err(JobError::store("reading the operational events"))?;
+            let full = read.events.len() + read.unreadable.len() == ROUND as usize;
+            for (id, error) in &read.unreadable {
+                // Left in the outbox, told once per process; the others go on.
+                if self.unreadable.insert(id.clone()) {
+                    tracing::error!(event_id = %id, error = %error,
+                        "an operational event in the outbox does not read");
+                    metrics::counter!("hookwarden_operational_unreadable_events_total").increment(1);
+                }
+            }
+            let waiting = read.events;
             if waiting.is_empty() {
                 return Ok(());
             }
-            let full = waiting.len() == ROUND as usize;
             let (events, about): (Vec<_>, Vec<_>) = waiting.into_iter().map(|w| (w.event, w.about_endpoint)).unzip();
             let catalog = self.catalog.current();
             let revision = catalog.revision.unwrap_or(-1);

@@ -9,11 +9,12 @@
 //!   its reservations released and its lane's next delivery freed, in the same transaction;
 //! - a request's decision or expiry writes its operational event
 //!   (`hookwarden.approval.decided` / `.expired`) in the same transaction; its
-//!   `hookwarden.approval.expiring` is written once (`expiring_told`).
+//!   `hookwarden.approval.expiring` is written once (`expiring_told`) — except for a
+//!   held delivery of an operational event, whose request tells nothing (no loops).
 
 use chrono::{DateTime, Utc};
 
-use super::operational::emit_in;
+use super::operational::{emit_in, is_operational_in};
 use super::policy::{ApprovalQuery, ApprovalRecord, VoteOutcome, VoteRecord};
 use super::sql::{row_lock, sql, PerBackend, Statement, Tx};
 use super::{audit, lanes, leadership, spend, Store, StoreError, Term};
@@ -157,6 +158,11 @@ impl Store {
                     .fetch_optional(&mut tx)
                     .await?;
                 let Some((namespace, endpoint, event, delivery, expires_at, quorum)) = row else { continue };
+                // Marked told all the same, so that it is not looked at again.
+                if is_operational_in(&mut tx, &event).await? {
+                    tx.commit().await?;
+                    continue;
+                }
                 let request = ApprovalRef {
                     namespace: &namespace,
                     endpoint: &endpoint,
@@ -243,13 +249,15 @@ async fn settle_in(
 ) -> Result<String, StoreError> {
     let (namespace, endpoint, event): (String, String, String) =
         sql("SELECT namespace, endpoint, event_id FROM approvals WHERE id = $1").bind(id).fetch_one(&mut *tx).await?;
-    let told = OperationalEvent::approval(&ApprovalClosed {
-        request: ApprovalRef { namespace: &namespace, endpoint: &endpoint, approval: id, delivery, event: &event },
-        state,
-        reason,
-        released: release,
-    });
-    emit_in(tx, &[told], now).await?;
+    if !is_operational_in(tx, &event).await? {
+        let told = OperationalEvent::approval(&ApprovalClosed {
+            request: ApprovalRef { namespace: &namespace, endpoint: &endpoint, approval: id, delivery, event: &event },
+            state,
+            reason,
+            released: release,
+        });
+        emit_in(tx, &[told], now).await?;
+    }
     let record = NewAuditRecord::new(
         "system",
         &format!("approval.{state}"),

@@ -111,7 +111,7 @@ impl Store {
                 })
             }));
             told.extend(dead_letter_events_in(&mut tx, &kept, now).await?);
-            told.extend(kept.iter().flat_map(|c| c.tells.iter().cloned()));
+            told.extend(kept.iter().filter(|c| !c.operational).flat_map(|c| c.tells.iter().cloned()));
             if !told.is_empty() {
                 emit_in(&mut tx, &told, now).await?;
                 report.operational_events = told.len();

@@ -116,8 +116,8 @@ pub struct Completion {
     /// Record a final outcome in the audit chain (see `audit.deliveryOutcomes`).
     pub audit_outcome: bool,
     /// A delivery of an operational event: what it does to its endpoint (a breaker
-    /// opened, its death) is not told as operational events, so that they cannot loop
-    /// (see [`crate::operational`]).
+    /// opened, its death) and what it tells itself (`tells`, a denial for spend) are not
+    /// written as operational events, so that they cannot loop (see [`crate::operational`]).
     pub operational: bool,
     /// The consecutive failures at which the endpoint is told `hookwarden.endpoint.failing`
     /// (see [`crate::operational::failing_at`]); with `breaker`.

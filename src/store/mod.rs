@@ -61,7 +61,7 @@ pub use error::StoreError;
 pub use ingest::{Committed, EventOutcome, IdempotencyKey, IngestRequest, RequestOutcome};
 pub use leadership::{LeaderLease, Term};
 pub use notices::forward_notices;
-pub use operational::{OutboxCommitted, OutboxEvent};
+pub use operational::{OutboxCommitted, OutboxEvent, OutboxRead};
 pub use postgres::{Notice, PgStore, WorkListener};
 pub use resources::{ApplyAction, ApplyOutcome, ApplyRequest, DesiredResource, StoredResource};
 pub use sqlite::SqliteStore;

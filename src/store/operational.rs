@@ -20,13 +20,23 @@ use super::ingest::IngestTx;
 use super::sql::{sql, Tx};
 use super::{EventRow, NewEvent, Store, StoreError, StoredEvent, EVENT_COLUMNS};
 use crate::ids::EventId;
-use crate::operational::{OperationalEvent, SOURCE};
+use crate::operational::{self, OperationalEvent, SOURCE};
 
 /// An event waiting in the outbox, and the endpoint it must not go to.
 #[derive(Clone, Debug)]
 pub struct OutboxEvent {
     pub event: NewEvent,
     pub about_endpoint: Option<String>,
+}
+
+/// What [`Store::outbox_events`] read.
+#[derive(Debug, Default)]
+pub struct OutboxRead {
+    /// The events waiting, oldest first.
+    pub events: Vec<OutboxEvent>,
+    /// The ids of rows waiting in the outbox that do not read as an event, with why: left
+    /// where they are, so that they do not hold up the others.
+    pub unreadable: Vec<(String, StoreError)>,
 }
 
 /// What a fan-out of the outbox did.
@@ -74,6 +84,16 @@ pub(super) async fn emit_in(tx: &mut Tx, events: &[OperationalEvent], now: DateT
     Ok(())
 }
 
+/// Whether event `id` is an operational event (of a reserved `hookwarden.` type). What its
+/// deliveries go through (a hold, its decision, expiring or expiry, a denial for spend)
+/// tells nothing, so that operational events cannot loop between agent endpoints. An event
+/// that is gone is not one.
+pub(super) async fn is_operational_in(tx: &mut Tx, id: &str) -> Result<bool, StoreError> {
+    let event_type: Option<String> =
+        sql("SELECT type FROM events WHERE id = $1").bind(id).scalar_optional(&mut *tx).await?;
+    Ok(event_type.is_some_and(|t| operational::is_reserved(&t)))
+}
+
 /// The `spec.owner` of an Endpoint as stored (none when it has none, or is gone).
 async fn owner_in(tx: &mut Tx, namespace: &str, name: &str) -> Result<Option<String>, StoreError> {
     let spec: Option<String> =
@@ -104,19 +124,25 @@ struct OutboxRow {
 }
 
 impl Store {
-    /// Up to `limit` events waiting in the outbox, oldest first.
-    pub async fn outbox_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+    /// Up to `limit` rows waiting in the outbox, oldest first: the events, and the rows
+    /// that do not read as one (see [`OutboxRead`]).
+    pub async fn outbox_events(&self, limit: u32) -> Result<OutboxRead, StoreError> {
         static SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             format!("SELECT {EVENT_COLUMNS}, about_endpoint FROM events WHERE status = 'outbox' ORDER BY id LIMIT $1")
         });
         self.observed(async {
             let rows: Vec<OutboxRow> = sql(&SELECT).bind(i64::from(limit)).fetch_all(self.reader()).await?;
-            rows.into_iter()
-                .map(|row| {
-                    let stored = StoredEvent::try_from(row.event)?;
-                    Ok(OutboxEvent { event: stored.event, about_endpoint: row.about_endpoint })
-                })
-                .collect()
+            let mut read = OutboxRead::default();
+            for row in rows {
+                let id = row.event.id.clone();
+                match StoredEvent::try_from(row.event) {
+                    Ok(stored) => {
+                        read.events.push(OutboxEvent { event: stored.event, about_endpoint: row.about_endpoint })
+                    }
+                    Err(e) => read.unreadable.push((id, e)),
+                }
+            }
+            Ok(read)
         })
         .await
     }

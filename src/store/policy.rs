@@ -8,7 +8,7 @@
 //! - a held delivery that an approval request ends `denied` gets its `delivery.denied`
 //!   audit record in the same transaction, like every other final outcome;
 //! - an approval request opened writes its `hookwarden.approval.requested` in the same
-//!   transaction;
+//!   transaction, unless the held delivery is of an operational event (no loops);
 //! - the first final decision on an approval wins; one vote per subject.
 //!
 //! Spend windows are kept by [`super::spend`]; approval requests and their votes by
@@ -24,7 +24,7 @@ use super::sql::{in_list, sql, PerBackend, Tx};
 use super::{audit, spend, Backend, EventRow, Store, StoreError, StoredEvent, EVENT_COLUMNS};
 use crate::audit::NewAuditRecord;
 use crate::ids::DeliveryId;
-use crate::operational::OperationalEvent;
+use crate::operational::{self, OperationalEvent};
 use crate::policy::decision::DecisionRecord;
 
 /// Spend to reserve for one delivery under one rule.
@@ -296,6 +296,11 @@ async fn hold_in(tx: &mut Tx, w: &DecisionWrite, approval: &NewApproval, now: Da
         std::sync::LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"));
     let event: Option<EventRow> = sql(&EVENT).bind(&a.event_id).fetch_optional(&mut *tx).await?;
     let event = event.map(StoredEvent::try_from).transpose()?;
+    // A held delivery of an operational event tells nothing: agent endpoints subscribed to
+    // `hookwarden.approval.*` would otherwise tell each other of their holds forever.
+    if event.as_ref().is_some_and(|e| operational::is_reserved(&e.event.event_type)) {
+        return Ok(());
+    }
     let decision = serde_json::to_value(&w.record).unwrap_or(serde_json::Value::Null);
     let told = OperationalEvent::approval_requested(a, w.id.as_str(), event.as_ref(), &decision);
     emit_in(tx, &[told], now).await?;

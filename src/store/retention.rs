@@ -181,8 +181,10 @@ impl Store {
             let backend = self.backend();
             // Any expired events, not the oldest first: on PostgreSQL the age index is a
             // BRIN index (cheap for ingest to keep), which finds old rows but does not order.
+            // An operational event still in the outbox has no deliveries yet: it stays.
             let candidates: Vec<(String, String, String, String)> = sql(&format!(
-                "SELECT e.id, e.namespace, e.source, e.external_id FROM events e WHERE e.received_at < $2 AND {} \
+                "SELECT e.id, e.namespace, e.source, e.external_id FROM events e WHERE e.received_at < $2 \
+                 AND e.status <> 'outbox' AND {} \
                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND \
                  (d.state NOT IN {FINAL} OR NOT ({UNRECORDED}))) LIMIT $3",
                 in_scope(backend, &scope.namespaces, "e.namespace")
