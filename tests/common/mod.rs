@@ -281,16 +281,7 @@ impl std::fmt::Display for FailedStart {
 impl Process {
     /// Applies multi-document YAML to this process as the admin; the apply must succeed.
     pub async fn apply_yaml(&self, yaml: &str) {
-        let response = reqwest::Client::new()
-            .post(format!("{}/v1/apply", self.base))
-            .bearer_auth(token("admin", &[Role::Admin], &["*"]))
-            .header("content-type", "application/yaml")
-            .body(yaml.to_owned())
-            .send()
-            .await
-            .expect("request sent");
-        let status = response.status();
-        assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
+        apply_at(&self.base, yaml).await
     }
 
     /// The command [`Process::start`] runs: `serve` on `db` with `extra` arguments, the
