@@ -265,7 +265,7 @@ pub fn spend_denial(decision: &PolicyDecision) -> Option<&SpendCheck> {
     }
     let rule = decision.rule.as_deref()?;
     let decider = decision.rules.iter().find(|r| r.rule == rule && !r.shadow && r.outcome == Some(Outcome::Deny))?;
-    decider.spend.as_ref().filter(|s| s.window_total.checked_add(s.amount).is_none_or(|total| total > s.limit))
+    decider.spend.as_ref().filter(|s| s.exceeds_limit())
 }
 
 /// An instant as the data of operational events writes it (RFC 3339, milliseconds, `Z`).

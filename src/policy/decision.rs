@@ -56,6 +56,13 @@ pub struct SpendCheck {
     pub over_limit: OverLimit,
 }
 
+impl SpendCheck {
+    /// The amount would take the window past its limit (or past what an `i64` holds).
+    pub fn exceeds_limit(&self) -> bool {
+        self.window_total.checked_add(self.amount).is_none_or(|total| total > self.limit)
+    }
+}
+
 /// The gate's decision, with everything needed to explain it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyDecision {

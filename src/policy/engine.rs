@@ -351,8 +351,7 @@ fn finish(
         (None, None) => format!("rule `{}` says {}", rule.name, rule_word(outcome)),
     };
     if let Some(s) = &spend {
-        let after = s.window_total.checked_add(s.amount);
-        if after.is_none_or(|total| total > s.limit) {
+        if s.exceeds_limit() {
             outcome = outcome.max(match s.over_limit {
                 OverLimit::Hold => Outcome::Hold,
                 OverLimit::Deny => Outcome::Deny,
